@@ -1,0 +1,168 @@
+"""The driver loop: feed the team, learn what is committed, recover lost tasks.
+
+The driver is not in the data path: it sends each new task once (batched) to
+the entry role and then only long-polls the sink for committed ids, which frees
+in-flight slots (backpressure at ``max_in_flight``). Once a second it pings the
+actors; when one came back from a crash, tasks that nobody holds any more are
+re-sent (``attempt`` + 1) or, past ``max_attempts``, recorded as failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Protocol
+
+from ..store import RecordRow
+from .task import Task
+from .team import Team
+
+__all__ = ["RunProgress", "StopFlag", "drive"]
+
+log = logging.getLogger(__name__)
+
+
+class StopFlag(Protocol):
+    """Set from a signal handler (a ``threading.Event`` fits): stop intake and return."""
+
+    def is_set(self) -> bool: ...
+
+
+@dataclass
+class RunProgress:
+    total: int | None
+    source_counts: dict[str, int] = field(default_factory=dict)
+    """Kept by the source: ``skipped`` (rows already in the store)."""
+    ok: int = 0
+    failed: int = 0
+    in_flight: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    resent: int = 0
+    failed_by_kind: dict[str, int] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.monotonic)
+    finished: bool = False
+    interrupted: bool = False
+
+    @property
+    def skipped(self) -> int:
+        return self.source_counts.get("skipped", 0)
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.failed
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started_at
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.total is None else max(0, self.total - self.skipped - self.done)
+
+
+async def drive(
+    team: Team,
+    tasks: Iterator[Task],
+    progress: RunProgress,
+    max_in_flight: int,
+    batch_size: int,
+    max_attempts: int,
+    health_interval_s: float = 1.0,
+    on_progress: Callable[[RunProgress], None] | None = None,
+    stop: StopFlag | None = None,
+) -> RunProgress:
+    """Run every task to a committed record (or until ``stop`` is set)."""
+    inflight: dict[str, Task] = {}
+    offset = 0
+    incarnation: str | None = None
+    exhausted = False
+    need_recovery = False
+    next_health = time.monotonic() + health_interval_s
+
+    async def resend(lost: list[str]) -> None:
+        again, gave_up = [], []
+        for tid in lost:
+            old = inflight[tid]
+            if old.attempt >= max_attempts:
+                t = Task(id=tid, row=old.row, next_role=None, attempt=old.attempt)
+                t.fail("lost", f"task {tid} was lost with a crashed actor {old.attempt} times", role="runner")
+                gave_up.append(RecordRow.from_record(t.to_record()))
+            else:
+                old.attempt += 1
+                again.append(Task(id=tid, row=old.row, next_role=team.entry, attempt=old.attempt))
+        progress.resent += len(again)
+        if again or gave_up:
+            log.warning("re-sending %d lost task(s); %d failed after %d attempts", len(again), len(gave_up), max_attempts)
+        await team.dispatch(again, batch_size)
+        if gave_up:
+            await team.sink.receive.remote(gave_up)
+
+    async def recover() -> bool:
+        """Re-send in-flight tasks that no actor holds; False if actors are not back yet."""
+        try:
+            held = await team.held_ids()
+            await asyncio.sleep(0.2)  # a second look covers tasks caught in a hand-over
+            held |= await team.held_ids()
+            committed = set(await team.sink.committed.remote(list(inflight)))
+        except (asyncio.TimeoutError, Exception) as exc:  # an actor still restarting
+            log.info("recovery postponed: %s", exc.__class__.__name__)
+            return False
+        for tid in committed:
+            inflight.pop(tid, None)
+        lost = [tid for tid in inflight if tid not in held]
+        if lost:
+            await resend(lost)
+        return True
+
+    while True:
+        stopping = stop is not None and stop.is_set()
+        # Intake, bounded by max_in_flight; already-failed rows go straight to the sink.
+        new_tasks: list[Task] = []
+        prefailed: list[RecordRow] = []
+        while not exhausted and not stopping and len(inflight) < max_in_flight:
+            try:
+                task = next(tasks)
+            except StopIteration:
+                exhausted = True
+                break
+            inflight[task.id] = task
+            if task.done:
+                prefailed.append(RecordRow.from_record(task.to_record()))
+            else:
+                new_tasks.append(Task(id=task.id, row=task.row, next_role=task.next_role))
+        if prefailed:
+            await team.sink.receive.remote(prefailed)
+        await team.dispatch(new_tasks, batch_size)
+
+        inc, ids, stats = await team.sink.poll.remote(offset, 0.25)
+        if inc != incarnation:
+            if incarnation is not None:  # the sink restarted: its uncommitted rows are gone
+                log.warning("the sink restarted; checking which tasks are committed")
+                need_recovery = True
+            incarnation, offset = inc, 0
+        offset += len(ids)
+        for tid in ids:
+            inflight.pop(tid, None)
+        progress.ok, progress.failed = stats["ok"], stats["failed"]
+        progress.failed_by_kind = stats["failed_by_kind"]
+        progress.prompt_tokens, progress.completion_tokens = stats["prompt_tokens"], stats["completion_tokens"]
+        progress.in_flight = len(inflight)
+        if on_progress:
+            on_progress(progress)
+
+        if (exhausted and not inflight) or stopping:
+            progress.finished = not inflight
+            progress.interrupted = stopping
+            return progress
+
+        if time.monotonic() >= next_health:
+            next_health = time.monotonic() + health_interval_s
+            restarted, _ = await team.check()
+            if restarted:
+                log.warning("actor(s) restarted after a crash: %s", ", ".join(restarted))
+                need_recovery = True
+            if need_recovery:
+                need_recovery = not await recover()

@@ -1,0 +1,126 @@
+"""The sink: the one writer of a run's store part.
+
+Agents send finished tasks here as :class:`~matrix_hpc.store.RecordRow` batches;
+the sink buffers them and commits every ``flush_interval_s`` or full chunk. The
+driver learns what is durable by long-polling :meth:`SinkActor.poll`, which is
+one call per poll interval, not per task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import ray
+
+from ..store import RecordRow, StoreWriter
+
+__all__ = ["SinkActor", "SinkStats"]
+
+log = logging.getLogger(__name__)
+
+SinkStats = dict[str, Any]
+
+
+@ray.remote(num_cpus=0, max_restarts=10, max_task_retries=-1)
+class SinkActor:
+    def __init__(self, root: str, chunk_rows: int, flush_interval_s: float, fsync: bool) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.writer = StoreWriter(root, part=0, chunk_rows=chunk_rows, fsync=fsync)
+        self.incarnation = uuid.uuid4().hex
+        self.flush_interval_s = flush_interval_s
+        self._log: list[str] = []  # ids committed by this incarnation, in order
+        self._committing: list[RecordRow] = []
+        self._status: Counter[str] = Counter()
+        self._failed_kinds: Counter[str] = Counter()
+        self._tokens = [0, 0]
+        self._duplicates = 0
+        self._lock: asyncio.Lock | None = None
+        self._committed: asyncio.Condition | None = None
+        self._flusher: asyncio.Task[None] | None = None
+
+    def _ensure_loop(self) -> None:
+        if self._flusher is None:
+            self._lock = asyncio.Lock()
+            self._committed = asyncio.Condition()
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    async def receive(self, rows: list[RecordRow]) -> None:
+        self._ensure_loop()
+        self._duplicates += len(self.writer.append(rows))
+        if self.writer.pending >= self.writer.chunk_rows:
+            asyncio.get_running_loop().create_task(self._commit())
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.flush_interval_s)
+            await self._commit()
+
+    async def _commit(self) -> None:
+        assert self._lock is not None and self._committed is not None
+        async with self._lock:
+            rows = self.writer.take_pending()
+            if not rows:
+                return
+            self._committing = rows
+            started = time.monotonic()
+            await asyncio.to_thread(self.writer.write, rows)
+            self._committing = []
+            for r in rows:
+                self._status[r.status] += 1
+                if r.status == "failed":
+                    self._failed_kinds[r.error_kind] += 1
+                self._tokens[0] += r.prompt_tokens
+                self._tokens[1] += r.completion_tokens
+            self._log.extend(r.id for r in rows)
+            log.debug("committed %d rows in %.3fs", len(rows), time.monotonic() - started)
+        async with self._committed:
+            self._committed.notify_all()
+
+    async def poll(self, offset: int, wait_s: float = 0.25) -> tuple[str, list[str], SinkStats]:
+        """Ids committed since ``offset`` (waiting up to ``wait_s`` for some), and stats."""
+        self._ensure_loop()
+        assert self._committed is not None
+        if len(self._log) <= offset:
+            async with self._committed:
+                try:
+                    await asyncio.wait_for(self._committed.wait(), wait_s)
+                except asyncio.TimeoutError:
+                    pass
+        return self.incarnation, self._log[offset:], self.stats()
+
+    def stats(self) -> SinkStats:
+        return {
+            "ok": self._status.get("ok", 0),
+            "failed": self._status.get("failed", 0),
+            "failed_by_kind": dict(self._failed_kinds),
+            "prompt_tokens": self._tokens[0],
+            "completion_tokens": self._tokens[1],
+            "duplicates_refused": self._duplicates,
+            "rows": self.writer.rows,
+        }
+
+    def committed(self, ids: list[str]) -> list[str]:
+        """Which of ``ids`` are durably in the store (after a sink restart)."""
+        pending = set(self.held_ids())
+        return [i for i in ids if i in self.writer.ids and i not in pending]
+
+    def ping(self) -> tuple[str, int]:
+        return self.incarnation, os.getpid()
+
+    def held_ids(self) -> list[str]:
+        return [r.id for r in self._committing] + self.writer.pending_ids()
+
+    async def close(self) -> SinkStats:
+        """Commit everything and release the store."""
+        self._ensure_loop()
+        await self._commit()
+        assert self._flusher is not None
+        self._flusher.cancel()
+        self.writer.close()
+        return self.stats()

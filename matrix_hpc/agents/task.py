@@ -1,0 +1,96 @@
+"""The task message that travels from agent to agent, and the record it ends as.
+
+A :class:`Task` is a small state machine: ``next_role`` names the agent that
+handles it next; ``None`` means finished (successfully, or with ``error`` set).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["Turn", "TaskError", "Task", "content_id"]
+
+
+def content_id(payload: bytes | str) -> str:
+    """A stable id for a row that has none: a short hash of its content."""
+    if isinstance(payload, str):
+        payload = payload.encode()
+    return "h" + hashlib.sha256(payload).hexdigest()[:20]
+
+
+@dataclass(slots=True)
+class Turn:
+    """One agent step: who spoke, what, and what it cost."""
+
+    role: str
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    started_at: float = 0.0
+    latency_s: float = 0.0
+    endpoint: str | None = None
+
+
+@dataclass(slots=True)
+class TaskError:
+    """Why a task ended without a result. ``kind`` is a short, countable category."""
+
+    kind: str
+    message: str
+    role: str | None = None
+
+
+@dataclass(slots=True)
+class Task:
+    id: str
+    row: dict[str, Any]
+    next_role: str | None
+    turns: list[Turn] = field(default_factory=list)
+    state: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] | None = None
+    error: TaskError | None = None
+    attempt: int = 1
+    created_at: float = field(default_factory=time.time)
+    hops: int = 0
+
+    def fail(self, kind: str, message: str, role: str | None = None) -> None:
+        self.error = TaskError(kind, message, role)
+        self.next_role = None
+
+    def finish(self, result: dict[str, Any]) -> None:
+        self.result = result
+        self.next_role = None
+
+    @property
+    def done(self) -> bool:
+        return self.next_role is None
+
+    @property
+    def usage(self) -> tuple[int, int]:
+        return (
+            sum(t.prompt_tokens for t in self.turns),
+            sum(t.completion_tokens for t in self.turns),
+        )
+
+    def to_record(self, finished_at: float | None = None) -> dict[str, Any]:
+        """The JSON-able record the store keeps for this task."""
+        prompt, completion = self.usage
+        return {
+            "id": self.id,
+            "status": "failed" if self.error else "ok",
+            "error": asdict(self.error) if self.error else None,
+            "row": self.row,
+            "result": self.result,
+            "turns": [asdict(t) for t in self.turns],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion},
+            "attempt": self.attempt,
+            "created_at": self.created_at,
+            "finished_at": finished_at if finished_at is not None else time.time(),
+        }
+
+    def to_json(self, finished_at: float | None = None) -> str:
+        return json.dumps(self.to_record(finished_at), ensure_ascii=False, default=str)

@@ -1,0 +1,145 @@
+"""``matrix-hpc``: run a workflow, inspect and export its output.
+
+The CLI owns everything printed; errors a user can fix print one line and exit
+non-zero (2 for a bad config, 1 otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+log = logging.getLogger(__name__)
+
+
+def _print_summary(summary: Any) -> None:
+    p = summary.progress
+    out = sys.stdout
+    state = "finished" if p.finished else "INTERRUPTED (re-run the same command to resume)"
+    out.write(f"\nrun {state} in {p.elapsed_s:.1f}s\n")
+    out.write(f"  this run:  {p.ok} done, {p.failed} failed, {p.skipped} skipped (already in the store)")
+    out.write(f", {p.resent} re-sent after crashes\n" if p.resent else "\n")
+    for kind, n in sorted(p.failed_by_kind.items(), key=lambda kv: -kv[1]):
+        out.write(f"    failed: {kind}: {n}\n")
+    out.write(f"  speed:     {summary.tasks_per_s:.2f} tasks/s, {summary.tokens_per_s:.0f} output tok/s\n")
+    out.write(f"  tokens:    {p.prompt_tokens} prompt + {p.completion_tokens} completion\n")
+    s = summary.store
+    out.write(f"  store:     {s['records']} records ({s['ok']} ok, {s['failed']} failed)\n")
+    if summary.metrics:
+        out.write("  metrics:   " + ", ".join(f"{k}={v}" for k, v in summary.metrics.items()) + "\n")
+    out.write(f"output: {summary.output}\n")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .job import run_job
+    from .progress import ProgressDisplay
+
+    config = load_config(args.config, args.overrides)
+    display = ProgressDisplay(config.run.progress, config.run.progress_interval_s)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping intake and saving finished work (again to abort)\n")
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    summary = run_job(config, on_progress=display, on_event=lambda m: sys.stderr.write(m + "\n"), stop=stop)
+    display.close(summary.progress)
+    _print_summary(summary)
+    return 0 if summary.progress.finished else 130
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .store import StoreReader
+
+    reader = StoreReader(args.output)
+    counts = reader.counts()
+    info = reader.run_info()
+    total = info.get("input_rows")
+    if args.json:
+        print(json.dumps({"output": str(reader.root), **counts, "input_rows": total, "writer_active": reader.writer_active(), "run": {k: info.get(k) for k in ("run_id", "status", "dataset", "started_at", "finished_at")}}, indent=1))
+        return 0
+    print(f"output:    {reader.root}")
+    if info:
+        print(f"run:       {info.get('run_id')} ({'running now' if reader.writer_active() else info.get('status')})")
+        print(f"input:     {info.get('dataset')} ({total} rows)")
+    print(f"done:      {counts['ok']}")
+    print(f"failed:    {counts['failed']}")
+    for kind, n in counts["failed_by_kind"].items():
+        print(f"  {kind}: {n}")
+    if total is not None:
+        print(f"remaining: {max(0, total - counts['records'])}")
+    print(f"tokens:    {counts['prompt_tokens']} prompt + {counts['completion_tokens']} completion")
+    if info.get("metrics"):
+        print("metrics:   " + ", ".join(f"{k}={v}" for k, v in info["metrics"].items()))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .store import export_store
+
+    n = export_store(args.output, args.to, args.format, args.status)
+    print(f"wrote {n} records to {Path(args.to).resolve()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="matrix-hpc", description="Multi-agent synthetic data generation on Ray and Slurm.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run (or resume) a workflow on this machine", description="Run a workflow; re-running the same command resumes it.")
+    run.add_argument("config", help="job YAML, e.g. workflows/collab_reasoning/config.yaml")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. run.max_in_flight=500 output.path=/tmp/out")
+    run.set_defaults(func=cmd_run)
+
+    st = sub.add_parser("status", help="counts of an output store: done, failed by reason, remaining")
+    st.add_argument("output", help="output folder (output.path of the run)")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.set_defaults(func=cmd_status)
+
+    ex = sub.add_parser("export", help="write an output store's records to JSONL or Parquet")
+    ex.add_argument("output", help="output folder (output.path of the run)")
+    ex.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
+    ex.add_argument("--to", required=True, help="file to write")
+    ex.add_argument("--status", choices=["ok", "failed"], help="only records with this status")
+    ex.set_defaults(func=cmd_export)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .agents.source import DatasetError
+    from .agents.team import TeamError
+    from .config import ConfigError
+    from .services.llm import ServerStartError
+    from .store import StoreError, StoreLockedError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"matrix-hpc: config error: {exc}", file=sys.stderr)
+        return 2
+    except (DatasetError, StoreError, StoreLockedError, TeamError, ServerStartError, FileNotFoundError, ImportError) as exc:
+        print(f"matrix-hpc: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("matrix-hpc: aborted; committed work is kept, re-run to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

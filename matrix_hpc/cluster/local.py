@@ -1,0 +1,46 @@
+"""A Ray cluster for one run: a private local one, or an existing one by address."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import ray
+
+from ..config import ClusterConfig
+
+__all__ = ["RayCluster", "start_ray"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RayCluster:
+    namespace: str
+    address: str
+    started_here: bool
+
+    def shutdown(self) -> None:
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def start_ray(cfg: ClusterConfig, namespace: str) -> RayCluster:
+    """Start (or join) Ray. Actor logs stay in Ray's session folder, not on the terminal."""
+    # A private local cluster is reachable only from this machine; Ray's token auth
+    # adds nothing there and prints a warning on every start.
+    if cfg.address is None:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ctx = ray.init(
+        address=cfg.address,
+        num_cpus=cfg.num_cpus if cfg.address is None else None,
+        namespace=namespace,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        configure_logging=True,
+    )
+    address = ctx.address_info.get("address") or ctx.address_info.get("gcs_address") or ""
+    log.info("ray %s at %s (namespace %s)", "started" if cfg.address is None else "joined", address, namespace)
+    return RayCluster(namespace=namespace, address=address, started_here=cfg.address is None)

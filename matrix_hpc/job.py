@@ -1,0 +1,157 @@
+"""One generation job, start to end: store, Ray, LLM engine, team, drive, summary.
+
+This is what ``matrix-hpc run`` calls. Re-running the same job resumes it: ids
+already committed in the output store are skipped by the source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .agents.actor import RoleSpec, TeamSpec, load_object
+from .agents.runner import RunProgress, StopFlag, drive
+from .agents.source import SourceOptions, count_rows, iter_tasks
+from .agents.team import Team
+from .cluster import start_ray
+from .config import JobConfig, resolve_dataset_path
+from .services.llm import EmbeddedEngine, LLMServer
+from .store import StoreLockedError, StoreReader
+from .store.fsutil import WriterLock, atomic_write_json
+from .store.zarr_store import init_store
+
+__all__ = ["RunSummary", "run_job"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSummary:
+    output: str
+    progress: RunProgress
+    store: dict[str, Any]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tasks_per_s(self) -> float:
+        return self.progress.done / max(self.progress.elapsed_s, 1e-9)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.progress.completion_tokens / max(self.progress.elapsed_s, 1e-9)
+
+
+def _source_options(config: JobConfig) -> SourceOptions:
+    ds = config.dataset
+    return SourceOptions(
+        path=resolve_dataset_path(config),
+        entry_role=config.workflow.entry,
+        format=ds.format,
+        id_field=ds.id_field,
+        required_fields=tuple(ds.required_fields),
+        max_row_bytes=ds.max_row_bytes,
+        limit=ds.limit,
+    )
+
+
+def _team_spec(config: JobConfig, run_id: str, namespace: str, llm_urls: list[str]) -> TeamSpec:
+    wf, llm = config.workflow, config.llm
+    roles = {
+        name: RoleSpec(agent=r.agent, instances=r.instances, concurrency=r.concurrency, params={**wf.params, **r.params})
+        for name, r in wf.roles.items()
+    }
+    return TeamSpec(
+        run_id=run_id, namespace=namespace, roles=roles, llm_urls=llm_urls, llm_model=llm.model,
+        llm_api_key_env=llm.api_key_env, llm_timeout_s=llm.timeout_s, llm_max_retries=llm.max_retries,
+        llm_retry_backoff_s=llm.retry_backoff_s, llm_max_connections=llm.max_connections,
+        llm_max_tokens=llm.max_tokens, llm_temperature=llm.temperature,
+        batch_size=config.run.batch_size, batch_wait_s=config.run.batch_wait_ms / 1000.0,
+    )  # fmt: skip
+
+
+def _start_engine(config: JobConfig, log_dir: Path) -> tuple[LLMServer | None, list[str]]:
+    if config.llm.engine == "external":
+        return None, list(config.llm.base_urls)
+    emb = config.llm.embedded
+    engine = EmbeddedEngine(emb.model_path, emb.n_parallel, emb.ctx_per_slot, emb.threads, log_dir)
+    engine.start()
+    engine.wait_ready(emb.startup_timeout_s)
+    return engine, [engine.base_url]
+
+
+def _write_run_info(root: Path, info: dict[str, Any]) -> None:
+    atomic_write_json(root / "run.json", info, durable=False)
+
+
+def run_job(
+    config: JobConfig,
+    on_progress: Callable[[RunProgress], None] | None = None,
+    on_event: Callable[[str], None] | None = None,
+    stop: StopFlag | None = None,
+) -> RunSummary:
+    """Run (or resume) the job in ``config``; returns when every task is committed."""
+    say = on_event or (lambda msg: log.info("%s", msg))
+    root = Path(config.output.path).expanduser().resolve()
+    opts = _source_options(config)
+    total = count_rows(opts)  # also checks that the dataset exists
+    init_store(root, config.output.chunk_rows)
+    if WriterLock.is_held(root / "part-000" / "writer.lock"):
+        raise StoreLockedError(f"{root} is being written by another run (see {root / 'run.json'})")
+    done = StoreReader(root).ids()
+    metrics_fn = load_object(config.workflow.metrics) if config.workflow.metrics else None
+    progress = RunProgress(total=total)
+    if done:
+        say(f"resuming: {len(done)} task(s) already in {root}")
+
+    run_id = uuid.uuid4().hex[:8]
+    namespace = f"matrix-hpc-{run_id}"
+    log_dir = root / "logs"
+    log_dir.mkdir(exist_ok=True)
+    info: dict[str, Any] = {
+        "run_id": run_id, "status": "starting", "host": socket.gethostname(), "driver_pid": os.getpid(),
+        "started_at": time.time(), "dataset": str(opts.path), "input_rows": total,
+        "config_file": config.source_file, "config": config.to_dict(),
+    }  # fmt: skip
+    _write_run_info(root, info)
+
+    cluster = start_ray(config.cluster, namespace)
+    engine: LLMServer | None = None
+    team: Team | None = None
+    try:
+        t0 = time.monotonic()
+        engine, urls = _start_engine(config, log_dir)
+        if engine is not None:
+            say(f"embedded engine ready at {engine.base_url} in {time.monotonic() - t0:.1f}s (log {engine.log_path})")
+        team = Team(_team_spec(config, run_id, namespace, urls), config.workflow.entry, str(root), config.output.chunk_rows, config.output.flush_interval_s, config.output.fsync)
+        asyncio.run(team.start())
+        info.update(status="running", ray_address=cluster.address, llm_urls=urls, engine_pid=getattr(engine, "pid", None), actors=team.pids)
+        _write_run_info(root, info)
+        progress.started_at = time.monotonic()
+        tasks = iter_tasks(opts, done, progress.source_counts)
+        run = config.run
+        asyncio.run(drive(team, tasks, progress, run.max_in_flight, run.batch_size, run.max_attempts, run.health_interval_s, on_progress, stop))
+        asyncio.run(_close_sink(team))
+    finally:
+        if team is not None:
+            team.shutdown()
+        if engine is not None:
+            engine.stop()
+        cluster.shutdown()
+
+    reader = StoreReader(root)
+    counts = reader.counts()
+    metrics = metrics_fn(reader.iter_records()) if metrics_fn else {}
+    info.update(status="finished" if progress.finished else "interrupted", finished_at=time.time(), store=counts, metrics=metrics)
+    _write_run_info(root, info)
+    return RunSummary(output=str(root), progress=progress, store=counts, metrics=metrics)
+
+
+async def _close_sink(team: Team) -> None:
+    await team.sink.close.remote()

@@ -1,0 +1,1 @@
+"""Distributed services agents call: LLM servers, sandboxes."""

@@ -1,0 +1,47 @@
+"""Process entry point of the embedded CPU engine (xllamacpp's in-process llama.cpp server).
+
+Run by :class:`~matrix_hpc.services.llm.embedded.EmbeddedEngine`; serves the OpenAI
+API on 127.0.0.1 until it receives SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m matrix_hpc.services.llm.embedded_server")
+    ap.add_argument("--model-path", required=True)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--n-parallel", type=int, default=16)
+    ap.add_argument("--ctx-per-slot", type=int, default=1024)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    import xllamacpp
+
+    params = xllamacpp.CommonParams()
+    params.model.path = args.model_path
+    params.hostnames = [args.host]
+    params.port = args.port
+    params.n_parallel = args.n_parallel
+    params.n_ctx = args.n_parallel * args.ctx_per_slot
+    if args.threads:
+        params.cpuparams.n_threads = args.threads
+        params.cpuparams_batch.n_threads = args.threads
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server = xllamacpp.Server(params)  # serves until the object is dropped
+    print(f"embedded engine listening on {server.listening_address}", flush=True)
+    stop.wait()
+    del server
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

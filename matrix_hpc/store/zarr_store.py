@@ -1,0 +1,267 @@
+"""Checkpointed, resumable output: records in zarr, committed exactly once.
+
+Layout of an output folder::
+
+    OUTPUT/store.json              format version and chunk size (written at creation)
+    OUTPUT/run.json                what produced it: config snapshot, input size
+    OUTPUT/part-000/data.zarr      1-D arrays, one element per record
+    OUTPUT/part-000/commit.json    {"rows": N}: rows [0, N) are committed
+    OUTPUT/part-000/writer.lock    flock held by the part's only writer
+
+Why it is exactly once (see DESIGN.md's zarr facts): each part has one writer
+(the lock); the writer keeps the last, partly filled chunk in memory and always
+writes whole chunks (zarr's chunk write is an atomic rename); it fsyncs the
+chunks *before* it atomically replaces ``commit.json``, the only thing readers
+trust. A crash between the two leaves uncommitted rows past ``rows`` that the
+next writer overwrites. The writer refuses an id it already holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import zarr
+
+from .fsutil import StoreLockedError, WriterLock, atomic_write_json, fsync_path, read_json
+
+__all__ = ["RecordRow", "StoreWriter", "StoreReader", "StoreLockedError", "StoreError"]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_STR_COLUMNS = ("id", "status", "error_kind", "record")
+_NUM_COLUMNS = {"finished_at": "float64", "prompt_tokens": "int64", "completion_tokens": "int64"}
+_GROW_CHUNKS = 16  # capacity grows 16 chunks at a time: few metadata rewrites
+
+
+class StoreError(RuntimeError):
+    """The output folder is missing or not a matrix-hpc store."""
+
+
+@dataclass(slots=True)
+class RecordRow:
+    """One record as stored: a few indexed columns plus the full record as JSON."""
+
+    id: str
+    status: str
+    error_kind: str
+    record: str
+    finished_at: float
+    prompt_tokens: int
+    completion_tokens: int
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "RecordRow":
+        err = record.get("error") or {}
+        usage = record.get("usage") or {}
+        return cls(
+            id=record["id"],
+            status=record["status"],
+            error_kind=err.get("kind", ""),
+            record=json.dumps(record, ensure_ascii=False, default=str),
+            finished_at=float(record.get("finished_at") or time.time()),
+            prompt_tokens=int(usage.get("prompt_tokens", 0)),
+            completion_tokens=int(usage.get("completion_tokens", 0)),
+        )
+
+
+def _part_dir(root: Path, part: int) -> Path:
+    return root / f"part-{part:03d}"
+
+
+def init_store(root: Path, chunk_rows: int) -> dict[str, Any]:
+    """Create the output folder (or check an existing one) and return store.json."""
+    root.mkdir(parents=True, exist_ok=True)
+    meta_path = root / "store.json"
+    meta = read_json(meta_path)
+    if meta is None:
+        meta = {"format": "matrix-hpc", "version": FORMAT_VERSION, "chunk_rows": chunk_rows, "created_at": time.time()}
+        atomic_write_json(meta_path, meta)
+    elif meta.get("format") != "matrix-hpc":
+        raise StoreError(f"{root}: store.json is not a matrix-hpc store")
+    return meta
+
+
+class StoreWriter:
+    """The single writer of one part. ``append`` buffers, ``commit`` makes it durable."""
+
+    def __init__(self, root: str | Path, part: int = 0, chunk_rows: int = 256, fsync: bool = True) -> None:
+        self.root = Path(root)
+        meta = init_store(self.root, chunk_rows)
+        self.chunk_rows = int(meta["chunk_rows"])  # an existing store keeps its chunking
+        self.fsync = fsync
+        self.dir = _part_dir(self.root, part)
+        self.dir.mkdir(exist_ok=True)
+        self._lock = WriterLock(self.dir / "writer.lock")
+        self._lock.acquire()
+        try:
+            self._open()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self) -> None:
+        for leftover in self.dir.rglob("*.partial"):  # a killed zarr write
+            leftover.unlink(missing_ok=True)
+        path = self.dir / "data.zarr"
+        if (path / "zarr.json").exists():
+            group = zarr.open_group(str(path), mode="r+")
+        else:
+            group = zarr.open_group(str(path), mode="w")
+            shape, chunks = (0,), (self.chunk_rows,)
+            for name in _STR_COLUMNS:
+                group.create_array(name, shape=shape, chunks=chunks, dtype=str)
+            for name, dtype in _NUM_COLUMNS.items():
+                group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
+        self._arrays = {name: group[name] for name in (*_STR_COLUMNS, *_NUM_COLUMNS)}
+        self.rows = int(read_json(self.dir / "commit.json", {"rows": 0})["rows"])
+        ids = self._arrays["id"][: self.rows] if self.rows else np.array([], dtype=object)
+        self.ids: set[str] = set(map(str, ids))
+        if len(self.ids) != self.rows:
+            raise StoreError(f"{self.dir}: committed rows hold duplicate ids")
+        # The committed rows of the last, partly filled chunk: rewritten whole on the next commit.
+        tail_start = self.rows - self.rows % self.chunk_rows
+        self._tail = self._read_rows(tail_start, self.rows)
+        self._pending: list[RecordRow] = []
+        log.info("opened %s: %d committed rows", self.dir, self.rows)
+
+    def _read_rows(self, lo: int, hi: int) -> list[RecordRow]:
+        if hi <= lo:
+            return []
+        cols = {name: arr[lo:hi].tolist() for name, arr in self._arrays.items()}
+        return [RecordRow(**{name: cols[name][i] for name in cols}) for i in range(hi - lo)]
+
+    def append(self, rows: list[RecordRow]) -> list[str]:
+        """Buffer rows for the next commit; returns ids refused as duplicates."""
+        dup = []
+        for row in rows:
+            if row.id in self.ids:
+                dup.append(row.id)
+                continue
+            self.ids.add(row.id)
+            self._pending.append(row)
+        if dup:
+            log.warning("refused %d duplicate record(s), e.g. %s", len(dup), dup[0])
+        return dup
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def pending_ids(self) -> list[str]:
+        return [r.id for r in self._pending]
+
+    def take_pending(self) -> list[RecordRow]:
+        """Hand over the buffered rows (for a commit done on another thread)."""
+        rows, self._pending = self._pending, []
+        return rows
+
+    def commit(self) -> int:
+        """Write pending rows as whole chunks, fsync, then advance ``commit.json``."""
+        return self.write(self.take_pending())
+
+    def write(self, new: list[RecordRow]) -> int:
+        """Durably commit ``new`` (rows already accepted by :meth:`append`)."""
+        if not new:
+            return 0
+        rows = self._tail + new
+        start = self.rows - len(self._tail)  # chunk-aligned
+        end = start + len(rows)
+        capacity = self._arrays["id"].shape[0]
+        if end > capacity:
+            grow = self.chunk_rows * _GROW_CHUNKS
+            new_cap = ((end + grow - 1) // grow) * grow
+            for arr in self._arrays.values():
+                arr.resize((new_cap,))
+        touched = range(start // self.chunk_rows, (end - 1) // self.chunk_rows + 1)
+        for name, arr in self._arrays.items():
+            values = [getattr(r, name) for r in rows]
+            dtype = object if name in _STR_COLUMNS else _NUM_COLUMNS[name]
+            arr[start:end] = np.array(values, dtype=dtype)
+        if self.fsync:
+            self._fsync_chunks(touched, resized=end > capacity)
+        self.rows = end
+        atomic_write_json(self.dir / "commit.json", {"rows": self.rows, "updated_at": time.time()}, self.fsync)
+        self._tail = rows[len(rows) - (end % self.chunk_rows) :] if end % self.chunk_rows else []
+        return len(new)
+
+    def _fsync_chunks(self, chunks: range, resized: bool) -> None:
+        for name in self._arrays:
+            cdir = self.dir / "data.zarr" / name / "c"
+            for k in chunks:
+                chunk = cdir / str(k)
+                if chunk.exists():
+                    fsync_path(chunk)
+            if cdir.exists():
+                fsync_path(cdir)
+            if resized:
+                fsync_path(self.dir / "data.zarr" / name / "zarr.json")
+
+    def close(self) -> None:
+        try:
+            self.commit()
+        finally:
+            self._lock.release()
+
+
+class StoreReader:
+    """Read-only view of committed records across all parts."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if not (self.root / "store.json").exists():
+            raise StoreError(f"{self.root}: not a matrix-hpc output folder (no store.json)")
+        self.parts = sorted(p for p in self.root.glob("part-*") if (p / "data.zarr" / "zarr.json").exists())
+
+    def _part(self, part: Path) -> tuple[dict[str, Any], int]:
+        rows = int(read_json(part / "commit.json", {"rows": 0})["rows"])
+        group = zarr.open_group(str(part / "data.zarr"), mode="r")
+        return group, rows
+
+    def column(self, name: str) -> list[Any]:
+        out: list[Any] = []
+        for part in self.parts:
+            group, rows = self._part(part)
+            if rows:
+                out.extend(group[name][:rows].tolist())
+        return out
+
+    def ids(self) -> set[str]:
+        return set(self.column("id"))
+
+    def __len__(self) -> int:
+        return sum(self._part(p)[1] for p in self.parts)
+
+    def iter_records(self, chunk: int = 4096) -> Iterator[dict[str, Any]]:
+        for part in self.parts:
+            group, rows = self._part(part)
+            arr = group["record"]
+            for lo in range(0, rows, chunk):
+                for text in arr[lo : min(rows, lo + chunk)].tolist():
+                    yield json.loads(text)
+
+    def counts(self) -> dict[str, Any]:
+        """done / failed totals, failures by kind, tokens."""
+        status = Counter(self.column("status"))
+        kinds = Counter(k for k, s in zip(self.column("error_kind"), self.column("status")) if s == "failed")
+        return {
+            "records": sum(status.values()),
+            "ok": status.get("ok", 0),
+            "failed": status.get("failed", 0),
+            "failed_by_kind": dict(kinds.most_common()),
+            "prompt_tokens": int(sum(self.column("prompt_tokens"))),
+            "completion_tokens": int(sum(self.column("completion_tokens"))),
+        }
+
+    def writer_active(self) -> bool:
+        return any(WriterLock.is_held(p / "writer.lock") for p in self.parts)
+
+    def run_info(self) -> dict[str, Any]:
+        return read_json(self.root / "run.json", {}) or {}

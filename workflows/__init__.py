@@ -1,0 +1,1 @@
+"""Generation workflows shipped with matrix-hpc (config + agents + a small dataset each)."""

@@ -1,0 +1,1 @@
+"""Collaborative reasoning: two LLM agents discuss a multiple-choice question until they agree."""
