@@ -24,7 +24,7 @@ from .cluster import start_ray
 from .config import JobConfig, resolve_dataset_path
 from .services.llm import EmbeddedEngine, LLMServer
 from .store import StoreLockedError, StoreReader
-from .store.fsutil import WriterLock, atomic_write_json
+from .store.fsutil import WriterLock, atomic_write_json, read_json
 from .store.zarr_store import init_store
 
 __all__ = ["RunSummary", "run_job"]
@@ -86,6 +86,37 @@ def _start_engine(config: JobConfig, log_dir: Path) -> tuple[LLMServer | None, l
     return engine, [engine.base_url]
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _wait_for_previous_writer(root: Path, say: Callable[[str], None], timeout_s: float = 60.0) -> None:
+    """Refuse to share a store with a live run; wait out the writer of a crashed one.
+
+    After a driver is SIGKILLed its sink actor lives on for a few seconds and may
+    still commit finished work; the new run must read the store after it is gone.
+    """
+    lock = root / "part-000" / "writer.lock"
+    if not WriterLock.is_held(lock):
+        return
+    prev = read_json(root / "run.json", {}) or {}
+    pid, host = prev.get("driver_pid"), prev.get("host")
+    if not (isinstance(pid, int) and host == socket.gethostname() and not _pid_alive(pid)):
+        raise StoreLockedError(f"{root} is being written by another run (driver pid {pid} on {host}; see {root / 'run.json'})")
+    say(f"waiting for the writer of the previous, crashed run (driver pid {pid}) to exit")
+    deadline = time.monotonic() + timeout_s
+    while WriterLock.is_held(lock):
+        if time.monotonic() > deadline:
+            raise StoreLockedError(f"{root}: the crashed run's writer still holds {lock} after {timeout_s:.0f}s")
+        time.sleep(0.2)
+
+
 def _write_run_info(root: Path, info: dict[str, Any]) -> None:
     atomic_write_json(root / "run.json", info, durable=False)
 
@@ -102,9 +133,8 @@ def run_job(
     opts = _source_options(config)
     total = count_rows(opts)  # also checks that the dataset exists
     init_store(root, config.output.chunk_rows)
-    if WriterLock.is_held(root / "part-000" / "writer.lock"):
-        raise StoreLockedError(f"{root} is being written by another run (see {root / 'run.json'})")
-    done = StoreReader(root).ids()
+    _wait_for_previous_writer(root, say)
+    done = StoreReader(root).ids()  # read only once no other writer is left
     metrics_fn = load_object(config.workflow.metrics) if config.workflow.metrics else None
     progress = RunProgress(total=total)
     if done:

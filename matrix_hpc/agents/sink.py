@@ -52,7 +52,14 @@ class SinkActor:
 
     async def receive(self, rows: list[RecordRow]) -> None:
         self._ensure_loop()
-        self._duplicates += len(self.writer.append(rows))
+        refused = self.writer.append(rows)
+        if refused:
+            # A copy of a task that is already durable (a re-sent task, or one a
+            # crashed run committed late): report it as committed so no driver waits
+            # on it. Copies of rows still pending are reported when those commit.
+            self._duplicates += len(refused)
+            held = set(self.held_ids())
+            self._log.extend(i for i in refused if i not in held)
         if self.writer.pending >= self.writer.chunk_rows:
             asyncio.get_running_loop().create_task(self._commit())
 

@@ -1,0 +1,133 @@
+"""Shared helpers: small datasets, job configs, and `matrix-hpc run` as a real subprocess.
+
+Every process a test starts runs in its own session and is stopped by its
+process-group id (never a broad pkill), Ray's helper processes included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+QUESTIONS = REPO / "workflows" / "collab_reasoning" / "data" / "questions.jsonl"
+BIN = Path(sys.executable).parent
+
+
+def questions(n: int) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in QUESTIONS.read_text().splitlines() if line.strip()]
+    return rows[:n]
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any] | str]) -> Path:
+    with open(path, "w") as fh:
+        for row in rows:
+            fh.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return path
+
+
+def job_config(tmp: Path, dataset: Path, **overrides: Any) -> Path:
+    """A collab-reasoning job sized for tests: short turns, quick commits."""
+    cfg = yaml.safe_load((REPO / "workflows" / "collab_reasoning" / "config.yaml").read_text())
+    cfg["dataset"]["path"] = str(dataset)
+    cfg["dataset"]["limit"] = None
+    cfg["output"]["path"] = str(tmp / "out")
+    cfg["output"]["flush_interval_s"] = 0.2
+    cfg["llm"]["max_tokens"] = 24
+    cfg["llm"]["embedded"]["n_parallel"] = 8
+    cfg["workflow"]["params"]["max_turns"] = 2
+    cfg["run"]["max_in_flight"] = 16
+    cfg["run"]["progress"] = "log"
+    cfg["run"]["progress_interval_s"] = 1.0
+    for key, value in overrides.items():
+        node = cfg
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    path = tmp / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+class Run:
+    """``matrix-hpc run`` in its own session, so the test can kill it and everything it started."""
+
+    def __init__(self, config: Path, *overrides: str, log: Path) -> None:
+        self.log_path = log
+        self._log = open(log, "ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [str(BIN / "matrix-hpc"), "run", str(config), *overrides],
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=REPO,
+        )  # fmt: skip
+
+    def wait(self, timeout: float = 300) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.cleanup()
+
+    def kill(self) -> None:
+        """SIGKILL the driver only (what a crash or an OOM kill does)."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def cleanup(self) -> None:
+        """Stop whatever the run left in its process group (Ray's agents after a SIGKILL)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._log.close()
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def committed_rows(out: Path) -> int:
+    try:
+        return json.loads((out / "part-000" / "commit.json").read_text())["rows"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def wait_for(predicate: Any, timeout: float, what: str, run: Run | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if run is not None and run.proc.poll() is not None:
+            raise AssertionError(f"run exited ({run.proc.returncode}) before {what}:\n{run.output[-3000:]}")
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}" + (f":\n{run.output[-3000:]}" if run else ""))
+
+
+def store_records(out: Path) -> list[dict[str, Any]]:
+    from matrix_hpc.store import StoreReader
+
+    return list(StoreReader(out).iter_records())
+
+
+@pytest.fixture
+def run_factory(tmp_path: Path) -> Iterator[Any]:
+    runs: list[Run] = []
+
+    def start(config: Path, *overrides: str) -> Run:
+        run = Run(config, *overrides, log=tmp_path / f"run{len(runs)}.log")
+        runs.append(run)
+        return run
+
+    yield start
+    for run in runs:
+        run.cleanup()
