@@ -55,7 +55,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    summary = run_job(config, on_progress=display, on_event=lambda m: sys.stderr.write(m + "\n"), stop=stop)
+    def on_event(message: str) -> None:
+        sys.stderr.write(message + "\n")
+
+    summary = run_job(config, on_progress=display, on_event=on_event, stop=stop)
     display.close(summary.progress)
     _print_summary(summary)
     return 0 if summary.progress.finished else 130

@@ -161,3 +161,23 @@ def test_dead_llm_endpoint_fails_tasks_with_reason_and_run_ends(tmp_path: Path, 
         assert "cannot reach http://127.0.0.1:" in rec["error"]["message"] and "after 3 attempts" in rec["error"]["message"]
         assert rec["error"]["role"] in ("teacher", "student")
     assert "llm_unavailable" in run.output
+
+
+def test_sigterm_saves_finished_work_and_rerun_completes(tmp_path: Path, run_factory: Any) -> None:
+    rows = questions(40)
+    cfg = job_config(tmp_path, write_jsonl(tmp_path / "data.jsonl", rows), **{"run.max_in_flight": 8})
+    out = tmp_path / "out"
+    run = run_factory(cfg)
+    wait_for(lambda: committed_rows(out) >= 4, 240, "first commits", run)
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait(120) == 130, run.output
+    assert "stopping intake" in run.output and "INTERRUPTED" in run.output
+    first = {r["id"]: r["finished_at"] for r in store_records(out)}
+    assert 4 <= len(first) < 40
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+
+    rerun = run_factory(cfg)
+    assert rerun.wait(300) == 0, rerun.output
+    assert f"{len(first)} skipped" in rerun.output
+    records = assert_each_id_once(out, {q["id"] for q in rows})
+    assert all(r["finished_at"] == first[r["id"]] for r in records if r["id"] in first)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from dataclasses import dataclass
 
 import ray
@@ -32,6 +33,9 @@ def start_ray(cfg: ClusterConfig, namespace: str) -> RayCluster:
     # adds nothing there and prints a warning on every start.
     if cfg.address is None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # ray.init installs its own SIGTERM handler (which exits at once); keep the
+    # caller's, so SIGTERM still means "stop intake and save finished work".
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     ctx = ray.init(
         address=cfg.address,
         num_cpus=cfg.num_cpus if cfg.address is None else None,
@@ -41,6 +45,9 @@ def start_ray(cfg: ClusterConfig, namespace: str) -> RayCluster:
         logging_level=logging.WARNING,
         configure_logging=True,
     )
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)
     address = ctx.address_info.get("address") or ctx.address_info.get("gcs_address") or ""
     log.info("ray %s at %s (namespace %s)", "started" if cfg.address is None else "joined", address, namespace)
     return RayCluster(namespace=namespace, address=address, started_here=cfg.address is None)

@@ -220,7 +220,7 @@ class StoreReader:
             raise StoreError(f"{self.root}: not a matrix-hpc output folder (no store.json)")
         self.parts = sorted(p for p in self.root.glob("part-*") if (p / "data.zarr" / "zarr.json").exists())
 
-    def _part(self, part: Path) -> tuple[dict[str, Any], int]:
+    def _part(self, part: Path) -> tuple[zarr.Group, int]:
         rows = int(read_json(part / "commit.json", {"rows": 0})["rows"])
         group = zarr.open_group(str(part / "data.zarr"), mode="r")
         return group, rows
