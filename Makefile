@@ -7,8 +7,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 ARGS   ?=
+# Debian packages the tests use (real sandboxes).
+DEB_TEST := bubblewrap
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean deb-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,12 +26,19 @@ $(VENV)/.test-installed: $(VENV)/.local-installed
 	$(PIP) install -e ".[test]"
 	touch $@
 
+deb-test:
+	@missing=$$(for p in $(DEB_TEST); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
 venv: $(VENV)/.local-installed
 
 demo: $(VENV)/.local-installed
 	$(BIN)/matrix-hpc run workflows/collab_reasoning/config.yaml $(ARGS)
 
-test: $(VENV)/.test-installed
+test: $(VENV)/.test-installed deb-test
 	$(BIN)/python -m pytest -ra $(ARGS)
 
 clean:
