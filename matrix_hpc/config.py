@@ -140,7 +140,7 @@ class RunConfig:
     """Times a task lost with a dead actor is re-sent before it fails."""
     batch_size: int = 64
     """Messages per Ray call between actors."""
-    batch_wait_ms: float = 5.0
+    batch_wait_ms: float = 20.0
     """Longest a message waits in an outbox for its batch to fill."""
     progress: Literal["auto", "bar", "log", "off"] = "auto"
     progress_interval_s: float = 5.0
@@ -291,6 +291,8 @@ def _build(tp: Any, value: Any, key: str) -> Any:
         raise ConfigError(errors[0] if len(errors) == 1 else f"{label}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads a bare off/on/no/yes as a bool
+            value = next((c for c in choices if c in (("on", "yes", "true") if value else ("off", "no", "false"))), value)
         if value not in choices:
             raise ConfigError(f"{label}: expected one of {', '.join(map(str, choices))}, got {value!r}")
         return value

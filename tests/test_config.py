@@ -23,6 +23,10 @@ def test_bundled_config_loads_with_overrides() -> None:
     assert cfg.workflow.roles["judge"].agent.endswith(":Judge")
 
 
+def test_bare_off_in_yaml_means_the_string() -> None:
+    assert load_config(CONFIG, ["run.progress=off"]).run.progress == "off"
+
+
 def test_overrides_parse_yaml_values() -> None:
     assert parse_overrides(["a.b=1", "a.c=[x, y]", "d=null", "e=text"]) == {"a": {"b": 1, "c": ["x", "y"]}, "d": None, "e": "text"}
     with pytest.raises(ConfigError, match="expected key=value"):

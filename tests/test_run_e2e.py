@@ -109,7 +109,7 @@ def test_resume_after_driver_sigkill(tmp_path: Path, run_factory: Any) -> None:
     # Re-run at once: the dead driver's sink actor may still be alive for a moment,
     # committing what it held; the new run waits for it instead of clashing.
     rerun = run_factory(cfg)
-    assert rerun.wait(300) == 0, rerun.output
+    assert rerun.wait(540) == 0, rerun.output
     skipped = int(re.search(r"(\d+) skipped", rerun.output).group(1))
     assert skipped >= len(first), rerun.output
     records = assert_each_id_once(out, {q["id"] for q in rows})
@@ -133,14 +133,14 @@ def test_killed_agent_actor_is_restarted_and_its_tasks_resent(tmp_path: Path, ru
     actors = json.loads((out / "run.json").read_text())["actors"]
     (teacher,) = [pid for name, pid in actors.items() if name.endswith("/teacher/0")]
     os.kill(teacher, signal.SIGKILL)
-    assert run.wait(300) == 0, run.output
+    assert run.wait(540) == 0, run.output
     assert "re-sent" in run.output, run.output
     records = assert_each_id_once(out, {q["id"] for q in rows})
     assert all(r["status"] == "ok" for r in records), [r["error"] for r in records if r["error"]]
     assert max(r["attempt"] for r in records) == 2
 
     again = run_factory(cfg)
-    assert again.wait(300) == 0
+    assert again.wait(540) == 0
     assert "0 done, 0 failed, 40 skipped" in again.output
     assert_each_id_once(out, {q["id"] for q in rows})
 
@@ -177,7 +177,7 @@ def test_sigterm_saves_finished_work_and_rerun_completes(tmp_path: Path, run_fac
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
 
     rerun = run_factory(cfg)
-    assert rerun.wait(300) == 0, rerun.output
+    assert rerun.wait(540) == 0, rerun.output
     assert f"{len(first)} skipped" in rerun.output
     records = assert_each_id_once(out, {q["id"] for q in rows})
     assert all(r["finished_at"] == first[r["id"]] for r in records if r["id"] in first)

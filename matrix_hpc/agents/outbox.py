@@ -10,7 +10,6 @@ someone the run can ask (see :meth:`held_ids`).
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 from collections import defaultdict
 from typing import Any, Callable
@@ -34,8 +33,7 @@ class Outbox:
         self._wait_s = wait_s
         self._id_of = id_of
         self._buf: dict[str, list[Any]] = defaultdict(list)
-        self._sending: dict[int, list[Any]] = {}
-        self._seq = itertools.count()
+        self._sending: dict[Any, tuple[str, list[Any]]] = {}  # ObjectRef -> (dest, batch)
         self._rr: dict[str, int] = defaultdict(int)
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -57,7 +55,7 @@ class Outbox:
 
     def held_ids(self) -> list[str]:
         ids = [self._id_of(m) for buf in self._buf.values() for m in buf]
-        ids.extend(self._id_of(m) for batch in self._sending.values() for m in batch)
+        ids.extend(self._id_of(m) for _, batch in self._sending.values() for m in batch)
         return ids
 
     async def drain(self) -> None:
@@ -70,11 +68,13 @@ class Outbox:
 
     async def _flush_loop(self) -> None:
         while True:
-            await self._wake.wait()
+            if not self._buf and not self._sending:
+                await self._wake.wait()
             self._wake.clear()
             await asyncio.sleep(self._wait_s)
             for dest in list(self._buf):
                 self._send(dest, self._buf.pop(dest))
+            self._reap()
 
     def _send(self, dest: str, messages: list[Any]) -> None:
         receivers = self._resolve(dest)
@@ -82,23 +82,25 @@ class Outbox:
             batch = messages[lo : lo + self._batch_size]
             receiver = receivers[self._rr[dest] % len(receivers)]
             self._rr[dest] += 1
-            key = next(self._seq)
-            self._sending[key] = batch
+            self._sending[receiver.receive.remote(batch)] = (dest, batch)
             self.sent_calls += 1
             self.sent_messages += len(batch)
-            asyncio.get_running_loop().create_task(self._deliver(key, dest, receiver.receive.remote(batch)))
 
-    async def _deliver(self, key: int, dest: str, ref: "ray.ObjectRef[Any]") -> None:
-        try:
-            await ref
-        except RayActorError as exc:
-            # The receiver is gone for good (restarts exhausted): re-route its batch.
-            log.warning("delivery to %s failed (%s); re-sending %d message(s)", dest, exc.__class__.__name__, len(self._sending[key]))
-            await asyncio.sleep(0.5)
-            for msg in self._sending[key]:
-                self._buf[dest].append(msg)
-            self._wake.set()
-        finally:
-            self._sending.pop(key, None)
-            if not self._buf and not self._sending:
-                self._idle.set()
+    def _reap(self) -> None:
+        """Collect delivery receipts in one ``ray.wait`` per tick: awaiting each
+        ObjectRef separately costs a cross-thread wake-up per send."""
+        if not self._sending:
+            return
+        refs = list(self._sending)
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+        for ref in ready:
+            dest, batch = self._sending.pop(ref)
+            try:
+                ray.get(ref)
+            except RayActorError as exc:
+                # The receiver is gone for good (restarts exhausted): re-route its batch.
+                log.warning("delivery to %s failed (%s); re-sending %d message(s)", dest, exc.__class__.__name__, len(batch))
+                self._buf[dest].extend(batch)
+                self._wake.set()
+        if not self._buf and not self._sending:
+            self._idle.set()

@@ -1,9 +1,9 @@
 """The driver loop: feed the team, learn what is committed, recover lost tasks.
 
 The driver is not in the data path: it sends each new task once (batched) to
-the entry role and then only long-polls the sink for committed ids, which frees
-in-flight slots (backpressure at ``max_in_flight``). Once a second it pings the
-actors; when one came back from a crash, tasks that nobody holds any more are
+the entry role and then only long-polls the sink. A task the sink has received
+frees its in-flight slot (backpressure at ``max_in_flight``); one it has committed
+leaves the driver's books. Once a second the driver pings the actors; when one came back from a crash, tasks that nobody holds any more are
 re-sent (``attempt`` + 1) or, past ``max_attempts``, recorded as failed.
 """
 
@@ -75,8 +75,10 @@ async def drive(
     stop: StopFlag | None = None,
 ) -> RunProgress:
     """Run every task to a committed record (or until ``stop`` is set)."""
-    inflight: dict[str, Task] = {}
-    offset = 0
+    inflight: dict[str, Task] = {}  # sent and not yet committed: what recovery re-sends
+    active: set[str] = set()  # sent and not yet received by the sink: what backpressure counts
+    received_off = committed_off = 0
+    last_poll = 0.0
     incarnation: str | None = None
     exhausted = False
     need_recovery = False
@@ -93,6 +95,7 @@ async def drive(
             else:
                 old.attempt += 1
                 again.append(Task(id=tid, row=old.row, next_role=team.entry, attempt=old.attempt))
+                active.add(tid)
         progress.resent += len(again)
         if again or gave_up:
             log.warning("re-sending %d lost task(s); %d failed after %d attempts", len(again), len(gave_up), max_attempts)
@@ -112,6 +115,7 @@ async def drive(
             return False
         for tid in committed:
             inflight.pop(tid, None)
+            active.discard(tid)
         lost = [tid for tid in inflight if tid not in held]
         if lost:
             await resend(lost)
@@ -122,13 +126,14 @@ async def drive(
         # Intake, bounded by max_in_flight; already-failed rows go straight to the sink.
         new_tasks: list[Task] = []
         prefailed: list[RecordRow] = []
-        while not exhausted and not stopping and len(inflight) < max_in_flight:
+        while not exhausted and not stopping and len(active) < max_in_flight:
             try:
                 task = next(tasks)
             except StopIteration:
                 exhausted = True
                 break
             inflight[task.id] = task
+            active.add(task.id)
             if task.done:
                 prefailed.append(RecordRow.from_record(task.to_record()))
             else:
@@ -137,19 +142,25 @@ async def drive(
             await team.sink.receive.remote(prefailed)
         await team.dispatch(new_tasks, batch_size)
 
-        inc, ids, stats = await team.sink.poll.remote(offset, 0.25)
+        # At most 20 polls a second: each is a Ray call, and news comes in batches anyway.
+        await asyncio.sleep(max(0.0, last_poll + 0.05 - time.monotonic()))
+        last_poll = time.monotonic()
+        inc, received, committed, stats = await team.sink.poll.remote(received_off, committed_off, 0.25)
         if inc != incarnation:
             if incarnation is not None:  # the sink restarted: its uncommitted rows are gone
                 log.warning("the sink restarted; checking which tasks are committed")
                 need_recovery = True
-            incarnation, offset = inc, 0
-        offset += len(ids)
-        for tid in ids:
+            incarnation, received_off, committed_off = inc, 0, 0
+        received_off += len(received)
+        committed_off += len(committed)
+        active.difference_update(received)
+        for tid in committed:
             inflight.pop(tid, None)
+            active.discard(tid)
         progress.ok, progress.failed = stats["ok"], stats["failed"]
         progress.failed_by_kind = stats["failed_by_kind"]
         progress.prompt_tokens, progress.completion_tokens = stats["prompt_tokens"], stats["completion_tokens"]
-        progress.in_flight = len(inflight)
+        progress.in_flight = len(active)
         if on_progress:
             on_progress(progress)
 

@@ -35,6 +35,7 @@ class SinkActor:
         self.incarnation = uuid.uuid4().hex
         self.flush_interval_s = flush_interval_s
         self._log: list[str] = []  # ids committed by this incarnation, in order
+        self._received: list[str] = []  # ids accepted (not yet necessarily committed)
         self._committing: list[RecordRow] = []
         self._status: Counter[str] = Counter()
         self._failed_kinds: Counter[str] = Counter()
@@ -53,6 +54,8 @@ class SinkActor:
     async def receive(self, rows: list[RecordRow]) -> None:
         self._ensure_loop()
         refused = self.writer.append(rows)
+        refused_set = set(refused)
+        self._received.extend(r.id for r in rows if r.id not in refused_set)
         if refused:
             # A copy of a task that is already durable (a re-sent task, or one a
             # crashed run committed late): report it as committed so no driver waits
@@ -62,6 +65,9 @@ class SinkActor:
             self._log.extend(i for i in refused if i not in held)
         if self.writer.pending >= self.writer.chunk_rows:
             asyncio.get_running_loop().create_task(self._commit())
+        assert self._committed is not None
+        async with self._committed:
+            self._committed.notify_all()
 
     async def _flush_loop(self) -> None:
         while True:
@@ -89,17 +95,19 @@ class SinkActor:
         async with self._committed:
             self._committed.notify_all()
 
-    async def poll(self, offset: int, wait_s: float = 0.25) -> tuple[str, list[str], SinkStats]:
-        """Ids committed since ``offset`` (waiting up to ``wait_s`` for some), and stats."""
+    async def poll(self, received_from: int, committed_from: int, wait_s: float = 0.25) -> tuple[str, list[str], list[str], SinkStats]:
+        """Ids received and ids committed since the given offsets (waiting up to
+        ``wait_s`` for news), and stats. Received frees the driver's in-flight slot;
+        committed ends its responsibility for the task."""
         self._ensure_loop()
         assert self._committed is not None
-        if len(self._log) <= offset:
+        if len(self._received) <= received_from and len(self._log) <= committed_from:
             async with self._committed:
                 try:
                     await asyncio.wait_for(self._committed.wait(), wait_s)
                 except asyncio.TimeoutError:
                     pass
-        return self.incarnation, self._log[offset:], self.stats()
+        return self.incarnation, self._received[received_from:], self._log[committed_from:], self.stats()
 
     def stats(self) -> SinkStats:
         return {

@@ -88,6 +88,7 @@ class Task:
             "turns": [asdict(t) for t in self.turns],
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion},
             "attempt": self.attempt,
+            "hops": self.hops,
             "created_at": self.created_at,
             "finished_at": finished_at if finished_at is not None else time.time(),
         }
