@@ -118,7 +118,10 @@ class _Stage:
         tasks = [pickle.loads(b) for b in batch["task"]]
         done_at = list(batch["done_at"])
         mine = [t for t in tasks if t.next_role == self.role]
-        self.loop.run_until_complete(asyncio.gather(*(_step(self.agents, t) for t in mine)))
+        async def run_batch() -> None:  # Ray Data calls from a worker thread: gather inside our loop
+            await asyncio.gather(*(_step(self.agents, t) for t in mine))
+
+        self.loop.run_until_complete(run_batch())
         now = time.time()
         for i, t in enumerate(tasks):
             if t.done and not done_at[i]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -56,6 +57,8 @@ class Row:
     peak_rss_mb: float
     complete: bool
     tasks: int = 0
+    ray_warnings: int = 0
+    """Ray log lines warning of pending/backlogged calls (ours only)."""
 
 
 class TreeSampler:
@@ -170,7 +173,21 @@ def summarize(scheduler: str, workflow: str, concurrency: int, elapsed: float, c
     )  # fmt: skip
 
 
-def run_ours(job: Path, exclude: set[int]) -> tuple[float, float, int]:
+_BACKLOG = re.compile(r"pending|backlog|queued", re.IGNORECASE)
+
+
+def count_backlog_warnings(logs: str | None) -> int:
+    if not logs or not Path(logs).is_dir():
+        return 0
+    n = 0
+    for f in Path(logs).rglob("*"):
+        if f.is_file() and f.suffix in (".out", ".err", ".log"):
+            for line in f.read_text(errors="replace").splitlines():
+                n += "WARN" in line and bool(_BACKLOG.search(line))
+    return n
+
+
+def run_ours(job: Path, exclude: set[int]) -> tuple[float, float, int, int]:
     from matrix_hpc.job import run_job
 
     config = load_config(job, OURS_SET)
@@ -185,7 +202,7 @@ def run_ours(job: Path, exclude: set[int]) -> tuple[float, float, int]:
     summary = run_job(config, on_progress=on_progress)
     elapsed = summary.progress.elapsed_s
     sampler.__exit__(None, None, None)
-    return elapsed, sampler.cpu_s, sampler.peak_rss
+    return elapsed, sampler.cpu_s, sampler.peak_rss, count_backlog_warnings(summary.ray_logs)
 
 
 def run_baseline(fn: Callable[[], Finished], out: Path, exclude: set[int]) -> tuple[float, float, int]:
@@ -205,8 +222,9 @@ def one_run(scheduler: str, workflow: str, concurrency: int, n: int, url: str, e
         data = make_dataset(workflow, n, tmp / "data.jsonl")
         out = tmp / "out"
         job = job_yaml(workflow, data, out, url, concurrency, tmp)
+        warnings = 0
         if scheduler == "ours":
-            elapsed, cpu, rss = run_ours(job, exclude)
+            elapsed, cpu, rss, warnings = run_ours(job, exclude)
         else:
             config = load_config(job)
             opts = SourceOptions(path=data, entry_role=config.workflow.entry, required_fields=tuple(config.dataset.required_fields))
@@ -226,7 +244,9 @@ def one_run(scheduler: str, workflow: str, concurrency: int, n: int, url: str, e
             finally:
                 if scheduler == "ray_data":
                     ray.shutdown()
-        return summarize(scheduler, workflow, concurrency, elapsed, cpu, rss, out, n, peak)
+        row = summarize(scheduler, workflow, concurrency, elapsed, cpu, rss, out, n, peak)
+        row.ray_warnings = warnings
+        return row
 
 
 def median_row(rows: list[Row]) -> Row:
@@ -234,16 +254,17 @@ def median_row(rows: list[Row]) -> Row:
     for f in ("tasks_per_s", "tokens_per_s", "utilization", "p50_s", "p99_s", "cpu_ms_per_hop", "peak_rss_mb"):
         setattr(med, f, statistics.median(getattr(r, f) for r in rows))
     med.complete = all(r.complete for r in rows)
+    med.ray_warnings = max(r.ray_warnings for r in rows)
     return med
 
 
 def print_table(rows: list[Row], peak: float) -> None:
     print(f"\nengine peak {peak:.0f} tok/s; medians of repeats")
-    head = f"{'scheduler':11} {'workflow':16} {'conc':>6} {'tasks':>6} {'tasks/s':>8} {'tok/s':>8} {'util':>6} {'p50 s':>7} {'p99 s':>7} {'cpu ms/hop':>10} {'RSS MB':>7} {'complete':>8}"
+    head = f"{'scheduler':11} {'workflow':16} {'conc':>6} {'tasks':>6} {'tasks/s':>8} {'tok/s':>8} {'util':>6} {'p50 s':>7} {'p99 s':>7} {'cpu ms/hop':>10} {'RSS MB':>7} {'complete':>8} {'ray warn':>8}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r.scheduler:11} {r.workflow:16} {r.concurrency:6d} {r.tasks:6d} {r.tasks_per_s:8.1f} {r.tokens_per_s:8.0f} {r.utilization:6.1%} {r.p50_s:7.2f} {r.p99_s:7.2f} {r.cpu_ms_per_hop:10.3f} {r.peak_rss_mb:7.0f} {str(r.complete):>8}")
+        print(f"{r.scheduler:11} {r.workflow:16} {r.concurrency:6d} {r.tasks:6d} {r.tasks_per_s:8.1f} {r.tokens_per_s:8.0f} {r.utilization:6.1%} {r.p50_s:7.2f} {r.p99_s:7.2f} {r.cpu_ms_per_hop:10.3f} {r.peak_rss_mb:7.0f} {str(r.complete):>8} {r.ray_warnings:8d}")
     by = {(r.workflow, r.concurrency, r.scheduler): r for r in rows}
     for (wf, conc, sched), r in sorted(by.items()):
         if sched == "ours":

@@ -35,6 +35,8 @@ def _print_summary(summary: Any) -> None:
     out.write(f"  store:     {s['records']} records ({s['ok']} ok, {s['failed']} failed)\n")
     if summary.metrics:
         out.write("  metrics:   " + ", ".join(f"{k}={v}" for k, v in summary.metrics.items()) + "\n")
+    if summary.ray_logs and (p.failed_by_kind.get("agent_error") or p.resent):
+        out.write(f"  actor logs: {summary.ray_logs}\n")
     out.write(f"output: {summary.output}\n")
 
 

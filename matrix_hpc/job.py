@@ -38,6 +38,7 @@ class RunSummary:
     progress: RunProgress
     store: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)
+    ray_logs: str | None = None
 
     @property
     def tasks_per_s(self) -> float:
@@ -161,7 +162,7 @@ def run_job(
             say(f"embedded engine ready at {engine.base_url} in {time.monotonic() - t0:.1f}s (log {engine.log_path})")
         team = Team(_team_spec(config, run_id, namespace, urls), config.workflow.entry, str(root), config.output.chunk_rows, config.output.flush_interval_s, config.output.fsync)
         asyncio.run(team.start())
-        info.update(status="running", ray_address=cluster.address, llm_urls=urls, engine_pid=getattr(engine, "pid", None), actors=team.pids)
+        info.update(status="running", ray_address=cluster.address, ray_logs=f"{cluster.session_dir}/logs", llm_urls=urls, engine_pid=getattr(engine, "pid", None), actors=team.pids)
         _write_run_info(root, info)
         progress.started_at = time.monotonic()
         tasks = iter_tasks(opts, done, progress.source_counts)
@@ -180,7 +181,7 @@ def run_job(
     metrics = metrics_fn(reader.iter_records()) if metrics_fn else {}
     info.update(status="finished" if progress.finished else "interrupted", finished_at=time.time(), store=counts, metrics=metrics)
     _write_run_info(root, info)
-    return RunSummary(output=str(root), progress=progress, store=counts, metrics=metrics)
+    return RunSummary(output=str(root), progress=progress, store=counts, metrics=metrics, ray_logs=info.get("ray_logs"))
 
 
 async def _close_sink(team: Team) -> None:

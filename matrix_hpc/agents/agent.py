@@ -7,10 +7,11 @@ agent never talks to a coordinator: it only edits the task.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, ClassVar
 
-from ..services.llm import ChatClient, Message
+from ..services.llm import ChatClient, ChatResult, Message
 from .task import Task, Turn
 
 __all__ = ["Agent", "AgentContext"]
@@ -47,16 +48,24 @@ class Agent:
 
     async def chat(self, task: Task, messages: list[Message], **kwargs: Any) -> str:
         """Call the LLM and record the turn (text, usage, latency) on the task."""
+        return (await self.chat_result(task, messages, **kwargs)).text
+
+    async def chat_result(self, task: Task, messages: list[Message], **kwargs: Any) -> ChatResult:
+        """Like :meth:`chat`, but returns the whole :class:`ChatResult` (``tool_calls`` included).
+
+        The recorded turn's text is the reply's text, or its tool calls as JSON when it has no text.
+        """
         if self.ctx.llm is None:
             raise RuntimeError(f"role {self.role!r} has no LLM client (uses_llm is False)")
         kwargs.setdefault("max_tokens", self.ctx.max_tokens)
         kwargs.setdefault("temperature", self.ctx.temperature)
         started = time.time()
         res = await self.ctx.llm.chat(messages, **kwargs)
+        text = res.text or (json.dumps([c.get("function", c) for c in res.tool_calls], ensure_ascii=False) if res.tool_calls else "")
         task.turns.append(
             Turn(
                 role=self.role,
-                text=res.text,
+                text=text,
                 prompt_tokens=res.prompt_tokens,
                 completion_tokens=res.completion_tokens,
                 started_at=started,
@@ -64,4 +73,4 @@ class Agent:
                 endpoint=res.endpoint,
             )
         )
-        return res.text
+        return res

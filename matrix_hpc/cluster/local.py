@@ -21,6 +21,8 @@ class RayCluster:
     namespace: str
     address: str
     started_here: bool
+    session_dir: str | None = None
+    """Ray's folder for this cluster: ``logs/`` holds every actor's output."""
 
     def shutdown(self) -> None:
         if ray.is_initialized():
@@ -50,4 +52,5 @@ def start_ray(cfg: ClusterConfig, namespace: str) -> RayCluster:
             signal.signal(sig, handler)
     address = ctx.address_info.get("address") or ctx.address_info.get("gcs_address") or ""
     log.info("ray %s at %s (namespace %s)", "started" if cfg.address is None else "joined", address, namespace)
-    return RayCluster(namespace=namespace, address=address, started_here=cfg.address is None)
+    session_dir = ctx.address_info.get("session_dir")
+    return RayCluster(namespace=namespace, address=address, started_here=cfg.address is None, session_dir=session_dir)

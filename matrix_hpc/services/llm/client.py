@@ -42,6 +42,8 @@ class ChatResult:
     latency_s: float
     endpoint: str
     finish_reason: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    """OpenAI-format calls (``{"id", "type": "function", "function": {"name", "arguments"}}``), if any."""
 
 
 class ChatClient:
@@ -82,7 +84,11 @@ class ChatClient:
         return self._session
 
     async def chat(self, messages: list[Message], max_tokens: int = 256, temperature: float = 0.7, **extra: Any) -> ChatResult:
-        """One chat completion, retried on transient failures."""
+        """One chat completion, retried on transient failures.
+
+        ``extra`` goes into the request body as is, e.g. ``tools=[...]`` and
+        ``tool_choice="auto"`` (OpenAI format); the calls come back in ``tool_calls``.
+        """
         body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature, **extra}
         session = await self._get_session()
         last_url: str | None = None
@@ -119,6 +125,7 @@ class ChatClient:
         try:
             choice = data["choices"][0]
             text = choice["message"].get("content") or ""
+            tool_calls = choice["message"].get("tool_calls") or None
         except (KeyError, IndexError, TypeError, AttributeError):
             raise LLMError("llm_bad_response", f"unexpected response from {url}: {str(data)[:200]}") from None
         usage = data.get("usage") or {}
@@ -129,6 +136,7 @@ class ChatClient:
             latency_s=latency,
             endpoint=url,
             finish_reason=choice.get("finish_reason"),
+            tool_calls=[c for c in tool_calls if isinstance(c, dict)] if isinstance(tool_calls, list) else None,
         )
 
     async def close(self) -> None:
