@@ -92,6 +92,9 @@ class RoleConfig:
     """Tasks one actor runs at once."""
     params: dict[str, Any] = field(default_factory=dict)
     """Free-form settings handed to the agent's constructor."""
+    inline: bool = False
+    """Run this role's steps inside the actor that hands it a task (no Ray hop):
+    for cheap roles that call no LLM, such as answer extraction."""
 
 
 @dataclass

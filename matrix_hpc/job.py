@@ -65,7 +65,7 @@ def _source_options(config: JobConfig) -> SourceOptions:
 def _team_spec(config: JobConfig, run_id: str, namespace: str, llm_urls: list[str]) -> TeamSpec:
     wf, llm = config.workflow, config.llm
     roles = {
-        name: RoleSpec(agent=r.agent, instances=r.instances, concurrency=r.concurrency, params={**wf.params, **r.params})
+        name: RoleSpec(agent=r.agent, instances=r.instances, concurrency=r.concurrency, params={**wf.params, **r.params}, inline=r.inline)
         for name, r in wf.roles.items()
     }
     return TeamSpec(

@@ -74,3 +74,16 @@ def test_metrics() -> None:
         {"status": "failed", "usage": {"prompt_tokens": 0, "completion_tokens": 0}, "result": None},
     ]
     assert metrics(recs) == {"dialogues": 2, "failed": 1, "agreement_rate": 0.5, "agreement_correctness": 1.0, "mean_turns": 3.0, "prompt_tokens": 20, "completion_tokens": 10}
+
+
+def test_inline_roles_must_not_call_an_llm() -> None:
+    from matrix_hpc.agents.actor import RoleSpec, TeamSpec
+    from matrix_hpc.agents.team import Team, TeamError
+
+    roles = {
+        "teacher": RoleSpec("workflows.collab_reasoning.agents:Speaker", 1, 1, inline=True),
+        "judge": RoleSpec("workflows.collab_reasoning.agents:Judge", 1, 1, inline=True),
+    }
+    spec = TeamSpec("r", "ns", roles, ["http://127.0.0.1:9/v1"], "m", None, 1.0, 0, 0.1, 1, 8, 0.0, 8, 0.01)
+    with pytest.raises(TeamError, match="workflow.roles.teacher.inline: only roles that call no LLM"):
+        Team(spec, "teacher", "/nonexistent", 8, 1.0, False)

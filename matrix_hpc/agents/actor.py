@@ -55,6 +55,7 @@ class RoleSpec:
     instances: int
     concurrency: int
     params: dict[str, Any] = field(default_factory=dict)
+    inline: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,17 @@ class AgentActor:
         self.index = index
         self.incarnation = uuid.uuid4().hex
         spec = team.roles[role]
+        self.agent: Agent = self._make_agent(role)
+        self._inline: dict[str, Agent] = {}  # agents of inline roles, built on first use
+        self.concurrency = spec.concurrency
+        self._handles: dict[str, list[Any]] = {}
+        self._queue: asyncio.Queue[Task] | None = None
+        self._running: dict[str, Task] = {}
+        self._outbox: Outbox | None = None
+        self.steps = 0
+
+    def _make_agent(self, role: str) -> Agent:
+        spec, team = self.team.roles[role], self.team
         cls = load_object(spec.agent)
         if not (isinstance(cls, type) and issubclass(cls, Agent)):
             raise TypeError(f"{spec.agent} is not a matrix_hpc.agents.Agent subclass")
@@ -95,13 +107,7 @@ class AgentActor:
                 team.llm_urls, team.llm_model, team.llm_api_key_env, team.llm_timeout_s,
                 team.llm_max_retries, team.llm_retry_backoff_s, team.llm_max_connections,
             )  # fmt: skip
-        self.agent: Agent = cls(AgentContext(role, spec.params, llm, team.llm_max_tokens, team.llm_temperature))
-        self.concurrency = spec.concurrency
-        self._handles: dict[str, list[Any]] = {}
-        self._queue: asyncio.Queue[Task] | None = None
-        self._running: dict[str, Task] = {}
-        self._outbox: Outbox | None = None
-        self.steps = 0
+        return cls(AgentContext(role, spec.params, llm, team.llm_max_tokens, team.llm_temperature))
 
     def _resolve(self, dest: str) -> list[Any]:
         if dest not in self._handles:
@@ -133,7 +139,14 @@ class AgentActor:
             task = await self._queue.get()
             self._running[task.id] = task
             try:
-                await self._step(task)
+                await self._step(task, self.agent, self.role)
+                # Inline roles run here, saving a Ray hop each (see RoleConfig.inline).
+                while not task.done and self.team.roles[task.next_role].inline:  # type: ignore[index]
+                    role = task.next_role
+                    assert role is not None
+                    if role not in self._inline:
+                        self._inline[role] = self.agent if role == self.role else self._make_agent(role)
+                    await self._step(task, self._inline[role], role)
             finally:
                 self._running.pop(task.id, None)
             if task.done:
@@ -141,22 +154,22 @@ class AgentActor:
             else:
                 self._outbox.put(task.next_role, task)
 
-    async def _step(self, task: Task) -> None:
+    async def _step(self, task: Task, agent: Agent, role: str) -> None:
         self.steps += 1
         task.hops += 1
         try:
-            await self.agent.step(task)
+            await agent.step(task)
         except LLMError as exc:
-            task.fail(exc.kind, str(exc), self.role)
+            task.fail(exc.kind, str(exc), role)
         except Exception as exc:  # agent code is user code: one task fails, the actor lives
-            log.exception("task %s failed in role %s", task.id, self.role)
-            task.fail("agent_error", f"{type(exc).__name__}: {exc}", self.role)
+            log.exception("task %s failed in role %s", task.id, role)
+            task.fail("agent_error", f"{type(exc).__name__}: {exc}", role)
         if task.done:
             return
         if task.next_role not in self.team.roles:
-            task.fail("routing", f"role {self.role!r} routed to unknown role {task.next_role!r}", self.role)
+            task.fail("routing", f"role {role!r} routed to unknown role {task.next_role!r}", role)
         elif task.hops >= MAX_HOPS:
-            task.fail("routing", f"still routed after {MAX_HOPS} steps (last role {self.role!r})", self.role)
+            task.fail("routing", f"still routed after {MAX_HOPS} steps (last role {role!r})", role)
 
     def ping(self) -> tuple[str, int]:
         return self.incarnation, os.getpid()

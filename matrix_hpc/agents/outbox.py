@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from typing import Any, Callable
 
@@ -20,6 +21,8 @@ from ray.exceptions import RayActorError
 __all__ = ["Outbox"]
 
 log = logging.getLogger(__name__)
+
+_REAP_S = 0.25  # how often delivery receipts are collected while messages flow
 
 # Returns the receivers of a destination (actor handles); called lazily so a
 # restarted actor finds its peers by name without help from the driver.
@@ -39,6 +42,7 @@ class Outbox:
         self._idle = asyncio.Event()
         self._idle.set()
         self._loop_task: asyncio.Task[None] | None = None
+        self._next_reap = 0.0
         self.sent_calls = 0
         self.sent_messages = 0
 
@@ -74,7 +78,8 @@ class Outbox:
             await asyncio.sleep(self._wait_s)
             for dest in list(self._buf):
                 self._send(dest, self._buf.pop(dest))
-            self._reap()
+            if time.monotonic() >= self._next_reap:
+                self._reap()
 
     def _send(self, dest: str, messages: list[Any]) -> None:
         receivers = self._resolve(dest)
@@ -87,8 +92,10 @@ class Outbox:
             self.sent_messages += len(batch)
 
     def _reap(self) -> None:
-        """Collect delivery receipts in one ``ray.wait`` per tick: awaiting each
-        ObjectRef separately costs a cross-thread wake-up per send."""
+        """Collect delivery receipts with one ``ray.wait``, at most every ``_REAP_S``
+        while traffic flows: awaiting each ObjectRef costs a cross-thread wake-up
+        per send, and every Ray API call has a fixed Python cost."""
+        self._next_reap = time.monotonic() + _REAP_S
         if not self._sending:
             return
         refs = list(self._sending)

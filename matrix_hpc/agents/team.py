@@ -32,6 +32,8 @@ class Team:
                 raise TeamError(f"workflow.roles.{role}.agent: {exc}") from None
             if not (isinstance(cls, type) and issubclass(cls, Agent)):
                 raise TeamError(f"workflow.roles.{role}.agent: {rs.agent} is not a matrix_hpc.agents.Agent subclass")
+            if rs.inline and cls.uses_llm:
+                raise TeamError(f"workflow.roles.{role}.inline: only roles that call no LLM (uses_llm = False) can run inline")
         self.spec = spec
         self.entry = entry
         self.sink = SinkActor.options(name=sink_name(spec.run_id)).remote(store_path, chunk_rows, flush_interval_s, fsync)
