@@ -164,6 +164,8 @@ async def drive(
         if on_progress:
             on_progress(progress)
 
+        if exhausted and inflight and not active:
+            await team.sink.flush.remote()  # the last tasks are in: no need to wait for the timer
         if (exhausted and not inflight) or stopping:
             progress.finished = not inflight
             progress.interrupted = stopping

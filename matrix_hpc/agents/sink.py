@@ -109,6 +109,11 @@ class SinkActor:
                     pass
         return self.incarnation, self._received[received_from:], self._log[committed_from:], self.stats()
 
+    async def flush(self) -> None:
+        """Commit now rather than at the next interval (the run's last tasks are in)."""
+        self._ensure_loop()
+        await self._commit()
+
     def stats(self) -> SinkStats:
         return {
             "ok": self._status.get("ok", 0),
