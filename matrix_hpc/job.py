@@ -22,6 +22,7 @@ from .agents.source import SourceOptions, count_rows, iter_tasks
 from .agents.team import Team
 from .cluster import start_ray
 from .config import JobConfig, resolve_dataset_path
+from .procs import pid_alive
 from .services.llm import EmbeddedEngine, LLMServer
 from .store import StoreLockedError, StoreReader
 from .store.fsutil import WriterLock, atomic_write_json, read_json
@@ -87,16 +88,6 @@ def _start_engine(config: JobConfig, log_dir: Path) -> tuple[LLMServer | None, l
     return engine, [engine.base_url]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _wait_for_previous_writer(root: Path, say: Callable[[str], None], timeout_s: float = 60.0) -> None:
     """Refuse to share a store with a live run; wait out the writer of a crashed one.
 
@@ -108,7 +99,7 @@ def _wait_for_previous_writer(root: Path, say: Callable[[str], None], timeout_s:
         return
     prev = read_json(root / "run.json", {}) or {}
     pid, host = prev.get("driver_pid"), prev.get("host")
-    if not (isinstance(pid, int) and host == socket.gethostname() and not _pid_alive(pid)):
+    if not (isinstance(pid, int) and host == socket.gethostname() and not pid_alive(pid)):
         raise StoreLockedError(f"{root} is being written by another run (driver pid {pid} on {host}; see {root / 'run.json'})")
     say(f"waiting for the writer of the previous, crashed run (driver pid {pid}) to exit")
     deadline = time.monotonic() + timeout_s

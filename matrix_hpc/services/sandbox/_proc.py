@@ -15,6 +15,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ...procs import pid_alive  # noqa: F401  (re-exported for the runtimes)
+from .base import ExecResult, SandboxLimits, classify_exit
+
 __all__ = ["RawResult", "pid_alive", "run_argv"]
 
 log = logging.getLogger(__name__)
@@ -121,12 +124,15 @@ async def _finish(proc: asyncio.subprocess.Process, pumps: Sequence[asyncio.Futu
     await proc.wait()
 
 
-def pid_alive(pid: int) -> bool:
-    """True if a process with this pid exists on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+async def run_limited(argv: list[str], limits: SandboxLimits, stdin: bytes | None = None) -> ExecResult:
+    """Run a sandbox command line under ``limits`` and say why it was killed, if it was."""
+    raw = await run_argv(argv, deadline_s=limits.wall_s, max_output=limits.output_kb * 1024, stdin=stdin)
+    return ExecResult(
+        stdout=raw.stdout.decode(errors="replace"),
+        stderr=raw.stderr.decode(errors="replace"),
+        exit_code=raw.exit_code,
+        timed_out=raw.timed_out,
+        killed_reason=classify_exit(raw.exit_code, raw.stderr, raw.timed_out, raw.output_overflow),
+        duration_s=raw.duration_s,
+    )
     return True

@@ -23,7 +23,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._proc import pid_alive, run_argv
+from ._proc import pid_alive, run_argv, run_limited
 from .base import (
     SANDBOX_DIR,
     ExecResult,
@@ -31,7 +31,6 @@ from .base import (
     SandboxLimits,
     SandboxRuntime,
     SandboxStartError,
-    classify_exit,
     limit_argv,
     require_binaries,
 )
@@ -149,16 +148,7 @@ class ApptainerSandbox(Sandbox):
     async def exec(self, cmd: str | list[str], limits: SandboxLimits, stdin: bytes | None = None, env: dict[str, str] | None = None) -> ExecResult:
         assert self.runtime is not None
         argv = self.runtime.exec_argv(self.instance, limits, cmd, env)
-        raw = await run_argv(argv, deadline_s=limits.wall_s, max_output=limits.output_kb * 1024, stdin=stdin)
-        reason = classify_exit(raw.exit_code, raw.stderr, raw.timed_out, raw.output_overflow)
-        return ExecResult(
-            stdout=raw.stdout.decode(errors="replace"),
-            stderr=raw.stderr.decode(errors="replace"),
-            exit_code=raw.exit_code,
-            timed_out=raw.timed_out,
-            killed_reason=reason,
-            duration_s=raw.duration_s,
-        )
+        return await run_limited(argv, limits, stdin)
 
     async def stop(self) -> None:
         assert self.runtime is not None

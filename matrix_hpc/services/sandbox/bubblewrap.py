@@ -22,7 +22,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._proc import run_argv
+from ._proc import run_limited
 from .base import (
     SANDBOX_DIR,
     ExecResult,
@@ -30,7 +30,6 @@ from .base import (
     SandboxLimits,
     SandboxRuntime,
     SandboxStartError,
-    classify_exit,
     limit_argv,
     require_binaries,
 )
@@ -172,16 +171,7 @@ class BubblewrapSandbox(Sandbox):
         argv = self.runtime.argv(self.workdir, limits, cmd, env)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s: %s", self.name, shlex.join(argv))
-        raw = await run_argv(argv, deadline_s=limits.wall_s, max_output=limits.output_kb * 1024, stdin=stdin)
-        reason = classify_exit(raw.exit_code, raw.stderr, raw.timed_out, raw.output_overflow)
-        return ExecResult(
-            stdout=raw.stdout.decode(errors="replace"),
-            stderr=raw.stderr.decode(errors="replace"),
-            exit_code=raw.exit_code,
-            timed_out=raw.timed_out,
-            killed_reason=reason,
-            duration_s=raw.duration_s,
-        )
+        return await run_limited(argv, limits, stdin)
 
     async def stop(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
