@@ -17,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import pickle
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from matrix_hpc.agents import Agent, AgentContext, Task
+from matrix_hpc.agents.agent import run_step
 from matrix_hpc.agents.actor import load_object
 from matrix_hpc.config import JobConfig
-from matrix_hpc.services.llm import ChatClient, LLMError
+from matrix_hpc.services.llm import ChatClient
 
 __all__ = ["build_agents", "run_batch_sync", "run_central", "run_ray_data"]
 
@@ -39,16 +41,10 @@ def build_agents(config: JobConfig, base_url: str) -> tuple[dict[str, Agent], Ch
 
 
 async def _step(agents: dict[str, Agent], task: Task) -> None:
-    """One step, with the same error handling as the runtime's actor host."""
+    """One step, through the same contract as the runtime's actor host."""
     role = task.next_role
     assert role is not None
-    task.hops += 1
-    try:
-        await agents[role].step(task)
-    except LLMError as exc:
-        task.fail(exc.kind, str(exc), role)
-    except Exception as exc:
-        task.fail("agent_error", f"{type(exc).__name__}: {exc}", role)
+    await run_step(agents[role], task, role, agents)
 
 
 Finished = list[tuple[Task, float]]  # each task with the wall time it finished
@@ -84,26 +80,23 @@ async def _central(agents: dict[str, Agent], tasks: list[Task], limit: int) -> F
     return out
 
 
-def run_batch_sync(config: JobConfig, base_url: str, tasks: list[Task], batch: int) -> Finished:
+def _with_agents(config: JobConfig, base_url: str, schedule: Callable[[dict[str, Agent]], Awaitable[Finished]]) -> Finished:
     async def main() -> Finished:
         agents, client = build_agents(config, base_url)
         try:
-            return await _batch_sync(agents, tasks, batch)
+            return await schedule(agents)
         finally:
             await client.close()
 
     return asyncio.run(main())
+
+
+def run_batch_sync(config: JobConfig, base_url: str, tasks: list[Task], batch: int) -> Finished:
+    return _with_agents(config, base_url, lambda agents: _batch_sync(agents, tasks, batch))
 
 
 def run_central(config: JobConfig, base_url: str, tasks: list[Task], limit: int) -> Finished:
-    async def main() -> Finished:
-        agents, client = build_agents(config, base_url)
-        try:
-            return await _central(agents, tasks, limit)
-        finally:
-            await client.close()
-
-    return asyncio.run(main())
+    return _with_agents(config, base_url, lambda agents: _central(agents, tasks, limit))
 
 
 class _Stage:

@@ -18,9 +18,9 @@ from typing import Any
 
 import ray
 
-from ..services.llm import ChatClient, LLMError
+from ..services.llm import ChatClient
 from ..store import RecordRow
-from .agent import Agent, AgentContext
+from .agent import Agent, AgentContext, run_step
 from .outbox import Outbox
 from .task import Task
 
@@ -29,7 +29,6 @@ __all__ = ["AgentActor", "RoleSpec", "TeamSpec", "actor_name", "sink_name", "loa
 log = logging.getLogger(__name__)
 
 SINK = "__sink__"
-MAX_HOPS = 1000  # a task still routed after this many steps is stuck in a loop
 
 
 def actor_name(run_id: str, role: str, index: int) -> str:
@@ -156,20 +155,7 @@ class AgentActor:
 
     async def _step(self, task: Task, agent: Agent, role: str) -> None:
         self.steps += 1
-        task.hops += 1
-        try:
-            await agent.step(task)
-        except LLMError as exc:
-            task.fail(exc.kind, str(exc), role)
-        except Exception as exc:  # agent code is user code: one task fails, the actor lives
-            log.exception("task %s failed in role %s", task.id, role)
-            task.fail("agent_error", f"{type(exc).__name__}: {exc}", role)
-        if task.done:
-            return
-        if task.next_role not in self.team.roles:
-            task.fail("routing", f"role {role!r} routed to unknown role {task.next_role!r}", role)
-        elif task.hops >= MAX_HOPS:
-            task.fail("routing", f"still routed after {MAX_HOPS} steps (last role {role!r})", role)
+        await run_step(agent, task, role, self.team.roles)
 
     def ping(self) -> tuple[str, int]:
         return self.incarnation, os.getpid()
@@ -181,14 +167,3 @@ class AgentActor:
         if self._outbox is not None:
             ids.extend(self._outbox.held_ids())
         return ids
-
-    def stats(self) -> dict[str, Any]:
-        ob = self._outbox
-        return {
-            "role": self.role,
-            "steps": self.steps,
-            "running": len(self._running),
-            "queued": self._queue.qsize() if self._queue else 0,
-            "sent_calls": ob.sent_calls if ob else 0,
-            "sent_messages": ob.sent_messages if ob else 0,
-        }

@@ -8,13 +8,19 @@ agent never talks to a coordinator: it only edits the task.
 from __future__ import annotations
 
 import json
+import logging
 import time
+from collections.abc import Container
 from typing import Any, ClassVar
 
-from ..services.llm import ChatClient, ChatResult, Message
+from ..services.llm import ChatClient, ChatResult, LLMError, Message
 from .task import Task, Turn
 
-__all__ = ["Agent", "AgentContext"]
+__all__ = ["Agent", "AgentContext", "run_step", "MAX_HOPS"]
+
+log = logging.getLogger(__name__)
+
+MAX_HOPS = 1000  # a task still routed after this many steps is stuck in a loop
 
 
 class AgentContext:
@@ -74,3 +80,25 @@ class Agent:
             )
         )
         return res
+
+
+async def run_step(agent: Agent, task: Task, role: str, roles: Container[str]) -> None:
+    """Advance ``task`` one step through ``agent``: the contract every scheduler keeps.
+
+    An :class:`LLMError` or any exception from agent code fails this one task with a
+    reason; a route to an unknown role, or past :data:`MAX_HOPS`, fails it as ``routing``.
+    """
+    task.hops += 1
+    try:
+        await agent.step(task)
+    except LLMError as exc:
+        task.fail(exc.kind, str(exc), role)
+    except Exception as exc:  # agent code is user code: one task fails, the caller lives
+        log.exception("task %s failed in role %s", task.id, role)
+        task.fail("agent_error", f"{type(exc).__name__}: {exc}", role)
+    if task.done:
+        return
+    if task.next_role not in roles:
+        task.fail("routing", f"role {role!r} routed to unknown role {task.next_role!r}", role)
+    elif task.hops >= MAX_HOPS:
+        task.fail("routing", f"still routed after {MAX_HOPS} steps (last role {role!r})", role)

@@ -39,17 +39,12 @@ class Outbox:
         self._sending: dict[Any, tuple[str, list[Any]]] = {}  # ObjectRef -> (dest, batch)
         self._rr: dict[str, int] = defaultdict(int)
         self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._loop_task: asyncio.Task[None] | None = None
         self._next_reap = 0.0
-        self.sent_calls = 0
-        self.sent_messages = 0
 
     def put(self, dest: str, message: Any) -> None:
         buf = self._buf[dest]
         buf.append(message)
-        self._idle.clear()
         if self._loop_task is None:
             self._loop_task = asyncio.get_running_loop().create_task(self._flush_loop())
         if len(buf) >= self._batch_size:
@@ -61,14 +56,6 @@ class Outbox:
         ids = [self._id_of(m) for buf in self._buf.values() for m in buf]
         ids.extend(self._id_of(m) for _, batch in self._sending.values() for m in batch)
         return ids
-
-    async def drain(self) -> None:
-        """Flush everything and wait until every batch was accepted."""
-        for dest in list(self._buf):
-            self._send(dest, self._buf.pop(dest))
-        while self._buf or self._sending:
-            self._idle.clear()
-            await self._idle.wait()
 
     async def _flush_loop(self) -> None:
         while True:
@@ -88,8 +75,6 @@ class Outbox:
             receiver = receivers[self._rr[dest] % len(receivers)]
             self._rr[dest] += 1
             self._sending[receiver.receive.remote(batch)] = (dest, batch)
-            self.sent_calls += 1
-            self.sent_messages += len(batch)
 
     def _reap(self) -> None:
         """Collect delivery receipts with one ``ray.wait``, at most every ``_REAP_S``
@@ -109,5 +94,3 @@ class Outbox:
                 log.warning("delivery to %s failed (%s); re-sending %d message(s)", dest, exc.__class__.__name__, len(batch))
                 self._buf[dest].extend(batch)
                 self._wake.set()
-        if not self._buf and not self._sending:
-            self._idle.set()

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
+from ray.exceptions import RayError
+
 from ..store import RecordRow
 from .task import Task
 from .team import Team
@@ -110,7 +112,7 @@ async def drive(
             await asyncio.sleep(0.2)  # a second look covers tasks caught in a hand-over
             held |= await team.held_ids()
             committed = set(await team.sink.committed.remote(list(inflight)))
-        except (asyncio.TimeoutError, Exception) as exc:  # an actor still restarting
+        except (asyncio.TimeoutError, RayError) as exc:  # an actor still restarting
             log.info("recovery postponed: %s", exc.__class__.__name__)
             return False
         for tid in committed:

@@ -7,7 +7,6 @@ handles it next; ``None`` means finished (successfully, or with ``error`` set).
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -92,6 +91,3 @@ class Task:
             "created_at": self.created_at,
             "finished_at": finished_at if finished_at is not None else time.time(),
         }
-
-    def to_json(self, finished_at: float | None = None) -> str:
-        return json.dumps(self.to_record(finished_at), ensure_ascii=False, default=str)

@@ -105,9 +105,6 @@ class Team:
         if refs:
             await asyncio.gather(*refs)
 
-    async def stats(self) -> list[dict[str, Any]]:
-        return await asyncio.gather(*(h.stats.remote() for hs in self.actors.values() for h in hs))
-
     def shutdown(self) -> None:
         for handle in self._all().values():
             try:

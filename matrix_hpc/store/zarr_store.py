@@ -249,8 +249,9 @@ class StoreReader:
 
     def counts(self) -> dict[str, Any]:
         """done / failed totals, failures by kind, tokens."""
-        status = Counter(self.column("status"))
-        kinds = Counter(k for k, s in zip(self.column("error_kind"), self.column("status")) if s == "failed")
+        statuses = self.column("status")
+        status = Counter(statuses)
+        kinds = Counter(k for k, s in zip(self.column("error_kind"), statuses) if s == "failed")
         return {
             "records": sum(status.values()),
             "ok": status.get("ok", 0),
