@@ -31,6 +31,10 @@ def _print_summary(summary: Any) -> None:
         out.write(f"    failed: {kind}: {n}\n")
     out.write(f"  speed:     {summary.tasks_per_s:.2f} tasks/s, {summary.tokens_per_s:.0f} output tok/s\n")
     out.write(f"  tokens:    {p.prompt_tokens} prompt + {p.completion_tokens} completion\n")
+    _print_usage(summary.usage, out.write)
+    restarted = [e for e in summary.llm if e.get("restarts")]
+    for e in restarted:
+        out.write(f"  llm:       {e['url']} was restarted {e['restarts']} time(s); now {e.get('state')}\n")
     s = summary.store
     out.write(f"  store:     {s['records']} records ({s['ok']} ok, {s['failed']} failed)\n")
     if summary.metrics:
@@ -38,6 +42,13 @@ def _print_summary(summary: Any) -> None:
     if summary.ray_logs and (p.failed_by_kind.get("agent_error") or p.resent):
         out.write(f"  actor logs: {summary.ray_logs}\n")
     out.write(f"output: {summary.output}\n")
+
+
+def _print_usage(usage: dict[str, Any] | None, write: Any) -> None:
+    """Token accounting per role and per model (whole store)."""
+    for section, label in (("by_role", "role"), ("by_model", "model")):
+        for name, c in sorted((usage or {}).get(section, {}).items()):
+            write(f"    {label} {name}: {c['calls']} calls, {c['prompt_tokens']} prompt + {c['completion_tokens']} completion tokens\n")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -87,9 +98,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     if total is not None:
         print(f"remaining: {max(0, total - counts['records'])}")
     print(f"tokens:    {counts['prompt_tokens']} prompt + {counts['completion_tokens']} completion")
+    _print_usage(info.get("usage"), sys.stdout.write)
     if info.get("metrics"):
         print("metrics:   " + ", ".join(f"{k}={v}" for k, v in info["metrics"].items()))
+    for e in info.get("llm") or []:
+        print(f"llm:       {e.get('url')} ({e.get('state')}, {e.get('restarts', 0)} restarts)")
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    return serve(args.config, args.overrides)
+
+
+def cmd_check_health(args: argparse.Namespace) -> int:
+    from .services.llm.health import check_health
+
+    return check_health(args.target, args.url, args.model, args.timeout, args.api_key_env)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -121,6 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--to", required=True, help="file to write")
     ex.add_argument("--status", choices=["ok", "failed"], help="only records with this status")
     ex.set_defaults(func=cmd_export)
+
+    sv = sub.add_parser("serve", help="start just the LLM service of a config and print its endpoints", description="Start the config's LLM service (Ray, registry, replicas), print the endpoints and keep them healthy until Ctrl-C. The endpoints are also written to OUTPUT/services.json for check-health.")
+    sv.add_argument("config", help="job YAML")
+    sv.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. llm.replicas=2")
+    sv.set_defaults(func=cmd_serve)
+
+    ch = sub.add_parser("check-health", help="probe LLM endpoints with a real one-token generation", description="Probe each endpoint with a one-token chat completion (a live /health alone does not prove a working engine). Exit 0 when all answer.")
+    ch.add_argument("target", nargs="?", help="an output folder (of a run or a serve) or a job YAML; its endpoints are probed")
+    ch.add_argument("--url", action="append", default=[], help="an endpoint to probe, e.g. http://host:8000/v1 (repeatable)")
+    ch.add_argument("--model", help="model name for the probe (default: the config's llm.model)")
+    ch.add_argument("--timeout", type=float, default=30.0, help="seconds per probe (default 30)")
+    ch.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the endpoints' API key")
+    ch.set_defaults(func=cmd_check_health)
     return ap
 
 

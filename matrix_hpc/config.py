@@ -21,6 +21,8 @@ __all__ = [
     "ConfigError",
     "ClusterConfig",
     "EmbeddedEngineConfig",
+    "VLLMConfig",
+    "SlurmConfig",
     "LLMConfig",
     "RoleConfig",
     "WorkflowConfig",
@@ -61,12 +63,36 @@ class EmbeddedEngineConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """One vLLM model served by ``llm.replicas`` managed replicas (``llm.engine: vllm``)."""
+
+    model: str | None = None
+    """A model folder (HF layout) or a name vLLM can load from its cache; served as ``llm.model``."""
+    tensor_parallel_size: int = 1
+    """GPUs per replica within a node (``--tensor-parallel-size``)."""
+    pipeline_parallel_size: int = 1
+    """Nodes per replica (``--pipeline-parallel-size``; >1 uses vLLM's Ray executor on our cluster)."""
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """``auto``: CUDA when the replica's node has GPUs, else the CPU build's settings."""
+    extra_args: list[str] = field(default_factory=list)
+    """More ``vllm serve`` flags, passed through (checked against vLLM's parser when it is installed)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment for the server process (e.g. ``VLLM_CPU_KVCACHE_SPACE``)."""
+    python: str | None = None
+    """The Python that has vLLM (default: the one running matrix-hpc)."""
+    startup_timeout_s: float = 900.0
+
+
+@dataclass
 class LLMConfig:
-    engine: Literal["embedded", "external"] = "embedded"
-    """``embedded``: ``matrix-hpc run`` starts and stops a CPU engine; ``external``: use ``base_urls``."""
+    engine: Literal["embedded", "vllm", "external"] = "embedded"
+    """``embedded``: managed CPU engine replicas; ``vllm``: managed vLLM replicas; ``external``: ``base_urls``."""
     base_urls: list[str] = field(default_factory=list)
     """OpenAI-compatible endpoints, e.g. ``http://host:8000/v1`` (external engine)."""
     model: str = "default"
+    """The model name sent in requests (and served under, for managed engines)."""
     api_key_env: str | None = None
     """Name of the environment variable holding the API key (the key is never saved)."""
     max_tokens: int = 256
@@ -76,10 +102,24 @@ class LLMConfig:
     max_retries: int = 3
     """Retries after the first attempt on 429, 5xx, timeouts and connection errors."""
     retry_backoff_s: float = 1.0
-    """First backoff; doubles each retry (with jitter)."""
+    """First backoff; doubles each retry (with jitter). An endpoint that answered 429/503 is
+    avoided for as long."""
     max_connections: int = 64
     """Concurrent HTTP connections per agent actor."""
+    max_outstanding_per_endpoint: int = 64
+    """Requests one agent actor keeps open against one endpoint; more wait for a free slot."""
+    sticky: bool = True
+    """Send a task's next turn to the replica that served its previous one (prefix-cache reuse)."""
+    replicas: int = 1
+    """Managed server replicas (embedded or vllm), each in its own Ray actor."""
+    health_interval_s: float = 5.0
+    """Seconds between health probes (a real one-token generation) of each endpoint."""
+    health_failures: int = 2
+    """Consecutive failed probes before an endpoint leaves routing (and a managed replica restarts)."""
+    max_restarts: int = 10
+    """Restarts of one managed replica before it is given up."""
     embedded: EmbeddedEngineConfig = field(default_factory=EmbeddedEngineConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass
@@ -250,8 +290,15 @@ def _validate(config: JobConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
-    if config.llm.engine == "external" and not config.llm.base_urls:
+    llm = config.llm
+    if llm.engine == "external" and not llm.base_urls:
         raise ConfigError("llm.base_urls: required when llm.engine is 'external'")
+    if llm.engine == "vllm" and not llm.vllm.model:
+        raise ConfigError("llm.vllm.model: required when llm.engine is 'vllm'")
+    for key in ("replicas", "max_outstanding_per_endpoint", "health_failures", "vllm.tensor_parallel_size", "vllm.pipeline_parallel_size"):
+        value = getattr(llm.vllm, key[5:]) if key.startswith("vllm.") else getattr(llm, key)
+        if value < 1:
+            raise ConfigError(f"llm.{key}: must be >= 1, got {value}")
 
 
 def _type_name(tp: Any) -> str:

@@ -23,7 +23,8 @@ from .agents.team import Team
 from .cluster import start_ray
 from .config import JobConfig, resolve_dataset_path
 from .procs import pid_alive
-from .services.llm import EmbeddedEngine, LLMServer
+from .agents.usage import usage_summary
+from .services.llm.service import LLMService
 from .store import StoreLockedError, StoreReader
 from .store.fsutil import WriterLock, atomic_write_json, read_json
 from .store.zarr_store import init_store
@@ -40,6 +41,10 @@ class RunSummary:
     store: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)
     ray_logs: str | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
+    """Tokens and calls ``by_role`` and ``by_model`` over every record in the store."""
+    llm: list[dict[str, Any]] = field(default_factory=list)
+    """The LLM endpoints at the end of the run (state, restarts, pid, log)."""
 
     @property
     def tasks_per_s(self) -> float:
@@ -63,7 +68,7 @@ def _source_options(config: JobConfig) -> SourceOptions:
     )
 
 
-def _team_spec(config: JobConfig, run_id: str, namespace: str, llm_urls: list[str]) -> TeamSpec:
+def _team_spec(config: JobConfig, run_id: str, namespace: str, llm_urls: list[str], registry: str | None) -> TeamSpec:
     wf, llm = config.workflow, config.llm
     roles = {
         name: RoleSpec(agent=r.agent, instances=r.instances, concurrency=r.concurrency, params={**wf.params, **r.params}, inline=r.inline)
@@ -75,17 +80,8 @@ def _team_spec(config: JobConfig, run_id: str, namespace: str, llm_urls: list[st
         llm_retry_backoff_s=llm.retry_backoff_s, llm_max_connections=llm.max_connections,
         llm_max_tokens=llm.max_tokens, llm_temperature=llm.temperature,
         batch_size=config.run.batch_size, batch_wait_s=config.run.batch_wait_ms / 1000.0,
+        llm_max_outstanding=llm.max_outstanding_per_endpoint, llm_sticky=llm.sticky, llm_registry=registry,
     )  # fmt: skip
-
-
-def _start_engine(config: JobConfig, log_dir: Path) -> tuple[LLMServer | None, list[str]]:
-    if config.llm.engine == "external":
-        return None, list(config.llm.base_urls)
-    emb = config.llm.embedded
-    engine = EmbeddedEngine(emb.model_path, emb.n_parallel, emb.ctx_per_slot, emb.threads, log_dir)
-    engine.start()
-    engine.wait_ready(emb.startup_timeout_s)
-    return engine, [engine.base_url]
 
 
 def _wait_for_previous_writer(root: Path, say: Callable[[str], None], timeout_s: float = 60.0) -> None:
@@ -144,35 +140,47 @@ def run_job(
     _write_run_info(root, info)
 
     cluster = start_ray(config.cluster, namespace)
-    engine: LLMServer | None = None
+    service: LLMService | None = None
     team: Team | None = None
     try:
         t0 = time.monotonic()
-        engine, urls = _start_engine(config, log_dir)
-        if engine is not None:
-            say(f"embedded engine ready at {engine.base_url} in {time.monotonic() - t0:.1f}s (log {engine.log_path})")
-        team = Team(_team_spec(config, run_id, namespace, urls), config.workflow.entry, str(root), config.output.chunk_rows, config.output.flush_interval_s, config.output.fsync)
+        service = LLMService(config.llm, run_id, namespace, log_dir)
+        urls = service.start()
+        say(f"{config.llm.engine} LLM endpoint(s) ready in {time.monotonic() - t0:.1f}s: {', '.join(urls)}")
+        team = Team(_team_spec(config, run_id, namespace, urls, service.name), config.workflow.entry, str(root), config.output.chunk_rows, config.output.flush_interval_s, config.output.fsync)
         asyncio.run(team.start())
-        info.update(status="running", ray_address=cluster.address, ray_logs=f"{cluster.session_dir}/logs", llm_urls=urls, engine_pid=getattr(engine, "pid", None), actors=team.pids)
+        info.update(status="running", ray_address=cluster.address, ray_logs=f"{cluster.session_dir}/logs", llm=service.endpoints, actors=team.pids)
         _write_run_info(root, info)
         progress.started_at = time.monotonic()
         tasks = iter_tasks(opts, done, progress.source_counts)
         run = config.run
         asyncio.run(drive(team, tasks, progress, run.max_in_flight, run.batch_size, run.max_attempts, run.health_interval_s, on_progress, stop))
         asyncio.run(_close_sink(team))
+        info["llm"] = _safe_status(service)
     finally:
         if team is not None:
             team.shutdown()
-        if engine is not None:
-            engine.stop()
+        if service is not None:
+            service.stop()
         cluster.shutdown()
 
     reader = StoreReader(root)
     counts = reader.counts()
     metrics = metrics_fn(reader.iter_records()) if metrics_fn else {}
-    info.update(status="finished" if progress.finished else "interrupted", finished_at=time.time(), store=counts, metrics=metrics)
+    usage = usage_summary(reader.iter_records())
+    info.update(status="finished" if progress.finished else "interrupted", finished_at=time.time(), store=counts, metrics=metrics, usage=usage)
     _write_run_info(root, info)
-    return RunSummary(output=str(root), progress=progress, store=counts, metrics=metrics, ray_logs=info.get("ray_logs"))
+    return RunSummary(output=str(root), progress=progress, store=counts, metrics=metrics, ray_logs=info.get("ray_logs"), usage=usage, llm=info.get("llm") or [])
+
+
+def _safe_status(service: LLMService | None) -> list[dict[str, Any]]:
+    if service is None:
+        return []
+    try:
+        return service.status()
+    except Exception as exc:  # reporting only: never fail a finished run over it
+        log.warning("LLM service status unavailable: %s", exc)
+        return service.endpoints
 
 
 async def _close_sink(team: Team) -> None:

@@ -99,3 +99,94 @@ def test_embedded_engine_serves_concurrent_chats_and_stops(tmp_path: Any) -> Non
     t = time.monotonic()
     assert not engine.health(timeout_s=2)
     assert time.monotonic() - t < 3
+
+
+async def _counting_server(delay_s: float = 0.05, status: int = 200) -> tuple[web.AppRunner, str, dict[str, Any]]:
+    """Answers after ``delay_s``; records the most requests it had open at once and the auth headers seen."""
+    seen: dict[str, Any] = {"n": 0, "open": 0, "peak": 0, "auth": set()}
+
+    async def chat(request: web.Request) -> web.Response:
+        seen["n"] += 1
+        seen["open"] += 1
+        seen["peak"] = max(seen["peak"], seen["open"])
+        seen["auth"].add(request.headers.get("Authorization"))
+        try:
+            await asyncio.sleep(delay_s)
+            if status != 200:
+                return web.Response(status=status, text="overloaded")
+            return web.json_response({"model": "m", "choices": [{"message": {"content": "ok"}}], "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+        finally:
+            seen["open"] -= 1
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}/v1", seen
+
+
+def test_least_outstanding_spreads_and_prefer_sticks() -> None:
+    async def main() -> None:
+        (ra, a, sa), (rb, b, sb) = await _counting_server(), await _counting_server()
+        client = ChatClient([a, b])
+        await asyncio.gather(*(client.chat([{"role": "user", "content": "x"}]) for _ in range(40)))
+        assert sa["n"] == sb["n"] == 20, (sa["n"], sb["n"])  # least outstanding: an even split
+        results = await asyncio.gather(*(client.chat([{"role": "user", "content": "x"}], prefer=b) for _ in range(30)))
+        assert {r.endpoint for r in results} == {b} and sb["n"] == 50
+        assert results[0].model == "m"
+        await client.close()
+        await ra.cleanup()
+        await rb.cleanup()
+
+    asyncio.run(main())
+
+
+def test_per_endpoint_limit_queues_callers_and_sticky_overflows() -> None:
+    async def main() -> None:
+        (ra, a, sa), (rb, b, sb) = await _counting_server(0.1), await _counting_server(0.1)
+        client = ChatClient([a, b], max_outstanding_per_endpoint=3)
+        await asyncio.gather(*(client.chat([{"role": "user", "content": "x"}], prefer=a) for _ in range(30)))
+        assert sa["peak"] <= 3 and sb["peak"] <= 3, (sa["peak"], sb["peak"])
+        assert sb["n"] > 0  # a full sticky endpoint overflows to the other
+        await client.close()
+        await ra.cleanup()
+        await rb.cleanup()
+
+    asyncio.run(main())
+
+
+def test_overloaded_endpoint_is_avoided_for_the_backoff() -> None:
+    async def main() -> None:
+        (ra, busy, sa), (rb, good, sb) = await _counting_server(0.0, status=429), await _counting_server(0.0)
+        client = ChatClient([busy, good], max_retries=3, retry_backoff_s=5.0)
+        for _ in range(10):
+            await client.chat([{"role": "user", "content": "x"}], prefer=busy)
+        assert sa["n"] == 1 and sb["n"] == 10, (sa["n"], sb["n"])  # after one 429, busy cools for 5 s
+        await client.close()
+        await ra.cleanup()
+        await rb.cleanup()
+
+    asyncio.run(main())
+
+
+def test_waits_for_endpoints_to_appear_and_sends_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_LLM_KEY", "sekrit")
+
+    async def main() -> None:
+        runner, url, seen = await _counting_server()
+        client = ChatClient([], api_key_env="TEST_LLM_KEY", timeout_s=5.0)
+        call = asyncio.ensure_future(client.chat([{"role": "user", "content": "x"}]))
+        await asyncio.sleep(0.3)
+        assert not call.done()  # no endpoint yet: it waits rather than fails
+        client.set_endpoints([url])
+        res = await asyncio.wait_for(call, 5.0)
+        assert res.endpoint == url and seen["auth"] == {"Bearer sekrit"}
+        client.set_endpoints([])
+        with pytest.raises(LLMError, match="no healthy endpoint"):
+            await ChatClient([], timeout_s=0.5).chat([{"role": "user", "content": "x"}])
+        await client.close()
+        await runner.cleanup()
+
+    asyncio.run(main())

@@ -145,22 +145,26 @@ def test_killed_agent_actor_is_restarted_and_its_tasks_resent(tmp_path: Path, ru
     assert_each_id_once(out, {q["id"] for q in rows})
 
 
-def test_dead_llm_endpoint_fails_tasks_with_reason_and_run_ends(tmp_path: Path, run_factory: Any) -> None:
+def test_killed_engine_is_restarted_and_no_task_is_lost(tmp_path: Path, run_factory: Any) -> None:
     rows = questions(40)
-    cfg = job_config(tmp_path, write_jsonl(tmp_path / "data.jsonl", rows), **{"llm.max_retries": 2, "llm.retry_backoff_s": 0.2, "llm.timeout_s": 10.0})
+    cfg = job_config(tmp_path, write_jsonl(tmp_path / "data.jsonl", rows), **{"llm.max_retries": 2, "llm.retry_backoff_s": 0.2, "llm.timeout_s": 10.0, "llm.health_interval_s": 0.5})
     out = tmp_path / "out"
     run = run_factory(cfg)
-    wait_for(lambda: committed_rows(out) >= 3 and "engine_pid" in json.loads((out / "run.json").read_text()), 240, "first commits", run)
-    os.kill(json.loads((out / "run.json").read_text())["engine_pid"], signal.SIGKILL)
-    assert run.wait(180) == 0, run.output
+    wait_for(lambda: committed_rows(out) >= 3 and json.loads((out / "run.json").read_text()).get("llm"), 240, "first commits", run)
+    (before,) = json.loads((out / "run.json").read_text())["llm"]
+    os.kill(before["pid"], signal.SIGKILL)
+    assert run.wait(240) == 0, run.output
     records = assert_each_id_once(out, {q["id"] for q in rows})
-    failed = [r for r in records if r["status"] == "failed"]
-    assert failed, "no task noticed the dead endpoint"
-    for rec in failed:
-        assert rec["error"]["kind"] == "llm_unavailable"
-        assert "cannot reach http://127.0.0.1:" in rec["error"]["message"] and "after 3 attempts" in rec["error"]["message"]
-        assert rec["error"]["role"] in ("teacher", "student")
-    assert "llm_unavailable" in run.output
+    for rec in records:  # whatever was in flight at the kill either got through on retry or says why not
+        if rec["status"] == "failed":
+            assert rec["error"]["kind"] == "llm_unavailable", rec["error"]
+            assert before["url"] in rec["error"]["message"] and "after 3 attempts" in rec["error"]["message"]
+    (after,) = json.loads((out / "run.json").read_text())["llm"]
+    assert after["restarts"] == 1 and after["state"] == "up" and after["pid"] != before["pid"], after
+    assert after["url"] == before["url"]  # same port again: sticky routes stay valid
+    assert "was restarted 1 time(s)" in run.output
+    late = [t for r in records for t in r["turns"] if t["endpoint"] and t["started_at"] > after["last_ok_at"]]
+    assert late, "no LLM call after the restart: the run did not use the new engine"
 
 
 def test_sigterm_saves_finished_work_and_rerun_completes(tmp_path: Path, run_factory: Any) -> None:

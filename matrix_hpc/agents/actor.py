@@ -19,6 +19,7 @@ from typing import Any
 import ray
 
 from ..services.llm import ChatClient
+from ..services.llm.registry import follow_registry
 from ..store import RecordRow
 from .agent import Agent, AgentContext, run_step
 from .outbox import Outbox
@@ -75,6 +76,10 @@ class TeamSpec:
     llm_temperature: float
     batch_size: int
     batch_wait_s: float
+    llm_max_outstanding: int = 64
+    llm_sticky: bool = True
+    llm_registry: str | None = None
+    """Name of the run's :class:`EndpointRegistry`; clients follow its routable set."""
 
 
 @ray.remote(num_cpus=0, max_restarts=10, max_task_retries=-1)
@@ -86,6 +91,7 @@ class AgentActor:
         self.index = index
         self.incarnation = uuid.uuid4().hex
         spec = team.roles[role]
+        self._clients: list[ChatClient] = []
         self.agent: Agent = self._make_agent(role)
         self._inline: dict[str, Agent] = {}  # agents of inline roles, built on first use
         self.concurrency = spec.concurrency
@@ -105,8 +111,23 @@ class AgentActor:
             llm = ChatClient(
                 team.llm_urls, team.llm_model, team.llm_api_key_env, team.llm_timeout_s,
                 team.llm_max_retries, team.llm_retry_backoff_s, team.llm_max_connections,
+                team.llm_max_outstanding, self._report_endpoint_error,
             )  # fmt: skip
-        return cls(AgentContext(role, spec.params, llm, team.llm_max_tokens, team.llm_temperature))
+            self._clients.append(llm)
+        return cls(AgentContext(role, spec.params, llm, team.llm_max_tokens, team.llm_temperature, team.llm_sticky))
+
+    def _registry(self) -> Any | None:
+        if self.team.llm_registry is None:
+            return None
+        try:
+            return ray.get_actor(self.team.llm_registry, namespace=self.team.namespace)
+        except ValueError:
+            return None
+
+    def _report_endpoint_error(self, url: str) -> None:
+        registry = self._registry()
+        if registry is not None:
+            registry.report_error.remote(url)  # fire and forget: the registry probes it now
 
     def _resolve(self, dest: str) -> list[Any]:
         if dest not in self._handles:
@@ -122,6 +143,10 @@ class AgentActor:
         self._queue = asyncio.Queue()
         self._outbox = Outbox(self._resolve, self.team.batch_size, self.team.batch_wait_s)
         loop = asyncio.get_running_loop()
+        registry = self._registry()
+        if registry is not None:
+            for client in self._clients:
+                loop.create_task(follow_registry(client, registry))
         for _ in range(self.concurrency):
             loop.create_task(self._worker())
 

@@ -26,12 +26,16 @@ MAX_HOPS = 1000  # a task still routed after this many steps is stuck in a loop
 class AgentContext:
     """What the runtime hands an agent: its role name, settings and LLM access."""
 
-    def __init__(self, role: str, params: dict[str, Any], llm: ChatClient | None, max_tokens: int, temperature: float) -> None:
+    def __init__(
+        self, role: str, params: dict[str, Any], llm: ChatClient | None, max_tokens: int, temperature: float, sticky: bool = True
+    ) -> None:
         self.role = role
         self.params = params
         self.llm = llm
         self.max_tokens = max_tokens
         self.temperature = temperature
+        self.sticky = sticky
+        """Prefer the endpoint that served the task's previous LLM turn (``llm.sticky``)."""
 
 
 class Agent:
@@ -65,6 +69,8 @@ class Agent:
             raise RuntimeError(f"role {self.role!r} has no LLM client (uses_llm is False)")
         kwargs.setdefault("max_tokens", self.ctx.max_tokens)
         kwargs.setdefault("temperature", self.ctx.temperature)
+        if self.ctx.sticky:
+            kwargs.setdefault("prefer", next((t.endpoint for t in reversed(task.turns) if t.endpoint), None))
         started = time.time()
         res = await self.ctx.llm.chat(messages, **kwargs)
         text = res.text or (json.dumps([c.get("function", c) for c in res.tool_calls], ensure_ascii=False) if res.tool_calls else "")
@@ -77,6 +83,7 @@ class Agent:
                 started_at=started,
                 latency_s=res.latency_s,
                 endpoint=res.endpoint,
+                model=res.model,
             )
         )
         return res

@@ -32,6 +32,7 @@ class Turn:
     started_at: float = 0.0
     latency_s: float = 0.0
     endpoint: str | None = None
+    model: str | None = None
 
 
 @dataclass(slots=True)
@@ -75,9 +76,23 @@ class Task:
             sum(t.completion_tokens for t in self.turns),
         )
 
+    def usage_by(self, attr: str) -> dict[str, dict[str, int]]:
+        """Tokens and calls per ``Turn.<attr>`` (``role`` or ``model``), LLM turns only."""
+        out: dict[str, dict[str, int]] = {}
+        for t in self.turns:
+            if t.endpoint is None:  # not an LLM call
+                continue
+            key = str(getattr(t, attr) or "unknown")
+            acc = out.setdefault(key, {"prompt_tokens": 0, "completion_tokens": 0, "calls": 0})
+            acc["prompt_tokens"] += t.prompt_tokens
+            acc["completion_tokens"] += t.completion_tokens
+            acc["calls"] += 1
+        return out
+
     def to_record(self, finished_at: float | None = None) -> dict[str, Any]:
         """The JSON-able record the store keeps for this task."""
         prompt, completion = self.usage
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "by_role": self.usage_by("role"), "by_model": self.usage_by("model")}
         return {
             "id": self.id,
             "status": "failed" if self.error else "ok",
@@ -85,7 +100,7 @@ class Task:
             "row": self.row,
             "result": self.result,
             "turns": [asdict(t) for t in self.turns],
-            "usage": {"prompt_tokens": prompt, "completion_tokens": completion},
+            "usage": usage,
             "attempt": self.attempt,
             "hops": self.hops,
             "created_at": self.created_at,

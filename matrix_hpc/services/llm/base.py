@@ -24,10 +24,11 @@ class ServerStartError(RuntimeError):
     """The server exited or did not become ready in time; the message points at its log."""
 
 
-def probe_generation(base_url: str, model: str = "default", timeout_s: float = 10.0) -> bool:
+def probe_generation(base_url: str, model: str = "default", timeout_s: float = 10.0, api_key: str | None = None) -> bool:
     """True when ``base_url`` completes a one-token chat request."""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}).encode()
-    req = urllib.request.Request(f"{base_url}/chat/completions", data=body, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    req = urllib.request.Request(f"{base_url}/chat/completions", data=body, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             return resp.status == 200 and bool(json.loads(resp.read()).get("choices"))

@@ -13,7 +13,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
 
@@ -41,12 +41,26 @@ class ChatResult:
     completion_tokens: int
     latency_s: float
     endpoint: str
+    model: str = "default"
+    """The model that answered, as the server names it (token accounting is kept per model)."""
     finish_reason: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     """OpenAI-format calls (``{"id", "type": "function", "function": {"name", "arguments"}}``), if any."""
 
 
 class ChatClient:
+    """Client-side routing over one model's endpoints.
+
+    * least outstanding requests first, random among ties;
+    * ``prefer``: a task's earlier endpoint is used again while it is routable and
+      has room (sticky turns reuse that replica's prefix cache);
+    * at most ``max_outstanding_per_endpoint`` open requests per endpoint; callers
+      beyond that wait for a slot rather than pile onto an overloaded server;
+    * an endpoint that answered 429/503 is avoided for the backoff time;
+    * the endpoint set can change under it (:meth:`set_endpoints`, fed by the
+      registry): with none routable, a call waits up to ``timeout_s`` for one.
+    """
+
     def __init__(
         self,
         base_urls: list[str],
@@ -56,10 +70,9 @@ class ChatClient:
         max_retries: int = 3,
         retry_backoff_s: float = 1.0,
         max_connections: int = 64,
+        max_outstanding_per_endpoint: int = 64,
+        on_endpoint_error: Callable[[str], None] | None = None,
     ) -> None:
-        if not base_urls:
-            raise ValueError("ChatClient needs at least one base URL")
-        self.base_urls = [u.rstrip("/") for u in base_urls]
         self.model = model
         self._api_key = os.environ.get(api_key_env) if api_key_env else None
         if api_key_env and not self._api_key:
@@ -68,13 +81,77 @@ class ChatClient:
         self.max_retries = max_retries
         self.retry_backoff_s = retry_backoff_s
         self.max_connections = max_connections
-        self._outstanding = {u: 0 for u in self.base_urls}
+        self.per_endpoint = max_outstanding_per_endpoint
+        self.on_endpoint_error = on_endpoint_error
+        self.base_urls: list[str] = []
+        self._outstanding: dict[str, int] = {}
+        self._cool_until: dict[str, float] = {}
+        self.served: dict[str, int] = {}
+        """Completed requests per endpoint (for reports)."""
+        self._changed: asyncio.Condition | None = None
         self._session: aiohttp.ClientSession | None = None
+        self.set_endpoints(base_urls)
 
-    def _pick(self, exclude: str | None) -> str:
-        choices = [u for u in self.base_urls if u != exclude] or self.base_urls
+    def set_endpoints(self, urls: list[str]) -> None:
+        """Route over ``urls`` from now on; requests already sent elsewhere finish there."""
+        self.base_urls = [u.rstrip("/") for u in urls]
+        for u in self.base_urls:
+            self._outstanding.setdefault(u, 0)
+            self.served.setdefault(u, 0)
+        self._notify()
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            cond = self._changed
+
+            async def wake() -> None:
+                async with cond:
+                    cond.notify_all()
+
+            try:
+                asyncio.get_running_loop().create_task(wake())
+            except RuntimeError:  # no loop yet: nobody can be waiting
+                pass
+
+    def _pick(self, prefer: str | None, exclude: str | None) -> str | None:
+        """An endpoint with room, or None. Cooling endpoints only when nothing else has room."""
+        now = time.monotonic()
+        room = [u for u in self.base_urls if self._outstanding[u] < self.per_endpoint]
+        if prefer in room and self._cool_until.get(prefer, 0.0) <= now:  # type: ignore[operator]
+            return prefer
+        warm = [u for u in room if self._cool_until.get(u, 0.0) <= now]
+        choices = [u for u in warm if u != exclude] or warm or [u for u in room if u != exclude] or room
+        if not choices:
+            return None
         low = min(self._outstanding[u] for u in choices)
         return random.choice([u for u in choices if self._outstanding[u] == low])
+
+    def _has_alternative(self, url: str | None) -> bool:
+        now = time.monotonic()
+        return any(u != url and self._cool_until.get(u, 0.0) <= now and self._outstanding[u] < self.per_endpoint for u in self.base_urls)
+
+    async def _acquire(self, prefer: str | None, exclude: str | None, deadline: float) -> str:
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        url = self._pick(prefer, exclude)
+        while url is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                what = "all endpoints are at their request limit" if self.base_urls else "no healthy endpoint"
+                raise LLMError("llm_unavailable", f"{what} after waiting {self.timeout.total}s")
+            async with self._changed:
+                try:
+                    await asyncio.wait_for(self._changed.wait(), min(remaining, 1.0))
+                except asyncio.TimeoutError:
+                    pass
+            url = self._pick(prefer, exclude)
+        self._outstanding[url] += 1
+        return url
+
+    def _release(self, url: str) -> None:
+        self._outstanding[url] -= 1
+        if self.base_urls and url in self.base_urls:
+            self._notify()
 
     async def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -83,9 +160,12 @@ class ChatClient:
             self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, headers=headers)
         return self._session
 
-    async def chat(self, messages: list[Message], max_tokens: int = 256, temperature: float = 0.7, **extra: Any) -> ChatResult:
+    async def chat(
+        self, messages: list[Message], max_tokens: int = 256, temperature: float = 0.7, prefer: str | None = None, **extra: Any
+    ) -> ChatResult:
         """One chat completion, retried on transient failures.
 
+        ``prefer``: the endpoint to use if it can take the request (sticky routing).
         ``extra`` goes into the request body as is, e.g. ``tools=[...]`` and
         ``tool_choice="auto"`` (OpenAI format); the calls come back in ``tool_calls``.
         """
@@ -94,34 +174,38 @@ class ChatClient:
         last_url: str | None = None
         last_error = ""
         for attempt in range(self.max_retries + 1):
-            if attempt:
+            if attempt and not self._has_alternative(last_url):  # fail over at once; back off only on the same server
                 delay = self.retry_backoff_s * 2 ** (attempt - 1)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-            url = self._pick(exclude=last_url)
+            url = await self._acquire(prefer if attempt == 0 else None, last_url, time.monotonic() + (self.timeout.total or 120.0))
             last_url = url
-            self._outstanding[url] += 1
             started = time.monotonic()
             try:
                 async with session.post(f"{url}/chat/completions", json=body) as resp:
                     if resp.status in _RETRY_STATUS:
                         last_error = f"HTTP {resp.status} from {url}: {(await resp.text())[:200]}"
+                        if resp.status in (429, 503):  # overloaded: let it drain
+                            self._cool_until[url] = time.monotonic() + self.retry_backoff_s * 2**attempt
                         continue
                     if resp.status != 200:
                         raise LLMError("llm_http", f"HTTP {resp.status} from {url}: {(await resp.text())[:200]}")
                     data = await resp.json(content_type=None)
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
                 last_error = f"cannot reach {url}: {exc.__class__.__name__}: {exc}"
+                if self.on_endpoint_error is not None:
+                    self.on_endpoint_error(url)
                 continue
             except asyncio.TimeoutError:
                 last_error = f"timed out after {self.timeout.total}s waiting for {url}"
                 continue
             finally:
-                self._outstanding[url] -= 1
-            return self._parse(data, url, time.monotonic() - started)
+                self._release(url)
+            self.served[url] = self.served.get(url, 0) + 1
+            return self._parse(data, url, time.monotonic() - started, self.model)
         raise LLMError("llm_unavailable", f"{last_error} (gave up after {self.max_retries + 1} attempts)")
 
     @staticmethod
-    def _parse(data: dict[str, Any], url: str, latency: float) -> ChatResult:
+    def _parse(data: dict[str, Any], url: str, latency: float, model: str) -> ChatResult:
         try:
             choice = data["choices"][0]
             text = choice["message"].get("content") or ""
@@ -135,6 +219,7 @@ class ChatClient:
             completion_tokens=int(usage.get("completion_tokens", 0)),
             latency_s=latency,
             endpoint=url,
+            model=str(data.get("model") or model),
             finish_reason=choice.get("finish_reason"),
             tool_calls=[c for c in tool_calls if isinstance(c, dict)] if isinstance(tool_calls, list) else None,
         )

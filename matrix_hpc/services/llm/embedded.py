@@ -56,6 +56,8 @@ class EmbeddedEngine(LLMServer):
         threads: int | None = None,
         log_dir: str | os.PathLike[str] | None = None,
         host: str = "127.0.0.1",
+        port: int | None = None,
+        served_model_name: str | None = None,
     ) -> None:
         self.model_path = model_path or default_model_path()
         if not Path(self.model_path).is_file():
@@ -64,7 +66,9 @@ class EmbeddedEngine(LLMServer):
         self.ctx_per_slot = ctx_per_slot
         self.threads = threads or os.cpu_count() or 1
         self.host = host
-        self.port = free_port(host)
+        if served_model_name:
+            self.model = served_model_name
+        self.port = port or free_port(host)
         self.log_path = str(Path(log_dir or ".") / f"embedded-engine-{self.port}.log")
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -85,7 +89,7 @@ class EmbeddedEngine(LLMServer):
             sys.executable, "-m", "matrix_hpc.services.llm.embedded_server",
             "--model-path", self.model_path, "--host", self.host, "--port", str(self.port),
             "--n-parallel", str(self.n_parallel), "--ctx-per-slot", str(self.ctx_per_slot),
-            "--threads", str(self.threads),
+            "--threads", str(self.threads), "--served-model-name", self.model,
         ]  # fmt: skip
         with open(self.log_path, "ab") as logf:
             self._proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)

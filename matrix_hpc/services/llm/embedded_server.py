@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-parallel", type=int, default=16)
     ap.add_argument("--ctx-per-slot", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--served-model-name", default="", help="the name replies carry (default: the file path)")
     args = ap.parse_args(argv)
 
     import xllamacpp
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     params.hostnames = [args.host]
     params.port = args.port
     params.n_parallel = args.n_parallel
+    if args.served_model_name:
+        params.model_alias = {args.served_model_name}
     params.n_ctx = args.n_parallel * args.ctx_per_slot
     if args.threads:
         params.cpuparams.n_threads = args.threads

@@ -1,0 +1,219 @@
+"""The endpoint registry: which LLM endpoints are routable now, kept true by probing.
+
+One named async actor per run. It starts the managed replicas, probes every
+endpoint with a real one-token generation (a dead engine can still answer
+``/health``), takes an endpoint out of routing after ``health_failures``
+consecutive failures (at once when its process is gone), restarts a managed
+replica and puts it back when it generates again. Agents' clients long-poll
+:meth:`EndpointRegistry.endpoints`; the registry is never in a request's path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import aiohttp
+import ray
+from ray.exceptions import RayError
+
+from .client import ChatClient
+from .replica import LLMReplica, ReplicaSpec, replica_options
+
+__all__ = ["EndpointRegistry", "EndpointState", "follow_registry", "registry_name"]
+
+log = logging.getLogger(__name__)
+
+
+def registry_name(run_id: str) -> str:
+    return f"{run_id}/__llm__"
+
+
+@dataclass
+class EndpointState:
+    url: str
+    replica: int | None
+    """Index of the managed replica serving it; None for an external endpoint."""
+    state: str = "up"
+    """``up`` (routable), ``down`` (failing probes), ``restarting``, or ``failed`` (given up)."""
+    failures: int = 0
+    restarts: int = 0
+    probes: int = 0
+    last_error: str | None = None
+    last_ok_at: float | None = None
+
+
+@ray.remote(num_cpus=0)
+class EndpointRegistry:
+    def __init__(
+        self,
+        run_id: str,
+        namespace: str,
+        specs: list[ReplicaSpec],
+        external_urls: list[str],
+        model: str,
+        api_key_env: str | None = None,
+        health_interval_s: float = 5.0,
+        health_failures: int = 2,
+        max_restarts: int = 10,
+        probe_timeout_s: float = 60.0,
+    ) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.run_id, self.namespace, self.specs, self.model = run_id, namespace, specs, model
+        key = os.environ.get(api_key_env) if api_key_env else None
+        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.interval, self.max_failures, self.max_restarts = health_interval_s, health_failures, max_restarts
+        self.probe_timeout = aiohttp.ClientTimeout(total=probe_timeout_s)
+        self.replicas: list[Any] = []
+        # Keyed by a stable name (the URL of an external endpoint, ``replica-N`` for a managed
+        # one): a restarted replica may come back on another port.
+        self.states: dict[str, EndpointState] = {u.rstrip("/"): EndpointState(u.rstrip("/"), None) for u in external_urls}
+        self.version = 0
+        self._changed = asyncio.Event()
+        self._wake: dict[str, asyncio.Event] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> list[dict[str, Any]]:
+        """Start every managed replica (in parallel), then supervise all endpoints."""
+        self.replicas = [
+            LLMReplica.options(**replica_options(spec, f"{self.run_id}/__llm__/{i}", self.namespace)).remote(spec, i)
+            for i, spec in enumerate(self.specs)
+        ]
+        urls = await asyncio.gather(*(r.start.remote() for r in self.replicas))
+        for i, url in enumerate(urls):
+            self.states[f"replica-{i}"] = EndpointState(url, i, last_ok_at=time.time())
+        self._session = aiohttp.ClientSession(timeout=self.probe_timeout, headers=self._headers)
+        for key in self.states:
+            self._wake[key] = asyncio.Event()
+            asyncio.get_running_loop().create_task(self._watch(key))
+        self._bump()
+        return await self.status()
+
+    def _routable(self) -> list[str]:
+        return [s.url for s in self.states.values() if s.state == "up"]
+
+    def _bump(self) -> None:
+        self.version += 1
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def endpoints(self, known_version: int = -1, wait_s: float = 0.0) -> tuple[int, list[str]]:
+        """The routable endpoints; waits up to ``wait_s`` while they are still as in ``known_version``."""
+        if known_version == self.version and wait_s > 0:
+            try:
+                await asyncio.wait_for(self._changed.wait(), wait_s)
+            except asyncio.TimeoutError:
+                pass
+        return self.version, self._routable()
+
+    async def report_error(self, url: str) -> None:
+        """A client could not reach ``url``: probe it now rather than at the next interval."""
+        for key, st in self.states.items():
+            if st.url == url.rstrip("/"):
+                self._wake[key].set()
+
+    async def status(self) -> list[dict[str, Any]]:
+        out = []
+        for st in self.states.values():
+            row = asdict(st)
+            if st.replica is not None:
+                try:
+                    row.update({k: v for k, v in (await self.replicas[st.replica].info.remote()).items() if k != "url"})
+                except RayError as exc:
+                    row["info_error"] = type(exc).__name__
+            out.append(row)
+        return out
+
+    async def _probe(self, url: str) -> str | None:
+        """None when ``url`` completes a one-token generation; else why not."""
+        assert self._session is not None
+        body = {"model": self.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+        try:
+            async with self._session.post(f"{url}/chat/completions", json=body) as resp:
+                if resp.status != 200:
+                    return f"HTTP {resp.status}"
+                data = await resp.json(content_type=None)
+                return None if data.get("choices") else "no choices in the reply"
+        except asyncio.TimeoutError:
+            return f"no reply in {self.probe_timeout.total:.0f}s"
+        except (aiohttp.ClientError, ValueError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+
+    async def _process_gone(self, st: EndpointState) -> bool:
+        if st.replica is None:
+            return False
+        try:
+            return not await self.replicas[st.replica].alive.remote()
+        except RayError:
+            return True
+
+    async def _watch(self, key: str) -> None:
+        st, wake = self.states[key], self._wake[key]
+        while True:
+            try:
+                await asyncio.wait_for(wake.wait(), self.interval)
+            except asyncio.TimeoutError:
+                pass
+            wake.clear()
+            if st.state == "failed":
+                return
+            gone = await self._process_gone(st)
+            error = "the server process exited" if gone else await self._probe(st.url)
+            st.probes += 1
+            if error is None:
+                st.failures, st.last_ok_at = 0, time.time()
+                if st.state != "up":
+                    log.info("%s is back in routing", st.url)
+                    st.state = "up"
+                    self._bump()
+                continue
+            st.failures += 1
+            st.last_error = error
+            if st.state == "up" and (gone or st.failures >= self.max_failures):
+                log.warning("%s leaves routing: %s", st.url, error)
+                st.state = "down"
+                self._bump()
+            if st.state == "down" and st.replica is not None:
+                await self._restart(st)
+
+    async def _restart(self, st: EndpointState) -> None:
+        if st.restarts >= self.max_restarts:
+            log.error("%s: gave up after %d restarts (%s)", st.url, st.restarts, st.last_error)
+            st.state = "failed"
+            return
+        st.state, st.restarts = "restarting", st.restarts + 1
+        log.warning("restarting replica %d (%s), restart %d", st.replica, st.url, st.restarts)
+        try:
+            url = await self.replicas[st.replica].start.remote()  # type: ignore[index]
+        except RayError as exc:  # start-up failed; the next round tries again
+            st.state, st.last_error = "down", f"restart failed: {exc}"
+            log.error("%s: restart failed: %s", st.url, exc)
+            return
+        st.url = url  # normally the same; another port if the old one was taken meanwhile
+        st.state, st.failures, st.last_ok_at = "up", 0, time.time()
+        self._bump()
+        log.info("replica %d is back at %s", st.replica, url)
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(r.stop.remote() for r in self.replicas), return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+
+
+async def follow_registry(client: ChatClient, registry: Any, wait_s: float = 10.0) -> None:
+    """Keep ``client``'s endpoints equal to the registry's routable set (run as a task)."""
+    version = -1
+    while True:
+        try:
+            version, urls = await registry.endpoints.remote(version, wait_s)
+        except RayError as exc:  # the registry is restarting or the run is ending
+            log.debug("registry not reachable: %s", exc)
+            await asyncio.sleep(1.0)
+            continue
+        if urls != client.base_urls:
+            log.info("LLM endpoints now: %s", ", ".join(urls) or "none")
+            client.set_endpoints(urls)

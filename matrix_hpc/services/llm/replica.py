@@ -1,0 +1,125 @@
+"""One managed LLM server replica, owned by a Ray actor on the node it serves from.
+
+The actor starts the server process (embedded CPU engine or vLLM), restarts it on
+request, and stops it. The process dies with the actor (``PR_SET_PDEATHSIG``), so
+a lost actor never leaves an engine holding a GPU. Health is judged from outside
+(by the registry, with real generations): a hung engine cannot vouch for itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import ray
+
+from ...labels import GPU_NODE, NODE_IP_ENV, placement
+from .base import LLMServer
+
+__all__ = ["ReplicaSpec", "LLMReplica", "make_server", "replica_options"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """What a replica runs; plain data so it travels to the actor."""
+
+    kind: Literal["embedded", "vllm"]
+    model: str
+    """Served model name (what requests ask for)."""
+    log_dir: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    """Backend settings: ``EmbeddedEngineConfig`` or ``VLLMConfig`` fields."""
+    startup_timeout_s: float = 60.0
+
+    @property
+    def gpus(self) -> int:
+        """GPUs one replica claims from Ray (0 for CPU engines and multi-node pipelines)."""
+        if self.kind != "vllm" or self.settings.get("device") == "cpu":
+            return 0
+        if int(self.settings.get("pipeline_parallel_size", 1)) > 1:
+            return 0  # vLLM's own Ray executor places the pipeline stages
+        return int(self.settings.get("tensor_parallel_size", 1))
+
+
+def make_server(spec: ReplicaSpec, host: str, port: int | None = None) -> LLMServer:
+    s = spec.settings
+    if spec.kind == "embedded":
+        from .embedded import EmbeddedEngine
+
+        return EmbeddedEngine(s.get("model_path"), s.get("n_parallel", 16), s.get("ctx_per_slot", 1024), s.get("threads"), spec.log_dir, host, port, spec.model)
+    from .vllm import VLLMServer
+
+    kwargs = {k: s[k] for k in ("tensor_parallel_size", "pipeline_parallel_size", "max_model_len", "gpu_memory_utilization", "device") if s.get(k) is not None}
+    if int(s.get("pipeline_parallel_size", 1)) > 1:
+        kwargs["extra_args"] = ["--distributed-executor-backend", "ray", *s.get("extra_args", [])]
+    else:
+        kwargs["extra_args"] = list(s.get("extra_args", []))
+    return VLLMServer(
+        s["model"], spec.model, env=dict(s.get("env") or {}), log_dir=spec.log_dir, host=host, port=port,
+        python=s.get("python") or sys.executable, **kwargs,
+    )  # fmt: skip
+
+
+def replica_options(spec: ReplicaSpec, name: str, namespace: str) -> dict[str, Any]:
+    """Ray actor options: GPUs for the server, pinned to a GPU-labelled node when there is one."""
+    return {"name": name, "namespace": namespace, "num_cpus": 0, "num_gpus": spec.gpus, "resources": placement(GPU_NODE), "max_restarts": -1, "max_concurrency": 4}
+
+
+@ray.remote
+class LLMReplica:
+    """Owns one server process. Methods block; ``max_concurrency`` lets ``info`` answer during a restart."""
+
+    def __init__(self, spec: ReplicaSpec, index: int) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.spec = spec
+        self.index = index
+        self.host = os.environ.get(NODE_IP_ENV, "127.0.0.1")
+        self.server: LLMServer | None = None
+        self.starts = 0
+        self.started_at: float | None = None
+
+    def start(self) -> str:
+        """Start (or restart) the server and wait until it completes a real generation; returns its URL."""
+        port = None
+        if self.server is not None:
+            port = getattr(self.server, "port", None)  # same URL again: sticky routes stay valid
+            self.server.stop()
+        Path(self.spec.log_dir).mkdir(parents=True, exist_ok=True)
+        self.server = make_server(self.spec, self.host, port)
+        self.server.start()
+        self.starts += 1
+        try:
+            self.server.wait_ready(self.spec.startup_timeout_s)
+        except Exception:
+            self.server.stop()
+            raise
+        self.started_at = time.time()
+        return self.server.base_url
+
+    def alive(self) -> bool:
+        return self.server is not None and self.server.alive()
+
+    def info(self) -> dict[str, Any]:
+        srv = self.server
+        return {
+            "index": self.index,
+            "kind": self.spec.kind,
+            "url": srv.base_url if srv else None,
+            "pid": getattr(srv, "pid", None),
+            "log": getattr(srv, "log_path", None),
+            "starts": self.starts,
+            "alive": self.alive(),
+            "node_ip": self.host,
+            "actor_pid": os.getpid(),
+        }
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()

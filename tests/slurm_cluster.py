@@ -1,0 +1,562 @@
+"""A real 3-node Slurm cluster on one machine, for integration tests.
+
+``SlurmCluster(base)`` writes its configuration under ``base`` and starts, as
+children of this process and each tracked by pid:
+
+* ``munged``  - its own key and socket in ``base/munge`` (no system state used);
+* ``mariadbd`` - a private datadir and socket, ``--skip-networking``;
+* ``slurmdbd`` - accounting, so ``sacct`` (and thus submitit) works;
+* ``slurmctld``;
+* one ``slurmd`` per node (``n1``, ``n2``, ``n3``), each under
+  ``unshare --uts --mount`` with its own hostname and a private ``/etc/hosts``
+  bind-mounted over the real one, listening on its own port, addressed as
+  ``127.0.1.1``, ``127.0.1.2``, ... Processes of a job see the node's hostname
+  and ``getent hosts $(hostname)`` gives the node's address.
+
+Everything runs as root (Slurm jobs too). Every daemon logs to ``base/log``;
+nothing is removed on ``stop()`` so a failing test can be inspected.
+
+Usage::
+
+    with SlurmCluster(tmp_path) as cluster:
+        job = cluster.sbatch("-N2", "--wrap", "srun hostname")
+        cluster.wait_job(job, {"COMPLETED"})
+
+Client commands need ``cluster.env`` (``SLURM_CONF`` points at the private
+``slurm.conf``); ``cluster.activate()`` sets it in ``os.environ`` for in-process
+users such as submitit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+# binary -> the Debian package that ships it
+BINARIES = {
+    "munged": "munge",
+    "munge": "munge",
+    "mariadbd": "mariadb-server",
+    "mariadb-install-db": "mariadb-server",
+    "slurmdbd": "slurmdbd",
+    "slurmctld": "slurmctld",
+    "slurmd": "slurmd",
+    "sbatch": "slurm-client",
+    "srun": "slurm-client",
+    "squeue": "slurm-client",
+    "sinfo": "slurm-client",
+    "scontrol": "slurm-client",
+    "scancel": "slurm-client",
+    "sacct": "slurm-client",
+    "unshare": "util-linux",
+}
+DEBIAN_PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge", "slurmdbd", "mariadb-server"]
+SBIN_DIRS = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+PLUGIN_DIRS = ["/usr/lib/x86_64-linux-gnu/slurm-wlm", "/usr/lib/aarch64-linux-gnu/slurm-wlm", "/usr/lib/slurm"]
+
+
+class SlurmClusterError(RuntimeError):
+    pass
+
+
+def missing_binaries() -> dict[str, str]:
+    """{binary: Debian package} for what is not installed (empty when all are)."""
+    path = os.pathsep.join([os.environ.get("PATH", ""), *SBIN_DIRS])
+    return {b: pkg for b, pkg in BINARIES.items() if shutil.which(b, path=path) is None}
+
+
+def _which(name: str) -> str:
+    path = os.pathsep.join([os.environ.get("PATH", ""), *SBIN_DIRS])
+    found = shutil.which(name, path=path)
+    if found is None:
+        raise SlurmClusterError(f"{name} not found: apt-get install {BINARIES.get(name, name)}")
+    return found
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct ports free on all addresses right now (bind to port 0, then release)."""
+    socks, ports = [], []
+    try:
+        while len(ports) < n:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("", 0))
+            socks.append(s)
+            port = s.getsockname()[1]
+            if port not in ports:
+                ports.append(port)
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return f"({path} does not exist)"
+    return f"--- {path} (last {lines} lines) ---\n" + "\n".join(text.splitlines()[-lines:])
+
+
+def _pid_state(pid: int) -> str | None:
+    """The /proc state letter, or None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    state = _pid_state(pid)
+    return state is not None and state not in ("Z", "X")
+
+
+class _Daemon:
+    def __init__(self, name: str, proc: subprocess.Popen, logs: list[Path]) -> None:
+        self.name, self.proc, self.logs = name, proc, logs
+        self.mnt_ns: str | None = None  # set for slurmd: its private mount namespace
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None and _alive(self.proc.pid)
+
+    def tails(self) -> str:
+        return "\n".join(_tail(p) for p in self.logs)
+
+
+class SlurmCluster:
+    """A Slurm cluster of ``n_nodes`` slurmd daemons on this machine (run as root)."""
+
+    def __init__(
+        self,
+        base: str | os.PathLike[str],
+        n_nodes: int = 3,
+        cpus_per_node: int = 4,
+        real_memory_mb: int = 4000,
+        proctrack: str = "proctrack/cgroup",
+        cred_expire_s: int = 10,
+        grace_time_s: int = 0,
+        name: str | None = None,
+        extra_conf: str = "",
+    ) -> None:
+        self.base = Path(base).resolve()
+        self.nodes = [f"n{i}" for i in range(1, n_nodes + 1)]
+        self.node_addr = {n: f"127.0.1.{i}" for i, n in enumerate(self.nodes, 1)}
+        self.cpus_per_node = cpus_per_node
+        self.real_memory_mb = real_memory_mb
+        self.proctrack = proctrack
+        self.cred_expire_s = cred_expire_s
+        self.grace_time_s = grace_time_s
+        self.name = name or f"mhpc{secrets.token_hex(3)}"
+        self.extra_conf = extra_conf
+        self.etc = self.base / "etc"
+        self.log_dir = self.base / "log"
+        self.run_dir = self.base / "run"
+        self.conf_path = self.etc / "slurm.conf"
+        self.munge_socket = self.base / "munge" / "munge.socket"
+        self.db_socket = self.run_dir / "mariadb.sock"
+        self.env: dict[str, str] = {}
+        self.timings: dict[str, float] = {}
+        self._daemons: list[_Daemon] = []
+        self._started = False
+
+    # ---------------------------------------------------------------- public
+
+    @property
+    def env_overlay(self) -> dict[str, str]:
+        """The variables a client process needs on top of its own environment."""
+        return {"SLURM_CONF": str(self.conf_path)}
+
+    def start(self, timeout: float = 60) -> "SlurmCluster":
+        if os.geteuid() != 0:
+            raise SlurmClusterError("SlurmCluster runs slurmd/slurmctld and must run as root")
+        missing = missing_binaries()
+        if missing:
+            pkgs = sorted(set(missing.values()))
+            raise SlurmClusterError(
+                f"missing {', '.join(sorted(missing))}: apt-get install --no-install-recommends {' '.join(pkgs)}"
+            )
+        self._check_plugins()
+        t0 = time.monotonic()
+        for d in (self.etc, self.log_dir, self.run_dir, self.base / "munge", self.base / "state", self.base / "spool"):
+            d.mkdir(parents=True, exist_ok=True)
+        for n in self.nodes:
+            (self.base / "spool" / n).mkdir(exist_ok=True)
+        self.ports = dict(zip(["ctld", "dbd", *self.nodes], _free_ports(2 + len(self.nodes))))
+        self._write_configs()
+        self.env = {**os.environ, **self.env_overlay}
+        self.env["PATH"] = os.pathsep.join([self.env.get("PATH", ""), "/usr/sbin", "/sbin"])
+        deadline = time.monotonic() + timeout
+        self._started = True
+        try:
+            self._step("munged", self._start_munge, deadline)
+            self._step("mariadb", self._start_mariadb, deadline)
+            self._step("slurmdbd", self._start_slurmdbd, deadline)
+            self._step("slurmctld", self._start_slurmctld, deadline)
+            self._step("slurmd", self._start_slurmds, deadline)
+            self._step("idle", lambda d: self.wait_idle(timeout=max(1.0, d - time.monotonic())), deadline)
+        except BaseException:
+            self.stop()
+            raise
+        self.timings["start"] = time.monotonic() - t0
+        return self
+
+    def stop(self, timeout: float = 30) -> None:
+        """Cancel every job, wait for them to end, then stop the daemons (by pid), last started first."""
+        if not self._started:
+            return
+        t0 = time.monotonic()
+        ctld = self._daemon("slurmctld")
+        if ctld is not None and ctld.alive():
+            with contextlib.suppress(Exception):
+                ids = self.run(["squeue", "-h", "-o", "%A"], timeout=10).stdout.split()
+                if ids:
+                    self.run(["scancel", *ids], check=False, timeout=10)
+                    end = time.monotonic() + timeout
+                    while time.monotonic() < end and self.run(["squeue", "-h", "-o", "%A"], timeout=10).stdout.split():
+                        time.sleep(0.5)
+        for d in reversed(self._daemons):
+            self._terminate(d)
+            if d.mnt_ns is not None:  # job processes a slurmd left behind live in its mount namespace
+                for pid in self._pids_in_ns(d.mnt_ns):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+        self._daemons.clear()
+        self._started = False
+        self.timings["stop"] = time.monotonic() - t0
+
+    def __enter__(self) -> "SlurmCluster":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def run(
+        self, cmd: str | Sequence[str], check: bool = True, timeout: float = 60, **kw: Any
+    ) -> subprocess.CompletedProcess:
+        """Run a (Slurm client) command with the cluster's environment; text output captured."""
+        args = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
+        res = subprocess.run(args, env=kw.pop("env", self.env), capture_output=True, text=True, timeout=timeout, **kw)
+        if check and res.returncode != 0:
+            raise SlurmClusterError(f"{shlex.join(args)} exited {res.returncode}:\n{res.stdout}\n{res.stderr}")
+        return res
+
+    @contextlib.contextmanager
+    def activate(self) -> Iterator["SlurmCluster"]:
+        """Set SLURM_CONF (and the sbin dirs on PATH) in os.environ for the block (for submitit)."""
+        saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "PATH")}
+        os.environ["SLURM_CONF"] = str(self.conf_path)
+        os.environ["PATH"] = self.env["PATH"]
+        try:
+            yield self
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def sbatch(self, *args: str, cwd: str | os.PathLike[str] | None = None) -> str:
+        """Submit and return the job id."""
+        out = self.run(["sbatch", "--parsable", *args], cwd=cwd or self.base).stdout.strip()
+        return out.split(";")[0]
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """`scontrol show job` as a dict ({} when slurmctld no longer knows the job)."""
+        res = self.run(["scontrol", "-o", "show", "job", str(job_id)], check=False)
+        if res.returncode != 0:
+            return {}
+        info: dict[str, str] = {}
+        for tok in res.stdout.split():
+            if "=" in tok:
+                k, v = tok.split("=", 1)
+                info.setdefault(k, v)
+        return info
+
+    def state(self, job_id: str) -> str:
+        return self.job(job_id).get("JobState", "")
+
+    def wait_job(self, job_id: str, states: Iterable[str], timeout: float = 60, poll: float = 0.2) -> dict[str, str]:
+        """Wait until the job's state (scontrol) is one of ``states``; returns its info."""
+        want = set(states)
+        end = time.monotonic() + timeout
+        info: dict[str, str] = {}
+        while time.monotonic() < end:
+            info = self.job(job_id)
+            if info.get("JobState") in want:
+                return info
+            time.sleep(poll)
+        raise SlurmClusterError(f"job {job_id} not in {sorted(want)} after {timeout}s: {info.get('JobState')}\n{info}")
+
+    def sacct_state(self, job_id: str) -> str:
+        """The allocation's state as recorded by slurmdbd ('' when not (yet) recorded)."""
+        out = self.run(["sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "State"], check=False).stdout.split()
+        return out[0] if out else ""
+
+    def wait_idle(self, timeout: float = 60) -> None:
+        """Wait until every node is idle (no jobs, registered)."""
+        end = time.monotonic() + timeout
+        states: dict[str, str] = {}
+        while time.monotonic() < end:
+            self._check_daemons()
+            res = self.run(["sinfo", "-h", "-N", "-o", "%N %t"], check=False, timeout=15)
+            if res.returncode == 0:
+                states = dict(line.split() for line in res.stdout.splitlines() if line.strip())
+                if all(states.get(n) == "idle" for n in self.nodes):
+                    return
+            time.sleep(0.2)
+        raise SlurmClusterError(
+            f"nodes not idle after {timeout}s: {states}\n" + self._tails("slurmctld", *[f"slurmd-{n}" for n in self.nodes])
+        )
+
+    def logs(self) -> str:
+        return "\n".join(d.tails() for d in self._daemons)
+
+    # -------------------------------------------------------------- internal
+
+    def _check_plugins(self) -> None:
+        for d in PLUGIN_DIRS:
+            if Path(d, "select_cons_tres.so").exists():
+                if not Path(d, "accounting_storage_mysql.so").exists():
+                    raise SlurmClusterError("accounting_storage_mysql.so missing: apt-get install slurm-wlm-mysql-plugin")
+                return
+
+    def _step(self, name: str, fn: Any, deadline: float) -> None:
+        t = time.monotonic()
+        fn(deadline)
+        self.timings[f"start.{name}"] = time.monotonic() - t
+
+    def _daemon(self, name: str) -> _Daemon | None:
+        return next((d for d in self._daemons if d.name == name), None)
+
+    def _tails(self, *names: str) -> str:
+        return "\n".join(d.tails() for d in self._daemons if d.name in names)
+
+    def _check_daemons(self) -> None:
+        for d in self._daemons:
+            if not d.alive():
+                raise SlurmClusterError(f"{d.name} (pid {d.pid}) exited ({d.proc.poll()}):\n{d.tails()}")
+
+    def _spawn(self, name: str, argv: list[str], extra_logs: Sequence[Path] = (), env: dict | None = None) -> _Daemon:
+        out = self.log_dir / f"{name}.out"
+        fh = open(out, "ab")
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+            env=env or {**os.environ, **self.env_overlay}, cwd=self.base, start_new_session=True,
+        )  # fmt: skip
+        fh.close()
+        d = _Daemon(name, proc, [out, *extra_logs])
+        self._daemons.append(d)
+        return d
+
+    def _wait(self, d: _Daemon, what: str, ready: Any, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            if not d.alive():
+                raise SlurmClusterError(f"{d.name} exited ({d.proc.poll()}) before {what}:\n{d.tails()}")
+            with contextlib.suppress(Exception):
+                if ready():
+                    return
+            time.sleep(0.1)
+        raise SlurmClusterError(f"timed out waiting for {what}:\n{d.tails()}")
+
+    @staticmethod
+    def _port_open(port: int, host: str = "127.0.0.1") -> bool:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            return s.connect_ex((host, port)) == 0
+
+    def _terminate(self, d: _Daemon, grace: float = 10) -> None:
+        if d.alive():
+            with contextlib.suppress(ProcessLookupError):
+                d.proc.send_signal(signal.SIGTERM)
+            end = time.monotonic() + grace
+            while time.monotonic() < end and d.alive():
+                time.sleep(0.05)
+            if d.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    d.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            d.proc.wait(5)
+
+    @staticmethod
+    def _mnt_ns(pid: int) -> str | None:
+        try:
+            return os.readlink(f"/proc/{pid}/ns/mnt")
+        except OSError:
+            return None
+
+    def _pids_in_ns(self, ns: str) -> list[int]:
+        own = self._mnt_ns(os.getpid())
+        if ns == own:
+            return []
+        return [int(p) for p in os.listdir("/proc") if p.isdigit() and self._mnt_ns(int(p)) == ns and _alive(int(p))]
+
+    # configuration
+
+    def _write_configs(self) -> None:
+        b = self.base
+        host = socket.gethostname().split(".")[0]
+        auth_info = f"socket={self.munge_socket},cred_expire={self.cred_expire_s}"
+        nodes = ",".join(self.nodes)
+        node_lines = "\n".join(
+            f"NodeName={n} NodeHostname={n} NodeAddr={self.node_addr[n]} Port={self.ports[n]} "
+            f"CPUs={self.cpus_per_node} RealMemory={self.real_memory_mb} State=UNKNOWN"
+            for n in self.nodes
+        )
+        self.conf_path.write_text(f"""\
+# written by tests/slurm_cluster.py
+ClusterName={self.name}
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={self.ports['ctld']}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo={auth_info}
+StateSaveLocation={b}/state
+SlurmdSpoolDir={b}/spool/%n
+SlurmctldPidFile={b}/run/slurmctld.pid
+SlurmdPidFile={b}/run/slurmd-%n.pid
+SlurmctldLogFile={b}/log/slurmctld.log
+SlurmdLogFile={b}/log/slurmd-%n.log
+SlurmctldDebug=info
+SlurmdDebug=info
+PlugStackConfig={b}/etc/plugstack.conf
+ProctrackType={self.proctrack}
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=127.0.0.1
+AccountingStoragePort={self.ports['dbd']}
+AccountingStoragePass={self.munge_socket}
+JobCompType=jobcomp/none
+MpiDefault=none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=1,sched_interval=2
+SlurmdParameters=config_overrides
+ReturnToService=2
+KillWait=5
+MailProg=/bin/true
+InactiveLimit=0
+MinJobAge=300
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+SlurmctldParameters=preempt_send_user_signal
+{node_lines}
+PartitionName=low Nodes={nodes} Default=YES PriorityTier=1 PreemptMode=REQUEUE GraceTime={self.grace_time_s} MaxTime=INFINITE State=UP
+PartitionName=high Nodes={nodes} Default=NO PriorityTier=10 PreemptMode=OFF MaxTime=INFINITE State=UP
+{self.extra_conf}
+""")
+        (self.etc / "plugstack.conf").write_text("")
+        (self.etc / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\nConstrainCores=no\nConstrainRAMSpace=no\n")
+        dbd = self.etc / "slurmdbd.conf"
+        dbd.write_text(f"""\
+AuthType=auth/munge
+AuthInfo=socket={self.munge_socket}
+DbdHost=localhost
+DbdAddr=127.0.0.1
+DbdPort={self.ports['dbd']}
+SlurmUser=root
+PidFile={b}/run/slurmdbd.pid
+LogFile={b}/log/slurmdbd.log
+DebugLevel=info
+StorageType=accounting_storage/mysql
+StorageHost=localhost
+StorageUser=root
+StorageLoc=slurm_acct_db
+""")
+        dbd.chmod(0o600)
+        hosts = [line for line in Path("/etc/hosts").read_text().splitlines() if not line.strip().startswith("127.0.1.")]
+        hosts += [f"{self.node_addr[n]}\t{n}" for n in self.nodes]
+        (self.etc / "hosts").write_text("\n".join(hosts) + "\n")
+
+    # daemons
+
+    def _start_munge(self, deadline: float) -> None:
+        key = self.base / "munge" / "munge.key"
+        if not key.exists():
+            key.write_bytes(secrets.token_bytes(1024))
+        key.chmod(0o600)
+        (self.base / "munge").chmod(0o755)
+        log = self.log_dir / "munged.log"
+        # As root with --force: no munge-owned directories needed; the socket is private to this cluster.
+        d = self._spawn("munged", [
+            _which("munged"), "--foreground", "--force", f"--socket={self.munge_socket}",
+            f"--key-file={key}", f"--log-file={log}", f"--pid-file={self.run_dir / 'munged.pid'}",
+            f"--seed-file={self.base / 'munge' / 'munged.seed'}",
+        ], [log])  # fmt: skip
+        munge = _which("munge")
+
+        def ready() -> bool:
+            return subprocess.run([munge, "-S", str(self.munge_socket), "-n"], capture_output=True, timeout=5).returncode == 0
+
+        self._wait(d, "munged's socket", ready, deadline)
+
+    def _start_mariadb(self, deadline: float) -> None:
+        datadir = self.base / "mariadb"
+        common = ["--no-defaults", "--user=root", f"--datadir={datadir}", "--innodb-log-file-size=16M"]
+        if not (datadir / "mysql").exists():
+            out = self.log_dir / "mariadb-install-db.log"
+            with open(out, "wb") as fh:
+                rc = subprocess.run(
+                    [_which("mariadb-install-db"), *common, "--auth-root-authentication-method=socket",
+                     "--skip-test-db"], stdout=fh, stderr=subprocess.STDOUT, cwd=self.base, timeout=120,
+                ).returncode  # fmt: skip
+            if rc != 0:
+                raise SlurmClusterError(f"mariadb-install-db exited {rc}:\n{_tail(out)}")
+        err = self.log_dir / "mariadb.log"
+        d = self._spawn("mariadb", [
+            _which("mariadbd"), *common, "--skip-networking", f"--socket={self.db_socket}",
+            f"--pid-file={self.run_dir / 'mariadb.pid'}", f"--log-error={err}",
+            "--innodb-buffer-pool-size=128M", "--innodb-lock-wait-timeout=900", "--skip-log-bin",
+        ], [err])  # fmt: skip
+        self._wait(d, "mariadb ready", lambda: "ready for connections" in err.read_text(errors="replace"), deadline)
+
+    def _start_slurmdbd(self, deadline: float) -> None:
+        env = {**os.environ, **self.env_overlay, "MYSQL_UNIX_PORT": str(self.db_socket)}
+        d = self._spawn("slurmdbd", [_which("slurmdbd"), "-D"], [self.log_dir / "slurmdbd.log"], env=env)
+        self._wait(d, "slurmdbd's port", lambda: self._port_open(self.ports["dbd"]), deadline)
+
+    def _start_slurmctld(self, deadline: float) -> None:
+        d = self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf_path)],
+                        [self.log_dir / "slurmctld.log"])  # fmt: skip
+        self._wait(d, "slurmctld answering", lambda: self.run(["scontrol", "ping"], check=False, timeout=10)
+                   .stdout.count("UP") >= 1, deadline)  # fmt: skip
+
+    def _start_slurmds(self, deadline: float) -> None:
+        slurmd = _which("slurmd")
+        hosts = self.etc / "hosts"
+        script = 'hostname "$1" && mount --bind "$2" /etc/hosts && exec "$3" -D -N "$1" -f "$4"'
+        for n in self.nodes:
+            argv = [_which("unshare"), "--uts", "--mount", "--propagation", "private", "--",
+                    "/bin/sh", "-c", script, "sh", n, str(hosts), slurmd, str(self.conf_path)]  # fmt: skip
+            self._spawn(f"slurmd-{n}", argv, [self.log_dir / f"slurmd-{n}.log"])
+        for n in self.nodes:
+            d = self._daemon(f"slurmd-{n}")
+            assert d is not None
+            own = self._mnt_ns(os.getpid())
+
+            def in_own_ns(d: _Daemon = d) -> bool:
+                ns = self._mnt_ns(d.pid)
+                argv0 = Path(f"/proc/{d.pid}/cmdline").read_bytes().split(b"\0")[0]
+                if ns and ns != own and argv0.endswith(b"slurmd"):
+                    d.mnt_ns = ns
+                    return True
+                return False
+
+            self._wait(d, f"slurmd {n} in its namespace", in_own_ns, deadline)
