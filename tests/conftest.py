@@ -60,14 +60,14 @@ def job_config(tmp: Path, dataset: Path, **overrides: Any) -> Path:
 
 
 class Run:
-    """``matrix-hpc run`` in its own session, so the test can kill it and everything it started."""
+    """``matrix-hpc run`` (or ``serve``) in its own session, so the test can kill it and everything it started."""
 
-    def __init__(self, config: Path, *overrides: str, log: Path) -> None:
+    def __init__(self, config: Path, *overrides: str, log: Path, command: str = "run") -> None:
         self.log_path = log
         self._log = open(log, "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [str(BIN / "matrix-hpc"), "run", str(config), *overrides],
+            [str(BIN / "matrix-hpc"), command, str(config), *overrides],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=REPO,
         )  # fmt: skip
 
@@ -123,8 +123,8 @@ def store_records(out: Path) -> list[dict[str, Any]]:
 def run_factory(tmp_path: Path) -> Iterator[Any]:
     runs: list[Run] = []
 
-    def start(config: Path, *overrides: str) -> Run:
-        run = Run(config, *overrides, log=tmp_path / f"run{len(runs)}.log")
+    def start(config: Path, *overrides: str, command: str = "run") -> Run:
+        run = Run(config, *overrides, log=tmp_path / f"run{len(runs)}.log", command=command)
         runs.append(run)
         return run
 

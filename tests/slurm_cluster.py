@@ -29,6 +29,7 @@ users such as submitit.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import secrets
@@ -201,6 +202,7 @@ class SlurmCluster:
         self.env["PATH"] = os.pathsep.join([self.env.get("PATH", ""), "/usr/sbin", "/sbin"])
         deadline = time.monotonic() + timeout
         self._started = True
+        atexit.register(self.stop)  # an interrupted session still stops its daemons
         try:
             self._step("munged", self._start_munge, deadline)
             self._step("mariadb", self._start_mariadb, deadline)
@@ -214,8 +216,10 @@ class SlurmCluster:
         self.timings["start"] = time.monotonic() - t0
         return self
 
-    def stop(self, timeout: float = 30) -> None:
-        """Cancel every job, wait for them to end, then stop the daemons (by pid), last started first."""
+    def stop(self, timeout: float = 20) -> None:
+        """Cancel every job and wait (up to ``timeout``) for them to end, then stop the daemons by
+        pid: all slurmd at once (and whatever still runs in their namespaces: slurmstepd, job
+        processes), then slurmctld, slurmdbd, mariadb, munged. Logs and state stay in ``base``."""
         if not self._started:
             return
         t0 = time.monotonic()
@@ -227,15 +231,20 @@ class SlurmCluster:
                     self.run(["scancel", *ids], check=False, timeout=10)
                     end = time.monotonic() + timeout
                     while time.monotonic() < end and self.run(["squeue", "-h", "-o", "%A"], timeout=10).stdout.split():
-                        time.sleep(0.5)
-        for d in reversed(self._daemons):
-            self._terminate(d)
-            if d.mnt_ns is not None:  # job processes a slurmd left behind live in its mount namespace
+                        time.sleep(0.25)
+        slurmds = [d for d in self._daemons if d.name.startswith("slurmd-")]
+        self._terminate(slurmds, grace=5)
+        for d in slurmds:
+            if d.mnt_ns is not None:  # what a node left behind lives in its mount namespace
                 for pid in self._pids_in_ns(d.mnt_ns):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
+        for d in reversed(self._daemons):
+            if d not in slurmds:
+                self._terminate([d])
         self._daemons.clear()
         self._started = False
+        atexit.unregister(self.stop)
         self.timings["stop"] = time.monotonic() - t0
 
     def __enter__(self) -> "SlurmCluster":
@@ -378,18 +387,22 @@ class SlurmCluster:
             s.settimeout(0.5)
             return s.connect_ex((host, port)) == 0
 
-    def _terminate(self, d: _Daemon, grace: float = 10) -> None:
-        if d.alive():
-            with contextlib.suppress(ProcessLookupError):
-                d.proc.send_signal(signal.SIGTERM)
-            end = time.monotonic() + grace
-            while time.monotonic() < end and d.alive():
-                time.sleep(0.05)
+    @staticmethod
+    def _terminate(daemons: list[_Daemon], grace: float = 10) -> None:
+        """SIGTERM, wait up to ``grace`` s, SIGKILL; a zombie counts as gone (reaped here)."""
+        for d in daemons:
+            if d.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    d.proc.send_signal(signal.SIGTERM)
+        end = time.monotonic() + grace
+        while time.monotonic() < end and any(d.alive() for d in daemons):
+            time.sleep(0.05)
+        for d in daemons:
             if d.alive():
                 with contextlib.suppress(ProcessLookupError):
                     d.proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            d.proc.wait(5)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                d.proc.wait(5)
 
     @staticmethod
     def _mnt_ns(pid: int) -> str | None:

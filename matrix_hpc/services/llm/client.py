@@ -137,8 +137,8 @@ class ChatClient:
         while url is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                what = "all endpoints are at their request limit" if self.base_urls else "no healthy endpoint"
-                raise LLMError("llm_unavailable", f"{what} after waiting {self.timeout.total}s")
+                what = "every endpoint stayed at its request limit" if self.base_urls else "no healthy endpoint (all down or restarting)"
+                raise LLMError("llm_unavailable", f"{what} for {self.timeout.total:.0f}s")
             async with self._changed:
                 try:
                     await asyncio.wait_for(self._changed.wait(), min(remaining, 1.0))

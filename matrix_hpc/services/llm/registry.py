@@ -45,6 +45,7 @@ class EndpointState:
     probes: int = 0
     last_error: str | None = None
     last_ok_at: float | None = None
+    restarted_at: float | None = None
 
 
 @ray.remote(num_cpus=0)
@@ -194,7 +195,7 @@ class EndpointRegistry:
             log.error("%s: restart failed: %s", st.url, exc)
             return
         st.url = url  # normally the same; another port if the old one was taken meanwhile
-        st.state, st.failures, st.last_ok_at = "up", 0, time.time()
+        st.state, st.failures, st.last_ok_at, st.restarted_at = "up", 0, time.time(), time.time()
         self._bump()
         log.info("replica %d is back at %s", st.replica, url)
 

@@ -8,6 +8,7 @@ a lost actor never leaves an engine holding a GPU. Health is judged from outside
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -69,12 +70,18 @@ def make_server(spec: ReplicaSpec, host: str, port: int | None = None) -> LLMSer
 
 def replica_options(spec: ReplicaSpec, name: str, namespace: str) -> dict[str, Any]:
     """Ray actor options: GPUs for the server, pinned to a GPU-labelled node when there is one."""
-    return {"name": name, "namespace": namespace, "num_cpus": 0, "num_gpus": spec.gpus, "resources": placement(GPU_NODE), "max_restarts": -1, "max_concurrency": 4}
+    return {"name": name, "namespace": namespace, "num_cpus": 0, "num_gpus": spec.gpus, "resources": placement(GPU_NODE), "max_restarts": -1}
 
 
 @ray.remote
 class LLMReplica:
-    """Owns one server process. Methods block; ``max_concurrency`` lets ``info`` answer during a restart."""
+    """Owns one server process.
+
+    An async actor: its event loop thread lives as long as the actor, and the server
+    is spawned from it, because ``PR_SET_PDEATHSIG`` fires when the *thread* that
+    spawned the child ends (a pool thread would take the server down with it).
+    Waiting for readiness runs in a helper thread so ``info`` answers meanwhile.
+    """
 
     def __init__(self, spec: ReplicaSpec, index: int) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -85,28 +92,28 @@ class LLMReplica:
         self.starts = 0
         self.started_at: float | None = None
 
-    def start(self) -> str:
+    async def start(self) -> str:
         """Start (or restart) the server and wait until it completes a real generation; returns its URL."""
         port = None
         if self.server is not None:
             port = getattr(self.server, "port", None)  # same URL again: sticky routes stay valid
-            self.server.stop()
+            await asyncio.to_thread(self.server.stop)
         Path(self.spec.log_dir).mkdir(parents=True, exist_ok=True)
-        self.server = make_server(self.spec, self.host, port)
-        self.server.start()
+        server = self.server = make_server(self.spec, self.host, port)
+        server.start()  # on the loop thread: see the class docstring
         self.starts += 1
         try:
-            self.server.wait_ready(self.spec.startup_timeout_s)
+            await asyncio.to_thread(server.wait_ready, self.spec.startup_timeout_s)
         except Exception:
-            self.server.stop()
+            await asyncio.to_thread(server.stop)
             raise
         self.started_at = time.time()
-        return self.server.base_url
+        return server.base_url
 
-    def alive(self) -> bool:
+    async def alive(self) -> bool:
         return self.server is not None and self.server.alive()
 
-    def info(self) -> dict[str, Any]:
+    async def info(self) -> dict[str, Any]:
         srv = self.server
         return {
             "index": self.index,
@@ -115,11 +122,11 @@ class LLMReplica:
             "pid": getattr(srv, "pid", None),
             "log": getattr(srv, "log_path", None),
             "starts": self.starts,
-            "alive": self.alive(),
+            "alive": await self.alive(),
             "node_ip": self.host,
             "actor_pid": os.getpid(),
         }
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         if self.server is not None:
-            self.server.stop()
+            await asyncio.to_thread(self.server.stop)

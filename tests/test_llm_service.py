@@ -1,0 +1,124 @@
+"""The managed LLM service end to end: real Ray, real embedded engines, real runs.
+
+Two replicas: load spreads, a task's turns stick to one replica, and a replica
+killed mid-run drains to the other. ``serve`` and ``check-health`` work on the
+same machinery; an external endpoint that is down leaves routing, and its API
+key is used but never written to disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import BIN, committed_rows, job_config, questions, store_records, wait_for, write_jsonl
+from matrix_hpc.procs import pid_alive
+from matrix_hpc.services.llm import EmbeddedEngine
+from matrix_hpc.services.llm.embedded import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def _run_info(out: Path) -> dict[str, Any]:
+    try:
+        return json.loads((out / "run.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def test_two_replicas_spread_stick_and_drain(tmp_path: Path, run_factory: Any) -> None:
+    rows = questions(60)
+    cfg = job_config(
+        tmp_path, write_jsonl(tmp_path / "data.jsonl", rows),
+        **{"llm.replicas": 2, "llm.max_restarts": 0, "llm.health_interval_s": 0.5, "llm.embedded.n_parallel": 4,
+           "llm.embedded.threads": 1, "llm.max_retries": 3, "llm.retry_backoff_s": 0.2, "workflow.params.max_turns": 3},
+    )  # fmt: skip
+    out = tmp_path / "out"
+    run = run_factory(cfg)
+    wait_for(lambda: committed_rows(out) >= 15 and len(_run_info(out).get("llm") or []) == 2, 300, "15 commits", run)
+    survivor, victim = _run_info(out)["llm"]
+    killed_at = time.time()
+    os.kill(victim["pid"], signal.SIGKILL)
+    assert run.wait(400) == 0, run.output
+
+    records = store_records(out)
+    assert sorted(r["id"] for r in records) == sorted(q["id"] for q in rows)
+    turns = [t for r in records for t in r["turns"] if t["endpoint"]]
+    before = Counter(t["endpoint"] for t in turns if t["started_at"] < killed_at)
+    split = {url: before[url] for url in (survivor["url"], victim["url"])}
+    print(f"turns per replica before the kill: {split}")
+    assert min(split.values()) >= 0.25 * sum(split.values()), f"load did not spread: {split}"
+
+    # Sticky: every task that ran entirely before the kill used one replica for all its turns.
+    finished_before = [r for r in records if r["finished_at"] < killed_at]
+    assert finished_before
+    mixed = [r["id"] for r in finished_before if len({t["endpoint"] for t in r["turns"] if t["endpoint"]}) > 1]
+    assert not mixed, f"turns of {mixed} went to different replicas"
+
+    # Drain: once the registry saw the kill, every call went to the survivor.
+    after = Counter(t["endpoint"] for t in turns if t["started_at"] > killed_at + 3.0)
+    assert after and set(after) == {survivor["url"]}, after
+    for rec in records:
+        if rec["status"] == "failed":
+            assert rec["error"]["kind"] == "llm_unavailable" and victim["url"] in rec["error"]["message"], rec["error"]
+    states = {e["url"]: e for e in _run_info(out)["llm"]}
+    assert states[victim["url"]]["state"] == "failed" and states[survivor["url"]]["state"] == "up", states
+
+    # Token accounting: per role and per model, over the whole store, in run.json and the summary.
+    usage = _run_info(out)["usage"]
+    assert set(usage["by_role"]) == {"teacher", "student"} and set(usage["by_model"]) == {"default"}
+    assert sum(c["calls"] for c in usage["by_role"].values()) == len(turns) == usage["by_model"]["default"]["calls"]
+    assert usage["by_model"]["default"]["completion_tokens"] == sum(t["completion_tokens"] for t in turns)
+    assert "role teacher:" in run.output and "model default:" in run.output
+
+
+def test_serve_prints_endpoints_and_check_health_probes_them(tmp_path: Path, run_factory: Any) -> None:
+    cfg = job_config(tmp_path, write_jsonl(tmp_path / "data.jsonl", questions(2)), **{"llm.replicas": 2, "llm.embedded.threads": 1})
+    out = tmp_path / "out"
+    serve = run_factory(cfg, command="serve")
+    wait_for(lambda: "Ctrl-C stops the service" in serve.output, 120, "serve ready", serve)
+    endpoints = json.loads((out / "services.json").read_text())["llm"]
+    assert len(endpoints) == 2 and all(e["url"] in serve.output for e in endpoints)
+
+    ok = subprocess.run([str(BIN / "matrix-hpc"), "check-health", str(out)], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "2/2 endpoints generate" in ok.stdout, ok.stdout + ok.stderr
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    bad = subprocess.run([str(BIN / "matrix-hpc"), "check-health", "--url", dead, "--timeout", "5"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and f"FAIL  {dead}" in bad.stdout, bad.stdout + bad.stderr
+
+    serve.proc.send_signal(signal.SIGINT)
+    assert serve.wait(60) == 0, serve.output
+    assert "service stopped" in serve.output
+    assert not any(pid_alive(e["pid"]) for e in endpoints)
+
+
+def test_external_endpoint_down_leaves_routing_and_key_is_never_saved(tmp_path: Path, run_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = "sekrit-" + os.urandom(6).hex()
+    monkeypatch.setenv("TEST_LLM_KEY", secret)
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    with EmbeddedEngine(n_parallel=8, log_dir=tmp_path) as engine:
+        engine.wait_ready(60)
+        rows = questions(16)
+        cfg = job_config(
+            tmp_path, write_jsonl(tmp_path / "data.jsonl", rows),
+            **{"llm.engine": "external", "llm.base_urls": [engine.base_url, dead], "llm.api_key_env": "TEST_LLM_KEY",
+               "llm.health_interval_s": 0.5, "llm.retry_backoff_s": 0.2},
+        )  # fmt: skip
+        run = run_factory(cfg)
+        assert run.wait(300) == 0, run.output
+    out = tmp_path / "out"
+    records = store_records(out)
+    assert sorted(r["id"] for r in records) == sorted(q["id"] for q in rows)
+    assert all(r["status"] == "ok" for r in records), [r["error"] for r in records if r["error"]]
+    states = {e["url"]: e["state"] for e in _run_info(out)["llm"]}
+    assert states == {engine.base_url: "up", dead: "down"}, states
+    leaked = [p for p in out.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert not leaked and "TEST_LLM_KEY" in (out / "run.json").read_text()
