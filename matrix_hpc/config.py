@@ -18,18 +18,18 @@ from typing import Any, Literal
 import yaml
 
 __all__ = [
-    "ConfigError",
     "ClusterConfig",
-    "EmbeddedEngineConfig",
-    "VLLMConfig",
-    "SlurmConfig",
-    "LLMConfig",
-    "RoleConfig",
-    "WorkflowConfig",
+    "ConfigError",
     "DatasetConfig",
-    "OutputConfig",
-    "RunConfig",
+    "EmbeddedEngineConfig",
     "JobConfig",
+    "LLMConfig",
+    "OutputConfig",
+    "RoleConfig",
+    "RunConfig",
+    "SlurmConfig",
+    "VLLMConfig",
+    "WorkflowConfig",
     "load_config",
     "parse_overrides",
 ]
@@ -40,13 +40,45 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class SlurmConfig:
+    """The allocation ``matrix-hpc submit`` asks for (the sbatch script carries its own header)."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time_min: int = 60
+    """Time limit in minutes; the job is requeued and resumes when it runs out."""
+    nodes: int = 1
+    """CPU nodes (agents); with ``gpu_nodes`` too, the job is heterogeneous."""
+    gpu_nodes: int = 0
+    """GPU nodes (LLM and sandbox services)."""
+    gpus_per_node: int = 0
+    cpus_per_node: int | None = None
+    mem_gb: int | None = None
+    """Memory per node."""
+    signal_lead_s: int = 120
+    """USR2 this long before the time limit (``--signal=USR2@N``): stop intake, flush, requeue."""
+    max_requeues: int = 20
+    """Give up (no further requeue) after this many restarts of one job."""
+    job_dir: str | None = None
+    """Logs, submitit files and rendezvous; default: ``<output.path>/slurm``."""
+    extra_sbatch: dict[str, Any] = field(default_factory=dict)
+    """More sbatch options, e.g. ``{constraint: a100, exclusive: true}``."""
+    rendezvous: Literal["auto", "mpi", "file"] = "auto"
+    """How nodes learn the head's address: MPI broadcast when started under MPI, else a file."""
+    join_timeout_s: float = 300.0
+    """How long the head waits for every node to join."""
+
+
+@dataclass
 class ClusterConfig:
-    kind: Literal["local"] = "local"
-    """Where Ray runs: ``local`` starts a private single-node cluster (Slurm comes later)."""
+    kind: Literal["local", "slurm"] = "local"
+    """``local``: a private Ray on this machine; ``slurm``: a Ray cluster over a Slurm allocation."""
     address: str | None = None
     """Connect to this running Ray cluster instead of starting one."""
     num_cpus: int | None = None
     """CPUs the local Ray node advertises (default: all)."""
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 @dataclass
@@ -190,6 +222,9 @@ class RunConfig:
     """Seconds between progress lines when not on a terminal."""
     health_interval_s: float = 1.0
     """Seconds between liveness checks of the actors."""
+    stop_grace_s: float = 10.0
+    """On SIGTERM/USR2: how long tasks in flight may finish before the rest are abandoned
+    (they are not in the store, so the resumed run does them again)."""
 
 
 @dataclass

@@ -12,18 +12,19 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .agents.actor import RoleSpec, TeamSpec, load_object
 from .agents.runner import RunProgress, StopFlag, drive
 from .agents.source import SourceOptions, count_rows, iter_tasks
 from .agents.team import Team
+from .agents.usage import usage_summary
 from .cluster import start_ray
 from .config import JobConfig, resolve_dataset_path
 from .procs import pid_alive
-from .agents.usage import usage_summary
 from .services.llm.service import LLMService
 from .store import StoreLockedError, StoreReader
 from .store.fsutil import WriterLock, atomic_write_json, read_json
@@ -105,6 +106,14 @@ def _wait_for_previous_writer(root: Path, say: Callable[[str], None], timeout_s:
         time.sleep(0.2)
 
 
+def _slurm_env() -> dict[str, Any]:
+    """The Slurm job this run is part of, if any (for status, history and resume timing)."""
+    env = os.environ
+    if "SLURM_JOB_ID" not in env:
+        return {}
+    return {"slurm_job_id": env["SLURM_JOB_ID"], "slurm_restart": int(env.get("SLURM_RESTART_COUNT", "0") or 0), "slurm_nodes": env.get("SLURM_JOB_NODELIST")}
+
+
 def _write_run_info(root: Path, info: dict[str, Any]) -> None:
     atomic_write_json(root / "run.json", info, durable=False)
 
@@ -122,6 +131,7 @@ def run_job(
     total = count_rows(opts)  # also checks that the dataset exists
     init_store(root, config.output.chunk_rows)
     _wait_for_previous_writer(root, say)
+    history = list((read_json(root / "run.json", {}) or {}).get("history") or [])
     done = StoreReader(root).ids()  # read only once no other writer is left
     metrics_fn = load_object(config.workflow.metrics) if config.workflow.metrics else None
     progress = RunProgress(total=total)
@@ -135,8 +145,10 @@ def run_job(
     info: dict[str, Any] = {
         "run_id": run_id, "status": "starting", "host": socket.gethostname(), "driver_pid": os.getpid(),
         "started_at": time.time(), "dataset": str(opts.path), "input_rows": total,
-        "config_file": config.source_file, "config": config.to_dict(),
+        "config_file": config.source_file, "config": config.to_dict(), "slurm": _slurm_env(),
     }  # fmt: skip
+    entry: dict[str, Any] = {"run_id": run_id, **_slurm_env(), "started_at": info["started_at"], "skipped": len(done)}
+    info["history"] = history + [entry]
     _write_run_info(root, info)
 
     cluster = start_ray(config.cluster, namespace)
@@ -154,7 +166,7 @@ def run_job(
         progress.started_at = time.monotonic()
         tasks = iter_tasks(opts, done, progress.source_counts)
         run = config.run
-        asyncio.run(drive(team, tasks, progress, run.max_in_flight, run.batch_size, run.max_attempts, run.health_interval_s, on_progress, stop))
+        asyncio.run(drive(team, tasks, progress, run.max_in_flight, run.batch_size, run.max_attempts, run.health_interval_s, on_progress, stop, run.stop_grace_s))
         asyncio.run(_close_sink(team))
         info["llm"] = _safe_status(service)
     finally:
@@ -168,6 +180,10 @@ def run_job(
     counts = reader.counts()
     metrics = metrics_fn(reader.iter_records()) if metrics_fn else {}
     usage = usage_summary(reader.iter_records())
+    entry.update(
+        first_task_at=progress.first_dispatch_at, finished_at=time.time(), dispatched=progress.dispatched,
+        committed=progress.done, status="finished" if progress.finished else "interrupted",
+    )  # fmt: skip
     info.update(status="finished" if progress.finished else "interrupted", finished_at=time.time(), store=counts, metrics=metrics, usage=usage)
     _write_run_info(root, info)
     return RunSummary(output=str(root), progress=progress, store=counts, metrics=metrics, ray_logs=info.get("ray_logs"), usage=usage, llm=info.get("llm") or [])

@@ -8,7 +8,7 @@ allocation (and a local machine) advertises both.
 
 from __future__ import annotations
 
-__all__ = ["GPU_NODE", "CPU_NODE", "NODE_IP_ENV", "node_resources", "placement"]
+__all__ = ["CPU_NODE", "GPU_NODE", "NODE_IP_ENV", "node_resources", "placement"]
 
 GPU_NODE = "matrix_gpu_node"
 CPU_NODE = "matrix_cpu_node"

@@ -38,7 +38,7 @@ def test_overrides_parse_yaml_values() -> None:
     [
         ("run.max_inflight=5", "unknown key run.max_inflight"),
         ("run.max_in_flight=many", "run.max_in_flight: expected int, got 'many'"),
-        ("llm.engine=gpu", "llm.engine: expected one of embedded, external, got 'gpu'"),
+        ("llm.engine=gpu", "llm.engine: expected one of embedded, vllm, external, got 'gpu'"),
         ("workflow.roles.teacher.instances=0", "workflow.roles.teacher.instances: must be >= 1"),
         ("workflow.entry=nobody", "workflow.entry: 'nobody' is not one of workflow.roles"),
         ("dataset.required_fields=question", "dataset.required_fields: expected a list"),

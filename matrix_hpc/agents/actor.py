@@ -25,7 +25,7 @@ from .agent import Agent, AgentContext, run_step
 from .outbox import Outbox
 from .task import Task
 
-__all__ = ["AgentActor", "RoleSpec", "TeamSpec", "actor_name", "sink_name", "load_object"]
+__all__ = ["AgentActor", "RoleSpec", "TeamSpec", "actor_name", "load_object", "sink_name"]
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from ..services.llm import ChatClient, ChatResult, LLMError, Message
 from .task import Task, Turn
 
-__all__ = ["Agent", "AgentContext", "run_step", "MAX_HOPS"]
+__all__ = ["MAX_HOPS", "Agent", "AgentContext", "run_step"]
 
 log = logging.getLogger(__name__)
 

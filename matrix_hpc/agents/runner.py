@@ -43,6 +43,10 @@ class RunProgress:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     resent: int = 0
+    dispatched: int = 0
+    """New tasks sent this run (resumed runs skip what the store has: this counts redone work)."""
+    first_dispatch_at: float | None = None
+    """Wall-clock time the first task was sent."""
     failed_by_kind: dict[str, int] = field(default_factory=dict)
     started_at: float = field(default_factory=time.monotonic)
     finished: bool = False
@@ -75,8 +79,10 @@ async def drive(
     health_interval_s: float = 1.0,
     on_progress: Callable[[RunProgress], None] | None = None,
     stop: StopFlag | None = None,
+    stop_grace_s: float = 0.0,
 ) -> RunProgress:
-    """Run every task to a committed record (or until ``stop`` is set)."""
+    """Run every task to a committed record, or until ``stop`` is set and the tasks in
+    flight are committed or ``stop_grace_s`` has passed (the rest are abandoned)."""
     inflight: dict[str, Task] = {}  # sent and not yet committed: what recovery re-sends
     active: set[str] = set()  # sent and not yet received by the sink: what backpressure counts
     received_off = committed_off = 0
@@ -85,6 +91,7 @@ async def drive(
     exhausted = False
     need_recovery = False
     next_health = time.monotonic() + health_interval_s
+    stop_deadline: float | None = None
 
     async def resend(lost: list[str]) -> None:
         again, gave_up = [], []
@@ -125,6 +132,9 @@ async def drive(
 
     while True:
         stopping = stop is not None and stop.is_set()
+        if stopping and stop_deadline is None:
+            stop_deadline = time.monotonic() + stop_grace_s
+            log.warning("stopping: no new tasks; %d in flight get %.0fs to finish", len(inflight), stop_grace_s)
         # Intake, bounded by max_in_flight; already-failed rows go straight to the sink.
         new_tasks: list[Task] = []
         prefailed: list[RecordRow] = []
@@ -140,6 +150,10 @@ async def drive(
                 prefailed.append(RecordRow.from_record(task.to_record()))
             else:
                 new_tasks.append(Task(id=task.id, row=task.row, next_role=task.next_role))
+        if new_tasks or prefailed:
+            progress.dispatched += len(new_tasks) + len(prefailed)
+            if progress.first_dispatch_at is None:
+                progress.first_dispatch_at = time.time()
         if prefailed:
             await team.sink.receive.remote(prefailed)
         await team.dispatch(new_tasks, batch_size)
@@ -166,15 +180,16 @@ async def drive(
         if on_progress:
             on_progress(progress)
 
-        if exhausted and inflight and not active:
+        if (exhausted or stopping) and inflight and not active:
             await team.sink.flush.remote()  # the last tasks are in: no need to wait for the timer
-        if (exhausted and not inflight) or stopping:
+        if (exhausted and not inflight) or (stopping and (not inflight or time.monotonic() >= stop_deadline)):  # type: ignore[operator]
             progress.finished = not inflight
             progress.interrupted = stopping
             return progress
 
         if time.monotonic() >= next_health:
             next_health = time.monotonic() + health_interval_s
+    stop_deadline: float | None = None
             restarted, _ = await team.check()
             if restarted:
                 log.warning("actor(s) restarted after a crash: %s", ", ".join(restarted))

@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Turn", "TaskError", "Task", "content_id"]
+__all__ = ["Task", "TaskError", "Turn", "content_id"]
 
 
 def content_id(payload: bytes | str) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
+from ..labels import CPU_NODE, placement
 from .actor import AgentActor, TeamSpec, actor_name, load_object, sink_name
 from .agent import Agent
 from .sink import SinkActor
@@ -36,9 +37,10 @@ class Team:
                 raise TeamError(f"workflow.roles.{role}.inline: only roles that call no LLM (uses_llm = False) can run inline")
         self.spec = spec
         self.entry = entry
+        agent_nodes = placement(CPU_NODE)  # agents on CPU nodes when the cluster labels them
         self.sink = SinkActor.options(name=sink_name(spec.run_id)).remote(store_path, chunk_rows, flush_interval_s, fsync)
         self.actors: dict[str, list[Any]] = {
-            role: [AgentActor.options(name=actor_name(spec.run_id, role, i)).remote(spec, role, i) for i in range(rs.instances)]
+            role: [AgentActor.options(name=actor_name(spec.run_id, role, i), resources=agent_nodes).remote(spec, role, i) for i in range(rs.instances)]
             for role, rs in spec.roles.items()
         }
         self._rr = 0

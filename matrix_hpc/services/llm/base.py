@@ -75,7 +75,7 @@ class LLMServer(abc.ABC):
 
     log_path: str = "<no log>"
 
-    def __enter__(self) -> "LLMServer":
+    def __enter__(self) -> LLMServer:
         self.start()
         return self
 

@@ -12,8 +12,9 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import aiohttp
 
@@ -142,7 +143,7 @@ class ChatClient:
             async with self._changed:
                 try:
                     await asyncio.wait_for(self._changed.wait(), min(remaining, 1.0))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             url = self._pick(prefer, exclude)
         self._outstanding[url] += 1
@@ -195,7 +196,7 @@ class ChatClient:
                 if self.on_endpoint_error is not None:
                     self.on_endpoint_error(url)
                 continue
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 last_error = f"timed out after {self.timeout.total}s waiting for {url}"
                 continue
             finally:

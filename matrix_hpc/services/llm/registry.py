@@ -107,7 +107,7 @@ class EndpointRegistry:
         if known_version == self.version and wait_s > 0:
             try:
                 await asyncio.wait_for(self._changed.wait(), wait_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         return self.version, self._routable()
 
@@ -139,7 +139,7 @@ class EndpointRegistry:
                     return f"HTTP {resp.status}"
                 data = await resp.json(content_type=None)
                 return None if data.get("choices") else "no choices in the reply"
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return f"no reply in {self.probe_timeout.total:.0f}s"
         except (aiohttp.ClientError, ValueError) as exc:
             return f"{type(exc).__name__}: {exc}"
@@ -157,7 +157,7 @@ class EndpointRegistry:
         while True:
             try:
                 await asyncio.wait_for(wake.wait(), self.interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             wake.clear()
             if st.state == "failed":

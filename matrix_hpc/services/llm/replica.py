@@ -22,7 +22,7 @@ import ray
 from ...labels import GPU_NODE, NODE_IP_ENV, placement
 from .base import LLMServer
 
-__all__ = ["ReplicaSpec", "LLMReplica", "make_server", "replica_options"]
+__all__ = ["LLMReplica", "ReplicaSpec", "make_server", "replica_options"]
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,185 @@
+"""The per-node entry point of a Slurm run: every node of the allocation runs it.
+
+``srun python -m matrix_hpc.cluster.bootstrap CONFIG [key=value ...]`` (what
+``sbatch/matrix_hpc.sbatch`` and ``matrix-hpc submit`` launch, one task per node):
+
+* rank 0 starts the Ray head on free ports with a per-job temp dir, publishes its
+  address (MPI broadcast under MPI, else a file in the job directory), waits for
+  every node, then drives the run itself;
+* every other rank joins the head and serves until rank 0 says the run is over;
+* SIGUSR2 (time limit near, or preemption) or SIGTERM on rank 0: stop intake, let
+  tasks in flight finish for ``run.stop_grace_s``, commit, and requeue the job, which
+  resumes from the store. Each node stops only its own Ray, by process group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import load_config
+from ..labels import NODE_IP_ENV, node_resources
+from ..store.fsutil import atomic_write_json
+from .jobs import job_dir, record_job
+from .ports import pick_ports
+from .raynode import RayNode
+from .rendezvous import Rendezvous, mpi_world, under_mpi
+
+__all__ = ["NodeEnv", "main", "run_node"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeEnv:
+    """Where this process sits in the allocation."""
+
+    job_id: str
+    restart: int
+    rank: int
+    size: int
+    node_ip: str
+    hostname: str
+
+    @classmethod
+    def detect(cls, rendezvous: str) -> NodeEnv:
+        env = os.environ
+        job_id = env.get("SLURM_JOB_ID") or f"local{os.getpid()}"
+        restart = int(env.get("SLURM_RESTART_COUNT") or 0)
+        if rendezvous == "mpi" or (rendezvous == "auto" and under_mpi()):
+            comm = mpi_world()  # under mpirun the Slurm task ids are those of the batch step
+            rank, size = comm.Get_rank(), comm.Get_size()
+        else:
+            rank, size = int(env.get("SLURM_PROCID", "0")), int(env.get("SLURM_NTASKS", "1"))
+        hostname = socket.gethostname()
+        node_ip = env.get(NODE_IP_ENV) or socket.gethostbyname(hostname)
+        return cls(job_id, restart, rank, size, node_ip, hostname)
+
+    @property
+    def key(self) -> str:
+        """Unique per life of the job: a requeued job must not meet its previous head."""
+        return f"{self.job_id}.{self.restart}"
+
+
+def _wait_for_nodes(address: str, n: int, timeout_s: float) -> list[dict[str, Any]]:
+    import ray
+
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            alive = [nd for nd in ray.nodes() if nd.get("Alive")]
+            if len(alive) >= n:
+                return [{"ip": nd["NodeManagerAddress"], "hostname": nd.get("NodeManagerHostname"), "resources": nd.get("Resources", {})} for nd in alive]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(alive)} of {n} nodes joined the Ray cluster in {timeout_s:.0f}s")
+            time.sleep(0.5)
+    finally:
+        ray.shutdown()
+
+
+def _requeue(job_id: str) -> bool:
+    res = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    if res.returncode != 0:  # e.g. Slurm is already requeueing it after a preemption
+        log.warning("scontrol requeue %s: %s", job_id, res.stderr.strip())
+    return res.returncode == 0
+
+
+class _Signals:
+    """USR2/TERM/INT set ``stop``; the first one's name is kept as the reason."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.reason: str | None = None
+        for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on)
+
+    def _on(self, signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if not self.stop.is_set():
+            self.reason = name
+            print(f"{name}: stopping intake, finishing what is in flight, saving", file=sys.stderr, flush=True)
+        self.stop.set()
+
+
+def run_node(config_path: str, overrides: list[str], node_type: str = "both") -> int:
+    """Run this node's part of the job; returns the process exit status."""
+    config = load_config(config_path, overrides)
+    slurm = config.cluster.slurm
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # as the nodes started it (raynode.py)
+    node = NodeEnv.detect(slurm.rendezvous)
+    jdir = job_dir(config)
+    rdv = Rendezvous(jdir / "rendezvous" / node.key, node.rank, node.size, slurm.rendezvous)
+    kinds = {"gpu", "cpu"} if node_type == "both" else {node_type}
+    ray_node = RayNode(
+        node.node_ip, pick_ports(node.node_ip), node_resources(kinds), f"/tmp/mhpc-{node.key}",
+        jdir / "logs" / f"ray-{node.key}-rank{node.rank}.log",
+    )  # fmt: skip
+    signals = _Signals()
+    say = lambda msg: print(f"[rank {node.rank} {node.hostname}] {msg}", file=sys.stderr, flush=True)
+    try:
+        if node.rank != 0:
+            head = rdv.exchange(None, slurm.join_timeout_s)
+            ray_node.start(head["address"])
+            say(f"joined the Ray head at {head['address']} (rendezvous by {head['via']})")
+            give_up: float | None = None
+            while not rdv.finished() and ray_node.alive():
+                if signals.stop.is_set() and signals.reason != "SIGUSR2" and give_up is None:
+                    give_up = time.monotonic() + config.run.stop_grace_s + 15  # let rank 0 save first
+                if give_up is not None and time.monotonic() > give_up:
+                    break
+                time.sleep(0.5)
+            return 0
+
+        t0 = time.time()
+        if "SLURM_JOB_ID" in os.environ:
+            record_job(config, node.job_id, "sbatch")
+        ray_node.start()
+        ray_node.wait_head_ready()
+        head = rdv.exchange({"address": ray_node.address, "host": node.hostname}, slurm.join_timeout_s)
+        nodes = _wait_for_nodes(ray_node.address, node.size, slurm.join_timeout_s)
+        atomic_write_json(jdir / f"cluster-{node.key}.json", {"address": ray_node.address, "via": head["via"], "nodes": nodes, "formed_in_s": time.time() - t0}, durable=False)
+        say(f"Ray cluster of {len(nodes)} node(s) at {ray_node.address} formed in {time.time() - t0:.1f}s (rendezvous by {head['via']})")
+        config.cluster.address = ray_node.address
+
+        from ..job import run_job  # the job layer sits above the cluster layer
+
+        summary = run_job(config, on_event=say, stop=signals.stop)
+        p = summary.progress
+        say(f"run {'finished' if p.finished else 'stopped'}: {p.ok} done, {p.failed} failed this run; store {summary.store['records']} records; output {summary.output}")
+        if p.finished:
+            return 0
+        if signals.reason == "SIGUSR2" and "SLURM_JOB_ID" in os.environ:
+            if node.restart >= slurm.max_requeues:
+                say(f"not requeued: restart {node.restart} reached cluster.slurm.max_requeues")
+                return 1
+            if _requeue(node.job_id):
+                say(f"requeued job {node.job_id}; it resumes from {summary.output}")
+        return 0 if signals.reason == "SIGUSR2" else 130
+    finally:
+        if node.rank == 0:
+            rdv.finish()
+        ray_node.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m matrix_hpc.cluster.bootstrap", description="Per-node entry point of a Slurm run (one task per node).")
+    ap.add_argument("config")
+    ap.add_argument("overrides", nargs="*", metavar="key=value")
+    ap.add_argument("--node-type", choices=["both", "gpu", "cpu"], default="both", help="what this node hosts: services (gpu), agents (cpu) or both")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_node(args.config, args.overrides, args.node_type)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
