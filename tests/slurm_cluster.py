@@ -39,8 +39,9 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 # binary -> the Debian package that ships it
 BINARIES = {
@@ -163,6 +164,9 @@ class SlurmCluster:
         self.grace_time_s = grace_time_s
         self.name = name or f"mhpc{secrets.token_hex(3)}"
         self.extra_conf = extra_conf
+        # Job ids unique across clusters running at once on this machine: slurmd's cgroups are
+        # /sys/fs/cgroup/<ctrl>/slurm_<node>/uid_<uid>/job_<id>, shared between clusters.
+        self.first_job_id = 1000 + secrets.randbelow(50_000_000)
         self.etc = self.base / "etc"
         self.log_dir = self.base / "log"
         self.run_dir = self.base / "run"
@@ -181,7 +185,7 @@ class SlurmCluster:
         """The variables a client process needs on top of its own environment."""
         return {"SLURM_CONF": str(self.conf_path)}
 
-    def start(self, timeout: float = 60) -> "SlurmCluster":
+    def start(self, timeout: float = 60) -> SlurmCluster:
         if os.geteuid() != 0:
             raise SlurmClusterError("SlurmCluster runs slurmd/slurmctld and must run as root")
         missing = missing_binaries()
@@ -226,12 +230,7 @@ class SlurmCluster:
         ctld = self._daemon("slurmctld")
         if ctld is not None and ctld.alive():
             with contextlib.suppress(Exception):
-                ids = self.run(["squeue", "-h", "-o", "%A"], timeout=10).stdout.split()
-                if ids:
-                    self.run(["scancel", *ids], check=False, timeout=10)
-                    end = time.monotonic() + timeout
-                    while time.monotonic() < end and self.run(["squeue", "-h", "-o", "%A"], timeout=10).stdout.split():
-                        time.sleep(0.25)
+                self.cancel_all(timeout)
         slurmds = [d for d in self._daemons if d.name.startswith("slurmd-")]
         self._terminate(slurmds, grace=5)
         for d in slurmds:
@@ -247,10 +246,23 @@ class SlurmCluster:
         atexit.unregister(self.stop)
         self.timings["stop"] = time.monotonic() - t0
 
-    def __enter__(self) -> "SlurmCluster":
+    def cancel_all(self, timeout: float = 20) -> bool:
+        """scancel every job and wait until squeue is empty; False if some are still listed."""
+        ids = self.run(["squeue", "-h", "-o", "%A"], timeout=10).stdout.split()
+        if not ids:
+            return True
+        self.run(["scancel", *ids], check=False, timeout=10)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if not self.run(["squeue", "-h", "-o", "%A"], timeout=10).stdout.split():
+                return True
+            time.sleep(0.25)
+        return False
+
+    def __enter__(self) -> SlurmCluster:
         return self.start()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def run(
@@ -258,13 +270,13 @@ class SlurmCluster:
     ) -> subprocess.CompletedProcess:
         """Run a (Slurm client) command with the cluster's environment; text output captured."""
         args = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
-        res = subprocess.run(args, env=kw.pop("env", self.env), capture_output=True, text=True, timeout=timeout, **kw)
+        res = subprocess.run(args, env=kw.pop("env", self.env), capture_output=True, text=True, timeout=timeout, check=False, **kw)
         if check and res.returncode != 0:
             raise SlurmClusterError(f"{shlex.join(args)} exited {res.returncode}:\n{res.stdout}\n{res.stderr}")
         return res
 
     @contextlib.contextmanager
-    def activate(self) -> Iterator["SlurmCluster"]:
+    def activate(self) -> Iterator[SlurmCluster]:
         """Set SLURM_CONF (and the sbin dirs on PATH) in os.environ for the block (for submitit)."""
         saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "PATH")}
         os.environ["SLURM_CONF"] = str(self.conf_path)
@@ -361,12 +373,11 @@ class SlurmCluster:
 
     def _spawn(self, name: str, argv: list[str], extra_logs: Sequence[Path] = (), env: dict | None = None) -> _Daemon:
         out = self.log_dir / f"{name}.out"
-        fh = open(out, "ab")
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-            env=env or {**os.environ, **self.env_overlay}, cwd=self.base, start_new_session=True,
-        )  # fmt: skip
-        fh.close()
+        with open(out, "ab") as fh:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
+                env=env or {**os.environ, **self.env_overlay}, cwd=self.base, start_new_session=True,
+            )  # fmt: skip
         d = _Daemon(name, proc, [out, *extra_logs])
         self._daemons.append(d)
         return d
@@ -432,6 +443,7 @@ class SlurmCluster:
         self.conf_path.write_text(f"""\
 # written by tests/slurm_cluster.py
 ClusterName={self.name}
+FirstJobId={self.first_job_id}
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={self.ports['ctld']}
 SlurmUser=root
@@ -516,7 +528,8 @@ StorageLoc=slurm_acct_db
         munge = _which("munge")
 
         def ready() -> bool:
-            return subprocess.run([munge, "-S", str(self.munge_socket), "-n"], capture_output=True, timeout=5).returncode == 0
+            res = subprocess.run([munge, "-S", str(self.munge_socket), "-n"], capture_output=True, timeout=5, check=False)
+            return res.returncode == 0
 
         self._wait(d, "munged's socket", ready, deadline)
 
@@ -528,7 +541,7 @@ StorageLoc=slurm_acct_db
             with open(out, "wb") as fh:
                 rc = subprocess.run(
                     [_which("mariadb-install-db"), *common, "--auth-root-authentication-method=socket",
-                     "--skip-test-db"], stdout=fh, stderr=subprocess.STDOUT, cwd=self.base, timeout=120,
+                     "--skip-test-db"], stdout=fh, stderr=subprocess.STDOUT, cwd=self.base, timeout=120, check=False,
                 ).returncode  # fmt: skip
             if rc != 0:
                 raise SlurmClusterError(f"mariadb-install-db exited {rc}:\n{_tail(out)}")
@@ -562,9 +575,8 @@ StorageLoc=slurm_acct_db
         for n in self.nodes:
             d = self._daemon(f"slurmd-{n}")
             assert d is not None
-            own = self._mnt_ns(os.getpid())
 
-            def in_own_ns(d: _Daemon = d) -> bool:
+            def in_own_ns(d: _Daemon = d, own: str | None = self._mnt_ns(os.getpid())) -> bool:
                 ns = self._mnt_ns(d.pid)
                 argv0 = Path(f"/proc/{d.pid}/cmdline").read_bytes().split(b"\0")[0]
                 if ns and ns != own and argv0.endswith(b"slurmd"):

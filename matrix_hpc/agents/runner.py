@@ -189,7 +189,6 @@ async def drive(
 
         if time.monotonic() >= next_health:
             next_health = time.monotonic() + health_interval_s
-    stop_deadline: float | None = None
             restarted, _ = await team.check()
             if restarted:
                 log.warning("actor(s) restarted after a crash: %s", ", ".join(restarted))
