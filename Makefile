@@ -7,8 +7,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 ARGS   ?=
-# Debian packages the tests use (real sandboxes).
-DEB_TEST := bubblewrap
+# Debian packages the tests use: real sandboxes, and a real 3-node Slurm cluster with accounting.
+DEB_TEST := bubblewrap slurmctld slurmd slurm-client munge slurmdbd mariadb-server
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test venv clean deb-test
