@@ -103,6 +103,43 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("metrics:   " + ", ".join(f"{k}={v}" for k, v in info["metrics"].items()))
     for e in info.get("llm") or []:
         print(f"llm:       {e.get('url')} ({e.get('state')}, {e.get('restarts', 0)} restarts)")
+    _print_slurm(reader.root)
+    return 0
+
+
+def _print_slurm(output: Path) -> None:
+    """The run's Slurm jobs and their state (from sacct/scontrol), if it had any."""
+    from .cluster.jobs import job_states, run_jobs
+
+    jobs = run_jobs(output)
+    if not jobs:
+        return
+    states = job_states([j["job_id"] for j in jobs])
+    for j in jobs:
+        st = states.get(j["job_id"], {})
+        print(f"slurm:     job {j['job_id']} ({j['via']}): {st.get('state', 'unknown')}, restarts {st.get('restarts', '?')}, nodes {st.get('nodes') or '-'}")
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from .cluster.slurm import submit
+    from .config import load_config
+
+    output = Path(load_config(args.config, args.overrides).output.path).expanduser().resolve()
+    job = submit(args.config, args.overrides)
+    print(f"submitted Slurm job {job.job_id}; logs in {Path(job.paths.stdout).parent}")
+    print(f"watch it: matrix-hpc status {output}   (re-submitting the same config resumes the run)")
+    if not args.wait:
+        return 0
+    codes = job.results()
+    print(f"job {job.job_id} ended; exit status per node: {codes}")
+    return max(int(c) for c in codes) if codes else 1
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from .cluster.jobs import cancel
+
+    cancelled = cancel(args.output)
+    print(f"cancelled {', '.join(cancelled)}" if cancelled else "no running or pending job for this output")
     return 0
 
 
@@ -147,6 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--to", required=True, help="file to write")
     ex.add_argument("--status", choices=["ok", "failed"], help="only records with this status")
     ex.set_defaults(func=cmd_export)
+
+    sb = sub.add_parser("submit", help="submit a run to Slurm (submitit; cluster.slurm.* sets the allocation)", description="Submit the workflow as a Slurm job: one Ray cluster over cluster.slurm.nodes nodes; on USR2 (time limit, preemption) it saves its work and requeues itself. Re-submitting resumes.")
+    sb.add_argument("config", help="job YAML")
+    sb.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. cluster.slurm.nodes=4 cluster.slurm.partition=gpu")
+    sb.add_argument("--wait", action="store_true", help="wait for the job to end (through requeues)")
+    sb.set_defaults(func=cmd_submit)
+
+    cc = sub.add_parser("cancel", help="scancel a run's Slurm jobs (finished work stays in the store)")
+    cc.add_argument("output", help="output folder of the run (or its cluster.slurm.job_dir)")
+    cc.set_defaults(func=cmd_cancel)
 
     sv = sub.add_parser("serve", help="start just the LLM service of a config and print its endpoints", description="Start the config's LLM service (Ray, registry, replicas), print the endpoints and keep them healthy until Ctrl-C. The endpoints are also written to OUTPUT/services.json for check-health.")
     sv.add_argument("config", help="job YAML")

@@ -183,8 +183,8 @@ async def drive(
         if (exhausted or stopping) and inflight and not active:
             await team.sink.flush.remote()  # the last tasks are in: no need to wait for the timer
         if (exhausted and not inflight) or (stopping and (not inflight or time.monotonic() >= stop_deadline)):  # type: ignore[operator]
-            progress.finished = not inflight
-            progress.interrupted = stopping
+            progress.finished = exhausted and not inflight
+            progress.interrupted = stopping and not progress.finished
             return progress
 
         if time.monotonic() >= next_health:

@@ -1,0 +1,217 @@
+"""matrix-hpc on a real 3-node Slurm cluster (Debian's daemons, started here).
+
+Every way in ends in one Ray cluster over the allocation running the workflow:
+``sbatch sbatch/matrix_hpc.sbatch``, ``matrix-hpc submit``, ``matrix_hpc.submit``.
+Preemption and ``scontrol requeue`` interrupt a run several times; it resumes
+from the store each time with every id once and nothing finished redone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+from .conftest import BIN, REPO, committed_rows, questions, store_records, write_jsonl
+from .slurm_cluster import SlurmCluster, missing_binaries
+
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.slow,
+    pytest.mark.skipif(bool(missing_binaries()), reason=f"Slurm not installed (make test installs: {missing_binaries()})"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="the test Slurm cluster runs slurmd as root"),
+]
+
+DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
+TIMES: dict[str, list[float]] = {}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    # GraceTime: a preempted job gets USR2 and this long to save before TERM/KILL.
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm"), grace_time_s=30)
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+        if TIMES:
+            print("\nslurm timings (s): " + "; ".join(f"{k}: {', '.join(f'{v:.1f}' for v in vs)}" for k, vs in TIMES.items()))
+
+
+@pytest.fixture(autouse=True)
+def _empty_cluster(cluster: SlurmCluster) -> Iterator[None]:
+    yield
+    assert cluster.cancel_all(timeout=60)
+    cluster.wait_idle(timeout=60)
+
+
+def slurm_config(tmp: Path, n: int, name: str = "job", **overrides: Any) -> tuple[Path, list[dict[str, Any]]]:
+    rows = questions(n)
+    cfg = yaml.safe_load((REPO / "workflows" / "collab_reasoning" / "config.yaml").read_text())
+    cfg["dataset"] = {"path": str(write_jsonl(tmp / f"{name}.jsonl", rows))}
+    cfg["output"] = {"path": str(tmp / f"{name}-out"), "flush_interval_s": 0.2}
+    cfg["llm"]["max_tokens"] = 16
+    cfg["llm"]["embedded"].update(n_parallel=4, threads=1)
+    cfg["workflow"]["params"]["max_turns"] = 2
+    cfg["run"].update(max_in_flight=8, progress="log", progress_interval_s=2.0, stop_grace_s=5.0)
+    cfg["cluster"] = {"kind": "slurm", "slurm": {"partition": "low", "nodes": 2, "cpus_per_node": 2, "time_min": 30}}
+    for key, value in overrides.items():
+        node = cfg
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, rows
+
+
+def env_for(cluster: SlurmCluster, **extra: str) -> dict[str, str]:
+    return {**os.environ, **cluster.env_overlay, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def sbatch(cluster: SlurmCluster, cfg: Path, *flags: str, env: dict[str, str] | None = None) -> str:
+    out = cfg.parent / f"{cfg.stem}-%j.out"
+    res = subprocess.run(
+        ["sbatch", "--parsable", "-N2", "--cpus-per-task=2", "-p", "low", f"--output={out}", *flags, str(REPO / "sbatch" / "matrix_hpc.sbatch"), str(cfg)],
+        env=env or env_for(cluster), capture_output=True, text=True, cwd=REPO, check=True,
+    )  # fmt: skip
+    return res.stdout.strip().split(";")[0]
+
+
+def job_log(cfg: Path, job_id: str) -> str:
+    path = cfg.parent / f"{cfg.stem}-{job_id}.out"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def wait_until(pred: Any, timeout: float, what: str, log: Any = None) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out ({timeout:.0f}s) waiting for {what}" + (f"\n{log()[-4000:]}" if log else ""))
+
+
+def assert_each_id_once(out: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    records = store_records(out)
+    counts = Counter(r["id"] for r in records)
+    assert max(counts.values()) == 1, [i for i, c in counts.items() if c > 1]
+    assert set(counts) == {r["id"] for r in rows}
+    return records
+
+
+def cluster_info(cfg: Path, job_id: str, restart: int = 0) -> dict[str, Any]:
+    return json.loads((cfg.parent / f"{cfg.stem}-out" / "slurm" / f"cluster-{job_id}.{restart}.json").read_text())
+
+
+def test_sbatch_forms_two_node_ray_cluster_and_completes(cluster: SlurmCluster, tmp_path: Path) -> None:
+    cfg, rows = slurm_config(tmp_path, 6)
+    t0 = time.time()
+    job = sbatch(cluster, cfg)
+    info = cluster.wait_job(job, DONE, 300)
+    log = job_log(cfg, job)
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    nodes = cluster_info(cfg, job)["nodes"]
+    assert sorted(n["ip"] for n in nodes) == ["127.0.1.1", "127.0.1.2"], nodes  # checked from inside the job
+    assert all(n["resources"].get("matrix_cpu_node") and n["resources"].get("matrix_gpu_node") for n in nodes)
+    assert_each_id_once(tmp_path / "job-out", rows)
+    run = json.loads((tmp_path / "job-out" / "run.json").read_text())
+    (entry,) = run["history"]
+    assert entry["slurm_job_id"] == job and entry["dispatched"] == 6
+    TIMES.setdefault("sbatch -> first task", []).append(entry["first_task_at"] - t0)
+    status = subprocess.run([str(BIN / "matrix-hpc"), "status", str(tmp_path / "job-out")], env=env_for(cluster), capture_output=True, text=True)
+    assert f"slurm:     job {job} (sbatch): COMPLETED" in status.stdout, status.stdout + status.stderr
+
+
+def test_submit_cli_and_python_api(cluster: SlurmCluster, tmp_path: Path) -> None:
+    cfg, rows = slurm_config(tmp_path, 4, "cli")
+    res = subprocess.run([str(BIN / "matrix-hpc"), "submit", str(cfg), "--wait"], env=env_for(cluster), capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "submitted Slurm job" in res.stdout and "exit status per node: [0, 0]" in res.stdout
+    assert_each_id_once(tmp_path / "cli-out", rows)
+
+    cfg, rows = slurm_config(tmp_path, 4, "api")
+    import matrix_hpc
+
+    with cluster.activate():
+        job = matrix_hpc.submit(str(cfg))
+        assert job.results() == [0, 0]  # type: ignore[attr-defined]
+    assert_each_id_once(tmp_path / "api-out", rows)
+    assert len(cluster_info(cfg, job.job_id)["nodes"]) == 2  # type: ignore[attr-defined]
+
+
+def test_preempted_and_requeued_runs_resume_without_redoing_work(cluster: SlurmCluster, tmp_path: Path) -> None:
+    cfg, rows = slurm_config(tmp_path, 30, "pre")
+    out = tmp_path / "pre-out"
+    job = sbatch(cluster, cfg)
+    log = lambda: job_log(cfg, job)  # noqa: E731
+    interruptions = ["preempt", "preempt", "scontrol requeue"]
+    for i, how in enumerate(interruptions):
+        base = committed_rows(out)
+        wait_until(lambda: committed_rows(out) >= base + 3, 300, f"progress before interruption {i}", log)
+        t_int = time.time()
+        if how == "preempt":  # a job on the high partition needs every node
+            subprocess.run(["sbatch", "-p", "high", "-N3", "--wrap", "sleep 2", "-o", "/dev/null"], env=env_for(cluster), check=True, capture_output=True)
+        else:
+            subprocess.run(["scontrol", "requeue", job], env=env_for(cluster), check=True)
+        wait_until(lambda: cluster.job(job).get("Restarts") == str(i + 1), 120, f"requeue {i}", log)
+        wait_until(lambda: cluster.state(job) == "RUNNING", 180, f"restart {i}", log)
+        hist = lambda: json.loads((out / "run.json").read_text()).get("history", [])  # noqa: E731
+        wait_until(lambda: len(hist()) == i + 2 and hist()[-1].get("slurm_restart") == i + 1, 120, f"life {i + 1} started", log)
+        TIMES.setdefault(f"{how}: interruption -> running again", []).append(time.time() - t_int)
+    info = cluster.wait_job(job, DONE, 600)
+    assert info["JobState"] == "COMPLETED", log()[-4000:]
+
+    records = assert_each_id_once(out, rows)
+    history = json.loads((out / "run.json").read_text())["history"]
+    assert [h.get("slurm_restart") for h in history] == [0, 1, 2, 3], history
+    assert "SIGUSR2: stopping intake" in log() and "SIGTERM: stopping intake" in log()
+    for prev, nxt in zip(history, history[1:]):
+        assert prev["status"] == "interrupted", prev
+        # Everything committed before the interruption is skipped after it, never redone:
+        assert nxt["skipped"] == prev["skipped"] + prev["committed"], (prev, nxt)
+        assert nxt["dispatched"] <= len(rows) - nxt["skipped"]
+        TIMES.setdefault("resume: previous life saved -> first task", []).append(nxt["first_task_at"] - prev["finished_at"])
+    assert sum(h["committed"] for h in history) == len(records) == len(rows)
+    assert history[-1]["status"] == "finished"
+
+
+def test_mpi_rendezvous_over_srun_pmi2(cluster: SlurmCluster, tmp_path: Path) -> None:
+    cfg, rows = slurm_config(tmp_path, 3, "mpi", **{"cluster.slurm.rendezvous": "mpi"})
+    job = sbatch(cluster, cfg, env=env_for(cluster, MATRIX_HPC_SRUN_ARGS="--mpi=pmi2"))
+    info = cluster.wait_job(job, DONE, 300)
+    assert info["JobState"] == "COMPLETED", job_log(cfg, job)[-4000:]
+    formed = cluster_info(cfg, job)
+    assert formed["via"] == "mpi" and len(formed["nodes"]) == 2
+    assert "rendezvous by mpi" in job_log(cfg, job)
+    assert not (tmp_path / "mpi-out" / "slurm" / "rendezvous" / f"{job}.0" / "head.json").exists()
+    assert_each_id_once(tmp_path / "mpi-out", rows)
+
+
+def test_two_runs_on_the_same_nodes_do_not_collide(cluster: SlurmCluster, tmp_path: Path) -> None:
+    (cfg_a, rows_a), (cfg_b, rows_b) = slurm_config(tmp_path, 4, "a"), slurm_config(tmp_path, 4, "b")
+    jobs = [sbatch(cluster, cfg, "-w", "n1,n2") for cfg in (cfg_a, cfg_b)]
+    wait_until(lambda: all(cluster.state(j) == "RUNNING" for j in jobs), 120, "both running")
+    for cfg, job in zip((cfg_a, cfg_b), jobs):
+        info = cluster.wait_job(job, DONE, 400)
+        assert info["JobState"] == "COMPLETED", job_log(cfg, job)[-4000:]
+    a, b = cluster_info(cfg_a, jobs[0]), cluster_info(cfg_b, jobs[1])
+    assert a["address"] != b["address"]  # each run its own Ray head port on n1
+    assert {n["ip"] for n in a["nodes"]} == {n["ip"] for n in b["nodes"]} == {"127.0.1.1", "127.0.1.2"}
+    assert_each_id_once(tmp_path / "a-out", rows_a)
+    assert_each_id_once(tmp_path / "b-out", rows_b)
+    temp_dirs = [Path(f"/tmp/mhpc-{j}.0") for j in jobs]  # Ray's per-job temp dirs
+    assert all(d.is_dir() for d in temp_dirs), temp_dirs
+    for d in temp_dirs:
+        shutil.rmtree(d, ignore_errors=True)
