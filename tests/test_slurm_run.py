@@ -181,7 +181,8 @@ def test_preempted_and_requeued_runs_resume_without_redoing_work(cluster: SlurmC
         # A life killed before it could save has no end fields; its commits still count.
         assert prev.get("status", "interrupted") == "interrupted", prev
         assert nxt["skipped"] >= prev["skipped"] + prev.get("committed", 0), (prev, nxt)
-        assert nxt["dispatched"] <= len(rows) - nxt["skipped"]  # the source never re-sends a stored id
+        if "dispatched" in nxt:  # the source never re-sends a stored id
+            assert nxt["dispatched"] <= len(rows) - nxt["skipped"]
         if prev.get("finished_at"):
             TIMES.setdefault("resume: previous life saved -> first task", []).append(nxt["first_task_at"] - prev["finished_at"])
     # Redone work is bounded by what was in flight at each interruption (max_in_flight = 8):
