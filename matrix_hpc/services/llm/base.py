@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import json
+import subprocess
 import logging
 import time
 import urllib.error
@@ -40,11 +41,19 @@ class LLMServer(abc.ABC):
     """Lifecycle of one OpenAI-compatible server."""
 
     model: str = "default"
+    host: str = "127.0.0.1"
+    port: int = 0
+    _proc: "subprocess.Popen[bytes] | None" = None
 
     @property
-    @abc.abstractmethod
     def base_url(self) -> str:
         """``http://host:port/v1``."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    @property
+    def pid(self) -> int | None:
+        """The server process (for vLLM also the id of its process group)."""
+        return self._proc.pid if self._proc else None
 
     @abc.abstractmethod
     def start(self) -> None:

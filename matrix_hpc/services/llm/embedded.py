@@ -75,14 +75,6 @@ class EmbeddedEngine(LLMServer):
     def __repr__(self) -> str:
         return f"EmbeddedEngine({Path(self.model_path).name}, port {self.port})"
 
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
     def start(self) -> None:
         Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
         cmd = [

@@ -118,15 +118,6 @@ class VLLMServer(LLMServer):
         return f"VLLMServer({self.model!r} from {self.model_path}, port {self.port}, {self.device})"
 
     @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
-
-    @property
-    def pid(self) -> int | None:
-        """The API server's pid, which is also the process-group id of all its processes."""
-        return self._proc.pid if self._proc else None
-
-    @property
     def command(self) -> list[str]:
         cmd = [
             self.python, "-m", ENTRYPOINT, "--model", self.model_path, "--served-model-name", self.model,
