@@ -183,7 +183,7 @@ def test_preempted_and_requeued_runs_resume_without_redoing_work(cluster: SlurmC
         assert nxt["skipped"] >= prev["skipped"] + prev.get("committed", 0), (prev, nxt)
         if "dispatched" in nxt:  # the source never re-sends a stored id
             assert nxt["dispatched"] <= len(rows) - nxt["skipped"]
-        if prev.get("finished_at"):
+        if prev.get("finished_at") and nxt.get("first_task_at"):  # a life SIGKILLed before saving has no first_task_at
             TIMES.setdefault("resume: previous life saved -> first task", []).append(nxt["first_task_at"] - prev["finished_at"])
     # Redone work is bounded by what was in flight at each interruption (max_in_flight = 8):
     redone = sum(h["dispatched"] for h in history if "dispatched" in h) - len(rows)

@@ -319,7 +319,7 @@ def test_run_end_to_end(tmp_path: Path, run_factory: Any) -> None:
             assert res["rejected_by"] in ("filter", "scorer") and isinstance(res["reason"], str) and res["reason"]
             assert roles == ROLE_PATH[res["stage"]], (rec["id"], res)
         if res.get("stage") == "rule":
-            assert rec["usage"] == {"prompt_tokens": 0, "completion_tokens": 0}
+            assert rec["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "by_role": {}, "by_model": {}}
         else:
             assert all(t["completion_tokens"] > 0 for t in rec["turns"]) and rec["usage"]["prompt_tokens"] > 0
 
