@@ -37,6 +37,31 @@ def mpi_world() -> Any:
     return MPI.COMM_WORLD
 
 
+_BCAST_BYTES = 4096  # room for the head's JSON; a fixed size lets every rank post the same buffer
+
+
+def _bcast_with_deadline(comm: Any, value: dict[str, Any] | None, rank: int, timeout_s: float) -> dict[str, Any]:
+    """Broadcast rank 0's JSON-able ``value``; other ranks give up after ``timeout_s``.
+
+    A blocking ``bcast`` spins a CPU forever when rank 0 died before sending
+    (MPI init failed there, or its node was lost); polling a non-blocking
+    ``Ibcast`` lets this rank fail with a message instead, which ends the step.
+    """
+    buf = bytearray(_BCAST_BYTES)
+    if rank == 0:
+        data = json.dumps(value).encode()
+        if len(data) >= _BCAST_BYTES:
+            raise ValueError(f"head info is {len(data)} bytes; the MPI rendezvous carries at most {_BCAST_BYTES - 1}")
+        buf[: len(data)] = data
+    req = comm.Ibcast(buf, root=0)
+    deadline = time.monotonic() + timeout_s
+    while not req.Test():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank}: no head address from rank 0 by MPI broadcast after {timeout_s:.0f}s")
+        time.sleep(0.05)
+    return json.loads(bytes(buf).rstrip(b"\0"))
+
+
 class Rendezvous:
     def __init__(self, folder: str | os.PathLike[str], rank: int, size: int, mode: str = "auto") -> None:
         self.folder = Path(folder)
@@ -58,7 +83,7 @@ class Rendezvous:
             comm = mpi_world()
             if comm.Get_size() != self.size:
                 raise RuntimeError(f"MPI world has {comm.Get_size()} ranks, the allocation {self.size} tasks")
-            info = comm.bcast(head if self.rank == 0 else None, root=0)
+            info = _bcast_with_deadline(comm, head if self.rank == 0 else None, self.rank, timeout_s)
             log.info("rank %d got the head address by MPI broadcast: %s", self.rank, info["address"])
             return dict(info, via="mpi")
         if self.rank == 0:
