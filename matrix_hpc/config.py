@@ -223,8 +223,9 @@ class RunConfig:
     health_interval_s: float = 1.0
     """Seconds between liveness checks of the actors."""
     stop_grace_s: float = 10.0
-    """On SIGTERM/USR2: how long tasks in flight may finish before the rest are abandoned
-    (they are not in the store, so the resumed run does them again)."""
+    """On a stop (Ctrl-C, SIGTERM; on Slurm only USR2, since a Slurm TERM means KILL is near):
+    how long tasks in flight may finish before the rest are abandoned (they are not in
+    the store, so the resumed run does them again)."""
 
 
 @dataclass

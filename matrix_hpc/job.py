@@ -161,7 +161,7 @@ def run_job(
         say(f"{config.llm.engine} LLM endpoint(s) ready in {time.monotonic() - t0:.1f}s: {', '.join(urls)}")
         team = Team(_team_spec(config, run_id, namespace, urls, service.name), config.workflow.entry, str(root), config.output.chunk_rows, config.output.flush_interval_s, config.output.fsync)
         asyncio.run(team.start())
-        info.update(status="running", ray_address=cluster.address, ray_logs=f"{cluster.session_dir}/logs", llm=service.endpoints, actors=team.pids)
+        info.update(status="running", ray_address=cluster.address, ray_logs=f"{cluster.session_dir}/logs", llm=service.endpoints, actors=team.pids, actor_hosts=team.hosts)
         _write_run_info(root, info)
         progress.started_at = time.monotonic()
         tasks = iter_tasks(opts, done, progress.source_counts)

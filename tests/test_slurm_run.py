@@ -230,6 +230,31 @@ def test_mpi_rendezvous_fails_with_a_message_when_rank0_is_gone(cluster: SlurmCl
     assert time.monotonic() - t0 < 60
 
 
+def test_heterogeneous_job_puts_services_on_gpu_nodes_and_agents_on_cpu_nodes(cluster: SlurmCluster, tmp_path: Path) -> None:
+    # The header edit a user makes for these nodes (4 CPUs, no GPUs): one node per group.
+    text = (REPO / "sbatch" / "matrix_hpc_het.sbatch").read_text()
+    script = tmp_path / "het.sbatch"
+    script.write_text(text.replace("--cpus-per-task=16", "--cpus-per-task=2").replace("#SBATCH --nodes=2", "#SBATCH --nodes=1"))
+    cfg, rows = slurm_config(tmp_path, 6, "het")
+    res = subprocess.run(
+        ["sbatch", "--parsable", f"--output={tmp_path / 'het-%j.out'}", str(script), str(cfg)],
+        env=env_for(cluster), capture_output=True, text=True, cwd=REPO, check=True,
+    )  # fmt: skip
+    job = res.stdout.strip().split(";")[0]
+    info = cluster.wait_job(job, DONE, 300)
+    assert info["JobState"] == "COMPLETED", job_log(cfg, job)[-4000:]
+    nodes = {n["hostname"]: n["resources"] for n in cluster_info(cfg, job)["nodes"]}
+    gpu = [h for h, r in nodes.items() if "matrix_gpu_node" in r]
+    cpu = [h for h, r in nodes.items() if "matrix_cpu_node" in r]
+    assert len(gpu) == len(cpu) == 1 and gpu != cpu, nodes  # each group labelled only as itself
+    run = json.loads((tmp_path / "het-out" / "run.json").read_text())
+    agent_hosts = {h for name, h in run["actor_hosts"].items() if "__sink__" not in name}
+    assert agent_hosts == set(cpu), run["actor_hosts"]
+    ip = {"n1": "127.0.1.1", "n2": "127.0.1.2", "n3": "127.0.1.3"}[gpu[0]]
+    assert all(e["url"].startswith(f"http://{ip}:") for e in run["llm"]), run["llm"]  # the replica ran on the GPU node
+    assert_each_id_once(tmp_path / "het-out", rows)
+
+
 def test_two_runs_on_the_same_nodes_do_not_collide(cluster: SlurmCluster, tmp_path: Path) -> None:
     (cfg_a, rows_a), (cfg_b, rows_b) = slurm_config(tmp_path, 4, "a"), slurm_config(tmp_path, 4, "b")
     jobs = [sbatch(cluster, cfg, "-w", "n1,n2") for cfg in (cfg_a, cfg_b)]

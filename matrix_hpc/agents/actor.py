@@ -12,6 +12,7 @@ import asyncio
 import importlib
 import logging
 import os
+import socket
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -182,8 +183,9 @@ class AgentActor:
         self.steps += 1
         await run_step(agent, task, role, self.team.roles)
 
-    def ping(self) -> tuple[str, int]:
-        return self.incarnation, os.getpid()
+    def ping(self) -> tuple[str, int, str]:
+        """(incarnation, pid, host): a new incarnation means Ray restarted this actor."""
+        return self.incarnation, os.getpid(), socket.gethostname()
 
     def held_ids(self) -> list[str]:
         ids = list(self._running)

@@ -27,7 +27,11 @@ log = logging.getLogger(__name__)
 
 
 class StopFlag(Protocol):
-    """Set from a signal handler (a ``threading.Event`` fits): stop intake and return."""
+    """Set from a signal handler (a ``threading.Event`` fits): stop intake and return.
+
+    A flag may also carry ``grace_s``, which caps ``stop_grace_s`` and may shrink
+    while the run is stopping (a SIGTERM after a SIGUSR2: the KILL is near).
+    """
 
     def is_set(self) -> bool: ...
 
@@ -92,6 +96,7 @@ async def drive(
     need_recovery = False
     next_health = time.monotonic() + health_interval_s
     stop_deadline: float | None = None
+    stop_started = 0.0
 
     async def resend(lost: list[str]) -> None:
         again, gave_up = [], []
@@ -132,9 +137,12 @@ async def drive(
 
     while True:
         stopping = stop is not None and stop.is_set()
-        if stopping and stop_deadline is None:
-            stop_deadline = time.monotonic() + stop_grace_s
-            log.warning("stopping: no new tasks; %d in flight get %.0fs to finish", len(inflight), stop_grace_s)
+        if stopping:
+            grace = min(stop_grace_s, getattr(stop, "grace_s", stop_grace_s))
+            if stop_deadline is None:
+                stop_started = time.monotonic()
+                log.warning("stopping: no new tasks; %d in flight get %.0fs to finish", len(inflight), grace)
+            stop_deadline = stop_started + grace
         # Intake, bounded by max_in_flight; already-failed rows go straight to the sink.
         new_tasks: list[Task] = []
         prefailed: list[RecordRow] = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 import uuid
 from collections import Counter
@@ -130,8 +131,9 @@ class SinkActor:
         pending = set(self.held_ids())
         return [i for i in ids if i in self.writer.ids and i not in pending]
 
-    def ping(self) -> tuple[str, int]:
-        return self.incarnation, os.getpid()
+    def ping(self) -> tuple[str, int, str]:
+        """(incarnation, pid, host): a new incarnation means Ray restarted this actor."""
+        return self.incarnation, os.getpid(), socket.gethostname()
 
     def held_ids(self) -> list[str]:
         return [r.id for r in self._committing] + self.writer.pending_ids()

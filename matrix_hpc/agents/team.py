@@ -46,6 +46,7 @@ class Team:
         self._rr = 0
         self.incarnations: dict[str, str] = {}
         self.pids: dict[str, int] = {}
+        self.hosts: dict[str, str] = {}
 
     def _all(self) -> dict[str, Any]:
         named = {sink_name(self.spec.run_id): self.sink}
@@ -60,9 +61,9 @@ class Team:
             replies = await asyncio.wait_for(asyncio.gather(*(h.ping.remote() for h in self._all().values())), timeout_s)
         except RayActorError as exc:
             raise TeamError(f"an actor failed to start: {exc}") from None
-        for name, (inc, pid) in zip(names, replies):
+        for name, (inc, pid, host) in zip(names, replies):
             self.incarnations[name] = inc
-            self.pids[name] = pid
+            self.pids[name], self.hosts[name] = pid, host
 
     async def check(self, timeout_s: float = 5.0) -> tuple[list[str], list[str]]:
         """(restarted, unreachable) actor names since the last check."""
@@ -81,11 +82,11 @@ class Team:
                     role = name.split("/")[-2]
                     dead_by_role[role] = dead_by_role.get(role, 0) + 1
                 continue
-            inc, pid = reply
+            inc, pid, host = reply
             if self.incarnations.get(name) != inc:
                 restarted.append(name)
                 self.incarnations[name] = inc
-                self.pids[name] = pid
+                self.pids[name], self.hosts[name] = pid, host
         for role, n in dead_by_role.items():
             total = 1 if role == "__sink__" else len(self.actors[role])
             if n >= total:

@@ -95,20 +95,33 @@ def _requeue(job_id: str) -> bool:
 
 
 class _Signals:
-    """USR2/TERM/INT set ``stop``; the first one's name is kept as the reason."""
+    """The run's stop flag, set by USR2/TERM/INT; the first signal's name is the reason.
+
+    USR2 is Slurm's early warning (``--signal``, preemption with GraceTime): tasks in
+    flight get ``run.stop_grace_s``. TERM or INT means a KILL follows within
+    KillWait seconds (``scontrol requeue``, ``scancel``, the end of GraceTime):
+    abandon what is in flight and save at once (``grace_s`` = 0).
+    """
 
     def __init__(self) -> None:
-        self.stop = threading.Event()
+        self._event = threading.Event()
         self.reason: str | None = None
+        self.grace_s = float("inf")
         for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on)
 
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
     def _on(self, signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
-        if not self.stop.is_set():
+        if signum != signal.SIGUSR2:
+            self.grace_s = 0.0
+        if not self._event.is_set():
             self.reason = name
-            print(f"{name}: stopping intake, finishing what is in flight, saving", file=sys.stderr, flush=True)
-        self.stop.set()
+            what = "finishing what is in flight" if signum == signal.SIGUSR2 else "abandoning what is in flight"
+            print(f"{name}: stopping intake, {what}, saving", file=sys.stderr, flush=True)
+        self._event.set()
 
 
 def run_node(config_path: str, overrides: list[str], node_type: str = "both") -> int:
@@ -133,7 +146,7 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
             say(f"joined the Ray head at {head['address']} (rendezvous by {head['via']})")
             give_up: float | None = None
             while not rdv.finished() and ray_node.alive():
-                if signals.stop.is_set() and signals.reason != "SIGUSR2" and give_up is None:
+                if signals.is_set() and signals.reason != "SIGUSR2" and give_up is None:
                     give_up = time.monotonic() + config.run.stop_grace_s + 15  # let rank 0 save first
                 if give_up is not None and time.monotonic() > give_up:
                     break
@@ -153,7 +166,7 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
 
         from ..job import run_job  # the job layer sits above the cluster layer
 
-        summary = run_job(config, on_event=say, stop=signals.stop)
+        summary = run_job(config, on_event=say, stop=signals)
         p = summary.progress
         say(f"run {'finished' if p.finished else 'stopped'}: {p.ok} done, {p.failed} failed this run; store {summary.store['records']} records; output {summary.output}")
         if p.finished:
