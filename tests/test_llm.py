@@ -13,7 +13,7 @@ from matrix_hpc.services.llm import ChatClient, EmbeddedEngine, LLMError
 from matrix_hpc.services.llm.embedded import free_port
 
 
-async def _flaky_server(fail_first: int, status: int) -> tuple[web.AppRunner, str, dict[str, int]]:
+async def _flaky_server(fail_first: int, status: int, port: int | None = None) -> tuple[web.AppRunner, str, dict[str, int]]:
     seen = {"n": 0}
 
     async def chat(request: web.Request) -> web.Response:
@@ -27,7 +27,7 @@ async def _flaky_server(fail_first: int, status: int) -> tuple[web.AppRunner, st
     app.router.add_post("/v1/chat/completions", chat)
     runner = web.AppRunner(app)
     await runner.setup()
-    port = free_port()
+    port = port or free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     return runner, f"http://127.0.0.1:{port}/v1", seen
 
@@ -72,6 +72,56 @@ def test_dead_endpoint_fails_over_to_live_one() -> None:
         client = ChatClient([dead, url], max_retries=1, retry_backoff_s=0.01)
         results = await asyncio.gather(*(client.chat([{"role": "user", "content": str(i)}]) for i in range(10)))
         assert all(r.endpoint == url for r in results)
+        await client.close()
+        await runner.cleanup()
+
+    asyncio.run(main())
+
+
+def test_server_down_then_back_on_its_port_costs_no_attempts() -> None:
+    # A killed server that a registry restarts on the same port: calls wait for it
+    # (up to timeout_s), however many times they find the port closed meanwhile.
+    async def main() -> None:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}/v1"
+        client = ChatClient([url], max_retries=0, retry_backoff_s=0.05, timeout_s=20)
+        calls = [asyncio.create_task(client.chat([{"role": "user", "content": str(i)}])) for i in range(5)]
+        await asyncio.sleep(3.0)  # longer than one look-again period: several refused connections
+        assert not any(c.done() for c in calls)
+        runner, _, seen = await _flaky_server(fail_first=0, status=200, port=port)
+        t0 = time.monotonic()
+        results = await asyncio.gather(*calls)
+        assert [r.text for r in results] == [f"echo {i}" for i in range(5)] and seen["n"] == 5
+        assert time.monotonic() - t0 < 5
+        await client.close()
+        await runner.cleanup()
+
+    asyncio.run(main())
+
+
+def test_connections_dropped_mid_request_count_as_attempts_and_name_the_server() -> None:
+    # A request that kills its server every time must not hold the task until the deadline.
+    async def main() -> None:
+        seen = {"n": 0}
+
+        async def chat(request: web.Request) -> web.Response:
+            seen["n"] += 1
+            assert request.transport is not None
+            request.transport.close()  # the server "dies" with the request in flight
+            return web.Response(text="never sent")
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", chat)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        client = ChatClient([f"http://127.0.0.1:{port}/v1"], max_retries=1, retry_backoff_s=0.01, timeout_s=60)
+        t0 = time.monotonic()
+        with pytest.raises(LLMError) as err:
+            await client.chat([{"role": "user", "content": "hi"}])
+        assert err.value.kind == "llm_unavailable" and f"cannot reach http://127.0.0.1:{port}/v1" in str(err.value), err.value
+        assert "after 2 attempts" in str(err.value) and seen["n"] == 2 and time.monotonic() - t0 < 10
         await client.close()
         await runner.cleanup()
 

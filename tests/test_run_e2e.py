@@ -159,7 +159,7 @@ def test_killed_engine_is_restarted_and_no_task_is_lost(tmp_path: Path, run_fact
         if rec["status"] == "failed":
             assert rec["error"]["kind"] == "llm_unavailable", rec["error"]
             msg = rec["error"]["message"]
-            assert (before["url"] in msg and "after 3 attempts" in msg) or "no healthy endpoint (all down or restarting)" in msg, msg
+            assert (before["url"] in msg and "after 3 attempts" in msg) or "no healthy endpoint (all down, unreachable or restarting)" in msg, msg
     (after,) = json.loads((out / "run.json").read_text())["llm"]
     assert after["restarts"] == 1 and after["state"] == "up" and after["pid"] != before["pid"], after
     assert after["url"] == before["url"]  # same port again: sticky routes stay valid

@@ -199,7 +199,6 @@ def test_validate_vllm_args() -> None:
     print(f"\nvalidation took {took:.1f}s")
 
 
-@pytest.mark.wip  # not yet run here
 def test_workflow_on_vllm_service_survives_a_killed_server(hf_model: str, tmp_path: Path, run_factory: Any) -> None:
     """Through the framework: registry + replica actor start vLLM; SIGKILL mid-run; restart; nothing lost."""
     from .conftest import committed_rows, job_config, questions, store_records, wait_for, write_jsonl

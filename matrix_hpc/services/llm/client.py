@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 Message = dict[str, str]  # {"role": ..., "content": ...}, the OpenAI wire shape
 
 _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+_RECHECK_S = 2.0  # how long an unreachable endpoint stays out of routing unless listed again
 
 
 class LLMError(RuntimeError):
@@ -87,6 +88,8 @@ class ChatClient:
         self.base_urls: list[str] = []
         self._outstanding: dict[str, int] = {}
         self._cool_until: dict[str, float] = {}
+        self._unreachable_until: dict[str, float] = {}
+        """Endpoints a connection failed to, left out of routing until then (or until listed anew)."""
         self.served: dict[str, int] = {}
         """Completed requests per endpoint (for reports)."""
         self._changed: asyncio.Condition | None = None
@@ -95,8 +98,11 @@ class ChatClient:
 
     def set_endpoints(self, urls: list[str]) -> None:
         """Route over ``urls`` from now on; requests already sent elsewhere finish there."""
+        listed = set(self.base_urls)
         self.base_urls = [u.rstrip("/") for u in urls]
         for u in self.base_urls:
+            if u not in listed:  # back in routing (e.g. restarted): reachable again
+                self._unreachable_until.pop(u, None)
             self._outstanding.setdefault(u, 0)
             self.served.setdefault(u, 0)
         self._notify()
@@ -117,7 +123,7 @@ class ChatClient:
     def _pick(self, prefer: str | None, exclude: str | None) -> str | None:
         """An endpoint with room, or None. Cooling endpoints only when nothing else has room."""
         now = time.monotonic()
-        room = [u for u in self.base_urls if self._outstanding[u] < self.per_endpoint]
+        room = [u for u in self.base_urls if self._outstanding[u] < self.per_endpoint and self._unreachable_until.get(u, 0.0) <= now]
         if prefer in room and self._cool_until.get(prefer, 0.0) <= now:  # type: ignore[operator]
             return prefer
         warm = [u for u in room if self._cool_until.get(u, 0.0) <= now]
@@ -129,7 +135,10 @@ class ChatClient:
 
     def _has_alternative(self, url: str | None) -> bool:
         now = time.monotonic()
-        return any(u != url and self._cool_until.get(u, 0.0) <= now and self._outstanding[u] < self.per_endpoint for u in self.base_urls)
+        return any(
+            u != url and max(self._cool_until.get(u, 0.0), self._unreachable_until.get(u, 0.0)) <= now and self._outstanding[u] < self.per_endpoint
+            for u in self.base_urls
+        )  # fmt: skip
 
     async def _acquire(self, prefer: str | None, exclude: str | None, deadline: float) -> str:
         if self._changed is None:
@@ -138,7 +147,11 @@ class ChatClient:
         while url is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                what = "every endpoint stayed at its request limit" if self.base_urls else "no healthy endpoint (all down or restarting)"
+                now = time.monotonic()
+                if any(self._unreachable_until.get(u, 0.0) <= now for u in self.base_urls):
+                    what = "every endpoint stayed at its request limit"
+                else:
+                    what = "no healthy endpoint (all down, unreachable or restarting)"
                 raise LLMError("llm_unavailable", f"{what} for {self.timeout.total:.0f}s")
             async with self._changed:
                 try:
@@ -172,14 +185,19 @@ class ChatClient:
         """
         body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature, **extra}
         session = await self._get_session()
+        deadline = time.monotonic() + (self.timeout.total or 120.0)
         last_url: str | None = None
         last_error = ""
-        for attempt in range(self.max_retries + 1):
-            if attempt and not self._has_alternative(last_url):  # fail over at once; back off only on the same server
+        attempt = outages = 0  # failed answers count against max_retries; unreachable servers against the deadline
+        while attempt <= self.max_retries:
+            if attempt and not outages and not self._has_alternative(last_url):  # fail over at once; back off only on the same server
                 delay = self.retry_backoff_s * 2 ** (attempt - 1)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))
-            url = await self._acquire(prefer if attempt == 0 else None, last_url, time.monotonic() + (self.timeout.total or 120.0))
-            last_url = url
+            try:
+                url = await self._acquire(prefer if last_url is None else None, last_url, deadline)
+            except LLMError as exc:
+                raise LLMError(exc.kind, f"{exc}; last error: {last_error}" if last_error else str(exc)) from None
+            last_url, outages = url, 0
             started = time.monotonic()
             try:
                 async with session.post(f"{url}/chat/completions", json=body) as resp:
@@ -187,17 +205,28 @@ class ChatClient:
                         last_error = f"HTTP {resp.status} from {url}: {(await resp.text())[:200]}"
                         if resp.status in (429, 503):  # overloaded: let it drain
                             self._cool_until[url] = time.monotonic() + self.retry_backoff_s * 2**attempt
+                        attempt += 1
                         continue
                     if resp.status != 200:
                         raise LLMError("llm_http", f"HTTP {resp.status} from {url}: {(await resp.text())[:200]}")
                     data = await resp.json(content_type=None)
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
                 last_error = f"cannot reach {url}: {exc.__class__.__name__}: {exc}"
+                # Leave the server out of routing for a while; the registry probes it now
+                # and lists it again once restarted. Refused connections (nothing listening:
+                # killed, restarting) wait for it up to the deadline; a connection dropped
+                # mid-request counts as an attempt, since the request itself may be the cause.
+                self._unreachable_until[url] = time.monotonic() + _RECHECK_S
+                if isinstance(exc, aiohttp.ClientConnectorError):
+                    outages = 1
+                else:
+                    attempt += 1
                 if self.on_endpoint_error is not None:
                     self.on_endpoint_error(url)
                 continue
             except TimeoutError:
                 last_error = f"timed out after {self.timeout.total}s waiting for {url}"
+                attempt += 1
                 continue
             finally:
                 self._release(url)
