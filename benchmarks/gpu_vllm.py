@@ -168,6 +168,8 @@ def main() -> None:
     ap.add_argument("--vllm-arg", action="append", default=[], metavar="ARG", help="extra vllm serve flag (repeatable), e.g. --vllm-arg=--enable-prefix-caching")
     ap.add_argument("--startup-timeout-s", type=float, default=1200.0)
     args = ap.parse_args()
+    if Path(args.model).exists():  # a local folder: absolute, since the clients run elsewhere
+        args.model = str(Path(args.model).resolve())
     with tempfile.TemporaryDirectory(prefix="gpu-vllm-") as t:
         tmp = Path(t)
         proc, url, log = start_service(args, tmp)
