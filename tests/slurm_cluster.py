@@ -39,7 +39,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,17 @@ PLUGIN_DIRS = ["/usr/lib/x86_64-linux-gnu/slurm-wlm", "/usr/lib/aarch64-linux-gn
 
 class SlurmClusterError(RuntimeError):
     pass
+
+
+def wait_until(pred: Callable[[], Any], timeout: float, what: str, logs: Callable[[], str] | None = None) -> Any:
+    """Poll ``pred`` until it is truthy (returned); else fail naming ``what``, with the tail of ``logs()``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out ({timeout:.0f}s) waiting for {what}" + (f"\n{logs()[-4000:]}" if logs else ""))
 
 
 def missing_binaries() -> dict[str, str]:

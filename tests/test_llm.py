@@ -13,6 +13,17 @@ from matrix_hpc.services.llm import ChatClient, EmbeddedEngine, LLMError
 from matrix_hpc.services.llm.embedded import free_port
 
 
+async def _serve(chat: Any, port: int | None = None) -> tuple[web.AppRunner, str]:
+    """A real HTTP server on loopback whose /v1/chat/completions is ``chat``; (runner, base URL)."""
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = port or free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}/v1"
+
+
 async def _flaky_server(fail_first: int, status: int, port: int | None = None) -> tuple[web.AppRunner, str, dict[str, int]]:
     seen = {"n": 0}
 
@@ -23,13 +34,8 @@ async def _flaky_server(fail_first: int, status: int, port: int | None = None) -
         body = await request.json()
         return web.json_response({"choices": [{"message": {"content": f"echo {body['messages'][-1]['content']}"}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 5, "completion_tokens": 2}})
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = port or free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner, f"http://127.0.0.1:{port}/v1", seen
+    runner, url = await _serve(chat, port)
+    return runner, url, seen
 
 
 @pytest.mark.parametrize("status", [429, 503])
@@ -110,17 +116,12 @@ def test_connections_dropped_mid_request_count_as_attempts_and_name_the_server()
             request.transport.close()  # the server "dies" with the request in flight
             return web.Response(text="never sent")
 
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", chat)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        client = ChatClient([f"http://127.0.0.1:{port}/v1"], max_retries=1, retry_backoff_s=0.01, timeout_s=60)
+        runner, url = await _serve(chat)
+        client = ChatClient([url], max_retries=1, retry_backoff_s=0.01, timeout_s=60)
         t0 = time.monotonic()
         with pytest.raises(LLMError) as err:
             await client.chat([{"role": "user", "content": "hi"}])
-        assert err.value.kind == "llm_unavailable" and f"cannot reach http://127.0.0.1:{port}/v1" in str(err.value), err.value
+        assert err.value.kind == "llm_unavailable" and f"cannot reach {url}" in str(err.value), err.value
         assert "after 2 attempts" in str(err.value) and seen["n"] == 2 and time.monotonic() - t0 < 10
         await client.close()
         await runner.cleanup()
@@ -168,13 +169,8 @@ async def _counting_server(delay_s: float = 0.05, status: int = 200) -> tuple[we
         finally:
             seen["open"] -= 1
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner, f"http://127.0.0.1:{port}/v1", seen
+    runner, url = await _serve(chat)
+    return runner, url, seen
 
 
 def test_least_outstanding_spreads_and_prefer_sticks() -> None:

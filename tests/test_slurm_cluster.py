@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.slurm_cluster import SlurmCluster, missing_binaries
+from tests.slurm_cluster import SlurmCluster, missing_binaries, wait_until
 
 pytestmark = [
     pytest.mark.slurm,
@@ -58,16 +58,6 @@ def _no_jobs_left(cluster: SlurmCluster) -> Iterator[None]:
     cluster.wait_idle(timeout=30)
 
 
-def wait_for(pred: Any, timeout: float, what: str, cluster: SlurmCluster | None = None) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out ({timeout}s) waiting for {what}" + (f"\n{cluster.logs()[-4000:]}" if cluster else ""))
-
-
 def wait_done(cluster: SlurmCluster, job: str, timeout: float = 60) -> dict[str, str]:
     return cluster.wait_job(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout)
 
@@ -91,7 +81,7 @@ def test_batch_job_on_two_nodes_is_accounted(cluster: SlurmCluster, tmp_path: Pa
     hosts = (tmp_path / f"{job}.out").read_text().split()
     assert len(hosts) == 2 and len(set(hosts)) == 2 and set(hosts) <= {"n1", "n2", "n3"}, hosts
     # slurmdbd gets the record asynchronously: poll
-    wait_for(lambda: cluster.sacct_state(job) == "COMPLETED", 20, f"sacct COMPLETED for {job}")
+    wait_until(lambda: cluster.sacct_state(job) == "COMPLETED", 20, f"sacct COMPLETED for {job}")
     TIMINGS["sbatch -> sacct COMPLETED"] = time.monotonic() - t0
 
 
@@ -186,7 +176,7 @@ srun {PY} {tmp_path}/step.py {sig_log}
     def started(restart: str) -> bool:
         return len({h for _, h, r, w in _events(sig_log) if w == "start" and r == restart}) == 3
 
-    wait_for(lambda: started("0"), 30, "low job's 3 steps", cluster)
+    wait_until(lambda: started("0"), 30, "low job's 3 steps", cluster.logs)
     t0 = time.time()
     high = cluster.sbatch("-p", "high", "-N1", "-o", "/dev/null", "--wrap", "sleep 2")
     cluster.wait_job(high, {"RUNNING", "COMPLETING", "COMPLETED"}, timeout=30, poll=0.05)
@@ -210,8 +200,8 @@ srun {PY} {tmp_path}/step.py {sig_log}
     TIMINGS["preempt: high submit -> USR2 at steps"] = min(
         t for t, h, r, w in _events(sig_log) if w == "SIGUSR2") - t0  # fmt: skip
     assert cluster.job(low)["JobId"] == low
-    wait_for(lambda: "PREEMPTED" in cluster.run(["sacct", "-D", "-X", "-n", "-P", "-j", low, "-o", "State"]).stdout,
-             20, "sacct PREEMPTED record")  # fmt: skip
+    wait_until(lambda: "PREEMPTED" in cluster.run(["sacct", "-D", "-X", "-n", "-P", "-j", low, "-o", "State"]).stdout,
+               20, "sacct PREEMPTED record")  # fmt: skip
 
     # an explicit requeue (what submitit's checkpoint does): TERM to the steps, no USR2
     n_before = len(_events(sig_log))
@@ -219,7 +209,7 @@ srun {PY} {tmp_path}/step.py {sig_log}
     cluster.run(["scontrol", "requeue", low])
     cluster.wait_job(low, {"PENDING"}, timeout=30, poll=0.05)
     TIMINGS["scontrol requeue -> PENDING"] = time.time() - t1
-    wait_for(lambda: started("2"), 60, "low job after scontrol requeue", cluster)
+    wait_until(lambda: started("2"), 60, "low job after scontrol requeue", cluster.logs)
     TIMINGS["scontrol requeue -> running again"] = time.time() - t1
     assert cluster.job(low)["Restarts"] == "2"
     second = [w for t, h, r, w in _events(sig_log)[n_before:] if r == "1"]
@@ -283,7 +273,7 @@ def test_submitit_two_node_job(cluster: SlurmCluster, tmp_path: Path) -> None:
         assert executor.cluster == "slurm"
         executor.update_parameters(slurm_partition="low", nodes=2, tasks_per_node=1, timeout_min=5)
         job = executor.submit(where, 7)
-        wait_for(job.done, 60, f"submitit job {job.job_id}", cluster)
+        wait_until(job.done, 60, f"submitit job {job.job_id}", cluster.logs)
         results = job.results()
         TIMINGS["submitit submit -> results()"] = time.monotonic() - t0
     assert [r["rank"] for r in results] == [0, 1]

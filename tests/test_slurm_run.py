@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from .conftest import BIN, REPO, committed_rows, questions, store_records, write_jsonl
-from .slurm_cluster import SlurmCluster, missing_binaries
+from .slurm_cluster import SlurmCluster, missing_binaries, wait_until
 
 pytestmark = [
     pytest.mark.slurm,
@@ -91,16 +91,6 @@ def sbatch(cluster: SlurmCluster, cfg: Path, *flags: str, env: dict[str, str] | 
 def job_log(cfg: Path, job_id: str) -> str:
     path = cfg.parent / f"{cfg.stem}-{job_id}.out"
     return path.read_text(errors="replace") if path.exists() else ""
-
-
-def wait_until(pred: Any, timeout: float, what: str, log: Any = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out ({timeout:.0f}s) waiting for {what}" + (f"\n{log()[-4000:]}" if log else ""))
 
 
 def assert_each_id_once(out: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

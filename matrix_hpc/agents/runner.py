@@ -95,8 +95,8 @@ async def drive(
     exhausted = False
     need_recovery = False
     next_health = time.monotonic() + health_interval_s
-    stop_deadline: float | None = None
-    stop_started = 0.0
+    stop_started: float | None = None
+    grace = stop_grace_s
 
     async def resend(lost: list[str]) -> None:
         again, gave_up = [], []
@@ -138,11 +138,10 @@ async def drive(
     while True:
         stopping = stop is not None and stop.is_set()
         if stopping:
-            grace = min(stop_grace_s, getattr(stop, "grace_s", stop_grace_s))
-            if stop_deadline is None:
+            grace = min(stop_grace_s, getattr(stop, "grace_s", stop_grace_s))  # read each round: it may shrink
+            if stop_started is None:
                 stop_started = time.monotonic()
                 log.warning("stopping: no new tasks; %d in flight get %.0fs to finish", len(inflight), grace)
-            stop_deadline = stop_started + grace
         # Intake, bounded by max_in_flight; already-failed rows go straight to the sink.
         new_tasks: list[Task] = []
         prefailed: list[RecordRow] = []
@@ -190,7 +189,7 @@ async def drive(
 
         if (exhausted or stopping) and inflight and not active:
             await team.sink.flush.remote()  # the last tasks are in: no need to wait for the timer
-        if (exhausted and not inflight) or (stopping and (not inflight or time.monotonic() >= stop_deadline)):  # type: ignore[operator]
+        if (exhausted and not inflight) or (stopping and (not inflight or time.monotonic() >= stop_started + grace)):  # type: ignore[operator]
             progress.finished = exhausted and not inflight
             progress.interrupted = stopping and not progress.finished
             return progress

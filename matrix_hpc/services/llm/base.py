@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import abc
 import json
-import subprocess
 import logging
+import subprocess
 import time
 import urllib.error
 import urllib.request

@@ -188,16 +188,17 @@ class ChatClient:
         deadline = time.monotonic() + (self.timeout.total or 120.0)
         last_url: str | None = None
         last_error = ""
-        attempt = outages = 0  # failed answers count against max_retries; unreachable servers against the deadline
+        attempt = 0  # failed answers count against max_retries; refused connections against the deadline
+        refused = False  # the last try found nothing listening: _acquire already waits, no back-off
         while attempt <= self.max_retries:
-            if attempt and not outages and not self._has_alternative(last_url):  # fail over at once; back off only on the same server
+            if attempt and not refused and not self._has_alternative(last_url):  # fail over at once; back off only on the same server
                 delay = self.retry_backoff_s * 2 ** (attempt - 1)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))
             try:
                 url = await self._acquire(prefer if last_url is None else None, last_url, deadline)
             except LLMError as exc:
                 raise LLMError(exc.kind, f"{exc}; last error: {last_error}" if last_error else str(exc)) from None
-            last_url, outages = url, 0
+            last_url, refused = url, False
             started = time.monotonic()
             try:
                 async with session.post(f"{url}/chat/completions", json=body) as resp:
@@ -217,10 +218,8 @@ class ChatClient:
                 # killed, restarting) wait for it up to the deadline; a connection dropped
                 # mid-request counts as an attempt, since the request itself may be the cause.
                 self._unreachable_until[url] = time.monotonic() + _RECHECK_S
-                if isinstance(exc, aiohttp.ClientConnectorError):
-                    outages = 1
-                else:
-                    attempt += 1
+                refused = isinstance(exc, aiohttp.ClientConnectorError)
+                attempt += 0 if refused else 1
                 if self.on_endpoint_error is not None:
                     self.on_endpoint_error(url)
                 continue
