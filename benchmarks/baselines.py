@@ -21,8 +21,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from matrix_hpc.agents import Agent, AgentContext, Task
-from matrix_hpc.agents.agent import run_step
-from matrix_hpc.agents.actor import load_object
+from matrix_hpc.runtime.agent import run_step
+from matrix_hpc.runtime.actor import load_object
 from matrix_hpc.config import JobConfig
 from matrix_hpc.services.llm import ChatClient
 

@@ -32,7 +32,7 @@ import yaml
 
 from benchmarks.baselines import Finished, run_batch_sync, run_central, run_ray_data
 from benchmarks.latency_engine import LatencyModel
-from matrix_hpc.agents.source import SourceOptions, iter_tasks
+from matrix_hpc.runtime.source import SourceOptions, iter_tasks
 from matrix_hpc.config import load_config, resolve_dataset_path
 from matrix_hpc.services.llm import probe_generation
 from matrix_hpc.services.llm.embedded import free_port

@@ -109,7 +109,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _print_slurm(output: Path) -> None:
     """The run's Slurm jobs and their state (from sacct/scontrol), if it had any."""
-    from .cluster.jobs import job_states, run_jobs
+    from .cluster.slurm.jobs import job_states, run_jobs
 
     jobs = run_jobs(output)
     if not jobs:
@@ -136,7 +136,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from .cluster.jobs import cancel
+    from .cluster.slurm.jobs import cancel
 
     cancelled = cancel(args.output)
     print(f"cancelled {', '.join(cancelled)}" if cancelled else "no running or pending job for this output")
@@ -211,8 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .agents.source import DatasetError
-    from .agents.team import TeamError
+    from .runtime.source import DatasetError
+    from .runtime.team import TeamError
     from .config import ConfigError
     from .services.llm import ServerStartError
     from .store import StoreError, StoreLockedError

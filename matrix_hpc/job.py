@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .agents.actor import RoleSpec, TeamSpec, load_object
-from .agents.runner import RunProgress, StopFlag, drive
-from .agents.source import SourceOptions, count_rows, iter_tasks
-from .agents.team import Team
-from .agents.usage import usage_summary
+from .runtime.actor import RoleSpec, TeamSpec, load_object
+from .runtime.runner import RunProgress, StopFlag, drive
+from .runtime.source import SourceOptions, count_rows, iter_tasks
+from .runtime.team import Team
+from .runtime.usage import usage_summary
 from .cluster import start_ray
 from .config import JobConfig, resolve_dataset_path
 from .procs import pid_alive

@@ -6,7 +6,7 @@ import sys
 import time
 from typing import TextIO
 
-from .agents.runner import RunProgress
+from .runtime.runner import RunProgress
 
 __all__ = ["ProgressDisplay", "format_progress"]
 

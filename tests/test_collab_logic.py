@@ -77,8 +77,8 @@ def test_metrics() -> None:
 
 
 def test_inline_roles_must_not_call_an_llm() -> None:
-    from matrix_hpc.agents.actor import RoleSpec, TeamSpec
-    from matrix_hpc.agents.team import Team, TeamError
+    from matrix_hpc.runtime.actor import RoleSpec, TeamSpec
+    from matrix_hpc.runtime.team import Team, TeamError
 
     roles = {
         "teacher": RoleSpec("workflows.collab_reasoning.agents:Speaker", 1, 1, inline=True),

@@ -205,7 +205,7 @@ def test_mpi_rendezvous_fails_with_a_message_when_rank0_is_gone(cluster: SlurmCl
     # Rank 0 dies before broadcasting (as when MPI init fails on its node): the
     # other rank must give up after the join timeout, not spin forever.
     script = (
-        "import os, sys; from matrix_hpc.cluster.rendezvous import Rendezvous, mpi_world\n"
+        "import os, sys; from matrix_hpc.cluster.slurm.rendezvous import Rendezvous, mpi_world\n"
         "c = mpi_world(); r = c.Get_rank()\n"
         "if r == 0: os._exit(3)\n"
         f"Rendezvous({str(tmp_path)!r}, r, c.Get_size(), 'mpi').exchange(None, 3)\n"

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from matrix_hpc.agents.source import DatasetError, SourceOptions, count_rows, iter_tasks
+from matrix_hpc.runtime.source import DatasetError, SourceOptions, count_rows, iter_tasks
 
 from .conftest import write_jsonl
 

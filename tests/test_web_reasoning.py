@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from matrix_hpc.agents import Agent, AgentContext, Task
-from matrix_hpc.agents.actor import load_object
+from matrix_hpc.runtime.actor import load_object
 from matrix_hpc.config import load_config, resolve_dataset_path
 from workflows.web_reasoning.agents import (
     EXAMPLE_JUNK,

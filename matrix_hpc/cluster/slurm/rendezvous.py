@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..store.fsutil import atomic_write_json
+from ...store.fsutil import atomic_write_json
 
 __all__ = ["Rendezvous", "mpi_world", "under_mpi"]
 

@@ -1,7 +1,7 @@
 """Submitting a run to Slurm from Python or ``matrix-hpc submit``, through submitit.
 
 ``submit(config_path)`` builds a submitit executor from ``cluster.slurm`` and
-submits :class:`MatrixJob`, which runs :func:`~matrix_hpc.cluster.bootstrap.run_node`
+submits :class:`MatrixJob`, which runs :func:`~matrix_hpc.cluster.slurm.bootstrap.run_node`
 on every node (one task per node).
 """
 
@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..config import JobConfig, load_config
+from ...config import JobConfig, load_config
 from .bootstrap import run_node
 from .jobs import job_dir, record_job
 

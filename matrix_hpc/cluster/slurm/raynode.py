@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..labels import NODE_IP_ENV
+from ...labels import NODE_IP_ENV
 from .ports import RayPorts
 
 __all__ = ["RayNode"]

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import JobConfig
+from ...config import JobConfig
 
 __all__ = ["cancel", "job_dir", "job_states", "record_job", "run_jobs"]
 

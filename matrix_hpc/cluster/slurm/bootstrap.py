@@ -1,6 +1,6 @@
 """The per-node entry point of a Slurm run: every node of the allocation runs it.
 
-``srun python -m matrix_hpc.cluster.bootstrap CONFIG [key=value ...]`` (what
+``srun python -m matrix_hpc.cluster.slurm.bootstrap CONFIG [key=value ...]`` (what
 ``sbatch/matrix_hpc.sbatch`` and ``matrix-hpc submit`` launch, one task per node):
 
 * rank 0 starts the Ray head on free ports with a per-job temp dir, publishes its
@@ -26,9 +26,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import load_config
-from ..labels import NODE_IP_ENV, node_resources
-from ..store.fsutil import atomic_write_json
+from ...config import load_config
+from ...labels import NODE_IP_ENV, node_resources
+from ...store.fsutil import atomic_write_json
 from .jobs import job_dir, record_job
 from .ports import pick_ports
 from .raynode import RayNode
@@ -185,7 +185,7 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m matrix_hpc.cluster.bootstrap", description="Per-node entry point of a Slurm run (one task per node).")
+    ap = argparse.ArgumentParser(prog="python -m matrix_hpc.cluster.slurm.bootstrap", description="Per-node entry point of a Slurm run (one task per node).")
     ap.add_argument("config")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     ap.add_argument("--node-type", choices=["both", "gpu", "cpu"], default="both", help="what this node hosts: services (gpu), agents (cpu) or both")
