@@ -116,6 +116,7 @@ async def drive(
     steps_seen = -1
     stall_resent = False  # the stall's first remedy (re-send what nobody holds) was tried
     commit_error: str | None = None
+    dead_seen = 0
 
     async def resend(lost: list[str]) -> None:
         again, gave_up = [], []
@@ -251,6 +252,8 @@ async def drive(
         if time.monotonic() >= next_health:
             next_health = time.monotonic() + health_interval_s
             restarted, _ = await team.check()
+            if len(team.dead) > dead_seen:  # what the dead held is nowhere now (dispatch may have found them first)
+                dead_seen, need_recovery = len(team.dead), True
             steps = sum(team.steps.values())
             if steps != steps_seen or commit_error or not inflight:  # a failing disk has its own limit
                 steps_seen, moved_at, stall_resent = steps, time.monotonic(), False
