@@ -31,8 +31,12 @@ _POLL_S = 0.2
 
 
 def _gone(lock: Path, lease_path: Path) -> bool:
+    """Nobody holds the lock here, and the lease is released, expired, or its writer
+    (on this host) has exited."""
+    if WriterLock.is_held(lock):
+        return False
     lease = WriterLease.read(lease_path)
-    return not WriterLock.is_held(lock) and (lease is None or not lease.live())
+    return lease is None or not lease.live() or (lease.host == socket.gethostname() and not pid_alive(lease.pid))
 
 
 def wait_for_previous_writer(part: Path, say: Callable[[str], None], timeout_s: float = 60.0, lease_s: float = LEASE_S) -> None:
@@ -45,8 +49,6 @@ def wait_for_previous_writer(part: Path, say: Callable[[str], None], timeout_s: 
     here = socket.gethostname()
     if lease is None:  # the lock is held by a writer that wrote no lease (a foreign process)
         raise StoreLockedError(f"{part} is being written by another process (see {lock})")
-    if lease.host == here and not pid_alive(lease.pid) and not WriterLock.is_held(lock):
-        return  # its writer died on this host: the lease is stale
     if lease.driver_host == here and pid_alive(lease.driver_pid):
         raise StoreLockedError(f"{part.parent} is being written by another run ({lease.describe()})")
 
