@@ -62,7 +62,8 @@ def one(n: int, extra: int, tmp: Path) -> dict[str, float]:
     shim_dir.mkdir(exist_ok=True)
     calls = tmp / f"scontrol-{n}.log"
     shim = shim_dir / "scontrol"
-    shim.write_text(f"#!/bin/sh\n{sys.executable} -c 'import time; print(time.time())' >> {calls}\n")
+    # It also notes run.json's status at that moment: "running" means no summary was written yet.
+    shim.write_text(f"#!/bin/sh\n{sys.executable} -c 'import json, sys, time; print(time.time(), json.load(open(sys.argv[1])).get(\"status\"))' {out / 'run.json'} >> {calls}\n")
     shim.chmod(0o755)
     env = {**os.environ, "PATH": f"{shim_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": f"bench{n}", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "RAY_AUTH_MODE": "disabled",
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}  # fmt: skip
@@ -71,7 +72,7 @@ def one(n: int, extra: int, tmp: Path) -> dict[str, float]:
     try:
         commit = out / "part-000" / "commit.json"
         deadline = time.monotonic() + 300
-        while json.loads(commit.read_text())["rows"] < n + 100:
+        while (json.loads(commit.read_text())["rows"] if commit.exists() else 0) < n + 100:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the run did not commit: see {tmp / f'bootstrap-{n}.log'}")
             time.sleep(0.1)
@@ -84,8 +85,9 @@ def one(n: int, extra: int, tmp: Path) -> dict[str, float]:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    requeue_at = float(calls.read_text().split()[0]) if calls.exists() else float("nan")
-    return {"records": n, "usr2_to_requeue_s": requeue_at - t_usr2, "usr2_to_exit_s": t_exit - t_usr2, "rc": rc}
+    lines = calls.read_text().splitlines() if calls.exists() else []
+    requeue_at, status = (float(lines[0].split()[0]), lines[0].split()[1]) if lines else (float("nan"), None)
+    return {"records": n, "usr2_to_requeue_s": requeue_at - t_usr2, "usr2_to_exit_s": t_exit - t_usr2, "rc": rc, "requeues": len(lines), "status_at_requeue": status, "log": (tmp / f"bootstrap-{n}.log").read_text(errors="replace"), "out": str(out)}
 
 
 def count_metric(records: object) -> dict[str, int]:

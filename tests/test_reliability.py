@@ -231,3 +231,20 @@ def test_disk_full_past_the_limit_stops_the_run_and_a_rerun_completes(tmp_path: 
     assert rerun.wait(180) == 0, rerun.output
     records = each_id_once(out, n)
     assert all(r["finished_at"] == kept[r["id"]] for r in records if r["id"] in kept)
+
+
+# --- 6. requeue first ---------------------------------------------------------------
+
+
+def test_usr2_requeues_before_services_stop_and_summaries_are_read(tmp_path: Path) -> None:
+    """The Slurm entry point on one node; ``scontrol`` is the benchmark's recording
+    script (benchmarks/requeue_latency.py), which notes run.json's status when called."""
+    from benchmarks.requeue_latency import one
+
+    r = one(5000, 2000, tmp_path)
+    assert r["rc"] == 0, r["log"][-3000:]
+    assert r["requeues"] == 1, r["log"][-3000:]
+    assert r["status_at_requeue"] == "running"  # the end-of-run summary (a store read) was not written yet
+    assert re.search(r"requeued job bench5000 \d+\.\d+s after SIGUSR2", r["log"]), r["log"][-3000:]
+    info = json.loads((Path(r["out"]) / "run.json").read_text())
+    assert info["status"] == "interrupted" and info["store"]["records"] == info["summary"]["upto"]["part-000"] > 5000
