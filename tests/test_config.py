@@ -19,7 +19,8 @@ def test_bundled_config_loads_with_overrides() -> None:
     assert cfg.run.max_in_flight == 500
     assert cfg.output.path == "/tmp/out"
     assert cfg.workflow.roles["teacher"].instances == 3
-    assert cfg.llm.temperature == 0.0 and isinstance(cfg.llm.temperature, float)
+    assert cfg.llm is not None and cfg.llm.temperature == 0.0 and isinstance(cfg.llm.temperature, float)
+    assert cfg.models == {"default": cfg.llm}  # the llm shorthand is one model named llm.model
     assert cfg.workflow.roles["judge"].agent.endswith(":Judge")
 
 
