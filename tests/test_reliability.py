@@ -247,4 +247,4 @@ def test_usr2_requeues_before_services_stop_and_summaries_are_read(tmp_path: Pat
     assert r["status_at_requeue"] == "running"  # the end-of-run summary (a store read) was not written yet
     assert re.search(r"requeued job bench5000 \d+\.\d+s after SIGUSR2", r["log"]), r["log"][-3000:]
     info = json.loads((Path(r["out"]) / "run.json").read_text())
-    assert info["status"] == "interrupted" and info["store"]["records"] == info["summary"]["upto"]["part-000"] > 5000
+    assert info["status"] == "interrupted" and info["store"]["records"] == info["summary_upto"]["part-000"] > 5000
