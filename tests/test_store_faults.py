@@ -125,3 +125,35 @@ def test_sink_id_logs_forget_what_the_driver_has_read() -> None:
     assert log.since(2 * _TRIM_AT)[:1] == [f"i{2 * _TRIM_AT}"]
     assert len(log._ids) == _TRIM_AT and log.end == 3 * _TRIM_AT  # the read prefix is gone
     assert log.since(3 * _TRIM_AT) == []
+
+
+def test_summary_adds_only_new_rows_to_the_previous_totals(tmp_path: Path) -> None:
+    import json as _json
+
+    from matrix_hpc.runtime.usage import UsageSummary
+    from matrix_hpc.summary import summarize
+
+    def recs(lo: int, hi: int) -> list[RecordRow]:
+        out = []
+        for i in range(lo, hi):
+            rec = {"id": f"r{i}", "status": "failed" if i % 3 == 0 else "ok", "error": {"kind": "x"} if i % 3 == 0 else None,
+                   "usage": {"prompt_tokens": i, "completion_tokens": 1, "by_role": {"a": {"prompt_tokens": i, "completion_tokens": 1, "calls": 1}}, "by_model": {}}}  # fmt: skip
+            out.append(RecordRow.from_record(rec))
+        return out
+
+    w = StoreWriter(tmp_path, chunk_rows=8)
+    w.append(recs(0, 20))
+    w.commit()
+    first = summarize(tmp_path, None, {}, UsageSummary(), {}, None)
+    w.append(recs(20, 50))
+    w.commit()
+    w.close()
+    # The next life starts from the first's totals; a store reader that read anything
+    # before the marks would count rows 0-19 twice.
+    seen: list[str] = []
+    second = summarize(tmp_path, first.upto, first.store, first.usage, {"part-000": 20}, lambda rs: {"n": len([seen.append(r["id"]) for r in rs])})
+    full = summarize(tmp_path, None, {}, UsageSummary(), {}, None)
+    assert second.store == full.store and second.store["records"] == 50 and second.store["failed_by_kind"] == {"x": 17}
+    assert second.usage == full.usage and second.usage.by_role["a"].prompt_tokens == sum(range(50))
+    assert second.metrics == {"n": 30} and seen[0] == "r20"  # metrics: this life's rows only
+    assert _json.dumps(second.upto) == '{"part-000": 50}'
