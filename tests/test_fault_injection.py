@@ -164,11 +164,15 @@ def test_many_sigkills_and_a_full_disk_lose_and_duplicate_nothing(tmp_path: Path
         runs.append(Run(cfg, log=tmp_path / "life0.log"))
         info = live(runs[-1], out, None)
         life_started = time.monotonic()
+        step, progress_mark = max(10, N // 50), 0
         for what in plan:  # (grows by a fault that found no target)
             if len(plan) > 60:
                 break
-            time.sleep(rng.uniform(0.5, 2.5))
             run = runs[-1]
+            # Faults are spread over the run: each waits for some progress (a hang fails here).
+            wait_for(lambda: committed_rows(out) >= progress_mark + step or run.proc.poll() is not None, LIFE_S, f"progress before fault {sum(done.values())} ({what})", run if run.proc.poll() is None else None)
+            progress_mark = committed_rows(out)
+            time.sleep(rng.uniform(0.0, 1.0))
             if run.proc.poll() is not None:
                 break  # finished early: the remaining faults cannot be injected (asserted below)
             assert time.monotonic() - life_started < LIFE_S, f"life {len(runs) - 1} ran over {LIFE_S}s"

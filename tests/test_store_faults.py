@@ -157,3 +157,33 @@ def test_summary_adds_only_new_rows_to_the_previous_totals(tmp_path: Path) -> No
     assert second.usage == full.usage and second.usage.by_role["a"].prompt_tokens == sum(range(50))
     assert second.metrics == {"n": 30} and seen[0] == "r20"  # metrics: this life's rows only
     assert _json.dumps(second.upto) == '{"part-000": 50}'
+
+
+_KILL_IN_RESIZE = """
+import os, signal, sys
+import zarr
+from matrix_hpc.store import RecordRow, StoreWriter
+rows = lambda lo, hi: [RecordRow(f"r{i}", "ok", "", '{"id": "r%d"}' % i, float(i), 1, 2) for i in range(lo, hi)]
+w = StoreWriter(sys.argv[1], chunk_rows=4)
+w.append(rows(0, 6)); w.commit()
+calls = [0]
+real = zarr.Array.resize
+def resize(self, shape):
+    real(self, shape)
+    calls[0] += 1
+    if calls[0] == int(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGKILL)  # a kill inside the multi-array resize
+zarr.Array.resize = resize
+w.append(rows(6, 200)); w.commit()
+"""
+
+
+@pytest.mark.parametrize("after", [1, 3, 6])
+def test_writer_killed_inside_the_resize_loses_nothing_committed(tmp_path: Path, after: int) -> None:
+    res = subprocess.run([sys.executable, "-c", _KILL_IN_RESIZE, str(tmp_path), str(after)], capture_output=True, text=True)
+    assert res.returncode == -9, res.stderr
+    assert [r["id"] for r in StoreReader(tmp_path).iter_records()] == [f"r{i}" for i in range(6)]
+    w = StoreWriter(tmp_path, chunk_rows=4)  # repairs the torn resize
+    w.append(rows(6, 200))
+    w.close()
+    assert [r["id"] for r in StoreReader(tmp_path).iter_records()] == [f"r{i}" for i in range(200)]

@@ -42,6 +42,13 @@ FORMAT_VERSION = 1
 _STR_COLUMNS = ("id", "status", "error_kind", "record")
 _NUM_COLUMNS = {"finished_at": "float64", "prompt_tokens": "int64", "completion_tokens": "int64"}
 _GROW_CHUNKS = 16  # capacity grows 16 chunks at a time: few metadata rewrites
+# The writer rewrites the tail chunk that already holds committed rows: that is safe only
+# if a chunk write is atomic, which zarr's LocalStore does since 3.1.3 (zarr-python #3412).
+MIN_ZARR = (3, 1, 3)
+
+
+def _zarr_version() -> tuple[int, ...]:
+    return tuple(int(p) for p in zarr.__version__.split("+")[0].split(".")[:3] if p.isdigit())
 
 
 class StoreError(RuntimeError):
@@ -138,6 +145,8 @@ class StoreWriter:
             self._lease.renew(self.lease_path)
 
     def _open(self) -> None:
+        if _zarr_version() < MIN_ZARR:
+            raise StoreError(f"zarr {zarr.__version__} rewrites chunks in place (not atomically); matrix-hpc needs zarr >= {'.'.join(map(str, MIN_ZARR))}")
         for leftover in self.dir.rglob("*.partial"):  # a killed zarr write
             leftover.unlink(missing_ok=True)
         path = self.dir / "data.zarr"
