@@ -123,8 +123,9 @@ def _print_slurm(output: Path) -> None:
 def cmd_submit(args: argparse.Namespace) -> int:
     from .cluster.slurm import submit
     from .config import load_config
+    from .store.writable import check_output_writable
 
-    output = Path(load_config(args.config, args.overrides).output.path).expanduser().resolve()
+    output = check_output_writable(load_config(args.config, args.overrides).output.path)
     job = submit(args.config, args.overrides)
     print(f"submitted Slurm job {job.job_id}; logs in {Path(job.paths.stdout).parent}")
     print(f"watch it: matrix-hpc status {output}   (re-submitting the same config resumes the run)")
@@ -216,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .services.llm import ServerStartError
     from .store import StoreError, StoreLockedError
+    from .store.writable import OutputPathError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -223,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except ConfigError as exc:
         print(f"matrix-hpc: config error: {exc}", file=sys.stderr)
+        return 2
+    except OutputPathError as exc:
+        print(f"matrix-hpc: error: {exc}", file=sys.stderr)
         return 2
     except (DatasetError, StoreError, StoreLockedError, TeamError, ServerStartError, FileNotFoundError, ImportError) as exc:
         print(f"matrix-hpc: error: {exc}", file=sys.stderr)

@@ -184,7 +184,7 @@ class WorkflowConfig:
 @dataclass
 class DatasetConfig:
     path: str
-    """JSONL or Parquet file; relative paths are resolved against the config file."""
+    """JSONL or Parquet file (relative paths: see :func:`load_config`)."""
     format: Literal["auto", "jsonl", "parquet"] = "auto"
     id_field: str = "id"
     """Field holding a row's stable id; rows without it get a content hash."""
@@ -197,7 +197,9 @@ class DatasetConfig:
 
 @dataclass
 class OutputConfig:
-    path: str = "outputs/run"
+    path: str | None = None
+    """The output folder; default ``outputs/<workflow.name>`` in the current folder
+    (relative paths: see :func:`load_config`)."""
     chunk_rows: int = 256
     """Records per zarr chunk (the unit of a write)."""
     flush_interval_s: float = 1.0
@@ -279,7 +281,11 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> JobConfig:
-    """Read a YAML job spec, apply ``key=value`` overrides, and type-check it."""
+    """Read a YAML job spec, apply ``key=value`` overrides, and type-check it.
+
+    Path keys (:data:`PATH_KEYS`) come back absolute: a relative path written in the
+    file is taken from the file's folder, one given as ``key=value`` from the current folder.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -291,19 +297,53 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
         raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    data = _merge(data, parse_overrides(overrides or []))
+    file_data = data
+    override_data = parse_overrides(overrides or [])
+    data = _merge(file_data, override_data)
     config = _build(JobConfig, data, "")
     config.source_file = str(path.resolve())
+    _resolve_paths(config, file_data, override_data, path.resolve().parent)
     _validate(config)
     return config
 
 
+PATH_KEYS = ("dataset.path", "output.path", "cluster.slurm.job_dir")
+"""Config keys holding a file or folder; :func:`load_config` makes them absolute."""
+
+
+def _given(data: dict[str, Any], key: str) -> bool:
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return node is not None
+
+
+def _resolve_paths(config: JobConfig, file_data: dict[str, Any], override_data: dict[str, Any], config_dir: Path) -> None:
+    """One rule for every path key: a relative path is taken from the folder of the place
+    it was written: the config file's folder for a value in the file, the current
+    folder for a ``key=value`` on the command line (and for the default output path)."""
+    if config.output.path is None:
+        config.output.path = f"outputs/{config.workflow.name}"
+    for key in PATH_KEYS:
+        *parents, attr = key.split(".")
+        obj: Any = config
+        for part in parents:
+            obj = getattr(obj, part)
+        value = getattr(obj, attr)
+        if value is None:
+            continue
+        p = Path(os.path.expanduser(value))
+        if not p.is_absolute():
+            in_file = _given(file_data, key) and not _given(override_data, key)
+            p = (config_dir if in_file else Path.cwd()) / p
+        setattr(obj, attr, os.path.normpath(p))
+
+
 def resolve_dataset_path(config: JobConfig) -> Path:
-    """The dataset path, relative paths taken from the config file's folder."""
-    p = Path(os.path.expanduser(config.dataset.path))
-    if not p.is_absolute() and config.source_file:
-        p = Path(config.source_file).parent / p
-    return p
+    """The dataset path (absolute once :func:`load_config` has resolved it)."""
+    return Path(os.path.expanduser(config.dataset.path))
 
 
 def _validate(config: JobConfig) -> None:
@@ -329,6 +369,9 @@ def _validate(config: JobConfig) -> None:
     llm = config.llm
     if llm.engine == "external" and not llm.base_urls:
         raise ConfigError("llm.base_urls: required when llm.engine is 'external'")
+    if llm.engine != "external" and llm.base_urls:
+        # A managed engine serves its own endpoints; extra URLs would be routed to unprobed.
+        raise ConfigError(f"llm.base_urls: only used with llm.engine: external (this config's engine is {llm.engine!r}); remove it or set llm.engine=external")
     if llm.engine == "vllm" and not llm.vllm.model:
         raise ConfigError("llm.vllm.model: required when llm.engine is 'vllm'")
     for key in ("replicas", "max_outstanding_per_endpoint", "health_failures", "vllm.tensor_parallel_size", "vllm.pipeline_parallel_size"):

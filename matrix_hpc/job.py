@@ -28,6 +28,7 @@ from .procs import pid_alive
 from .services.llm.service import LLMService
 from .store import StoreLockedError, StoreReader
 from .store.fsutil import WriterLock, atomic_write_json, read_json
+from .store.writable import check_output_writable
 from .store.zarr_store import init_store
 
 __all__ = ["RunSummary", "run_job"]
@@ -126,7 +127,7 @@ def run_job(
 ) -> RunSummary:
     """Run (or resume) the job in ``config``; returns when every task is committed."""
     say = on_event or (lambda msg: log.info("%s", msg))
-    root = Path(config.output.path).expanduser().resolve()
+    root = check_output_writable(config.output.path)  # before anything starts: one clear line
     opts = _source_options(config)
     total = count_rows(opts)  # also checks that the dataset exists
     init_store(root, config.output.chunk_rows)
