@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -21,27 +22,30 @@ log = logging.getLogger(__name__)
 
 
 def _print_summary(summary: Any) -> None:
-    p = summary.progress
-    out = sys.stdout
+    """One scope per line, labelled: ``this run`` (this life of the run) or ``store`` (every
+    record in the output, earlier lives included)."""
+    p, s = summary.progress, summary.store
+    w = sys.stdout.write
     state = "finished" if p.finished else "INTERRUPTED (re-run the same command to resume)"
-    out.write(f"\nrun {state} in {p.elapsed_s:.1f}s\n")
-    out.write(f"  this run:  {p.ok} done, {p.failed} failed, {p.skipped} skipped (already in the store)")
-    out.write(f", {p.resent} re-sent after crashes\n" if p.resent else "\n")
+    w(f"\nrun {state} in {p.elapsed_s:.1f}s\n")
+    resent = f", {p.resent} re-sent after crashes" if p.resent else ""
+    w(f"  this run:  {p.ok} ok, {p.failed} failed, {p.skipped} skipped (already in the store){resent}\n")
+    w(f"  this run:  {summary.tasks_per_s:.2f} tasks/s, {summary.tokens_per_s:.0f} output tok/s, {p.prompt_tokens} prompt + {p.completion_tokens} completion tokens\n")
     for kind, n in sorted(p.failed_by_kind.items(), key=lambda kv: -kv[1]):
-        out.write(f"    failed: {kind}: {n}\n")
-    out.write(f"  speed:     {summary.tasks_per_s:.2f} tasks/s, {summary.tokens_per_s:.0f} output tok/s\n")
-    out.write(f"  tokens:    {p.prompt_tokens} prompt + {p.completion_tokens} completion\n")
-    _print_usage(summary.usage, out.write)
-    restarted = [e for e in summary.llm if e.get("restarts")]
-    for e in restarted:
-        out.write(f"  llm:       {e['url']} was restarted {e['restarts']} time(s); now {e.get('state')}\n")
-    s = summary.store
-    out.write(f"  store:     {s['records']} records ({s['ok']} ok, {s['failed']} failed)\n")
+        sample = summary.failure_samples.get(kind)
+        w(f"  this run:  failed {kind}: {n}" + (f", e.g. {sample}" if sample else "") + "\n")
+    w(f"  store:     {s['records']} records ({s['ok']} ok, {s['failed']} failed), {s['prompt_tokens']} prompt + {s['completion_tokens']} completion tokens\n")
+    _print_usage(summary.usage, lambda line: w("  store:     " + line.lstrip()))
     if summary.metrics:
-        out.write("  metrics:   " + ", ".join(f"{k}={v}" for k, v in summary.metrics.items()) + "\n")
-    if summary.ray_logs and (p.failed_by_kind.get("agent_error") or p.resent):
-        out.write(f"  actor logs: {summary.ray_logs}\n")
-    out.write(f"output: {summary.output}\n")
+        w("  store:     metrics " + ", ".join(f"{k}={v}" for k, v in summary.metrics.items()) + "\n")
+    for e in summary.llm:
+        if e.get("restarts"):
+            w(f"  llm:       {e['url']} was restarted {e['restarts']} time(s); {e.get('state')} at the end of the run\n")
+    if summary.agent_log and p.failed_by_kind.get("agent_error"):
+        w(f"  log:       agent tracebacks in {summary.agent_log}\n")
+    if summary.ray_logs and p.resent:
+        w(f"  log:       crashed actors' output in {summary.ray_logs}\n")
+    w(f"output: {summary.output}\n")
 
 
 def _print_usage(usage: dict[str, Any] | None, write: Any) -> None:
@@ -57,39 +61,50 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .progress import ProgressDisplay
 
     config = load_config(args.config, args.overrides)
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray's "(raylet) ..." lines, without colour codes in logs
     display = ProgressDisplay(config.run.progress, config.run.progress_interval_s)
     stop = threading.Event()
+    signals = 0
 
     def on_signal(signum: int, _frame: Any) -> None:
-        if stop.is_set():
+        # A terminal's Ctrl-C reaches every process of the group; this handler runs once
+        # per signal this process gets, so the notice is printed on the first one only.
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            name = signal.Signals(signum).name
+            display.event(f"\n{name}: stopping intake; tasks in flight get up to {config.run.stop_grace_s:.0f}s, finished work is saved (again to abort)")
+            stop.set()
+        elif signals == 2:
+            # asyncio reports the futures an abort cancels as "never retrieved": noise here.
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
             raise KeyboardInterrupt
-        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping intake and saving finished work (again to abort)\n")
-        stop.set()
+        # Later signals: the abort is already under way (shutting Ray down); let it finish.
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    def on_event(message: str) -> None:
-        sys.stderr.write(message + "\n")
-
-    summary = run_job(config, on_progress=display, on_event=on_event, stop=stop)
+    summary = run_job(config, on_progress=display, on_event=display.event, stop=stop)
     display.close(summary.progress)
     _print_summary(summary)
     return 0 if summary.progress.finished else 130
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from .run_state import run_state
     from .store import StoreReader
 
     reader = StoreReader(args.output)
     counts = reader.counts()
     info = reader.run_info()
     total = info.get("input_rows")
+    state = run_state(info, reader.writer_active()) if info else None
     if args.json:
-        print(json.dumps({"output": str(reader.root), **counts, "input_rows": total, "writer_active": reader.writer_active(), "run": {k: info.get(k) for k in ("run_id", "status", "dataset", "started_at", "finished_at")}}, indent=1))
+        print(json.dumps({"output": str(reader.root), **counts, "input_rows": total, "writer_active": reader.writer_active(), "state": state, "run": {k: info.get(k) for k in ("run_id", "status", "dataset", "started_at", "finished_at")}}, indent=1))
         return 0
     print(f"output:    {reader.root}")
     if info:
-        print(f"run:       {info.get('run_id')} ({'running now' if reader.writer_active() else info.get('status')})")
+        print(f"run:       {info.get('run_id')} ({state})")
         print(f"input:     {info.get('dataset')} ({total} rows)")
     print(f"done:      {counts['ok']}")
     print(f"failed:    {counts['failed']}")
@@ -101,10 +116,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     _print_usage(info.get("usage"), sys.stdout.write)
     if info.get("metrics"):
         print("metrics:   " + ", ".join(f"{k}={v}" for k, v in info["metrics"].items()))
-    for e in info.get("llm") or []:
-        print(f"llm:       {e.get('url')} ({e.get('state')}, {e.get('restarts', 0)} restarts)")
+    _print_llm(info, state)
     _print_slurm(reader.root)
     return 0
+
+
+def _print_llm(info: dict[str, Any], state: str | None) -> None:
+    """Endpoint states only where they are known: at the end of an ended run, or as
+    recorded at the start of a live one (a crashed run's endpoints died with it)."""
+    when = info.get("llm_state_at")
+    if state == "running now" and when == "start":
+        label = "at start"
+    elif info.get("status") in ("finished", "interrupted") and when == "end":
+        label = "at the end of the run"
+    else:
+        return
+    for e in info.get("llm") or []:
+        print(f"llm:       {e.get('url')} ({label}: {e.get('state')}, {e.get('restarts', 0)} restarts)")
 
 
 def _print_slurm(output: Path) -> None:

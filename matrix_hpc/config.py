@@ -186,8 +186,9 @@ class DatasetConfig:
     path: str
     """JSONL or Parquet file (relative paths: see :func:`load_config`)."""
     format: Literal["auto", "jsonl", "parquet"] = "auto"
-    id_field: str = "id"
-    """Field holding a row's stable id; rows without it get a content hash."""
+    id_field: str | None = "id"
+    """Field holding a row's stable id; rows without it get a content hash (a warning
+    says how many; none having it is an error). ``null``: hash every row on purpose."""
     required_fields: list[str] = field(default_factory=list)
     max_row_bytes: int = 65536
     """Rows larger than this (serialized) fail with a recorded reason."""

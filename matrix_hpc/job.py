@@ -12,14 +12,14 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .runtime.actor import RoleSpec, TeamSpec, load_object
 from .runtime.runner import RunProgress, StopFlag, drive
-from .runtime.source import SourceOptions, count_rows, iter_tasks
+from .runtime.source import DatasetError, SourceOptions, iter_tasks, scan_dataset
 from .runtime.team import Team
 from .runtime.usage import usage_summary
 from .cluster import start_ray
@@ -47,6 +47,10 @@ class RunSummary:
     """Tokens and calls ``by_role`` and ``by_model`` over every record in the store."""
     llm: list[dict[str, Any]] = field(default_factory=list)
     """The LLM endpoints at the end of the run (state, restarts, pid, log)."""
+    failure_samples: dict[str, str] = field(default_factory=dict)
+    """One message per failure kind in the store (the newest), with where it was raised."""
+    agent_log: str | None = None
+    """``OUTPUT/logs/agents.log``: full tracebacks of agent exceptions, when there are any."""
 
     @property
     def tasks_per_s(self) -> float:
@@ -70,7 +74,20 @@ def _source_options(config: JobConfig) -> SourceOptions:
     )
 
 
-def _team_spec(config: JobConfig, run_id: str, namespace: str, llm_urls: list[str], registry: str | None) -> TeamSpec:
+def _check_dataset(opts: SourceOptions, say: Callable[[str], None]) -> int:
+    """Rows to run; refuses an ``id_field`` no row has, warns once about rows lacking it."""
+    scan = scan_dataset(opts)  # also checks that the dataset exists
+    if opts.id_field is not None and scan.rows and scan.missing_id == scan.rows:
+        raise DatasetError(
+            f"dataset.id_field: no row of {opts.path} has a field {opts.id_field!r} "
+            "(name the field that holds each row's id, or set dataset.id_field=null to hash every row)"
+        )
+    if opts.id_field is not None and scan.missing_id:
+        say(f"warning: dataset.id_field: {scan.missing_id} of {scan.rows} rows have no field {opts.id_field!r}; they get content-hash ids")
+    return scan.rows
+
+
+def _team_spec(config: JobConfig, run_id: str, namespace: str, llm_urls: list[str], registry: str | None, log_dir: str | None = None) -> TeamSpec:
     wf, llm = config.workflow, config.llm
     roles = {
         name: RoleSpec(agent=r.agent, instances=r.instances, concurrency=r.concurrency, params={**wf.params, **r.params}, inline=r.inline)
@@ -83,6 +100,7 @@ def _team_spec(config: JobConfig, run_id: str, namespace: str, llm_urls: list[st
         llm_max_tokens=llm.max_tokens, llm_temperature=llm.temperature,
         batch_size=config.run.batch_size, batch_wait_s=config.run.batch_wait_ms / 1000.0,
         llm_max_outstanding=llm.max_outstanding_per_endpoint, llm_sticky=llm.sticky, llm_registry=registry,
+        log_dir=log_dir,
     )  # fmt: skip
 
 
@@ -129,7 +147,7 @@ def run_job(
     say = on_event or (lambda msg: log.info("%s", msg))
     root = check_output_writable(config.output.path)  # before anything starts: one clear line
     opts = _source_options(config)
-    total = count_rows(opts)  # also checks that the dataset exists
+    total = _check_dataset(opts, say)
     init_store(root, config.output.chunk_rows)
     _wait_for_previous_writer(root, say)
     history = list((read_json(root / "run.json", {}) or {}).get("history") or [])
@@ -152,34 +170,54 @@ def run_job(
     info["history"] = history + [entry]
     _write_run_info(root, info)
 
-    cluster = start_ray(config.cluster, namespace)
+    cluster = None
     service: LLMService | None = None
     team: Team | None = None
-    try:
-        t0 = time.monotonic()
-        service = LLMService(config.llm, run_id, namespace, log_dir)
-        urls = service.start()
-        say(f"{config.llm.engine} LLM endpoint(s) ready in {time.monotonic() - t0:.1f}s: {', '.join(urls)}")
-        team = Team(_team_spec(config, run_id, namespace, urls, service.name), config.workflow.entry, str(root), config.output.chunk_rows, config.output.flush_interval_s, config.output.fsync)
-        asyncio.run(team.start())
-        info.update(status="running", ray_address=cluster.address, ray_logs=f"{cluster.session_dir}/logs", llm=service.endpoints, actors=team.pids, actor_hosts=team.hosts)
-        _write_run_info(root, info)
-        progress.started_at = time.monotonic()
-        tasks = iter_tasks(opts, done, progress.source_counts)
-        run = config.run
-        asyncio.run(drive(team, tasks, progress, run.max_in_flight, run.batch_size, run.max_attempts, run.health_interval_s, on_progress, stop, run.stop_grace_s))
-        asyncio.run(_close_sink(team))
-        info["llm"] = _safe_status(service)
-    finally:
-        if team is not None:
-            team.shutdown()
-        if service is not None:
-            service.stop()
-        cluster.shutdown()
+    try:  # any way out but a return records how this life ended (see _record_abort)
+        try:
+            cluster = start_ray(config.cluster, namespace)
+            t0 = time.monotonic()
+            service = LLMService(config.llm, run_id, namespace, log_dir)
+            urls = service.start()
+            _say_endpoints(say, config.llm.engine, service.endpoints, time.monotonic() - t0)
+            team = Team(_team_spec(config, run_id, namespace, urls, service.name, str(log_dir)), config.workflow.entry, str(root), config.output.chunk_rows, config.output.flush_interval_s, config.output.fsync)
+            asyncio.run(team.start())
+            info.update(status="running", ray_address=cluster.address, ray_logs=f"{cluster.session_dir}/logs", llm=service.endpoints, llm_state_at="start", actors=team.pids, actor_hosts=team.hosts)
+            _write_run_info(root, info)
+            progress.started_at = time.monotonic()
+            tasks = iter_tasks(opts, done, progress.source_counts)
+            run = config.run
+            asyncio.run(drive(team, tasks, progress, run.max_in_flight, run.batch_size, run.max_attempts, run.health_interval_s, on_progress, stop, run.stop_grace_s))
+            asyncio.run(_close_sink(team))
+            info.update(llm=_safe_status(service), llm_state_at="end")  # until now: their state at start
+        finally:
+            if team is not None:
+                team.shutdown()
+            if service is not None:
+                service.stop()
+            if cluster is not None:
+                cluster.shutdown()
+        return _finish(root, info, entry, progress, metrics_fn, log_dir)
+    except BaseException as exc:
+        _record_abort(root, info, entry, exc)
+        raise
 
+
+def _record_abort(root: Path, info: dict[str, Any], entry: dict[str, Any], exc: BaseException) -> None:
+    """Say how this life ended, so ``status`` does not report a dead run as running."""
+    ended = "aborted" if isinstance(exc, KeyboardInterrupt) else "failed"
+    entry.update(finished_at=time.time(), status=ended)
+    info.update(status=ended, finished_at=time.time(), error=f"{type(exc).__name__}: {exc}"[:500])
+    _write_run_info(root, info)
+
+
+def _finish(root: Path, info: dict[str, Any], entry: dict[str, Any], progress: RunProgress, metrics_fn: Any, log_dir: Path) -> RunSummary:
+    """Totals over the store, the final run.json, and the summary."""
     reader = StoreReader(root)
     counts = reader.counts()
     metrics = metrics_fn(reader.iter_records()) if metrics_fn else {}
+    samples = failure_samples(reader.iter_records()) if counts["failed"] else {}
+    agent_log = log_dir / "agents.log"
     usage = usage_summary(reader.iter_records())
     entry.update(
         first_task_at=progress.first_dispatch_at, finished_at=time.time(), dispatched=progress.dispatched,
@@ -187,7 +225,38 @@ def run_job(
     )  # fmt: skip
     info.update(status="finished" if progress.finished else "interrupted", finished_at=time.time(), store=counts, metrics=metrics, usage=usage)
     _write_run_info(root, info)
-    return RunSummary(output=str(root), progress=progress, store=counts, metrics=metrics, ray_logs=info.get("ray_logs"), usage=usage, llm=info.get("llm") or [])
+    return RunSummary(
+        output=str(root), progress=progress, store=counts, metrics=metrics, ray_logs=info.get("ray_logs"), usage=usage,
+        llm=info.get("llm") or [], failure_samples=samples, agent_log=str(agent_log) if agent_log.is_file() else None,
+    )  # fmt: skip
+
+
+def failure_samples(records: Iterable[dict[str, Any]]) -> dict[str, str]:
+    """The newest failed record's message per kind, with its innermost frame if it has one."""
+    newest: dict[str, tuple[float, str]] = {}
+    for rec in records:
+        err = rec.get("error")
+        if rec.get("status") != "failed" or not err:
+            continue
+        at = float(rec.get("finished_at") or 0)
+        if err["kind"] in newest and newest[err["kind"]][0] >= at:
+            continue
+        text = f"{err.get('message')}" + (f" (role {err['role']})" if err.get("role") else "")
+        if err.get("traceback"):
+            text += f" at {err['traceback'][-1].split(': ', 1)[0]}"
+        newest[err["kind"]] = (at, text)
+    return {kind: text for kind, (_, text) in newest.items()}
+
+
+def _say_endpoints(say: Callable[[str], None], engine: str, endpoints: list[dict[str, Any]], secs: float) -> None:
+    """Ready means it answered a probe; the others are named with their error (the
+    registry keeps probing them and routes to them once they answer)."""
+    up = [e["url"] for e in endpoints if e.get("state") == "up"]
+    if up:
+        say(f"{engine} LLM endpoint(s) ready in {secs:.1f}s: {', '.join(up)}")
+    for e in endpoints:
+        if e.get("state") != "up":
+            say(f"warning: LLM endpoint {e['url']} is not answering ({e.get('last_error')}); it is left out of routing until it does")
 
 
 def _safe_status(service: LLMService | None) -> list[dict[str, Any]]:

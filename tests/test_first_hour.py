@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from .conftest import BIN, REPO
+from matrix_hpc.store import StoreReader
+
+from .conftest import BIN, REPO, committed_rows, store_records, wait_for, write_jsonl
 
 CONFIG = REPO / "workflows" / "collab_reasoning" / "config.yaml"
 ROOT = os.geteuid() == 0 and shutil.which("unshare") is not None
@@ -113,3 +117,111 @@ def test_base_urls_with_a_managed_engine_is_refused() -> None:
         "matrix-hpc: config error: llm.base_urls: only used with llm.engine: external "
         "(this config's engine is 'embedded'); remove it or set llm.engine=external"
     )
+
+
+def test_id_field_that_no_row_has(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"uid": f"u{i}", "text": "q: a"} for i in range(5)])
+    res = cli("run", str(CONFIG), f"dataset.path={data}", f"output.path={tmp_path}/out")
+    assert res.returncode == 1
+    assert one_line(res) == (
+        f"matrix-hpc: error: dataset.id_field: no row of {data} has a field 'id' "
+        "(name the field that holds each row's id, or set dataset.id_field=null to hash every row)"
+    )
+
+
+# --- a real run of the user's own workflow (no LLM: fast) ----------------------
+
+
+def user_job(tmp: Path, n: int = 60, sleep_s: float = 0.3) -> Path:
+    """The user's workflow: one role with a bug on every fifth row, three rows without an id."""
+    rows = [{"id": f"r{i:02d}", "text": f"q{i}: a{i}" if i % 5 else f"broken {i}"} for i in range(n)]
+    for row in rows[1:4]:
+        del row["id"]
+    data = write_jsonl(tmp / "rows.jsonl", rows)
+    cfg = {
+        "workflow": {"name": "mine", "entry": "answer", "roles": {"answer": {"agent": "tests.first_hour_agents:Answerer", "params": {"sleep_s": sleep_s}}}},
+        "dataset": {"path": str(data)},
+        "llm": {"engine": "external", "base_urls": [UNUSED_URL]},
+        "output": {"path": str(tmp / "out"), "flush_interval_s": 0.2},
+        "run": {"max_in_flight": 10, "progress": "log", "progress_interval_s": 1.0, "stop_grace_s": 30},
+    }
+    path = tmp / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+UNUSED_URL = "http://127.0.0.1:9/v1"  # nothing listens on the discard port
+
+
+def status(out: Path) -> str:
+    res = cli("status", str(out))
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def summary_lines(output: str) -> list[str]:
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("run "))
+    end = next(i for i, line in enumerate(lines) if line.startswith("output: "))
+    return lines[start + 1 : end]
+
+
+def test_interrupt_resume_and_what_the_user_reads(tmp_path: Path, run_factory: Any) -> None:
+    job = user_job(tmp_path)
+    out = tmp_path / "out"
+    run = run_factory(job)
+    wait_for(lambda: committed_rows(out) >= 5, 120, "first commits", run)
+    os.killpg(run.proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
+    assert run.wait(120) == 130, run.output
+    text = run.output
+    assert "\x1b[" not in text  # not a terminal: no colour codes, from us or from Ray
+    notices = [line for line in text.splitlines() if "stopping intake" in line]
+    assert notices == ["SIGINT: stopping intake; tasks in flight get up to 30s, finished work is saved (again to abort)"], text
+    assert f"warning: LLM endpoint {UNUSED_URL} is not answering (" in text and "endpoint(s) ready in" not in text
+    assert "warning: dataset.id_field: 3 of 60 rows have no field 'id'; they get content-hash ids" in text.splitlines()
+    assert all(line.startswith(("  this run:  ", "  store:     ", "  log:       ")) for line in summary_lines(text)), text
+    first = committed_rows(out)
+    st = status(out)
+    assert "(interrupted (re-run to resume))" in st and "running" not in st, st
+    assert f"llm:       {UNUSED_URL} (at the end of the run: down, 0 restarts)" in st.splitlines(), st
+
+    run = run_factory(job, "workflow.roles.answer.params.sleep_s=0")
+    assert run.wait(120) == 0, run.output
+    lines = summary_lines(run.output)
+    ok_line = next(line for line in lines if line.startswith("  this run:  ") and " ok, " in line)
+    assert ok_line.endswith(f"{first} skipped (already in the store)"), lines
+    assert "  store:     60 records (48 ok, 12 failed), 0 prompt + 0 completion tokens" in lines, lines
+    sample = next(line for line in lines if "failed agent_error" in line)
+    assert sample.endswith(f", e.g. IndexError: list index out of range (role answer) at {REPO}/tests/first_hour_agents.py:12 in parse_answer"), sample
+    assert f"  log:       agent tracebacks in {out}/logs/agents.log" in lines
+    log_text = (out / "logs" / "agents.log").read_text()
+    assert "IndexError: list index out of range" in log_text and "in parse_answer" in log_text
+    failed = [r for r in store_records(out) if r["status"] == "failed"]
+    assert len(failed) == 12 and all(r["error"]["kind"] == "agent_error" for r in failed)
+    assert failed[0]["error"]["traceback"][-1] == f"{REPO}/tests/first_hour_agents.py:12 in parse_answer: return text.split(\":\")[1].strip()"
+    assert "(finished)" in status(out)
+
+
+def test_second_ctrl_c_aborts_and_status_says_so(tmp_path: Path, run_factory: Any) -> None:
+    out = tmp_path / "out"
+    run = run_factory(user_job(tmp_path, sleep_s=5.0))
+    wait_for(lambda: "done 0/60 | failed 0 | in flight 10" in run.output, 120, "tasks in flight", run)
+    os.killpg(run.proc.pid, signal.SIGINT)
+    wait_for(lambda: "stopping intake" in run.output, 30, "the notice", run)
+    os.killpg(run.proc.pid, signal.SIGINT)
+    assert run.wait(120) == 130, run.output
+    assert "matrix-hpc: aborted; committed work is kept, re-run to resume" in run.output and "Traceback" not in run.output
+    st = status(out)
+    assert "(aborted (re-run to resume))" in st and "llm:" not in st, st
+
+
+def test_killed_driver_is_not_reported_running(tmp_path: Path, run_factory: Any) -> None:
+    out = tmp_path / "out"
+    run = run_factory(user_job(tmp_path, sleep_s=5.0))
+    wait_for(lambda: "done 0/60 | failed 0 | in flight 10" in run.output, 120, "tasks in flight", run)
+    run.kill()  # SIGKILL to the driver only
+    st = status(out)
+    assert "crashed" in st and "running" not in st and "llm:" not in st, st
+    run.cleanup()  # everything it started is gone too: the writer lock is free
+    wait_for(lambda: not StoreReader(out).writer_active(), 60, "the writer lock to be free")
+    assert "(crashed (writer gone))" in status(out)

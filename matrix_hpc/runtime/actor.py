@@ -81,12 +81,27 @@ class TeamSpec:
     llm_sticky: bool = True
     llm_registry: str | None = None
     """Name of the run's :class:`EndpointRegistry`; clients follow its routable set."""
+    log_dir: str | None = None
+    """Where agent exceptions' full tracebacks go (``agents.log``), next to the output."""
+
+
+def _log_agent_errors_to(path: str, who: str) -> None:
+    """Send agent tracebacks to one file under the output (appends of whole lines from
+    every actor), not to Ray's session folder under /tmp that the user never finds."""
+    from .agent import errors_log
+
+    handler = logging.FileHandler(path, delay=True)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {who} pid {os.getpid()}: %(message)s"))
+    errors_log.handlers[:] = [handler]
+    errors_log.propagate = False
 
 
 @ray.remote(num_cpus=0, max_restarts=10, max_task_retries=-1)
 class AgentActor:
     def __init__(self, team: TeamSpec, role: str, index: int) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if team.log_dir:
+            _log_agent_errors_to(os.path.join(team.log_dir, "agents.log"), f"{role}/{index}")
         self.team = team
         self.role = role
         self.index = index

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import traceback
 from collections.abc import Container
 from typing import Any, ClassVar
 
@@ -19,6 +20,10 @@ from .task import Task, Turn
 __all__ = ["MAX_HOPS", "Agent", "AgentContext", "run_step"]
 
 log = logging.getLogger(__name__)
+errors_log = logging.getLogger("matrix_hpc.agent_errors")
+"""Full tracebacks of agent exceptions; the actor host points it at ``OUTPUT/logs/agents.log``."""
+
+TRACEBACK_FRAMES = 5  # innermost frames kept in an agent_error record
 
 MAX_HOPS = 1000  # a task still routed after this many steps is stuck in a loop
 
@@ -89,6 +94,11 @@ class Agent:
         return res
 
 
+def frames(exc: BaseException, n: int = TRACEBACK_FRAMES) -> list[str]:
+    """The innermost ``n`` frames of ``exc``'s traceback, one line each."""
+    return [f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}" for f in traceback.extract_tb(exc.__traceback__.tb_next)[-n:]]  # tb_next: not run_step itself
+
+
 async def run_step(agent: Agent, task: Task, role: str, roles: Container[str]) -> None:
     """Advance ``task`` one step through ``agent``: the contract every scheduler keeps.
 
@@ -101,8 +111,8 @@ async def run_step(agent: Agent, task: Task, role: str, roles: Container[str]) -
     except LLMError as exc:
         task.fail(exc.kind, str(exc), role)
     except Exception as exc:  # agent code is user code: one task fails, the caller lives
-        log.exception("task %s failed in role %s", task.id, role)
-        task.fail("agent_error", f"{type(exc).__name__}: {exc}", role)
+        errors_log.exception("task %s failed in role %s", task.id, role)
+        task.fail("agent_error", f"{type(exc).__name__}: {exc}", role, traceback=frames(exc))
     if task.done:
         return
     if task.next_role not in roles:

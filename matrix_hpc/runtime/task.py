@@ -42,6 +42,8 @@ class TaskError:
     kind: str
     message: str
     role: str | None = None
+    traceback: list[str] | None = None
+    """For ``agent_error``: the innermost frames, ``file:line in function: code``."""
 
 
 @dataclass(slots=True)
@@ -57,8 +59,8 @@ class Task:
     created_at: float = field(default_factory=time.time)
     hops: int = 0
 
-    def fail(self, kind: str, message: str, role: str | None = None) -> None:
-        self.error = TaskError(kind, message, role)
+    def fail(self, kind: str, message: str, role: str | None = None, traceback: list[str] | None = None) -> None:
+        self.error = TaskError(kind, message, role, traceback)
         self.next_role = None
 
     def finish(self, result: dict[str, Any]) -> None:

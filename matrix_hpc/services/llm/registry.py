@@ -85,9 +85,18 @@ class EndpointRegistry:
             for i, spec in enumerate(self.specs)
         ]
         urls = await asyncio.gather(*(r.start.remote() for r in self.replicas))
+        self._session = aiohttp.ClientSession(timeout=self.probe_timeout, headers=self._headers)
+        # An external endpoint is "up" only once it answered a probe (a managed replica's
+        # start already waited for a real generation); until then it is not routed to.
+        external = [st for st in self.states.values() if st.replica is None]
+        for st, error in zip(external, await asyncio.gather(*(self._probe(st.url) for st in external))):
+            st.probes += 1
+            if error is None:
+                st.last_ok_at = time.time()
+            else:
+                st.state, st.failures, st.last_error = "down", 1, error
         for i, url in enumerate(urls):
             self.states[f"replica-{i}"] = EndpointState(url, i, last_ok_at=time.time())
-        self._session = aiohttp.ClientSession(timeout=self.probe_timeout, headers=self._headers)
         for key in self.states:
             self._wake[key] = asyncio.Event()
             asyncio.get_running_loop().create_task(self._watch(key))

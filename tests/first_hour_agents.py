@@ -1,0 +1,22 @@
+"""Agents for the first-hour tests: no LLM, a bug on some rows, optional slowness."""
+
+from __future__ import annotations
+
+import asyncio
+
+from matrix_hpc.agents import Agent, Task
+
+
+def parse_answer(text: str) -> str:
+    # The user's bug: assumes every reply has a colon.
+    return text.split(":")[1].strip()
+
+
+class Answerer(Agent):
+    """params: ``sleep_s`` per step. Rows whose ``text`` has no colon raise IndexError."""
+
+    uses_llm = False
+
+    async def step(self, task: Task) -> None:
+        await asyncio.sleep(float(self.params.get("sleep_s", 0)))
+        task.finish({"answer": parse_answer(task.row["text"]), "meta": {"len": len(task.row["text"])}})
