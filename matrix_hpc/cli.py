@@ -187,8 +187,10 @@ def cmd_check_health(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .store import export_store
 
-    n = export_store(args.output, args.to, args.format, args.status)
-    print(f"wrote {n} records to {Path(args.to).resolve()}")
+    res = export_store(args.output, args.to, args.format, args.status)
+    print(f"wrote {res.records} records to {Path(args.to).resolve()}")
+    if res.json_columns:
+        print(f"note: column(s) {', '.join(res.json_columns)} written as JSON text: their values do not fit one Parquet type")
     return 0
 
 

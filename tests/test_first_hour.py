@@ -225,3 +225,64 @@ def test_killed_driver_is_not_reported_running(tmp_path: Path, run_factory: Any)
     run.cleanup()  # everything it started is gone too: the writer lock is free
     wait_for(lambda: not StoreReader(out).writer_active(), 60, "the writer lock to be free")
     assert "(crashed (writer gone))" in status(out)
+
+
+# --- records that are easy to read --------------------------------------------
+
+
+def _store(path: Path, results: list[Any]) -> None:
+    """A store as a run leaves it: turns, usage, a failed record with a traceback."""
+    from matrix_hpc.runtime.task import Task, Turn
+    from matrix_hpc.store import RecordRow, StoreWriter
+
+    rows = []
+    for i, result in enumerate(results):
+        t = Task(id=f"t{i:05d}", row={"id": f"t{i:05d}", "question": f"q{i}", "choices": ["a", "b"]}, next_role=None)
+        t.turns.append(Turn(role="teacher", text=f"The answer is (A) {i}", prompt_tokens=10, completion_tokens=3, endpoint="http://127.0.0.1:1/v1", model="m"))
+        if i % 10 == 3:
+            t.fail("agent_error", "IndexError: list index out of range", "judge", traceback=["agents.py:12 in parse: x[1]"])
+        else:
+            t.finish(result)
+        rows.append(RecordRow.from_record(t.to_record()))
+    w = StoreWriter(path, chunk_rows=1024)
+    w.append(rows)
+    w.close()
+
+
+def test_parquet_export_has_nested_columns_and_real_nulls(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = 5000
+    _store(tmp_path / "out", [{"agreed": bool(i % 2), "answers": {"teacher": ["A"]}, "turns": 2} for i in range(n)])
+    res = cli("export", str(tmp_path / "out"), "--format", "parquet", "--to", str(tmp_path / "x.parquet"))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [f"wrote {n} records to {tmp_path}/x.parquet"]
+    f = pq.ParquetFile(tmp_path / "x.parquet")
+    assert f.metadata.num_row_groups == 3  # streamed in groups of 2048, not built whole in memory
+    schema = f.schema_arrow
+    assert pa.types.is_struct(schema.field("row").type) and pa.types.is_struct(schema.field("result").type)
+    assert pa.types.is_list(schema.field("turns").type) and pa.types.is_struct(schema.field("turns").type.value_type)
+    assert pa.types.is_struct(schema.field("usage").type) and pa.types.is_struct(schema.field("error").type)
+    table = f.read().to_pylist()
+    ok, failed = table[0], table[3]
+    assert ok["error"] is None and ok["error_kind"] is None  # real nulls, not the text "null"
+    assert ok["row"]["choices"] == ["a", "b"] and ok["result"]["answers"] == {"teacher": ["A"]}
+    assert ok["turns"][0]["text"] == "The answer is (A) 0" and ok["usage"]["prompt_tokens"] == 10
+    assert failed["result"] is None and failed["error"]["traceback"] == ["agents.py:12 in parse: x[1]"]
+
+
+def test_parquet_export_falls_back_per_column(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _store(tmp_path / "out", [{"score": 4}, {"score": "high"}, {"score": [1, 2]}, {"score": 1}])
+    res = cli("export", str(tmp_path / "out"), "--format", "parquet", "--to", str(tmp_path / "x.parquet"))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [
+        f"wrote 4 records to {tmp_path}/x.parquet",
+        "note: column(s) result written as JSON text: their values do not fit one Parquet type",
+    ]
+    table = pq.read_table(tmp_path / "x.parquet")
+    assert table.schema.field("result").type == pa.string() and pa.types.is_struct(table.schema.field("row").type)
+    assert table.column("result").to_pylist() == ['{"score": 4}', '{"score": "high"}', '{"score": [1, 2]}', None]  # the failed one: a real null
