@@ -286,3 +286,20 @@ def test_parquet_export_falls_back_per_column(tmp_path: Path) -> None:
     table = pq.read_table(tmp_path / "x.parquet")
     assert table.schema.field("result").type == pa.string() and pa.types.is_struct(table.schema.field("row").type)
     assert table.column("result").to_pylist() == ['{"score": 4}', '{"score": "high"}', '{"score": [1, 2]}', None]  # the failed one: a real null
+
+
+# --- check-health names the model ----------------------------------------------
+
+
+def test_check_health_refuses_a_model_the_server_does_not_serve(tmp_path: Path) -> None:
+    from matrix_hpc.services.llm import EmbeddedEngine
+
+    with EmbeddedEngine(n_parallel=2, log_dir=tmp_path, served_model_name="smol") as engine:
+        engine.wait_ready(60)
+        url = engine.base_url
+        res = cli("check-health", "--url", url, "--model", "gpt-4o", "--timeout", "30")
+        assert res.returncode == 1, res.stdout
+        line = res.stdout.splitlines()[0]
+        assert line.startswith(f"FAIL  {url}  (") and line.endswith("s, model gpt-4o; model gpt-4o is not served here (it serves: smol))"), line
+        res = cli("check-health", "--url", url, "--model", "smol", "--timeout", "30")
+        assert res.returncode == 0 and res.stdout.splitlines()[-1] == "1/1 endpoints generate", res.stdout

@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -45,6 +47,20 @@ def find_endpoints(target: str | None) -> tuple[list[str], str | None]:
     return urls, model or config.llm.model
 
 
+def served_models(base_url: str, timeout_s: float, api_key: str | None = None) -> list[str] | None:
+    """The model ids ``GET /models`` lists, or None where the server has no such listing."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"{base_url}/models", headers=headers), timeout=timeout_s) as resp:
+            data = json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    items = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        return None
+    return [str(m.get("id")) for m in items if isinstance(m, dict) and m.get("id")]
+
+
 def check_health(target: str | None, urls: list[str], model: str | None, timeout_s: float, api_key_env: str | None = None) -> int:
     """Print one line per endpoint; 0 when every endpoint generates, else 1."""
     api_key = os.environ.get(api_key_env) if api_key_env else None
@@ -55,14 +71,18 @@ def check_health(target: str | None, urls: list[str], model: str | None, timeout
         return 1
     model = model or found_model or "default"
 
-    def probe(url: str) -> tuple[str, bool, float]:
+    def probe(url: str) -> tuple[str, bool, float, str]:
         t0 = time.monotonic()
-        return url, probe_generation(url, model, timeout_s, api_key), time.monotonic() - t0
+        served = served_models(url, timeout_s, api_key)
+        if served is not None and model not in served:
+            # Some servers (llama.cpp) answer for any model name: the listing is the truth.
+            return url, False, time.monotonic() - t0, f"; model {model} is not served here (it serves: {', '.join(served) or 'nothing'})"
+        return url, probe_generation(url, model, timeout_s, api_key), time.monotonic() - t0, ""
 
     with ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:
         results = list(pool.map(probe, urls))
-    for url, ok, secs in results:
-        print(f"{'ok  ' if ok else 'FAIL'}  {url}  ({secs:.2f}s, model {model})")
-    bad = sum(not ok for _, ok, _ in results)
+    for url, ok, secs, why in results:
+        print(f"{'ok  ' if ok else 'FAIL'}  {url}  ({secs:.2f}s, model {model}{why})")
+    bad = sum(not ok for _, ok, _, _ in results)
     print(f"{len(results) - bad}/{len(results)} endpoints generate")
     return 0 if bad == 0 else 1
