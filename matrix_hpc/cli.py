@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. run.max_in_flight=500 output.path=/tmp/out")
     run.set_defaults(func=cmd_run)
 
-    st = sub.add_parser("status", help="counts of an output store: done, failed by reason, remaining")
+    st = sub.add_parser("status", help="a run's state (running now, finished, interrupted, aborted, crashed) and counts: done, failed by reason, remaining")
     st.add_argument("output", help="output folder (output.path of the run)")
     st.add_argument("--json", action="store_true", help="print JSON")
     st.set_defaults(func=cmd_status)
@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch = sub.add_parser("check-health", help="probe LLM endpoints with a real one-token generation", description="Probe each endpoint with a one-token chat completion (a live /health alone does not prove a working engine). Exit 0 when all answer.")
     ch.add_argument("target", nargs="?", help="an output folder (of a run or a serve) or a job YAML; its endpoints are probed")
     ch.add_argument("--url", action="append", default=[], help="an endpoint to probe, e.g. http://host:8000/v1 (repeatable)")
-    ch.add_argument("--model", help="model name for the probe (default: the config's llm.model)")
+    ch.add_argument("--model", help="model name for the probe (default: the config's llm.model); where the server lists /v1/models, it must be listed")
     ch.add_argument("--timeout", type=float, default=30.0, help="seconds per probe (default 30)")
     ch.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the endpoints' API key")
     ch.set_defaults(func=cmd_check_health)
