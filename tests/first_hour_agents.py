@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 from matrix_hpc.agents import Agent, Task
 
@@ -13,10 +14,16 @@ def parse_answer(text: str) -> str:
 
 
 class Answerer(Agent):
-    """params: ``sleep_s`` per step. Rows whose ``text`` has no colon raise IndexError."""
+    """params: ``sleep_s`` per step; ``crash_marker``: the first task to see that this file
+    does not exist creates it and kills its actor process (a segfault, an OOM kill).
+    Rows whose ``text`` has no colon raise IndexError."""
 
     uses_llm = False
 
     async def step(self, task: Task) -> None:
+        marker = self.params.get("crash_marker")
+        if marker and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)
         await asyncio.sleep(float(self.params.get("sleep_s", 0)))
         task.finish({"answer": parse_answer(task.row["text"]), "meta": {"len": len(task.row["text"])}})

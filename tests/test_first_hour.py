@@ -151,6 +151,8 @@ def user_job(tmp: Path, n: int = 60, sleep_s: float = 0.3) -> Path:
 
 
 UNUSED_URL = "http://127.0.0.1:9/v1"  # nothing listens on the discard port
+AGENTS = REPO / "tests" / "first_hour_agents.py"
+BUG_LINE = next(i for i, line in enumerate(AGENTS.read_text().splitlines(), 1) if 'text.split(":")[1]' in line)
 
 
 def status(out: Path) -> str:
@@ -192,14 +194,21 @@ def test_interrupt_resume_and_what_the_user_reads(tmp_path: Path, run_factory: A
     assert ok_line.endswith(f"{first} skipped (already in the store)"), lines
     assert "  store:     60 records (48 ok, 12 failed), 0 prompt + 0 completion tokens" in lines, lines
     sample = next(line for line in lines if "failed agent_error" in line)
-    assert sample.endswith(f", e.g. IndexError: list index out of range (role answer) at {REPO}/tests/first_hour_agents.py:12 in parse_answer"), sample
+    assert sample.endswith(f", e.g. IndexError: list index out of range (role answer) at {AGENTS}:{BUG_LINE} in parse_answer"), sample
     assert f"  log:       agent tracebacks in {out}/logs/agents.log" in lines
     log_text = (out / "logs" / "agents.log").read_text()
     assert "IndexError: list index out of range" in log_text and "in parse_answer" in log_text
     failed = [r for r in store_records(out) if r["status"] == "failed"]
     assert len(failed) == 12 and all(r["error"]["kind"] == "agent_error" for r in failed)
-    assert failed[0]["error"]["traceback"][-1] == f"{REPO}/tests/first_hour_agents.py:12 in parse_answer: return text.split(\":\")[1].strip()"
+    assert failed[0]["error"]["traceback"][-1] == f"{AGENTS}:{BUG_LINE} in parse_answer: return text.split(\":\")[1].strip()"
     assert "(finished)" in status(out)
+
+
+def test_ray_warnings_have_no_colour_codes_off_a_terminal(tmp_path: Path, run_factory: Any) -> None:
+    """An agent process dies (segfault, OOM kill): Ray's "(raylet)" notice reaches the log plain."""
+    run = run_factory(user_job(tmp_path, n=10, sleep_s=0), f"workflow.roles.answer.params.crash_marker={tmp_path}/crashed")
+    assert run.wait(180) == 0, run.output
+    assert "(raylet) A worker died or was killed" in run.output and "\x1b[" not in run.output, run.output
 
 
 def test_second_ctrl_c_aborts_and_status_says_so(tmp_path: Path, run_factory: Any) -> None:
