@@ -136,10 +136,11 @@ class LLMConfig:
     retry_backoff_s: float = 1.0
     """First backoff; doubles each retry (with jitter). An endpoint that answered 429/503 is
     avoided for as long."""
-    max_connections: int = 64
-    """Concurrent HTTP connections per agent actor."""
-    max_outstanding_per_endpoint: int = 64
-    """Requests one agent actor keeps open against one endpoint; more wait for a free slot."""
+    max_connections: int | None = None
+    """Concurrent HTTP connections per agent actor; default: the role's per-actor concurrency."""
+    max_outstanding_per_endpoint: int | None = None
+    """Requests one agent actor keeps open against one endpoint; more wait for a free slot.
+    Default: as many as its connections (a full server pushes back with 429/503)."""
     sticky: bool = True
     """Send a task's next turn to the replica that served its previous one (prefix-cache reuse)."""
     replicas: int = 1
@@ -160,8 +161,8 @@ class RoleConfig:
     """``module:Class`` of the role's :class:`~matrix_hpc.agents.Agent` subclass."""
     instances: int = 1
     """Ray actors serving this role."""
-    concurrency: int = 64
-    """Tasks one actor runs at once."""
+    concurrency: int | None = None
+    """Tasks one actor runs at once; default: ``run.max_in_flight`` ÷ ``instances`` (rounded up)."""
     params: dict[str, Any] = field(default_factory=dict)
     """Free-form settings handed to the agent's constructor."""
     inline: bool = False
@@ -314,7 +315,7 @@ def _validate(config: JobConfig) -> None:
         if ":" not in role.agent:
             raise ConfigError(f"workflow.roles.{name}.agent: expected 'module:Class', got {role.agent!r}")
         for attr in ("instances", "concurrency"):
-            if getattr(role, attr) < 1:
+            if getattr(role, attr) is not None and getattr(role, attr) < 1:
                 raise ConfigError(f"workflow.roles.{name}.{attr}: must be >= 1")
     positive = {
         "run.max_in_flight": config.run.max_in_flight,
@@ -331,9 +332,9 @@ def _validate(config: JobConfig) -> None:
         raise ConfigError("llm.base_urls: required when llm.engine is 'external'")
     if llm.engine == "vllm" and not llm.vllm.model:
         raise ConfigError("llm.vllm.model: required when llm.engine is 'vllm'")
-    for key in ("replicas", "max_outstanding_per_endpoint", "health_failures", "vllm.tensor_parallel_size", "vllm.pipeline_parallel_size"):
+    for key in ("replicas", "max_connections", "max_outstanding_per_endpoint", "health_failures", "vllm.tensor_parallel_size", "vllm.pipeline_parallel_size"):
         value = getattr(llm.vllm, key[5:]) if key.startswith("vllm.") else getattr(llm, key)
-        if value < 1:
+        if value is not None and value < 1:
             raise ConfigError(f"llm.{key}: must be >= 1, got {value}")
 
 

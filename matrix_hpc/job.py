@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .runtime.actor import RoleSpec, TeamSpec, load_object
+from .runtime.limits import role_limits
 from .runtime.runner import RunProgress, StopFlag, drive
 from .runtime.source import SourceOptions, count_rows, iter_tasks
 from .runtime.team import Team
@@ -69,19 +70,38 @@ def _source_options(config: JobConfig) -> SourceOptions:
     )
 
 
-def _team_spec(config: JobConfig, run_id: str, namespace: str, llm_urls: list[str], registry: str | None) -> TeamSpec:
+def _role_specs(config: JobConfig, n_endpoints: int, say: Callable[[str], None]) -> dict[str, RoleSpec]:
+    """Each role's spec with its limits derived from ``run.max_in_flight`` where unset;
+    warns (logged, and through ``say``) when an explicit limit makes it unreachable."""
     wf, llm = config.workflow, config.llm
-    roles = {
-        name: RoleSpec(agent=r.agent, instances=r.instances, concurrency=r.concurrency, params={**wf.params, **r.params}, inline=r.inline)
-        for name, r in wf.roles.items()
-    }
+    roles = {}
+    for name, r in wf.roles.items():
+        try:
+            uses_llm = bool(getattr(load_object(r.agent), "uses_llm", True))
+        except ImportError:  # Team reports it, naming the key
+            uses_llm = True
+        lim = role_limits(
+            name, config.run.max_in_flight, r.instances, r.concurrency, uses_llm=uses_llm, endpoints=n_endpoints,
+            max_connections=llm.max_connections, max_outstanding_per_endpoint=llm.max_outstanding_per_endpoint,
+        )  # fmt: skip
+        if lim.warning and not r.inline:  # an inline role runs in its callers' workers, not its own
+            say(f"warning: {lim.warning}")
+        roles[name] = RoleSpec(
+            agent=r.agent, instances=r.instances, concurrency=lim.concurrency, params={**wf.params, **r.params}, inline=r.inline,
+            max_connections=lim.max_connections, max_outstanding_per_endpoint=lim.max_outstanding_per_endpoint,
+        )  # fmt: skip
+    return roles
+
+
+def _team_spec(config: JobConfig, run_id: str, namespace: str, llm_urls: list[str], registry: str | None, say: Callable[[str], None]) -> TeamSpec:
+    llm = config.llm
+    roles = _role_specs(config, len(llm_urls), say)
     return TeamSpec(
         run_id=run_id, namespace=namespace, roles=roles, llm_urls=llm_urls, llm_model=llm.model,
         llm_api_key_env=llm.api_key_env, llm_timeout_s=llm.timeout_s, llm_max_retries=llm.max_retries,
-        llm_retry_backoff_s=llm.retry_backoff_s, llm_max_connections=llm.max_connections,
-        llm_max_tokens=llm.max_tokens, llm_temperature=llm.temperature,
+        llm_retry_backoff_s=llm.retry_backoff_s, llm_max_tokens=llm.max_tokens, llm_temperature=llm.temperature,
         batch_size=config.run.batch_size, batch_wait_s=config.run.batch_wait_ms / 1000.0,
-        llm_max_outstanding=llm.max_outstanding_per_endpoint, llm_sticky=llm.sticky, llm_registry=registry,
+        llm_sticky=llm.sticky, llm_registry=registry,
     )  # fmt: skip
 
 
@@ -125,7 +145,7 @@ def run_job(
     stop: StopFlag | None = None,
 ) -> RunSummary:
     """Run (or resume) the job in ``config``; returns when every task is committed."""
-    say = on_event or (lambda msg: log.info("%s", msg))
+    say = on_event or (lambda msg: (log.warning if msg.startswith("warning: ") else log.info)("%s", msg))
     root = Path(config.output.path).expanduser().resolve()
     opts = _source_options(config)
     total = count_rows(opts)  # also checks that the dataset exists
@@ -159,7 +179,7 @@ def run_job(
         service = LLMService(config.llm, run_id, namespace, log_dir)
         urls = service.start()
         say(f"{config.llm.engine} LLM endpoint(s) ready in {time.monotonic() - t0:.1f}s: {', '.join(urls)}")
-        team = Team(_team_spec(config, run_id, namespace, urls, service.name), config.workflow.entry, str(root), config.output.chunk_rows, config.output.flush_interval_s, config.output.fsync)
+        team = Team(_team_spec(config, run_id, namespace, urls, service.name, say), config.workflow.entry, str(root), config.output.chunk_rows, config.output.flush_interval_s, config.output.fsync)
         asyncio.run(team.start())
         info.update(status="running", ray_address=cluster.address, ray_logs=f"{cluster.session_dir}/logs", llm=service.endpoints, actors=team.pids, actor_hosts=team.hosts)
         _write_run_info(root, info)

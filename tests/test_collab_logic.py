@@ -84,6 +84,6 @@ def test_inline_roles_must_not_call_an_llm() -> None:
         "teacher": RoleSpec("workflows.collab_reasoning.agents:Speaker", 1, 1, inline=True),
         "judge": RoleSpec("workflows.collab_reasoning.agents:Judge", 1, 1, inline=True),
     }
-    spec = TeamSpec("r", "ns", roles, ["http://127.0.0.1:9/v1"], "m", None, 1.0, 0, 0.1, 1, 8, 0.0, 8, 0.01)
+    spec = TeamSpec("r", "ns", roles, ["http://127.0.0.1:9/v1"], "m", None, 1.0, 0, 0.1, 8, 0.0, 8, 0.01)
     with pytest.raises(TeamError, match="workflow.roles.teacher.inline: only roles that call no LLM"):
         Team(spec, "teacher", "/nonexistent", 8, 1.0, False)

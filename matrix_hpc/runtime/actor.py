@@ -55,8 +55,13 @@ class RoleSpec:
     agent: str
     instances: int
     concurrency: int
+    """Tasks one actor runs at once (derived from ``run.max_in_flight`` unless set; see runtime.limits)."""
     params: dict[str, Any] = field(default_factory=dict)
     inline: bool = False
+    max_connections: int = 64
+    """HTTP connections of one actor's LLM client."""
+    max_outstanding_per_endpoint: int = 64
+    """Requests one actor keeps open against one endpoint."""
 
 
 @dataclass(frozen=True)
@@ -72,12 +77,10 @@ class TeamSpec:
     llm_timeout_s: float
     llm_max_retries: int
     llm_retry_backoff_s: float
-    llm_max_connections: int
     llm_max_tokens: int
     llm_temperature: float
     batch_size: int
     batch_wait_s: float
-    llm_max_outstanding: int = 64
     llm_sticky: bool = True
     llm_registry: str | None = None
     """Name of the run's :class:`EndpointRegistry`; clients follow its routable set."""
@@ -111,8 +114,8 @@ class AgentActor:
         if cls.uses_llm:
             llm = ChatClient(
                 team.llm_urls, team.llm_model, team.llm_api_key_env, team.llm_timeout_s,
-                team.llm_max_retries, team.llm_retry_backoff_s, team.llm_max_connections,
-                team.llm_max_outstanding, self._report_endpoint_error,
+                team.llm_max_retries, team.llm_retry_backoff_s, spec.max_connections,
+                spec.max_outstanding_per_endpoint, self._report_endpoint_error,
             )  # fmt: skip
             self._clients.append(llm)
         return cls(AgentContext(role, spec.params, llm, team.llm_max_tokens, team.llm_temperature, team.llm_sticky))
