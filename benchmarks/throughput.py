@@ -154,11 +154,9 @@ OURS_SET: list[str] = []  # --set key=value overrides for our runtime
 def job_yaml(workflow: str, data: Path, out: Path, url: str, concurrency: int, tmp: Path) -> Path:
     cfg = yaml.safe_load((REPO / "workflows" / workflow / "config.yaml").read_text())
     cfg["dataset"].update(path=str(data), limit=None)
-    cfg["llm"].update(engine="external", base_urls=[url], max_tokens=1024, max_connections=4096, timeout_s=600.0)
+    cfg["llm"].update(engine="external", base_urls=[url], max_tokens=1024, timeout_s=600.0)
     cfg["output"].update(path=str(out))
-    cfg["run"].update(max_in_flight=concurrency, progress="off")
-    for role in cfg["workflow"]["roles"].values():
-        role["concurrency"] = concurrency
+    cfg["run"].update(max_in_flight=concurrency, progress="off")  # per-actor limits follow it (runtime.limits)
     path = tmp / f"{workflow}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

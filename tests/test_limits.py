@@ -25,6 +25,8 @@ def test_unset_limits_follow_max_in_flight_and_instances() -> None:
     assert lim.warning is None
     lim = role_limits("judge", 1000, 1, uses_llm=False, max_connections=8)  # no LLM: connections do not cap it
     assert lim.concurrency == 1000 and lim.warning is None
+    lim = role_limits("teacher", 50_000, 1)  # sockets stop at MAX_CONNECTIONS; tasks beyond queue for one
+    assert (lim.concurrency, lim.max_connections, lim.max_outstanding_per_endpoint, lim.warning) == (50_000, 4096, 4096, None)
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,9 @@
 
 Every task in flight may sit at one role at once, so by default each role's actors
 together run ``max_in_flight`` tasks, and an LLM role's actor may keep as many
-requests open (HTTP connections, and requests per endpoint: a server that is full
-says so with 429/503, which the client backs off from). A limit set explicitly is
+requests open (HTTP connections, up to :data:`MAX_CONNECTIONS` sockets per actor, and
+requests per endpoint: a server that is full says so with 429/503, which the client
+backs off from; tasks beyond the sockets wait their turn in order). A limit set explicitly is
 kept; when it makes ``max_in_flight`` unreachable for a role, :func:`role_limits`
 says which key caps it, so the caller can warn at start.
 """
@@ -13,7 +14,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["RoleLimits", "role_limits"]
+__all__ = ["MAX_CONNECTIONS", "RoleLimits", "role_limits"]
+
+MAX_CONNECTIONS = 4096
+"""Derived sockets per actor stop here: file descriptors (often 1024-65536 per process) and
+ephemeral ports (~28,000 per server address) run out long before 50,000, and no server
+batches that many requests; more requests than this wait for a free one (O(1) each)."""
 
 
 @dataclass(frozen=True)
@@ -25,7 +31,8 @@ class RoleLimits:
     max_outstanding_per_endpoint: int
     """Requests one actor keeps open against one endpoint."""
     reachable: int
-    """Tasks (LLM requests, for an LLM role) the role's actors can hold at once under these limits."""
+    """Tasks the role's actors can run at once, each with an LLM request open (beyond
+    :data:`MAX_CONNECTIONS` per actor, requests queue for a socket)."""
     warning: str | None = None
     """Set when ``reachable`` < ``max_in_flight``: which explicit key caps the role."""
 
@@ -50,10 +57,10 @@ def role_limits(
     """
     share = math.ceil(max_in_flight / max(1, instances))
     conc = concurrency if concurrency is not None else share
-    conns = max_connections if max_connections is not None else conc
+    conns = max_connections if max_connections is not None else min(conc, MAX_CONNECTIONS)
     per_ep = max_outstanding_per_endpoint if max_outstanding_per_endpoint is not None else conns
     caps = [(conc, f"workflow.roles.{role}.concurrency={conc}", concurrency is not None)]
-    if uses_llm:
+    if uses_llm and (max_connections is not None or conns == conc):  # the socket cap is by design
         caps.append((conns, f"{model_key}.max_connections={conns}", max_connections is not None))
         caps.append((per_ep * max(1, endpoints), f"{model_key}.max_outstanding_per_endpoint={per_ep} × {endpoints} endpoint(s)", max_outstanding_per_endpoint is not None))
     per_actor, what, _ = min(caps, key=lambda c: c[0])
