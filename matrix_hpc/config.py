@@ -223,6 +223,8 @@ class RunConfig:
     """Seconds between progress lines when not on a terminal."""
     health_interval_s: float = 1.0
     """Seconds between liveness checks of the actors."""
+    metrics: bool = True
+    """Export Prometheus metrics through Ray (matrix_hpc.metrics; README "Watching a run")."""
     stop_grace_s: float = 10.0
     """On a stop (Ctrl-C, SIGTERM; on Slurm only USR2, since a Slurm TERM means KILL is near):
     how long tasks in flight may finish before the rest are abandoned (they are not in

@@ -25,6 +25,7 @@ from .runtime.team import Team
 from .runtime.usage import usage_summary
 from .cluster import start_ray
 from .config import JobConfig, resolve_dataset_path
+from .metrics import prometheus_targets
 from .procs import pid_alive
 from .services.llm.service import LLMService
 from .store import StoreLockedError, StoreReader
@@ -101,7 +102,7 @@ def _team_spec(config: JobConfig, run_id: str, namespace: str, llm_urls: list[st
         llm_api_key_env=llm.api_key_env, llm_timeout_s=llm.timeout_s, llm_max_retries=llm.max_retries,
         llm_retry_backoff_s=llm.retry_backoff_s, llm_max_tokens=llm.max_tokens, llm_temperature=llm.temperature,
         batch_size=config.run.batch_size, batch_wait_s=config.run.batch_wait_ms / 1000.0,
-        llm_sticky=llm.sticky, llm_registry=registry,
+        llm_sticky=llm.sticky, llm_registry=registry, metrics=config.run.metrics,
     )  # fmt: skip
 
 
@@ -181,6 +182,8 @@ def run_job(
         say(f"{config.llm.engine} LLM endpoint(s) ready in {time.monotonic() - t0:.1f}s: {', '.join(urls)}")
         team = Team(_team_spec(config, run_id, namespace, urls, service.name, say), config.workflow.entry, str(root), config.output.chunk_rows, config.output.flush_interval_s, config.output.fsync)
         asyncio.run(team.start())
+        if config.run.metrics:  # for Prometheus' file_sd_configs (README: Watching a run)
+            atomic_write_json(root / "prometheus_targets.json", prometheus_targets({"job": "matrix-hpc", "run_id": run_id}), durable=False)
         info.update(status="running", ray_address=cluster.address, ray_logs=f"{cluster.session_dir}/logs", llm=service.endpoints, actors=team.pids, actor_hosts=team.hosts)
         _write_run_info(root, info)
         progress.started_at = time.monotonic()

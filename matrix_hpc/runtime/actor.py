@@ -13,12 +13,14 @@ import importlib
 import logging
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
+from .. import metrics
 from ..services.llm import ChatClient
 from ..services.llm.registry import follow_registry
 from ..store import RecordRow
@@ -84,6 +86,8 @@ class TeamSpec:
     llm_sticky: bool = True
     llm_registry: str | None = None
     """Name of the run's :class:`EndpointRegistry`; clients follow its routable set."""
+    metrics: bool = True
+    """Export Prometheus metrics (``run.metrics``; see matrix_hpc.metrics)."""
 
 
 @ray.remote(num_cpus=0, max_restarts=10, max_task_retries=-1)
@@ -94,6 +98,7 @@ class AgentActor:
         self.role = role
         self.index = index
         self.incarnation = uuid.uuid4().hex
+        metrics.configure(team.metrics)
         spec = team.roles[role]
         self._clients: list[ChatClient] = []
         self.agent: Agent = self._make_agent(role)
@@ -104,6 +109,13 @@ class AgentActor:
         self._running: dict[str, Task] = {}
         self._outbox: Outbox | None = None
         self.steps = 0
+        if team.metrics:
+            metrics.add_collector(self._collect)
+
+    def _collect(self) -> None:
+        queued = self._queue.qsize() if self._queue is not None else 0
+        metrics.set_gauge("tasks_in_flight", len(self._running) + queued, self.role)
+        metrics.set_gauge("queue_depth", queued, self.role)
 
     def _make_agent(self, role: str) -> Agent:
         spec, team = self.team.roles[role], self.team
@@ -115,7 +127,7 @@ class AgentActor:
             llm = ChatClient(
                 team.llm_urls, team.llm_model, team.llm_api_key_env, team.llm_timeout_s,
                 team.llm_max_retries, team.llm_retry_backoff_s, spec.max_connections,
-                spec.max_outstanding_per_endpoint, self._report_endpoint_error,
+                spec.max_outstanding_per_endpoint, self._report_endpoint_error, (role, team.llm_model) if team.metrics else None,
             )  # fmt: skip
             self._clients.append(llm)
         return cls(AgentContext(role, spec.params, llm, team.llm_max_tokens, team.llm_temperature, team.llm_sticky))
@@ -178,13 +190,18 @@ class AgentActor:
             finally:
                 self._running.pop(task.id, None)
             if task.done:
-                self._outbox.put(SINK, RecordRow.from_record(task.to_record()))
+                row = RecordRow.from_record(task.to_record())
+                metrics.inc("tasks_left_role", 1, self.role, row.status, row.error_kind or "")
+                self._outbox.put(SINK, row)
             else:
                 self._outbox.put(task.next_role, task)
 
     async def _step(self, task: Task, agent: Agent, role: str) -> None:
         self.steps += 1
+        started = time.monotonic()
         await run_step(agent, task, role, self.team.roles)
+        metrics.inc("steps", 1, role)
+        metrics.observe("step_seconds", time.monotonic() - started, role)
 
     def ping(self) -> tuple[str, int, str]:
         """(incarnation, pid, host): a new incarnation means Ray restarted this actor."""

@@ -38,7 +38,7 @@ class Team:
         self.spec = spec
         self.entry = entry
         agent_nodes = placement(CPU_NODE)  # agents on CPU nodes when the cluster labels them
-        self.sink = SinkActor.options(name=sink_name(spec.run_id)).remote(store_path, chunk_rows, flush_interval_s, fsync)
+        self.sink = SinkActor.options(name=sink_name(spec.run_id)).remote(store_path, chunk_rows, flush_interval_s, fsync, spec.metrics)
         self.actors: dict[str, list[Any]] = {
             role: [AgentActor.options(name=actor_name(spec.run_id, role, i), resources=agent_nodes).remote(spec, role, i) for i in range(rs.instances)]
             for role, rs in spec.roles.items()

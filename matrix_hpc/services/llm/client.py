@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 
+from ... import metrics
 from .slots import NoSlot, Slots
 
 __all__ = ["ChatClient", "ChatResult", "LLMError", "Message"]
@@ -76,8 +77,11 @@ class ChatClient:
         max_connections: int = 64,
         max_outstanding_per_endpoint: int = 64,
         on_endpoint_error: Callable[[str], None] | None = None,
+        metric_tags: tuple[str, str] | None = None,
     ) -> None:
         self.model = model
+        self.metric_tags = metric_tags
+        """(role, model) for this client's metrics (see matrix_hpc.metrics); None: not recorded."""
         self._api_key = os.environ.get(api_key_env) if api_key_env else None
         if api_key_env and not self._api_key:
             log.warning("environment variable %s (llm.api_key_env) is not set", api_key_env)
@@ -91,6 +95,18 @@ class ChatClient:
         """Completed requests per endpoint (for reports)."""
         self._session: aiohttp.ClientSession | None = None
         self.set_endpoints(base_urls)
+        if metric_tags is not None:
+            metrics.add_collector(self._collect)
+
+    def _collect(self) -> None:
+        role, model = self.metric_tags  # type: ignore[misc]
+        for url, n in list(self.slots.outstanding.items()):
+            metrics.set_gauge("llm_outstanding", n, role, model, url)
+        metrics.set_gauge("llm_waiting", len(self.slots._waiters), role, model)
+
+    def _error(self, url: str, kind: str) -> None:
+        if self.metric_tags is not None:
+            metrics.inc("llm_errors", 1, *self.metric_tags, url, kind)
 
     @property
     def base_urls(self) -> list[str]:
@@ -149,12 +165,14 @@ class ChatClient:
             try:
                 async with session.post(f"{url}/chat/completions", json=body) as resp:
                     if resp.status in _RETRY_STATUS:
+                        self._error(url, "http_429" if resp.status == 429 else f"http_{resp.status // 100}xx")
                         last_error = f"HTTP {resp.status} from {url}: {(await resp.text())[:200]}"
                         if resp.status in (429, 503):  # overloaded: let it drain
                             self.slots.cool_until[url] = time.monotonic() + self.retry_backoff_s * 2**attempt
                         attempt += 1
                         continue
                     if resp.status != 200:
+                        self._error(url, f"http_{resp.status // 100}xx")
                         raise LLMError("llm_http", f"HTTP {resp.status} from {url}: {(await resp.text())[:200]}")
                     data = await resp.json(content_type=None)
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
@@ -165,18 +183,27 @@ class ChatClient:
                 # mid-request counts as an attempt, since the request itself may be the cause.
                 self.slots.mark_unreachable(url, _RECHECK_S)
                 refused = isinstance(exc, aiohttp.ClientConnectorError)
+                self._error(url, "refused" if refused else "connection")
                 attempt += 0 if refused else 1
                 if self.on_endpoint_error is not None:
                     self.on_endpoint_error(url)
                 continue
             except TimeoutError:
                 last_error = f"timed out after {self.timeout.total}s waiting for {url}"
+                self._error(url, "timeout")
                 attempt += 1
                 continue
             finally:
                 self.slots.release(url)
             self.served[url] = self.served.get(url, 0) + 1
-            return self._parse(data, url, time.monotonic() - started, self.model)
+            result = self._parse(data, url, time.monotonic() - started, self.model)
+            if self.metric_tags is not None:
+                role, model = self.metric_tags
+                metrics.inc("llm_requests", 1, role, model, url)
+                metrics.observe("llm_latency_seconds", result.latency_s, role, model)
+                metrics.inc("llm_tokens", result.prompt_tokens, role, model, "in")
+                metrics.inc("llm_tokens", result.completion_tokens, role, model, "out")
+            return result
         raise LLMError("llm_unavailable", f"{last_error} (gave up after {self.max_retries + 1} attempts)")
 
     @staticmethod

@@ -21,6 +21,7 @@ import aiohttp
 import ray
 from ray.exceptions import RayError
 
+from ... import metrics
 from .client import ChatClient
 from .replica import LLMReplica, ReplicaSpec, replica_options
 
@@ -177,6 +178,7 @@ class EndpointRegistry:
             if st.state == "up" and (gone or st.failures >= self.max_failures):
                 log.warning("%s leaves routing: %s", st.url, error)
                 st.state = "down"
+                metrics.inc("llm_routing_removals", 1, self.model, st.url)
                 self._bump()
             if st.state == "down" and st.replica is not None:
                 await self._restart(st)
@@ -187,6 +189,7 @@ class EndpointRegistry:
             st.state = "failed"
             return
         st.state, st.restarts = "restarting", st.restarts + 1
+        metrics.inc("llm_replica_restarts", 1, self.model, st.url)
         log.warning("restarting replica %d (%s), restart %d", st.replica, st.url, st.restarts)
         try:
             url = await self.replicas[st.replica].start.remote()  # type: ignore[index]
