@@ -17,7 +17,7 @@ from .llm_server import PeakServer
 from matrix_hpc import metrics
 from matrix_hpc.config import load_config
 
-pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
 
 SERIES = [
     "ray_matrix_hpc_tasks_finished_total",
@@ -54,6 +54,7 @@ def total(samples: list[tuple[str, dict[str, str], float]], name: str, **match: 
     return sum(v for n, labels, v in samples if n == name and all(labels.get(k) == x for k, x in match.items()))
 
 
+@pytest.mark.slow
 def test_metrics_are_scraped_during_a_run_and_match_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from matrix_hpc.job import run_job
 
@@ -109,3 +110,12 @@ def test_recording_is_local_until_flushed_and_can_be_off() -> None:
     metrics.flush()  # no Ray here: dropped, not raised
     assert ("steps", ("x",)) not in metrics._rec.counts
     assert set(metrics.METRICS) >= {"replayed_calls", "sandbox_leases", "llm_replica_restarts", "llm_routing_removals"}
+
+
+def test_dashboard_shows_only_defined_metrics_and_every_one_but_the_per_role_exits() -> None:
+    text = (REPO / "docs" / "grafana" / "matrix-hpc.json").read_text()
+    dash = json.loads(text)
+    used = set(re.findall(r"ray_matrix_hpc_(\w+?)(?:_total|_bucket)?\b", text))
+    assert used <= set(metrics.METRICS), used - set(metrics.METRICS)
+    assert set(metrics.METRICS) - used == {"tasks_left_role"}
+    assert all(p["type"] == "row" or p["targets"] for p in dash["panels"])
