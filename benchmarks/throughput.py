@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -59,6 +59,8 @@ class Row:
     tasks: int = 0
     ray_warnings: int = 0
     """Ray log lines warning of pending/backlogged calls (ours only)."""
+    cpu_by_kind: dict[str, float] = field(default_factory=dict)
+    """CPU ms per hop by process kind (``--cpu-breakdown``)."""
 
 
 class TreeSampler:
@@ -68,7 +70,10 @@ class TreeSampler:
         self.exclude = exclude
         self.interval_s = interval_s
         self.peak_rss = 0
+        self.own_cpu_s = 0.0
+        """CPU this sampler's thread spent (the instrument's cost, not the run's)."""
         self._cpu: dict[int, float] = {}
+        self._names: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -88,14 +93,18 @@ class TreeSampler:
             try:
                 t = p.cpu_times()
                 self._cpu[p.pid] = t.user + t.system  # cumulative per process: keep the latest
+                if p.pid not in self._names:
+                    self._names[p.pid] = _kind(p)
                 rss += p.memory_info().rss
             except psutil.NoSuchProcess:
                 pass
         self.peak_rss = max(self.peak_rss, rss)
 
     def _loop(self) -> None:
+        started = time.thread_time()
         while not self._stop.wait(self.interval_s):
             self.sample()
+        self.own_cpu_s = time.thread_time() - started
 
     def __enter__(self) -> "TreeSampler":
         self.sample()
@@ -110,7 +119,33 @@ class TreeSampler:
 
     @property
     def cpu_s(self) -> float:
-        return sum(v - self._start.get(pid, 0.0) for pid, v in self._cpu.items())
+        return sum(v - self._start.get(pid, 0.0) for pid, v in self._cpu.items()) - self.own_cpu_s
+
+    def by_kind(self) -> dict[str, float]:
+        """CPU seconds per process kind (driver, raylet, gcs, AgentActor, ...)."""
+        out: dict[str, float] = {}
+        for pid, v in self._cpu.items():
+            kind = self._names.get(pid, "?")
+            out[kind] = out.get(kind, 0.0) + v - self._start.get(pid, 0.0)
+        out["driver"] = out.get("driver", 0.0) - self.own_cpu_s
+        return out
+
+
+def _kind(p: psutil.Process) -> str:
+    try:
+        cmd = p.cmdline()
+        name = p.name()
+    except psutil.Error:
+        return "?"
+    if p.pid == os.getpid():
+        return "driver"
+    head = cmd[0] if cmd else name
+    if head.startswith("ray::"):
+        return head.split(".")[0]  # ray::AgentActor.receive -> ray::AgentActor
+    for key in ("raylet", "gcs_server", "dashboard/agent.py", "runtime_env/agent", "log_monitor", "monitor.py", "default_worker.py"):
+        if any(key in c for c in cmd[:3]):
+            return key
+    return os.path.basename(head)
 
 
 def _raise_priority(nice: int) -> None:
@@ -149,6 +184,7 @@ def make_dataset(workflow: str, n: int, path: Path) -> Path:
 
 
 OURS_SET: list[str] = []  # --set key=value overrides for our runtime
+LAST_BREAKDOWN: dict[str, float] = {}  # CPU seconds by process kind of the last run of ours
 
 
 def job_yaml(workflow: str, data: Path, out: Path, url: str, concurrency: int, tmp: Path) -> Path:
@@ -207,6 +243,8 @@ def run_ours(job: Path, exclude: set[int]) -> tuple[float, float, int, int]:
     summary = run_job(config, on_progress=on_progress)
     elapsed = summary.progress.elapsed_s
     sampler.__exit__(None, None, None)
+    LAST_BREAKDOWN.clear()
+    LAST_BREAKDOWN.update(sampler.by_kind())
     return elapsed, sampler.cpu_s, sampler.peak_rss, count_backlog_warnings(summary.ray_logs)
 
 
@@ -251,6 +289,9 @@ def one_run(scheduler: str, workflow: str, concurrency: int, n: int, url: str, e
                     ray.shutdown()
         row = summarize(scheduler, workflow, concurrency, elapsed, cpu, rss, out, n, peak)
         row.ray_warnings = warnings
+        if scheduler == "ours":
+            hops = row.cpu_ms_per_hop and cpu * 1000 / row.cpu_ms_per_hop
+            row.cpu_by_kind = {k: 1000 * v / max(hops, 1) for k, v in LAST_BREAKDOWN.items()}
         return row
 
 
@@ -260,6 +301,8 @@ def median_row(rows: list[Row]) -> Row:
         setattr(med, f, statistics.median(getattr(r, f) for r in rows))
     med.complete = all(r.complete for r in rows)
     med.ray_warnings = max(r.ray_warnings for r in rows)
+    kinds = {k for r in rows for k in r.cpu_by_kind}
+    med.cpu_by_kind = {k: statistics.median(r.cpu_by_kind.get(k, 0.0) for r in rows) for k in kinds}
     return med
 
 
@@ -270,6 +313,10 @@ def print_table(rows: list[Row], peak: float) -> None:
     print("-" * len(head))
     for r in rows:
         print(f"{r.scheduler:11} {r.workflow:16} {r.concurrency:6d} {r.tasks:6d} {r.tasks_per_s:8.1f} {r.tokens_per_s:8.0f} {r.utilization:6.1%} {r.p50_s:7.2f} {r.p99_s:7.2f} {r.cpu_ms_per_hop:10.3f} {r.peak_rss_mb:7.0f} {str(r.complete):>8} {r.ray_warnings:8d}")
+    for r in rows:
+        if r.cpu_by_kind:
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r.cpu_by_kind.items(), key=lambda kv: -kv[1]) if v >= 0.005)
+            print(f"  {r.scheduler} {r.workflow} @ {r.concurrency}: CPU ms/hop by process: {parts}")
     by = {(r.workflow, r.concurrency, r.scheduler): r for r in rows}
     for (wf, conc, sched), r in sorted(by.items()):
         if sched == "ours":
