@@ -112,6 +112,9 @@ class AgentActor:
         if team.metrics:
             metrics.add_collector(self._collect)
 
+    def _held(self) -> int:
+        return len(self._running) + (self._queue.qsize() if self._queue is not None else 0)
+
     def _collect(self) -> None:
         queued = self._queue.qsize() if self._queue is not None else 0
         metrics.set_gauge("tasks_in_flight", len(self._running) + queued, self.role)
@@ -157,7 +160,7 @@ class AgentActor:
 
     def _start(self) -> None:
         self._queue = asyncio.Queue()
-        self._outbox = Outbox(self._resolve, self.team.batch_size, self.team.batch_wait_s)
+        self._outbox = Outbox(self._resolve, self.team.batch_size, self.team.batch_wait_s, load=self._held)
         loop = asyncio.get_running_loop()
         registry = self._registry()
         if registry is not None:
