@@ -12,7 +12,7 @@ import pytest
 from .conftest import BIN, job_config, questions, store_records, write_jsonl
 from .llm_server import PeakServer
 from matrix_hpc.config import load_config
-from matrix_hpc.job import _role_specs
+from matrix_hpc.runtime.spec import team_spec
 from matrix_hpc.runtime.limits import role_limits
 
 
@@ -44,10 +44,10 @@ def test_explicit_limit_below_max_in_flight_warns_naming_the_key(kwargs: dict[st
 def test_job_warns_at_start_for_llm_roles_only(tmp_path: Path) -> None:
     cfg = load_config(job_config(tmp_path, write_jsonl(tmp_path / "d.jsonl", questions(2))), ["run.max_in_flight=500", "llm.max_connections=100"])
     said: list[str] = []
-    roles = _role_specs(cfg, 1, said.append)
-    assert roles["teacher"].concurrency == 500 and roles["teacher"].max_connections == 100
+    roles = team_spec(cfg, "r", "ns", {"default": (["http://127.0.0.1:9/v1"], None)}, warn=said.append).roles
+    assert roles["teacher"].concurrency == 500 and roles["teacher"].max_connections == 100 and roles["teacher"].max_outstanding == 100
     assert sorted(s.split("role ")[1].split(":")[0] for s in said) == ["'student'", "'teacher'"]  # not the inline judge
-    assert all(s.startswith("warning: ") and "llm.max_connections=100" in s for s in said)
+    assert all("llm.max_connections=100" in s for s in said)
 
 
 @pytest.fixture
