@@ -74,6 +74,7 @@ class _Recorder:
     def __init__(self) -> None:
         self.enabled = True
         self.lock = threading.Lock()
+        self.flushing = threading.Lock()  # the thread and an explicit flush() (sink close) may meet
         self.counts: dict[Key, float] = {}
         self.gauges: dict[Key, float] = {}
         self.samples: dict[Key, list[float]] = {}
@@ -95,6 +96,10 @@ class _Recorder:
                 log.exception("metrics flush failed")
 
     def flush(self) -> None:
+        with self.flushing:
+            self._flush()
+
+    def _flush(self) -> None:
         for collect in list(self.collectors):
             try:
                 collect()
