@@ -7,7 +7,9 @@
 Every scheduler runs the same workflow agents against the same latency-model
 engine (``benchmarks.latency_engine``, a separate process), whose analytic peak
 tokens/s is the ceiling. Per scheduler and concurrency it prints the median of
-``--repeats`` runs: tasks/s, output tokens/s, utilization (achieved ÷ peak), p50/p99
+``--repeats`` runs: tasks/s, output tokens/s, utilization (achieved ÷ peak), engine
+fill (share of its batch slots busy per step: the scheduler kept it fed even when the
+machine's load made its steps late), the machine's load average, p50/p99
 task latency, CPU ms per agent hop and per LLM hop (all processes but the engine),
 peak RSS, and whether the store holds every id exactly once. ``ours-nometrics`` is
 ours with ``run.metrics=false`` (what the Prometheus metrics cost). The scale rows
@@ -65,6 +67,11 @@ class Row:
     tasks: int = 0
     ray_warnings: int = 0
     """Ray log lines warning of pending/backlogged calls (ours only)."""
+    load: float = 0.0
+    """The machine's 1-minute load average at the end of the run (the engine shares the cores)."""
+    engine_fill: float = 0.0
+    """Share of the engine's batch slots filled over its steps in this run: ~100% means the
+    scheduler kept it fed, whatever the wall clock (a CPU-starved engine steps late)."""
     cpu_by_kind: dict[str, float] = field(default_factory=dict)
     """CPU ms per hop by process kind (``--cpu-breakdown``)."""
 
@@ -266,7 +273,24 @@ def run_baseline(fn: Callable[[], Finished], out: Path, exclude: set[int]) -> tu
     return elapsed, sampler.cpu_s, sampler.peak_rss
 
 
+def engine_stats(url: str) -> dict[str, Any]:
+    import urllib.request
+
+    with urllib.request.urlopen(url.removesuffix("/v1") + "/stats", timeout=10) as resp:
+        return json.loads(resp.read())  # type: ignore[no-any-return]
+
+
 def one_run(scheduler: str, workflow: str, concurrency: int, n: int, url: str, exclude: set[int], peak: float) -> Row:
+    before = engine_stats(url)
+    row = _one_run(scheduler, workflow, concurrency, n, url, exclude, peak)
+    after = engine_stats(url)
+    steps = after["steps"] - before["steps"]
+    row.engine_fill = (after["tokens"] - before["tokens"]) / max(1, steps * after["model"]["max_batch"])
+    row.load = os.getloadavg()[0]
+    return row
+
+
+def _one_run(scheduler: str, workflow: str, concurrency: int, n: int, url: str, exclude: set[int], peak: float) -> Row:
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         data = make_dataset(workflow, n, tmp / "data.jsonl")
@@ -304,7 +328,7 @@ def one_run(scheduler: str, workflow: str, concurrency: int, n: int, url: str, e
 
 def median_row(rows: list[Row]) -> Row:
     med = rows[0].__class__(**asdict(rows[0]))
-    for f in ("tasks_per_s", "tokens_per_s", "utilization", "p50_s", "p99_s", "cpu_ms_per_hop", "cpu_ms_per_llm_hop", "peak_rss_mb"):
+    for f in ("tasks_per_s", "tokens_per_s", "utilization", "p50_s", "p99_s", "cpu_ms_per_hop", "cpu_ms_per_llm_hop", "peak_rss_mb", "engine_fill", "load"):
         setattr(med, f, statistics.median(getattr(r, f) for r in rows))
     med.complete = all(r.complete for r in rows)
     med.ray_warnings = max(r.ray_warnings for r in rows)
@@ -315,11 +339,11 @@ def median_row(rows: list[Row]) -> Row:
 
 def print_table(rows: list[Row], peak: float, title: str = "medians of repeats") -> None:
     print(f"\nengine peak {peak:.0f} tok/s; {title}")
-    head = f"{'scheduler':14} {'workflow':16} {'conc':>6} {'tasks':>6} {'tasks/s':>8} {'tok/s':>8} {'util':>6} {'p50 s':>7} {'p99 s':>7} {'cpu ms/hop':>10} {'/LLM hop':>8} {'RSS MB':>7} {'complete':>8} {'ray warn':>8}"
+    head = f"{'scheduler':14} {'workflow':16} {'conc':>6} {'tasks':>6} {'tasks/s':>8} {'tok/s':>8} {'util':>6} {'fill':>6} {'load':>5} {'p50 s':>7} {'p99 s':>7} {'cpu ms/hop':>10} {'/LLM hop':>8} {'RSS MB':>7} {'complete':>8} {'ray warn':>8}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r.scheduler:14} {r.workflow:16} {r.concurrency:6d} {r.tasks:6d} {r.tasks_per_s:8.1f} {r.tokens_per_s:8.0f} {r.utilization:6.1%} {r.p50_s:7.2f} {r.p99_s:7.2f} {r.cpu_ms_per_hop:10.3f} {r.cpu_ms_per_llm_hop:8.3f} {r.peak_rss_mb:7.0f} {str(r.complete):>8} {r.ray_warnings:8d}")
+        print(f"{r.scheduler:14} {r.workflow:16} {r.concurrency:6d} {r.tasks:6d} {r.tasks_per_s:8.1f} {r.tokens_per_s:8.0f} {r.utilization:6.1%} {r.engine_fill:6.1%} {r.load:5.1f} {r.p50_s:7.2f} {r.p99_s:7.2f} {r.cpu_ms_per_hop:10.3f} {r.cpu_ms_per_llm_hop:8.3f} {r.peak_rss_mb:7.0f} {str(r.complete):>8} {r.ray_warnings:8d}")
     for r in rows:
         if r.cpu_by_kind:
             parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r.cpu_by_kind.items(), key=lambda kv: -kv[1]) if v >= 0.005)
@@ -367,7 +391,7 @@ def main() -> None:
                 reps = []
                 for rep in range(args.repeats):
                     row = one_run(sched, args.workflow, conc, n, url, {engine.pid}, model.peak_tokens_per_s)
-                    print(f"  {sched} conc={conc} run {rep + 1}: {row.tokens_per_s:.0f} tok/s, util {row.utilization:.1%}, complete={row.complete}", file=sys.stderr, flush=True)
+                    print(f"  {sched} conc={conc} run {rep + 1}: {row.tokens_per_s:.0f} tok/s, util {row.utilization:.1%}, fill {row.engine_fill:.1%}, load {row.load:.1f}, complete={row.complete}", file=sys.stderr, flush=True)
                     reps.append(row)
                 rows.append(median_row(reps))
     finally:
@@ -383,7 +407,7 @@ def main() -> None:
             scale_rows = []
             for n in scale:
                 row = one_run("ours", args.workflow, n, n, url, {engine.pid}, big.peak_tokens_per_s)
-                print(f"  ours scale {n}: {row.tokens_per_s:.0f} tok/s, util {row.utilization:.1%}, complete={row.complete}", file=sys.stderr, flush=True)
+                print(f"  ours scale {n}: {row.tokens_per_s:.0f} tok/s, util {row.utilization:.1%}, fill {row.engine_fill:.1%}, load {row.load:.1f}, complete={row.complete}", file=sys.stderr, flush=True)
                 scale_rows.append(row)
         finally:
             engine.terminate()
@@ -391,7 +415,7 @@ def main() -> None:
         print_table(scale_rows, big.peak_tokens_per_s, f"scale rows (max_batch {big.max_batch}, out_mean {big.out_mean:g}), one run each, every task in flight at once")
         rows += scale_rows
     if args.json:
-        keys = ("scheduler", "workflow", "concurrency", "tasks", "tasks_per_s", "tokens_per_s", "utilization", "p50_s", "p99_s", "cpu_ms_per_hop", "cpu_ms_per_llm_hop", "peak_rss_mb", "complete", "cpu_by_kind")
+        keys = ("scheduler", "workflow", "concurrency", "tasks", "tasks_per_s", "tokens_per_s", "utilization", "engine_fill", "load", "p50_s", "p99_s", "cpu_ms_per_hop", "cpu_ms_per_llm_hop", "peak_rss_mb", "complete", "cpu_by_kind")
         args.json.write_text(json.dumps([{k: getattr(r, k) for k in keys} for r in rows], indent=1))
 
 
