@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .runtime.actor import RoleSpec, TeamSpec, load_object
+from .runtime.actor import RoleSpec, TeamSpec
+from .runtime.loader import check_workflow_code, import_paths, load_object
 from .runtime.runner import RunProgress, StopFlag, drive
 from .runtime.source import SourceOptions, count_rows, iter_tasks
 from .runtime.team import Team
@@ -82,6 +83,7 @@ def _team_spec(config: JobConfig, run_id: str, namespace: str, llm_urls: list[st
         llm_max_tokens=llm.max_tokens, llm_temperature=llm.temperature,
         batch_size=config.run.batch_size, batch_wait_s=config.run.batch_wait_ms / 1000.0,
         llm_max_outstanding=llm.max_outstanding_per_endpoint, llm_sticky=llm.sticky, llm_registry=registry,
+        loop_lag_warn_s=config.run.loop_lag_warn_s,
     )  # fmt: skip
 
 
@@ -126,6 +128,7 @@ def run_job(
 ) -> RunSummary:
     """Run (or resume) the job in ``config``; returns when every task is committed."""
     say = on_event or (lambda msg: log.info("%s", msg))
+    check_workflow_code(config)  # a typo in an agent's name fails here, before Ray or an engine starts
     root = Path(config.output.path).expanduser().resolve()
     opts = _source_options(config)
     total = count_rows(opts)  # also checks that the dataset exists
@@ -151,7 +154,7 @@ def run_job(
     info["history"] = history + [entry]
     _write_run_info(root, info)
 
-    cluster = start_ray(config.cluster, namespace)
+    cluster = start_ray(config.cluster, namespace, import_paths(config))
     service: LLMService | None = None
     team: Team | None = None
     try:
@@ -167,6 +170,7 @@ def run_job(
         tasks = iter_tasks(opts, done, progress.source_counts)
         run = config.run
         asyncio.run(drive(team, tasks, progress, run.max_in_flight, run.batch_size, run.max_attempts, run.health_interval_s, on_progress, stop, run.stop_grace_s))
+        asyncio.run(team.close())
         asyncio.run(_close_sink(team))
         info["llm"] = _safe_status(service)
     finally:
