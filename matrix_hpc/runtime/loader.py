@@ -91,6 +91,8 @@ def check_workflow_code(config: JobConfig) -> None:
         cls = _load(rc.agent, key, paths)
         if not (isinstance(cls, type) and issubclass(cls, Agent)):
             raise ConfigError(f"{key}: {rc.agent} is not a subclass of matrix_hpc.agents.Agent")
+        if cls.uses_llm and config.role_model(role) is None:
+            raise ConfigError(f"workflow.roles.{role}.model: the role calls an LLM; name one of the models ({', '.join(config.models)})")
         if rc.inline and cls.uses_llm:
             raise ConfigError(f"workflow.roles.{role}.inline: only roles that call no LLM (uses_llm = False) can run inline")
     if wf.metrics:
