@@ -48,6 +48,8 @@ class Router(Agent):
     uses_llm = False
 
     async def setup(self) -> None:
+        if self.params.get("fail_setup"):
+            raise RuntimeError("no index at /nowhere")
         self.ready = "set up"  # a per-actor resource, shared by every task
         self.nodes = []
         if self.params.get("probe_nodes"):
@@ -189,6 +191,15 @@ def test_blocking_step_is_reported_naming_the_role(contract_run: dict[str, Any])
 def test_close_runs_once_per_actor_at_the_end(contract_run: dict[str, Any]) -> None:
     markers = sorted(p.name for p in (contract_run["tmp"] / "markers").iterdir())
     assert len(markers) == 1 and markers[0].startswith("closed-router-"), markers
+
+
+@pytest.mark.slow
+def test_failing_setup_stops_the_run_before_any_task(tmp_path: Path) -> None:
+    config = workflow_folder(tmp_path)
+    rc, output, _ = run_without_pythonpath(config, tmp_path, "workflow.roles.router.params.fail_setup=true")
+    assert rc == 1, output
+    assert output.strip().splitlines()[-1] == "matrix-hpc: error: workflow.roles.router: setup() failed: RuntimeError: no index at /nowhere"
+    assert store_records(tmp_path / "out") == []
 
 
 def test_misspelled_agent_class_fails_before_ray_starts(tmp_path: Path) -> None:
