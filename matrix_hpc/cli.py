@@ -130,8 +130,11 @@ def _print_slurm(output: Path) -> None:
 def cmd_submit(args: argparse.Namespace) -> int:
     from .cluster.slurm import submit
     from .config import load_config
+    from .runtime.loader import check_workflow_code
 
-    output = Path(load_config(args.config, args.overrides).output.path).expanduser().resolve()
+    config = load_config(args.config, args.overrides)
+    check_workflow_code(config)  # a typo costs a second here, not a wait in the queue
+    output = Path(config.output.path).expanduser().resolve()
     job = submit(args.config, args.overrides)
     print(f"submitted Slurm job {job.job_id}; logs in {Path(job.paths.stdout).parent}")
     print(f"watch it: matrix-hpc status {output}   (re-submitting the same config resumes the run)")

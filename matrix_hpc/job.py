@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .runinfo import LifeRecord, RunInfo
-from .runtime.actor import load_object
+from .runtime.loader import check_workflow_code, import_paths, load_object
 from .runtime.runner import RunProgress, StopFlag, drive
 from .runtime.source import SourceOptions, count_rows, iter_tasks
 from .runtime.spec import team_spec
@@ -115,6 +115,7 @@ def run_job(
 ) -> RunSummary:
     """Run (or resume) the job in ``config``; returns when every task is committed."""
     say = on_event or (lambda msg: (log.warning if msg.startswith("warning: ") else log.info)("%s", msg))
+    check_workflow_code(config)  # a typo in an agent's name fails here, before Ray or an engine starts
     root = Path(config.output.path).expanduser().resolve()
     opts = _source_options(config)
     total = count_rows(opts)  # also checks that the dataset exists
@@ -141,7 +142,7 @@ def run_job(
     entry = info.life
     _write_run_info(root, info)
 
-    cluster = start_ray(config.cluster, namespace)
+    cluster = start_ray(config.cluster, namespace, import_paths(config))
     services: LLMServices | None = None
     team: Team | None = None
     try:
@@ -163,6 +164,7 @@ def run_job(
         tasks = iter_tasks(opts, done, progress.source_counts)
         run = config.run
         asyncio.run(drive(team, tasks, progress, run.max_in_flight, run.batch_size, run.max_attempts, run.health_interval_s, on_progress, stop, run.stop_grace_s))
+        asyncio.run(team.close())
         asyncio.run(_close_sink(team))
         info.llm = _safe_status(services)
     finally:

@@ -109,6 +109,9 @@ class WorkflowConfig:
     """``module:function`` turning a list of records into summary metrics."""
     params: dict[str, Any] = field(default_factory=dict)
     """Settings shared by every role (merged under each role's params)."""
+    python_path: list[str] = field(default_factory=lambda: ["."])
+    """Folders on the import path of the driver and of every Ray worker (relative to the
+    config file's folder; the default is that folder), so agents load with no PYTHONPATH."""
 
 
 @dataclass
@@ -155,6 +158,9 @@ class RunConfig:
     """Seconds between liveness checks of the actors."""
     metrics: bool = True
     """Export Prometheus metrics through Ray (matrix_hpc.metrics; README "Watching a run")."""
+    loop_lag_warn_s: float = 0.5
+    """Warn (naming the role) when an agent actor's event loop stalls this long: a step
+    is blocking it (``time.sleep``, synchronous I/O). 0 turns the watch off."""
     stop_grace_s: float = 10.0
     """On a stop (Ctrl-C, SIGTERM; on Slurm only USR2, since a Slurm TERM means KILL is near):
     how long tasks in flight may finish before the rest are abandoned (they are not in

@@ -4,12 +4,14 @@ It accepts task batches (``receive`` only enqueues), runs up to ``concurrency``
 tasks at once through the role's :class:`Agent`, and hands each task straight to
 an actor of its next role, or, once finished, to the sink, through a batching
 :class:`Outbox`. Peers are found by name, so a restarted actor rejoins alone.
+The agents' ``setup()`` runs before the first step (the team calls ``setup`` on
+every actor before the first task; a restarted actor runs it on its own), their
+``close()`` when the team closes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import os
 import socket
@@ -24,6 +26,8 @@ from ..services.llm import ChatClient
 from ..services.llm.registry import follow_registry
 from ..store import RecordRow
 from .agent import Agent, AgentContext, run_step
+from .health import ActorPing, LoopLagWatcher
+from .loader import load_object
 from .outbox import Outbox
 from .spec import ClientSpec, RoleSpec, TeamSpec
 from .task import Task
@@ -41,15 +45,6 @@ def actor_name(run_id: str, role: str, index: int) -> str:
 
 def sink_name(run_id: str) -> str:
     return f"{run_id}/{SINK}"
-
-
-def load_object(path: str) -> Any:
-    """Import ``module:attr``."""
-    module, _, attr = path.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ImportError(f"cannot load {path!r}: {exc}") from exc
 
 
 @ray.remote(num_cpus=0, max_restarts=10, max_task_retries=-1)
@@ -71,6 +66,10 @@ class AgentActor:
         self._handles: dict[str, list[Any]] = {}
         self._running: dict[str, Task] = {}
         self._outbox: Outbox | None = None
+        self._ready: asyncio.Task[None] | None = None  # the agents' setup()
+        self._setup_errors: dict[str, str] = {}  # role -> why its setup() failed
+        self._loops: list[asyncio.Task[None]] = []
+        self.lag = LoopLagWatcher(f"actor {role}/{index}", team.loop_lag_warn_s)
         self.steps = 0
         if team.metrics:
             metrics.add_collector(self._collect)
@@ -135,23 +134,54 @@ class AgentActor:
         return self._handles[dest]
 
     def _start(self) -> None:
+        """Start the loop's work once, from the first remote call (setup or receive)."""
+        if self._queue is not None:
+            return
         self._queue = asyncio.Queue()
         self._outbox = Outbox(self._resolve, self.team.batch_size, self.team.batch_wait_s, load=self._held)
         loop = asyncio.get_running_loop()
+        self._ready = loop.create_task(self._setup_agent(self.agent, self.role))
         for name, client in self._clients.items():
             self._follow(self.team.models[name], client)
+        self._loops.append(loop.create_task(self.lag.run()))
         for _ in range(self.concurrency):
-            loop.create_task(self._worker())
+            self._loops.append(loop.create_task(self._worker()))
+
+    async def _setup_agent(self, agent: Agent, role: str) -> None:
+        try:
+            await agent.setup()
+        except Exception as exc:  # user code: report it with the role, do not kill the actor
+            log.exception("setup() of role %s failed", role)
+            self._setup_errors[role] = f"workflow.roles.{role}: setup() failed: {type(exc).__name__}: {exc}"
+
+    async def setup(self) -> str | None:
+        """Run the agent's ``setup()`` now; returns the failure as one line, or None."""
+        self._start()
+        assert self._ready is not None
+        await asyncio.shield(self._ready)
+        return self._setup_errors.get(self.role)
+
+    async def close(self) -> None:
+        """Stop taking steps and run every agent's ``close()`` (the run is over)."""
+        for t in self._loops:
+            t.cancel()
+        for role, agent in [(self.role, self.agent), *self._inline.items()]:
+            if agent is self.agent and role != self.role:
+                continue
+            try:
+                await agent.close()
+            except Exception:  # user code; the run's results are already committed
+                log.exception("close() of role %s failed", role)
 
     async def receive(self, tasks: list[Task]) -> None:
-        if self._queue is None:
-            self._start()
+        self._start()
         assert self._queue is not None
         for task in tasks:
             self._queue.put_nowait(task)
 
     async def _worker(self) -> None:
-        assert self._queue is not None and self._outbox is not None
+        assert self._queue is not None and self._outbox is not None and self._ready is not None
+        await asyncio.shield(self._ready)
         while True:
             task = await self._queue.get()
             self._running[task.id] = task
@@ -162,7 +192,7 @@ class AgentActor:
                     role = task.next_role
                     assert role is not None
                     if role not in self._inline:
-                        self._inline[role] = self.agent if role == self.role else self._make_agent(role)
+                        self._inline[role] = await self._inline_agent(role)
                     await self._step(task, self._inline[role], role)
             finally:
                 self._running.pop(task.id, None)
@@ -173,16 +203,30 @@ class AgentActor:
             else:
                 self._outbox.put(task.next_role, task)
 
+    async def _inline_agent(self, role: str) -> Agent:
+        if role == self.role:
+            return self.agent
+        agent = self._make_agent(role)
+        await self._setup_agent(agent, role)
+        return agent
+
     async def _step(self, task: Task, agent: Agent, role: str) -> None:
         self.steps += 1
+        if role in self._setup_errors:  # this agent cannot serve; each task says why
+            task.hops += 1
+            task.fail("agent_error", self._setup_errors[role], role)
+            return
+        self.lag.step_started(role)
         started = time.monotonic()
-        await run_step(agent, task, role, self.team.roles)
+        try:
+            await run_step(agent, task, role, self.team.roles)
+        finally:
+            self.lag.step_ended(role)
         metrics.inc("steps", 1, role)
         metrics.observe("step_seconds", time.monotonic() - started, role)
 
-    def ping(self) -> tuple[str, int, str]:
-        """(incarnation, pid, host): a new incarnation means Ray restarted this actor."""
-        return self.incarnation, os.getpid(), socket.gethostname()
+    def ping(self) -> ActorPing:
+        return ActorPing(self.incarnation, os.getpid(), socket.gethostname(), self.lag.take_warnings())
 
     def held_ids(self) -> list[str]:
         ids = list(self._running)

@@ -52,11 +52,37 @@ class AgentContext:
 
 
 class Agent:
-    """Subclass and implement :meth:`step`.
+    """A workflow role: subclass it and implement :meth:`step`.
 
-    ``step`` must leave the task either routed (``task.next_role = "other_role"``),
-    finished (``task.finish(result)``) or failed (``task.fail(kind, message)``). An
-    exception escaping ``step`` fails the task with kind ``agent_error``.
+    **One instance serves many tasks at once.** An actor builds one agent per role and
+    runs up to ``concurrency`` steps of different tasks concurrently on one asyncio
+    loop, interleaved at every ``await``. Keep nothing about a task on ``self``
+    (``self.last_answer = ...`` is overwritten by another task mid-step); per-task
+    data goes in ``task.state``. ``self`` holds what every task shares: settings
+    from ``self.params``, clients, caches, resources opened in :meth:`setup`.
+
+    **The step contract.** ``step`` must leave the task routed (``task.next_role =
+    "other_role"``; assigning the current role runs this role again), finished
+    (``task.finish(result)``) or failed (``task.fail(kind, message)``). A step that
+    does none of these fails the task as ``routing``: leaving ``next_role`` alone
+    is a bug, not a loop. An exception escaping ``step`` fails the task as
+    ``agent_error``; an :class:`LLMError` fails it with the error's kind.
+
+    **task.state** travels with the task between actors and nodes (it is pickled
+    at every hop): keep it to plain, small data (str, numbers, lists, dicts,
+    dataclasses from an importable module), no handles, sockets or locks. It is
+    saved in the record only through what you pass to ``task.finish`` (and the
+    turns); an actor crash restarts the task from its row with an empty state.
+
+    **Never block the event loop.** A blocking call (``time.sleep``, ``requests``,
+    a heavy computation, a subprocess wait) stalls every task of the actor. Await
+    async APIs, and run blocking work in a thread: ``await
+    asyncio.to_thread(fn, *args)``. Each actor watches its loop and logs a warning
+    naming the role when it stalls longer than ``run.loop_lag_warn_s``.
+
+    **Per-actor resources.** :meth:`setup` runs once per actor before its first
+    step (open a pool, load a model or an index); :meth:`close` runs once when the
+    run ends. Both are async; a failing ``setup`` stops the run before any task.
     """
 
     uses_llm: ClassVar[bool] = True
@@ -65,6 +91,12 @@ class Agent:
         self.ctx = ctx
         self.role = ctx.role
         self.params = ctx.params
+
+    async def setup(self) -> None:
+        """Open per-actor resources; called once per actor before its first step."""
+
+    async def close(self) -> None:
+        """Release what :meth:`setup` opened; called once when the run ends."""
 
     async def step(self, task: Task) -> None:
         raise NotImplementedError
@@ -115,9 +147,11 @@ async def run_step(agent: Agent, task: Task, role: str, roles: Container[str]) -
     """Advance ``task`` one step through ``agent``: the contract every scheduler keeps.
 
     An :class:`LLMError` or any exception from agent code fails this one task with a
-    reason; a route to an unknown role, or past :data:`MAX_HOPS`, fails it as ``routing``.
+    reason; a step that leaves the task unrouted (``next_role`` never assigned), a
+    route to an unknown role, or one past :data:`MAX_HOPS` fails it as ``routing``.
     """
     task.hops += 1
+    task.routed = False
     try:
         await agent.step(task)
     except LLMError as exc:
@@ -127,7 +161,9 @@ async def run_step(agent: Agent, task: Task, role: str, roles: Container[str]) -
         task.fail("agent_error", f"{type(exc).__name__}: {exc}", role)
     if task.done:
         return
-    if task.next_role not in roles:
+    if not task.routed:  # without this check the task would loop back into this role forever
+        task.fail("routing", f"role {role!r} neither routed, finished nor failed the task (set task.next_role, or call task.finish() or task.fail())", role)
+    elif task.next_role not in roles:
         task.fail("routing", f"role {role!r} routed to unknown role {task.next_role!r}", role)
     elif task.hops >= MAX_HOPS:
         task.fail("routing", f"still routed after {MAX_HOPS} steps (last role {role!r})", role)

@@ -21,6 +21,7 @@ import ray
 
 from .. import metrics
 from ..store import RecordRow, StoreWriter
+from .health import ActorPing
 
 __all__ = ["SinkActor", "SinkStats"]
 
@@ -141,9 +142,8 @@ class SinkActor:
         pending = set(self.held_ids())
         return [i for i in ids if i in self.writer.ids and i not in pending]
 
-    def ping(self) -> tuple[str, int, str]:
-        """(incarnation, pid, host): a new incarnation means Ray restarted this actor."""
-        return self.incarnation, os.getpid(), socket.gethostname()
+    def ping(self) -> ActorPing:
+        return ActorPing(self.incarnation, os.getpid(), socket.gethostname())
 
     def held_ids(self) -> list[str]:
         return [r.id for r in self._committing] + self.writer.pending_ids()

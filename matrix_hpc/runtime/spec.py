@@ -78,6 +78,8 @@ class TeamSpec:
     sandbox: PoolConfig | None = None
     metrics: bool = True
     """Export Prometheus metrics (``run.metrics``; see matrix_hpc.metrics)."""
+    loop_lag_warn_s: float = 0.5
+    """Warn when an actor's event loop stalls this long (a blocking step); 0 turns it off."""
 
 
 def _uses_llm(agent: str) -> bool:
@@ -117,4 +119,5 @@ def team_spec(
     return TeamSpec(
         run_id=run_id, namespace=namespace, roles=roles, models=models, batch_size=config.run.batch_size,
         batch_wait_s=config.run.batch_wait_ms / 1000.0, sandbox=config.sandbox, metrics=config.run.metrics,
+        loop_lag_warn_s=config.run.loop_lag_warn_s,
     )  # fmt: skip

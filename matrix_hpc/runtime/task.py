@@ -2,6 +2,8 @@
 
 A :class:`Task` is a small state machine: ``next_role`` names the agent that
 handles it next; ``None`` means finished (successfully, or with ``error`` set).
+Assigning ``next_role`` (even to the current role) marks the task as routed, which
+is how the runtime tells "routes to itself" from "forgot to route" (see ``run_step``).
 """
 
 from __future__ import annotations
@@ -65,6 +67,14 @@ class Task:
     attempt: int = 1
     created_at: float = field(default_factory=time.time)
     hops: int = 0
+    routed: bool = field(default=False, init=False, repr=False, compare=False)
+    """Set by any assignment to ``next_role``; the runtime clears it before each step."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A slots dataclass has no property hook on a field: intercept the assignment here.
+        if name == "next_role":
+            object.__setattr__(self, "routed", True)
+        object.__setattr__(self, name, value)
 
     def fail(self, kind: str, message: str, role: str | None = None) -> None:
         self.error = TaskError(kind, message, role)
