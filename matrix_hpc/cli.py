@@ -32,6 +32,7 @@ def _print_summary(summary: Any) -> None:
     out.write(f"  speed:     {summary.tasks_per_s:.2f} tasks/s, {summary.tokens_per_s:.0f} output tok/s\n")
     out.write(f"  tokens:    {p.prompt_tokens} prompt + {p.completion_tokens} completion\n")
     _print_usage(summary.usage, out.write)
+    _print_replay(summary.replay, out.write)
     restarted = [e for e in summary.llm if e.get("restarts")]
     for e in restarted:
         out.write(f"  llm:       {e['url']} was restarted {e['restarts']} time(s); now {e.get('state')}\n")
@@ -49,6 +50,13 @@ def _print_usage(usage: dict[str, Any] | None, write: Any) -> None:
     for section, label in (("by_role", "role"), ("by_model", "model")):
         for name, c in sorted((usage or {}).get(section, {}).items()):
             write(f"    {label} {name}: {c['calls']} calls, {c['prompt_tokens']} prompt + {c['completion_tokens']} completion tokens\n")
+
+
+def _print_replay(replay: dict[str, Any] | None, write: Any) -> None:
+    """What turn-level resume saved in a life (calls answered from the journal)."""
+    if replay and replay.get("calls"):
+        tokens = replay["prompt_tokens"] + replay["completion_tokens"]
+        write(f"  replayed:  {replay['calls']} LLM calls from the journal, saving {replay['saved_s']:.1f}s of LLM time and {tokens} tokens\n")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -78,14 +86,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from .runtime.replay import JOURNAL_DIR
     from .store import StoreReader
+    from .store.journal import journal_size
 
     reader = StoreReader(args.output)
     counts = reader.counts()
     info = reader.run_info()
     total = info.get("input_rows")
     if args.json:
-        print(json.dumps({"output": str(reader.root), **counts, "input_rows": total, "writer_active": reader.writer_active(), "run": {k: info.get(k) for k in ("run_id", "status", "dataset", "started_at", "finished_at")}}, indent=1))
+        print(json.dumps({"output": str(reader.root), **counts, "input_rows": total, "writer_active": reader.writer_active(), "replay": info.get("replay"), "run": {k: info.get(k) for k in ("run_id", "status", "dataset", "started_at", "finished_at")}}, indent=1))
         return 0
     print(f"output:    {reader.root}")
     if info:
@@ -99,6 +109,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"remaining: {max(0, total - counts['records'])}")
     print(f"tokens:    {counts['prompt_tokens']} prompt + {counts['completion_tokens']} completion")
     _print_usage(info.get("usage"), sys.stdout.write)
+    replay = info.get("replay")
+    if replay:
+        tokens = replay.get("prompt_tokens", 0) + replay.get("completion_tokens", 0)
+        print(f"replayed:  {replay.get('calls', 0)} LLM calls in the last life, saving {replay.get('saved_s', 0.0):.1f}s of LLM time and {tokens} tokens")
+    files, size = journal_size(reader.root / JOURNAL_DIR)
+    if files:
+        print(f"journal:   {size} bytes in {files} file(s) (completed calls of unfinished tasks)")
     if info.get("metrics"):
         print("metrics:   " + ", ".join(f"{k}={v}" for k, v in info["metrics"].items()))
     for e in info.get("llm") or []:

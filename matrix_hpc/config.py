@@ -226,6 +226,11 @@ class RunConfig:
     """On a stop (Ctrl-C, SIGTERM; on Slurm only USR2, since a Slurm TERM means KILL is near):
     how long tasks in flight may finish before the rest are abandoned (they are not in
     the store, so the resumed run does them again)."""
+    replay: bool = True
+    """Journal every completed LLM call (``OUTPUT/journal``) so a resumed task replays the
+    calls it already paid for instead of making them again (turn-level resume)."""
+    replay_compact_s: float = 30.0
+    """Seconds between compactions of the journal (entries of committed tasks dropped)."""
 
 
 @dataclass
@@ -326,6 +331,8 @@ def _validate(config: JobConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if config.run.replay_compact_s <= 0:
+        raise ConfigError(f"run.replay_compact_s: must be > 0, got {config.run.replay_compact_s}")
     llm = config.llm
     if llm.engine == "external" and not llm.base_urls:
         raise ConfigError("llm.base_urls: required when llm.engine is 'external'")

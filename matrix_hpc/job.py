@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import socket
 import time
 import uuid
@@ -21,13 +22,15 @@ from .runtime.actor import RoleSpec, TeamSpec, load_object
 from .runtime.runner import RunProgress, StopFlag, drive
 from .runtime.source import SourceOptions, count_rows, iter_tasks
 from .runtime.team import Team
-from .runtime.usage import usage_summary
+from .runtime.replay import JOURNAL_DIR
+from .runtime.usage import replay_summary, usage_summary
 from .cluster import start_ray
 from .config import JobConfig, resolve_dataset_path
 from .procs import pid_alive
 from .services.llm.service import LLMService
 from .store import StoreLockedError, StoreReader
 from .store.fsutil import WriterLock, atomic_write_json, read_json
+from .store.journal import compact_journal, journal_size
 from .store.zarr_store import init_store
 
 __all__ = ["RunSummary", "run_job"]
@@ -46,6 +49,8 @@ class RunSummary:
     """Tokens and calls ``by_role`` and ``by_model`` over every record in the store."""
     llm: list[dict[str, Any]] = field(default_factory=list)
     """The LLM endpoints at the end of the run (state, restarts, pid, log)."""
+    replay: dict[str, Any] = field(default_factory=dict)
+    """This life's replayed calls (``calls``, tokens, ``saved_s``) and journal costs (``journal``)."""
 
     @property
     def tasks_per_s(self) -> float:
@@ -69,7 +74,7 @@ def _source_options(config: JobConfig) -> SourceOptions:
     )
 
 
-def _team_spec(config: JobConfig, run_id: str, namespace: str, llm_urls: list[str], registry: str | None) -> TeamSpec:
+def _team_spec(config: JobConfig, run_id: str, namespace: str, llm_urls: list[str], registry: str | None, journal: Path | None) -> TeamSpec:
     wf, llm = config.workflow, config.llm
     roles = {
         name: RoleSpec(agent=r.agent, instances=r.instances, concurrency=r.concurrency, params={**wf.params, **r.params}, inline=r.inline)
@@ -82,6 +87,8 @@ def _team_spec(config: JobConfig, run_id: str, namespace: str, llm_urls: list[st
         llm_max_tokens=llm.max_tokens, llm_temperature=llm.temperature,
         batch_size=config.run.batch_size, batch_wait_s=config.run.batch_wait_ms / 1000.0,
         llm_max_outstanding=llm.max_outstanding_per_endpoint, llm_sticky=llm.sticky, llm_registry=registry,
+        journal_dir=str(journal) if journal else None, journal_fsync=config.output.fsync,
+        journal_compact_s=config.run.replay_compact_s,
     )  # fmt: skip
 
 
@@ -140,6 +147,7 @@ def run_job(
 
     run_id = uuid.uuid4().hex[:8]
     namespace = f"matrix-hpc-{run_id}"
+    journal = _prepare_journal(root / JOURNAL_DIR, done, run_id, say) if config.run.replay else None
     log_dir = root / "logs"
     log_dir.mkdir(exist_ok=True)
     info: dict[str, Any] = {
@@ -159,7 +167,7 @@ def run_job(
         service = LLMService(config.llm, run_id, namespace, log_dir)
         urls = service.start()
         say(f"{config.llm.engine} LLM endpoint(s) ready in {time.monotonic() - t0:.1f}s: {', '.join(urls)}")
-        team = Team(_team_spec(config, run_id, namespace, urls, service.name), config.workflow.entry, str(root), config.output.chunk_rows, config.output.flush_interval_s, config.output.fsync)
+        team = Team(_team_spec(config, run_id, namespace, urls, service.name, journal), config.workflow.entry, str(root), config.output.chunk_rows, config.output.flush_interval_s, config.output.fsync)
         asyncio.run(team.start())
         info.update(status="running", ray_address=cluster.address, ray_logs=f"{cluster.session_dir}/logs", llm=service.endpoints, actors=team.pids, actor_hosts=team.hosts)
         _write_run_info(root, info)
@@ -167,6 +175,7 @@ def run_job(
         tasks = iter_tasks(opts, done, progress.source_counts)
         run = config.run
         asyncio.run(drive(team, tasks, progress, run.max_in_flight, run.batch_size, run.max_attempts, run.health_interval_s, on_progress, stop, run.stop_grace_s))
+        journal_costs = asyncio.run(_journal_costs(team)) if journal else {}
         asyncio.run(_close_sink(team))
         info["llm"] = _safe_status(service)
     finally:
@@ -176,17 +185,22 @@ def run_job(
             service.stop()
         cluster.shutdown()
 
+    if journal is not None and progress.finished:  # every task is committed: nothing left to replay
+        shutil.rmtree(journal, ignore_errors=True)
     reader = StoreReader(root)
     counts = reader.counts()
     metrics = metrics_fn(reader.iter_records()) if metrics_fn else {}
     usage = usage_summary(reader.iter_records())
+    replay = {**replay_summary(reader.iter_records(), since=info["started_at"]), "journal": journal_costs} if journal else {}
     entry.update(
         first_task_at=progress.first_dispatch_at, finished_at=time.time(), dispatched=progress.dispatched,
         committed=progress.done, status="finished" if progress.finished else "interrupted",
     )  # fmt: skip
-    info.update(status="finished" if progress.finished else "interrupted", finished_at=time.time(), store=counts, metrics=metrics, usage=usage)
+    if journal is not None:
+        entry["replayed"] = replay["calls"]
+    info.update(status="finished" if progress.finished else "interrupted", finished_at=time.time(), store=counts, metrics=metrics, usage=usage, replay=replay)
     _write_run_info(root, info)
-    return RunSummary(output=str(root), progress=progress, store=counts, metrics=metrics, ray_logs=info.get("ray_logs"), usage=usage, llm=info.get("llm") or [])
+    return RunSummary(output=str(root), progress=progress, store=counts, metrics=metrics, ray_logs=info.get("ray_logs"), usage=usage, llm=info.get("llm") or [], replay=replay)
 
 
 def _safe_status(service: LLMService | None) -> list[dict[str, Any]]:
@@ -197,6 +211,26 @@ def _safe_status(service: LLMService | None) -> list[dict[str, Any]]:
     except Exception as exc:  # reporting only: never fail a finished run over it
         log.warning("LLM service status unavailable: %s", exc)
         return service.endpoints
+
+
+def _prepare_journal(journal: Path, done: set[str], run_id: str, say: Callable[[str], None]) -> Path:
+    """Compact the call journal at a life's start: keep only calls of tasks not in the store."""
+    journal.mkdir(exist_ok=True)
+    files, before = journal_size(journal)
+    kept, size = compact_journal(journal, lambda task_id: task_id not in done, f"base-{run_id}.jnl")
+    if files:
+        say(f"replay: {kept} journaled LLM call(s) of unfinished tasks kept ({size / 1024:.0f} KiB of {before / 1024:.0f} KiB)")
+    return journal
+
+
+async def _journal_costs(team: Team) -> dict[str, Any]:
+    """The actors' journal counters added up (writes, bytes, seconds in write + fsync, hits)."""
+    total: dict[str, Any] = {}
+    for stats in await team.replay_stats():
+        for k, v in stats.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                total[k] = total.get(k, 0) + v
+    return total
 
 
 async def _close_sink(team: Team) -> None:

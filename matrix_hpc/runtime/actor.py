@@ -24,6 +24,7 @@ from ..services.llm.registry import follow_registry
 from ..store import RecordRow
 from .agent import Agent, AgentContext, run_step
 from .outbox import Outbox
+from .replay import Replay
 from .task import Task
 
 __all__ = ["AgentActor", "RoleSpec", "TeamSpec", "actor_name", "load_object", "sink_name"]
@@ -81,6 +82,11 @@ class TeamSpec:
     llm_sticky: bool = True
     llm_registry: str | None = None
     """Name of the run's :class:`EndpointRegistry`; clients follow its routable set."""
+    journal_dir: str | None = None
+    """Where completed LLM calls are journaled for replay (``run.replay``); None: off."""
+    journal_fsync: bool = True
+    journal_compact_s: float = 30.0
+    """Seconds between compactions of an actor's journal (entries of committed tasks dropped)."""
 
 
 @ray.remote(num_cpus=0, max_restarts=10, max_task_retries=-1)
@@ -93,6 +99,12 @@ class AgentActor:
         self.incarnation = uuid.uuid4().hex
         spec = team.roles[role]
         self._clients: list[ChatClient] = []
+        # One journal file per incarnation: a restarted actor never appends to a file
+        # a dead one may have torn; it reads it instead.
+        self._replay: Replay | None = None
+        if team.journal_dir is not None and getattr(load_object(spec.agent), "uses_llm", False):
+            name = f"{team.run_id}-{role}-{index}-{self.incarnation[:8]}.jnl"
+            self._replay = Replay(team.journal_dir, name, fsync=team.journal_fsync)
         self.agent: Agent = self._make_agent(role)
         self._inline: dict[str, Agent] = {}  # agents of inline roles, built on first use
         self.concurrency = spec.concurrency
@@ -115,7 +127,7 @@ class AgentActor:
                 team.llm_max_outstanding, self._report_endpoint_error,
             )  # fmt: skip
             self._clients.append(llm)
-        return cls(AgentContext(role, spec.params, llm, team.llm_max_tokens, team.llm_temperature, team.llm_sticky))
+        return cls(AgentContext(role, spec.params, llm, team.llm_max_tokens, team.llm_temperature, team.llm_sticky, self._replay))
 
     def _registry(self) -> Any | None:
         if self.team.llm_registry is None:
@@ -150,6 +162,25 @@ class AgentActor:
                 loop.create_task(follow_registry(client, registry))
         for _ in range(self.concurrency):
             loop.create_task(self._worker())
+        if self._replay is not None:
+            loop.create_task(self._compact_loop())
+
+    async def _compact_loop(self) -> None:
+        """Keep this actor's journal to the calls of tasks not yet committed."""
+        assert self._replay is not None
+        while True:
+            await asyncio.sleep(self.team.journal_compact_s)
+            try:
+                dropped = await self._replay.compact(self._resolve(SINK)[0])
+            except Exception as exc:  # a restarting sink: try again next round
+                log.info("journal compaction postponed: %s", exc)
+                continue
+            if dropped:
+                log.debug("journal: dropped %d entries of committed tasks", dropped)
+
+    def replay_stats(self) -> dict[str, Any] | None:
+        """Journal counters of this incarnation (hits, writes, bytes, write time), or None when off."""
+        return None if self._replay is None else self._replay.stats()
 
     async def receive(self, tasks: list[Task]) -> None:
         if self._queue is None:

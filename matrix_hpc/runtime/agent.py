@@ -14,6 +14,7 @@ from collections.abc import Container
 from typing import Any, ClassVar
 
 from ..services.llm import ChatClient, ChatResult, LLMError, Message
+from .replay import Replay, call_digest
 from .task import Task, Turn
 
 __all__ = ["MAX_HOPS", "Agent", "AgentContext", "run_step"]
@@ -27,7 +28,14 @@ class AgentContext:
     """What the runtime hands an agent: its role name, settings and LLM access."""
 
     def __init__(
-        self, role: str, params: dict[str, Any], llm: ChatClient | None, max_tokens: int, temperature: float, sticky: bool = True
+        self,
+        role: str,
+        params: dict[str, Any],
+        llm: ChatClient | None,
+        max_tokens: int,
+        temperature: float,
+        sticky: bool = True,
+        replay: Replay | None = None,
     ) -> None:
         self.role = role
         self.params = params
@@ -36,6 +44,8 @@ class AgentContext:
         self.temperature = temperature
         self.sticky = sticky
         """Prefer the endpoint that served the task's previous LLM turn (``llm.sticky``)."""
+        self.replay = replay
+        """The call journal (``run.replay``): completed calls are saved and replayed on resume."""
 
 
 class Agent:
@@ -64,6 +74,8 @@ class Agent:
         """Like :meth:`chat`, but returns the whole :class:`ChatResult` (``tool_calls`` included).
 
         The recorded turn's text is the reply's text, or its tool calls as JSON when it has no text.
+        With a journal (``ctx.replay``), a call this task already completed in an earlier life
+        is answered from it (the turn is marked ``replayed``, with the original usage and latency).
         """
         if self.ctx.llm is None:
             raise RuntimeError(f"role {self.role!r} has no LLM client (uses_llm is False)")
@@ -71,8 +83,19 @@ class Agent:
         kwargs.setdefault("temperature", self.ctx.temperature)
         if self.ctx.sticky:
             kwargs.setdefault("prefer", next((t.endpoint for t in reversed(task.turns) if t.endpoint), None))
-        started = time.time()
-        res = await self.ctx.llm.chat(messages, **kwargs)
+        seq, task.llm_calls = task.llm_calls, task.llm_calls + 1
+        replay, digest, hit = self.ctx.replay, "", None
+        if replay is not None:
+            sampling = {k: v for k, v in kwargs.items() if k != "prefer"}  # routing does not change the answer
+            digest = call_digest(task.id, seq, self.ctx.llm.model, messages, sampling)
+            hit = replay.lookup(digest)
+        if hit is not None:
+            res, started = hit
+        else:
+            started = time.time()
+            res = await self.ctx.llm.chat(messages, **kwargs)
+            if replay is not None:
+                await replay.record(digest, task.id, res, started)  # durable before the task moves on
         text = res.text or (json.dumps([c.get("function", c) for c in res.tool_calls], ensure_ascii=False) if res.tool_calls else "")
         task.turns.append(
             Turn(
@@ -84,6 +107,7 @@ class Agent:
                 latency_s=res.latency_s,
                 endpoint=res.endpoint,
                 model=res.model,
+                replayed=hit is not None,
             )
         )
         return res

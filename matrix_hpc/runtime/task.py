@@ -33,6 +33,8 @@ class Turn:
     latency_s: float = 0.0
     endpoint: str | None = None
     model: str | None = None
+    replayed: bool = False
+    """Answered from the call journal (paid for in an earlier life), not by the LLM."""
 
 
 @dataclass(slots=True)
@@ -56,6 +58,8 @@ class Task:
     attempt: int = 1
     created_at: float = field(default_factory=time.time)
     hops: int = 0
+    llm_calls: int = 0
+    """LLM calls started for this task in this attempt: the call sequence number that keys replay."""
 
     def fail(self, kind: str, message: str, role: str | None = None) -> None:
         self.error = TaskError(kind, message, role)
