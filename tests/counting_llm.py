@@ -2,7 +2,7 @@
 
 Its answer is a pure function of the request (model, messages, sampling), so two
 runs of a deterministic workflow produce the same texts turn by turn; it counts
-every request it receives and can hold answers back (``freeze``), which makes
+every request it receives (health probes apart) and can hold answers back (``freeze``), which makes
 "calls in flight at a kill" an exact number. It runs on a thread of the test
 process, bound to 127.0.0.1.
 """
@@ -22,14 +22,14 @@ from aiohttp import web
 def answer(body: dict[str, Any]) -> tuple[str, int]:
     """(text, completion tokens) for a request; collab-reasoning shaped.
 
-    The teacher always says (A); the student says (A) for about one prompt in six,
+    The teacher always says (A); the student says (A) for about one prompt in twelve,
     else (B): dialogues mostly run to ``max_turns``, some end early on agreement.
     """
     key = json.dumps([body.get("model"), body.get("messages"), body.get("temperature"), body.get("max_tokens")], sort_keys=True)
     h = int(hashlib.sha256(key.encode()).hexdigest()[:12], 16)
     prompt = " ".join(str(m.get("content", "")) for m in body.get("messages") or [])
     student = "Your turn (student)" in prompt
-    letter = ("A" if h % 6 == 0 else "B") if student else "A"
+    letter = ("A" if h % 12 == 0 else "B") if student else "A"
     return f"Reply {h % 10007}: I weighed it. The answer is ({letter}).", 5 + h % 17
 
 
@@ -38,6 +38,7 @@ class CountingLLM:
         self.delay_s = delay_s
         self.received = 0
         self.answered = 0
+        self.probes = 0
         self._frozen = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -49,6 +50,9 @@ class CountingLLM:
     # -- server ------------------------------------------------------------
     async def _chat(self, request: web.Request) -> web.Response:
         body = await request.json()
+        if body.get("max_tokens") == 1:  # the registry's health probe: answered, not counted
+            self.probes += 1
+            return web.json_response({"model": "default", "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}], "usage": {}})
         with self._lock:
             self.received += 1
         await asyncio.sleep(random.uniform(*self.delay_s))  # order varies; answers do not
