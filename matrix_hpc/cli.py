@@ -32,10 +32,11 @@ def _print_summary(summary: Any) -> None:
     out.write(f"  speed:     {summary.tasks_per_s:.2f} tasks/s, {summary.tokens_per_s:.0f} output tok/s\n")
     out.write(f"  tokens:    {p.prompt_tokens} prompt + {p.completion_tokens} completion\n")
     _print_usage(summary.usage, out.write)
-    _print_replay(summary.replay, out.write)
-    restarted = [e for e in summary.llm if e.get("restarts")]
-    for e in restarted:
-        out.write(f"  llm:       {e['url']} was restarted {e['restarts']} time(s); now {e.get('state')}\n")
+    if summary.replay and summary.replay.calls:
+        out.write(f"  replayed:  {_replay_line(summary.replay)}\n")
+    for e in summary.llm:
+        if e.restarts:
+            out.write(f"  llm:       model {e.model}: {e.url} was restarted {e.restarts} time(s); now {e.state}\n")
     s = summary.store
     out.write(f"  store:     {s['records']} records ({s['ok']} ok, {s['failed']} failed)\n")
     if summary.metrics:
@@ -45,18 +46,17 @@ def _print_summary(summary: Any) -> None:
     out.write(f"output: {summary.output}\n")
 
 
-def _print_usage(usage: dict[str, Any] | None, write: Any) -> None:
-    """Token accounting per role and per model (whole store)."""
+def _print_usage(usage: Any, write: Any) -> None:
+    """LLM accounting per role and per model (whole store): a :class:`UsageSummary`."""
     for section, label in (("by_role", "role"), ("by_model", "model")):
-        for name, c in sorted((usage or {}).get(section, {}).items()):
-            write(f"    {label} {name}: {c['calls']} calls, {c['prompt_tokens']} prompt + {c['completion_tokens']} completion tokens\n")
+        for name, u in sorted(getattr(usage, section).items()):
+            errors = f", {u.errors} failed" if u.errors else ""
+            write(f"    {label} {name}: {u.calls} calls{errors}, {u.prompt_tokens} prompt + {u.completion_tokens} completion tokens, {u.mean_latency_s:.2f}s mean latency\n")
 
 
-def _print_replay(replay: dict[str, Any] | None, write: Any) -> None:
-    """What turn-level resume saved in a life (calls answered from the journal)."""
-    if replay and replay.get("calls"):
-        tokens = replay["prompt_tokens"] + replay["completion_tokens"]
-        write(f"  replayed:  {replay['calls']} LLM calls from the journal, saving {replay['saved_s']:.1f}s of LLM time and {tokens} tokens\n")
+def _replay_line(r: Any) -> str:
+    """What turn-level resume saved in a life (a :class:`ReplaySummary`)."""
+    return f"{r.calls} LLM calls from the journal, saving {r.saved_s:.1f}s of LLM time and {r.tokens} tokens"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -86,21 +86,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from .runinfo import RunInfo
     from .runtime.replay import JOURNAL_DIR
     from .store import StoreReader
     from .store.journal import journal_size
 
     reader = StoreReader(args.output)
     counts = reader.counts()
-    info = reader.run_info()
-    total = info.get("input_rows")
+    raw = reader.run_info()
+    info = RunInfo.from_dict(raw) if raw else None
+    total = info.input_rows if info else None
     if args.json:
-        print(json.dumps({"output": str(reader.root), **counts, "input_rows": total, "writer_active": reader.writer_active(), "replay": info.get("replay"), "run": {k: info.get(k) for k in ("run_id", "status", "dataset", "started_at", "finished_at")}}, indent=1))
+        run = {k: raw.get(k) for k in ("run_id", "status", "dataset", "started_at", "finished_at")}
+        extra = {"usage": info.usage.to_dict(), "llm": [e.to_dict() for e in info.llm], "replay": raw.get("replay")} if info else {}
+        print(json.dumps({"output": str(reader.root), **counts, "input_rows": total, "writer_active": reader.writer_active(), "run": run, **extra}, indent=1))
         return 0
     print(f"output:    {reader.root}")
     if info:
-        print(f"run:       {info.get('run_id')} ({'running now' if reader.writer_active() else info.get('status')})")
-        print(f"input:     {info.get('dataset')} ({total} rows)")
+        print(f"run:       {info.run_id} ({'running now' if reader.writer_active() else info.status})")
+        print(f"input:     {info.dataset} ({total} rows)")
     print(f"done:      {counts['ok']}")
     print(f"failed:    {counts['failed']}")
     for kind, n in counts["failed_by_kind"].items():
@@ -108,18 +112,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     if total is not None:
         print(f"remaining: {max(0, total - counts['records'])}")
     print(f"tokens:    {counts['prompt_tokens']} prompt + {counts['completion_tokens']} completion")
-    _print_usage(info.get("usage"), sys.stdout.write)
-    replay = info.get("replay")
-    if replay:
-        tokens = replay.get("prompt_tokens", 0) + replay.get("completion_tokens", 0)
-        print(f"replayed:  {replay.get('calls', 0)} LLM calls in the last life, saving {replay.get('saved_s', 0.0):.1f}s of LLM time and {tokens} tokens")
+    if info:
+        _print_usage(info.usage, sys.stdout.write)
+        if info.replay is not None:
+            print(f"replayed:  {_replay_line(info.replay)} in the last life")
+        if info.metrics:
+            print("metrics:   " + ", ".join(f"{k}={v}" for k, v in info.metrics.items()))
+        for e in info.llm:
+            where = f", on {e.host}" + (f" GPUs {','.join(e.gpu_ids)}" if e.gpu_ids else "") if e.host else ""
+            print(f"llm:       model {e.model}: {e.url} ({e.state}, {e.restarts} restarts{where})")
     files, size = journal_size(reader.root / JOURNAL_DIR)
     if files:
-        print(f"journal:   {size} bytes in {files} file(s) (completed calls of unfinished tasks)")
-    if info.get("metrics"):
-        print("metrics:   " + ", ".join(f"{k}={v}" for k, v in info["metrics"].items()))
-    for e in info.get("llm") or []:
-        print(f"llm:       {e.get('url')} ({e.get('state')}, {e.get('restarts', 0)} restarts)")
+        print(f"journal:   {size} bytes in {files} file(s): completed LLM calls of unfinished tasks, replayed on resume")
     _print_slurm(reader.root)
     return 0
 

@@ -11,6 +11,7 @@ from typing import Any, Iterator
 import pytest
 
 from matrix_hpc.agents import AgentContext, Task
+from matrix_hpc.config import Sampling
 from matrix_hpc.runtime.replay import Replay
 from matrix_hpc.services.llm import ChatClient
 from workflows.collab_reasoning.agents import Speaker
@@ -33,7 +34,7 @@ def life(server: CountingLLM, journal: Path, name: str, turns: int, task_id: str
         client = ChatClient([server.url], "m1")
         replay = Replay(journal, f"{name}.jnl")
         speakers = [
-            Speaker(AgentContext(role, {"persona": p}, client, 24, temperature, replay=replay))
+            Speaker(AgentContext(role, {"persona": p}, client, Sampling(max_tokens=24, temperature=temperature), replay=replay))
             for role, p in (("teacher", persona), ("student", "curious student"))
         ]
         task = Task(id=task_id, row=questions(1)[0], next_role="teacher")
@@ -80,7 +81,7 @@ def test_a_changed_request_misses_the_journal(server: CountingLLM, tmp_path: Pat
 def test_replay_off_calls_the_llm_every_time(server: CountingLLM, tmp_path: Path) -> None:
     async def main() -> Task:
         client = ChatClient([server.url], "m1")
-        agent = Speaker(AgentContext("teacher", {}, client, 24, 0.7))  # no journal
+        agent = Speaker(AgentContext("teacher", {}, client, Sampling(max_tokens=24)))  # no journal
         task = Task(id="q1", row=questions(1)[0], next_role="teacher")
         await agent.step(task)
         await client.close()

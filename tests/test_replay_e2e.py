@@ -113,7 +113,7 @@ def test_driver_sigkill_then_rerun_replays_every_journaled_call(tmp_path: Path, 
         assert marks == sorted(marks, reverse=True), r["id"]
 
     status = subprocess.run([str(BIN / "matrix-hpc"), "status", str(out)], capture_output=True, text=True, timeout=60)
-    assert f"replayed:  {len(replayed)} LLM calls in the last life" in status.stdout, status.stdout
+    assert f"replayed:  {len(replayed)} LLM calls from the journal" in status.stdout and "in the last life" in status.stdout, status.stdout
     assert journal_size(out / "journal") == (0, 0), "a finished run left its journal behind"
     history = json.loads((out / "run.json").read_text())["history"]
     assert history[-1]["replayed"] == len(replayed)

@@ -14,7 +14,6 @@ import logging
 import os
 import socket
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -25,6 +24,7 @@ from ..store import RecordRow
 from .agent import Agent, AgentContext, run_step
 from .outbox import Outbox
 from .replay import Replay
+from .spec import ClientSpec, RoleSpec, TeamSpec
 from .task import Task
 
 __all__ = ["AgentActor", "RoleSpec", "TeamSpec", "actor_name", "load_object", "sink_name"]
@@ -51,44 +51,6 @@ def load_object(path: str) -> Any:
         raise ImportError(f"cannot load {path!r}: {exc}") from exc
 
 
-@dataclass(frozen=True)
-class RoleSpec:
-    agent: str
-    instances: int
-    concurrency: int
-    params: dict[str, Any] = field(default_factory=dict)
-    inline: bool = False
-
-
-@dataclass(frozen=True)
-class TeamSpec:
-    """Everything an actor needs to find its peers and talk to the LLM."""
-
-    run_id: str
-    namespace: str
-    roles: dict[str, RoleSpec]
-    llm_urls: list[str]
-    llm_model: str
-    llm_api_key_env: str | None
-    llm_timeout_s: float
-    llm_max_retries: int
-    llm_retry_backoff_s: float
-    llm_max_connections: int
-    llm_max_tokens: int
-    llm_temperature: float
-    batch_size: int
-    batch_wait_s: float
-    llm_max_outstanding: int = 64
-    llm_sticky: bool = True
-    llm_registry: str | None = None
-    """Name of the run's :class:`EndpointRegistry`; clients follow its routable set."""
-    journal_dir: str | None = None
-    """Where completed LLM calls are journaled for replay (``run.replay``); None: off."""
-    journal_fsync: bool = True
-    journal_compact_s: float = 30.0
-    """Seconds between compactions of an actor's journal (entries of committed tasks dropped)."""
-
-
 @ray.remote(num_cpus=0, max_restarts=10, max_task_retries=-1)
 class AgentActor:
     def __init__(self, team: TeamSpec, role: str, index: int) -> None:
@@ -98,18 +60,19 @@ class AgentActor:
         self.index = index
         self.incarnation = uuid.uuid4().hex
         spec = team.roles[role]
-        self._clients: list[ChatClient] = []
+        self._clients: dict[str, ChatClient] = {}
+        """One client per model this actor's roles call (an inline role shares its model's)."""
         # One journal file per incarnation: a restarted actor never appends to a file
         # a dead one may have torn; it reads it instead.
         self._replay: Replay | None = None
-        if team.journal_dir is not None and getattr(load_object(spec.agent), "uses_llm", False):
+        if team.journal_dir is not None and spec.model is not None and getattr(load_object(spec.agent), "uses_llm", False):
             name = f"{team.run_id}-{role}-{index}-{self.incarnation[:8]}.jnl"
             self._replay = Replay(team.journal_dir, name, fsync=team.journal_fsync)
+        self._queue: asyncio.Queue[Task] | None = None
         self.agent: Agent = self._make_agent(role)
         self._inline: dict[str, Agent] = {}  # agents of inline roles, built on first use
         self.concurrency = spec.concurrency
         self._handles: dict[str, list[Any]] = {}
-        self._queue: asyncio.Queue[Task] | None = None
         self._running: dict[str, Task] = {}
         self._outbox: Outbox | None = None
         self.steps = 0
@@ -119,28 +82,39 @@ class AgentActor:
         cls = load_object(spec.agent)
         if not (isinstance(cls, type) and issubclass(cls, Agent)):
             raise TypeError(f"{spec.agent} is not a matrix_hpc.agents.Agent subclass")
-        llm = None
-        if cls.uses_llm:
-            llm = ChatClient(
-                team.llm_urls, team.llm_model, team.llm_api_key_env, team.llm_timeout_s,
-                team.llm_max_retries, team.llm_retry_backoff_s, team.llm_max_connections,
-                team.llm_max_outstanding, self._report_endpoint_error,
-            )  # fmt: skip
-            self._clients.append(llm)
-        return cls(AgentContext(role, spec.params, llm, team.llm_max_tokens, team.llm_temperature, team.llm_sticky, self._replay))
+        llm = self._client(team.models[spec.model]) if cls.uses_llm and spec.model is not None else None
+        sticky = team.models[spec.model].sticky if spec.model is not None else True
+        return cls(AgentContext(role, spec.params, llm, spec.sampling, sticky, team.sandbox, spec.model, self._replay))
 
-    def _registry(self) -> Any | None:
-        if self.team.llm_registry is None:
+    def _client(self, cs: ClientSpec) -> ChatClient:
+        """The client of model ``cs`` in this actor: calls route over that model's endpoints only."""
+        if cs.name not in self._clients:
+            client = ChatClient(
+                cs.urls, cs.served_name, cs.api_key_env, cs.timeout_s, cs.max_retries, cs.retry_backoff_s,
+                cs.max_connections, cs.max_outstanding, lambda url, cs=cs: self._report_endpoint_error(cs, url),
+            )  # fmt: skip
+            self._clients[cs.name] = client
+            if self._queue is not None:  # built after start (a new inline role): follow its registry now
+                self._follow(cs, client)
+        return self._clients[cs.name]
+
+    def _registry(self, cs: ClientSpec) -> Any | None:
+        if cs.registry is None:
             return None
         try:
-            return ray.get_actor(self.team.llm_registry, namespace=self.team.namespace)
+            return ray.get_actor(cs.registry, namespace=self.team.namespace)
         except ValueError:
             return None
 
-    def _report_endpoint_error(self, url: str) -> None:
-        registry = self._registry()
+    def _report_endpoint_error(self, cs: ClientSpec, url: str) -> None:
+        registry = self._registry(cs)
         if registry is not None:
             registry.report_error.remote(url)  # fire and forget: the registry probes it now
+
+    def _follow(self, cs: ClientSpec, client: ChatClient) -> None:
+        registry = self._registry(cs)
+        if registry is not None:
+            asyncio.get_running_loop().create_task(follow_registry(client, registry))
 
     def _resolve(self, dest: str) -> list[Any]:
         if dest not in self._handles:
@@ -156,10 +130,8 @@ class AgentActor:
         self._queue = asyncio.Queue()
         self._outbox = Outbox(self._resolve, self.team.batch_size, self.team.batch_wait_s)
         loop = asyncio.get_running_loop()
-        registry = self._registry()
-        if registry is not None:
-            for client in self._clients:
-                loop.create_task(follow_registry(client, registry))
+        for name, client in self._clients.items():
+            self._follow(self.team.models[name], client)
         for _ in range(self.concurrency):
             loop.create_task(self._worker())
         if self._replay is not None:
