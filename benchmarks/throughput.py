@@ -2,13 +2,15 @@
 
     python -m benchmarks.throughput --workflow collab_reasoning --concurrency 100,1000
     python -m benchmarks.throughput --workflow web_reasoning --concurrency 100,1000 --json out.json
+    python -m benchmarks.throughput --schedulers ours --replay compare   # the call journal's cost
 
 Every scheduler runs the same workflow agents against the same latency-model
 engine (``benchmarks.latency_engine``, a separate process), whose analytic peak
 tokens/s is the ceiling. Per scheduler and concurrency it prints the median of
 ``--repeats`` runs: tasks/s, output tokens/s, utilization (achieved ÷ peak), p50/p99
 task latency, CPU ms per agent hop (all processes but the engine), peak RSS, and
-whether the store holds every id exactly once.
+whether the store holds every id exactly once. ``--replay compare`` runs ours with the
+call journal (``run.replay``) on and off ("ours/noreplay") and prints the difference.
 """
 
 from __future__ import annotations
@@ -194,10 +196,10 @@ def count_backlog_warnings(logs: str | None) -> int:
     return n
 
 
-def run_ours(job: Path, exclude: set[int]) -> tuple[float, float, int, int]:
+def run_ours(job: Path, exclude: set[int], replay: bool = True) -> tuple[float, float, int, int]:
     from matrix_hpc.job import run_job
 
-    config = load_config(job, OURS_SET)
+    config = load_config(job, [*OURS_SET, f"run.replay={str(replay).lower()}"])
     sampler = TreeSampler(exclude)
     started: dict[str, float] = {}
 
@@ -230,8 +232,8 @@ def one_run(scheduler: str, workflow: str, concurrency: int, n: int, url: str, e
         out = tmp / "out"
         job = job_yaml(workflow, data, out, url, concurrency, tmp)
         warnings = 0
-        if scheduler == "ours":
-            elapsed, cpu, rss, warnings = run_ours(job, exclude)
+        if scheduler.startswith("ours"):
+            elapsed, cpu, rss, warnings = run_ours(job, exclude, replay=scheduler != "ours/noreplay")
         else:
             config = load_config(job)
             opts = SourceOptions(path=data, entry_role=config.workflow.entry, required_fields=tuple(config.dataset.required_fields))
@@ -267,13 +269,17 @@ def median_row(rows: list[Row]) -> Row:
 
 def print_table(rows: list[Row], peak: float) -> None:
     print(f"\nengine peak {peak:.0f} tok/s; medians of repeats")
-    head = f"{'scheduler':11} {'workflow':16} {'conc':>6} {'tasks':>6} {'tasks/s':>8} {'tok/s':>8} {'util':>6} {'p50 s':>7} {'p99 s':>7} {'cpu ms/hop':>10} {'RSS MB':>7} {'complete':>8} {'ray warn':>8}"
+    head = f"{'scheduler':13} {'workflow':16} {'conc':>6} {'tasks':>6} {'tasks/s':>8} {'tok/s':>8} {'util':>6} {'p50 s':>7} {'p99 s':>7} {'cpu ms/hop':>10} {'RSS MB':>7} {'complete':>8} {'ray warn':>8}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r.scheduler:11} {r.workflow:16} {r.concurrency:6d} {r.tasks:6d} {r.tasks_per_s:8.1f} {r.tokens_per_s:8.0f} {r.utilization:6.1%} {r.p50_s:7.2f} {r.p99_s:7.2f} {r.cpu_ms_per_hop:10.3f} {r.peak_rss_mb:7.0f} {str(r.complete):>8} {r.ray_warnings:8d}")
+        print(f"{r.scheduler:13} {r.workflow:16} {r.concurrency:6d} {r.tasks:6d} {r.tasks_per_s:8.1f} {r.tokens_per_s:8.0f} {r.utilization:6.1%} {r.p50_s:7.2f} {r.p99_s:7.2f} {r.cpu_ms_per_hop:10.3f} {r.peak_rss_mb:7.0f} {str(r.complete):>8} {r.ray_warnings:8d}")
     by = {(r.workflow, r.concurrency, r.scheduler): r for r in rows}
     for (wf, conc, sched), r in sorted(by.items()):
+        off = by.get((wf, conc, "ours/noreplay"))
+        if sched == "ours" and off is not None:
+            print(f"  {wf} @ {conc}: replay on / off = {r.tokens_per_s / max(off.tokens_per_s, 1e-9):.3f}x tokens/s, "
+                  f"cpu per hop {r.cpu_ms_per_hop:.3f} vs {off.cpu_ms_per_hop:.3f} ms ({r.cpu_ms_per_hop - off.cpu_ms_per_hop:+.3f} ms)")  # fmt: skip
         if sched == "ours":
             for base in SCHEDULERS[1:]:
                 if (wf, conc, base) in by:
@@ -290,6 +296,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows as a JSON list")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engine-nice", type=int, default=-10, help="CPU priority of the engine process: it stands in for a GPU, so the system under test must not slow it down (negative needs root)")
+    ap.add_argument("--replay", choices=["on", "off", "compare"], default="on", help="our runtime's call journal (run.replay); compare runs both")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for our runtime (repeatable)")
     for f, default in asdict(LatencyModel()).items():
         ap.add_argument(f"--{f.replace('_', '-')}", type=type(default), default=default, help=f"engine {f}")
@@ -297,6 +304,9 @@ def main() -> None:
     model = LatencyModel(**{f: getattr(args, f) for f in asdict(LatencyModel())})
     OURS_SET.extend(args.set)
     scheds = [s for s in args.schedulers.split(",") if s]
+    if "ours" in scheds and args.replay != "on":
+        at = scheds.index("ours")
+        scheds[at : at + 1] = ["ours", "ours/noreplay"] if args.replay == "compare" else ["ours/noreplay"]
     if args.workflow not in PIPELINES and "ray_data" in scheds:
         print(f"ray_data: skipped for {args.workflow} (its roles loop; no fixed stage pipeline)", file=sys.stderr)
         scheds.remove("ray_data")
