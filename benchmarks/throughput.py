@@ -3,6 +3,7 @@
     python -m benchmarks.throughput --workflow collab_reasoning --concurrency 100,1000
     python -m benchmarks.throughput --workflow web_reasoning --concurrency 100,1000 --json out.json
     python -m benchmarks.throughput --schedulers ours --concurrency 100 --scale 50000,100000   # scale rows only
+    python -m benchmarks.throughput --schedulers ours --replay compare   # the call journal's cost
 
 Every scheduler runs the same workflow agents against the same latency-model
 engine (``benchmarks.latency_engine``, a separate process), whose analytic peak
@@ -16,6 +17,8 @@ ours with ``run.metrics=false`` (what the Prometheus metrics cost). The scale ro
 (``--scale``) run ours alone with as many tasks as in flight (50,000 and 100,000 by
 default) against a bigger engine batch, so that a cost growing with the number of
 waiting tasks shows as lost utilization.
+``--replay compare`` runs ours with the call journal (``run.replay``) on and off
+("ours/noreplay") and prints the difference.
 """
 
 from __future__ import annotations
@@ -298,7 +301,8 @@ def _one_run(scheduler: str, workflow: str, concurrency: int, n: int, url: str, 
         job = job_yaml(workflow, data, out, url, concurrency, tmp)
         warnings = 0
         if scheduler.startswith("ours"):
-            elapsed, cpu, rss, warnings = run_ours(job, exclude, ["run.metrics=false"] if scheduler == "ours-nometrics" else [])
+            extra = {"ours-nometrics": ["run.metrics=false"], "ours/noreplay": ["run.replay=false"]}.get(scheduler, [])
+            elapsed, cpu, rss, warnings = run_ours(job, exclude, extra)
         else:
             config = load_config(job)
             opts = SourceOptions(path=data, entry_role=config.workflow.entry, required_fields=tuple(config.dataset.required_fields))
@@ -353,6 +357,10 @@ def print_table(rows: list[Row], peak: float, title: str = "medians of repeats")
         if sched == "ours" and (wf, conc, "ours-nometrics") in by:
             off = by[(wf, conc, "ours-nometrics")]
             print(f"  {wf} @ {conc}: metrics cost {r.cpu_ms_per_hop - off.cpu_ms_per_hop:+.3f} CPU ms/hop ({r.cpu_ms_per_hop:.3f} with, {off.cpu_ms_per_hop:.3f} without), utilization {r.utilization - off.utilization:+.1%}")
+        off = by.get((wf, conc, "ours/noreplay"))
+        if sched == "ours" and off is not None:
+            print(f"  {wf} @ {conc}: replay on / off = {r.tokens_per_s / max(off.tokens_per_s, 1e-9):.3f}x tokens/s, "
+                  f"cpu per hop {r.cpu_ms_per_hop:.3f} vs {off.cpu_ms_per_hop:.3f} ms ({r.cpu_ms_per_hop - off.cpu_ms_per_hop:+.3f} ms)")  # fmt: skip
         if sched == "ours":
             for base in SCHEDULERS[2:]:
                 if (wf, conc, base) in by:
@@ -369,6 +377,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows as a JSON list")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engine-nice", type=int, default=-10, help="CPU priority of the engine process: it stands in for a GPU, so the system under test must not slow it down (negative needs root)")
+    ap.add_argument("--replay", choices=["on", "off", "compare"], default="on", help="our runtime's call journal (run.replay); compare runs both")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for our runtime (repeatable)")
     ap.add_argument("--scale", default="50000,100000", help="scale rows: tasks (= tasks in flight) per run of ours, one run each ('' to skip)")
     ap.add_argument("--scale-max-batch", type=int, default=256, help="engine max_batch for the scale rows")
@@ -379,6 +388,9 @@ def main() -> None:
     model = LatencyModel(**{f: getattr(args, f) for f in asdict(LatencyModel())})
     OURS_SET.extend(args.set)
     scheds = [s for s in args.schedulers.split(",") if s]
+    if "ours" in scheds and args.replay != "on":
+        at = scheds.index("ours")
+        scheds[at : at + 1] = ["ours", "ours/noreplay"] if args.replay == "compare" else ["ours/noreplay"]
     if args.workflow not in PIPELINES and "ray_data" in scheds:
         print(f"ray_data: skipped for {args.workflow} (its roles loop; no fixed stage pipeline)", file=sys.stderr)
         scheds.remove("ray_data")

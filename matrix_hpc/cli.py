@@ -32,6 +32,8 @@ def _print_summary(summary: Any) -> None:
     out.write(f"  speed:     {summary.tasks_per_s:.2f} tasks/s, {summary.tokens_per_s:.0f} output tok/s\n")
     out.write(f"  tokens:    {p.prompt_tokens} prompt + {p.completion_tokens} completion\n")
     _print_usage(summary.usage, out.write)
+    if summary.replay and summary.replay.calls:
+        out.write(f"  replayed:  {_replay_line(summary.replay)}\n")
     for e in summary.llm:
         if e.restarts:
             out.write(f"  llm:       model {e.model}: {e.url} was restarted {e.restarts} time(s); now {e.state}\n")
@@ -50,6 +52,11 @@ def _print_usage(usage: Any, write: Any) -> None:
         for name, u in sorted(getattr(usage, section).items()):
             errors = f", {u.errors} failed" if u.errors else ""
             write(f"    {label} {name}: {u.calls} calls{errors}, {u.prompt_tokens} prompt + {u.completion_tokens} completion tokens, {u.mean_latency_s:.2f}s mean latency\n")
+
+
+def _replay_line(r: Any) -> str:
+    """What turn-level resume saved in a life (a :class:`ReplaySummary`)."""
+    return f"{r.calls} LLM calls from the journal, saving {r.saved_s:.1f}s of LLM time and {r.tokens} tokens"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -80,7 +87,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from .runinfo import RunInfo
+    from .runtime.replay import JOURNAL_DIR
     from .store import StoreReader
+    from .store.journal import journal_size
 
     reader = StoreReader(args.output)
     counts = reader.counts()
@@ -89,7 +98,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     total = info.input_rows if info else None
     if args.json:
         run = {k: raw.get(k) for k in ("run_id", "status", "dataset", "started_at", "finished_at")}
-        extra = {"usage": info.usage.to_dict(), "llm": [e.to_dict() for e in info.llm]} if info else {}
+        extra = {"usage": info.usage.to_dict(), "llm": [e.to_dict() for e in info.llm], "replay": raw.get("replay")} if info else {}
         print(json.dumps({"output": str(reader.root), **counts, "input_rows": total, "writer_active": reader.writer_active(), "run": run, **extra}, indent=1))
         return 0
     print(f"output:    {reader.root}")
@@ -105,11 +114,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"tokens:    {counts['prompt_tokens']} prompt + {counts['completion_tokens']} completion")
     if info:
         _print_usage(info.usage, sys.stdout.write)
+        if info.replay is not None:
+            print(f"replayed:  {_replay_line(info.replay)} in the last life")
         if info.metrics:
             print("metrics:   " + ", ".join(f"{k}={v}" for k, v in info.metrics.items()))
         for e in info.llm:
             where = f", on {e.host}" + (f" GPUs {','.join(e.gpu_ids)}" if e.gpu_ids else "") if e.host else ""
             print(f"llm:       model {e.model}: {e.url} ({e.state}, {e.restarts} restarts{where})")
+    files, size = journal_size(reader.root / JOURNAL_DIR)
+    if files:
+        print(f"journal:   {size} bytes in {files} file(s): completed LLM calls of unfinished tasks, replayed on resume")
     _print_slurm(reader.root)
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import socket
 import time
 import uuid
@@ -23,7 +24,8 @@ from .runtime.runner import RunProgress, StopFlag, drive
 from .runtime.source import SourceOptions, count_rows, iter_tasks
 from .runtime.spec import team_spec
 from .runtime.team import Team
-from .runtime.usage import UsageSummary, usage_summary
+from .runtime.replay import JOURNAL_DIR
+from .runtime.usage import ReplaySummary, UsageSummary, replay_summary, usage_summary
 from .cluster import start_ray
 from .config import JobConfig, resolve_dataset_path
 from .config.checks import model_key
@@ -33,6 +35,7 @@ from .services.llm.service import LLMServices
 from .services.llm.status import EndpointStatus
 from .store import StoreLockedError, StoreReader
 from .store.fsutil import WriterLock, atomic_write_json, read_json
+from .store.journal import compact_journal, journal_size
 from .store.zarr_store import init_store
 
 __all__ = ["RunSummary", "run_job"]
@@ -51,6 +54,10 @@ class RunSummary:
     """Tokens, calls, errors and latency ``by_role`` and ``by_model`` over every record in the store."""
     llm: list[EndpointStatus] = field(default_factory=list)
     """Every model's LLM endpoints at the end of the run (state, restarts, pid, log, placement)."""
+    replay: ReplaySummary | None = None
+    """This life's calls answered from the call journal (None: ``run.replay`` off)."""
+    journal: dict[str, float] = field(default_factory=dict)
+    """The agent actors' journal counters, added up: entries, flushes, bytes, write_s (write + fsync), hits."""
 
     @property
     def tasks_per_s(self) -> float:
@@ -130,6 +137,7 @@ def run_job(
 
     run_id = uuid.uuid4().hex[:8]
     namespace = f"matrix-hpc-{run_id}"
+    journal = _prepare_journal(root / JOURNAL_DIR, done, run_id, say) if config.run.replay else None
     log_dir = root / "logs"
     log_dir.mkdir(exist_ok=True)
     slurm = _slurm_env()
@@ -152,7 +160,7 @@ def run_job(
         urls = services.start()
         for name, model_urls in urls.items():
             say(f"model {name} ({config.models[name].engine}): endpoint(s) ready in {time.monotonic() - t0:.1f}s: {', '.join(model_urls)}")
-        spec = team_spec(config, run_id, namespace, services.client_endpoints(), warn=lambda msg: say(f"warning: {msg}"))
+        spec = team_spec(config, run_id, namespace, services.client_endpoints(), str(journal) if journal else None, warn=lambda msg: say(f"warning: {msg}"))
         team = Team(spec, config.workflow.entry, str(root), config.output.chunk_rows, config.output.flush_interval_s, config.output.fsync)
         asyncio.run(team.start())
         if config.run.metrics:  # for Prometheus' file_sd_configs (README: Watching a run)
@@ -164,6 +172,7 @@ def run_job(
         tasks = iter_tasks(opts, done, progress.source_counts)
         run = config.run
         asyncio.run(drive(team, tasks, progress, run.max_in_flight, run.batch_size, run.max_attempts, run.health_interval_s, on_progress, stop, run.stop_grace_s))
+        journal_costs = asyncio.run(_journal_costs(team)) if journal else {}
         asyncio.run(team.close())
         asyncio.run(_close_sink(team))
         info.llm = _safe_status(services)
@@ -174,15 +183,19 @@ def run_job(
             services.stop()
         cluster.shutdown()
 
+    if journal is not None and progress.finished:  # every task is committed: nothing left to replay
+        shutil.rmtree(journal, ignore_errors=True)
     reader = StoreReader(root)
     counts = reader.counts()
     metrics = metrics_fn(reader.iter_records()) if metrics_fn else {}
     usage = usage_summary(reader.iter_records())
+    replay = replay_summary(reader.iter_records(), since=started) if journal else None
+    entry.replayed, info.replay = (replay.calls if replay else None), replay
     entry.first_task_at, entry.finished_at, entry.dispatched = progress.first_dispatch_at, time.time(), progress.dispatched
     entry.committed, entry.status = progress.done, "finished" if progress.finished else "interrupted"
     info.status, info.finished_at, info.store, info.metrics, info.usage = entry.status, time.time(), counts, metrics, usage
     _write_run_info(root, info)
-    return RunSummary(output=str(root), progress=progress, store=counts, metrics=metrics, ray_logs=info.ray_logs, usage=usage, llm=info.llm)
+    return RunSummary(output=str(root), progress=progress, store=counts, metrics=metrics, ray_logs=info.ray_logs, usage=usage, llm=info.llm, replay=replay, journal=journal_costs)
 
 
 def _safe_status(services: LLMServices) -> list[EndpointStatus]:
@@ -191,6 +204,26 @@ def _safe_status(services: LLMServices) -> list[EndpointStatus]:
     except Exception as exc:  # reporting only: never fail a finished run over it
         log.warning("LLM service status unavailable: %s", exc)
         return services.endpoints
+
+
+def _prepare_journal(journal: Path, done: set[str], run_id: str, say: Callable[[str], None]) -> Path:
+    """Compact the call journal at a life's start: keep only calls of tasks not in the store."""
+    journal.mkdir(exist_ok=True)
+    files, before = journal_size(journal)
+    kept, size = compact_journal(journal, lambda task_id: task_id not in done, f"base-{run_id}.jnl")
+    if files:
+        say(f"replay: {kept} journaled LLM call(s) of unfinished tasks kept ({size / 1024:.0f} KiB of {before / 1024:.0f} KiB)")
+    return journal
+
+
+async def _journal_costs(team: Team) -> dict[str, float]:
+    """The actors' journal counters added up (entries, flushes, bytes, seconds in write + fsync, hits)."""
+    total: dict[str, float] = {}
+    for stats in await team.replay_stats():
+        for k, v in stats.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                total[k] = total.get(k, 0) + v
+    return total
 
 
 async def _close_sink(team: Team) -> None:

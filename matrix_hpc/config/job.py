@@ -165,6 +165,11 @@ class RunConfig:
     """On a stop (Ctrl-C, SIGTERM; on Slurm only USR2, since a Slurm TERM means KILL is near):
     how long tasks in flight may finish before the rest are abandoned (they are not in
     the store, so the resumed run does them again)."""
+    replay: bool = True
+    """Journal every completed LLM call (``OUTPUT/journal``) so a resumed task replays the
+    calls it already paid for instead of making them again (turn-level resume)."""
+    replay_compact_s: float = 30.0
+    """Seconds between compactions of the journal (entries of committed tasks dropped)."""
 
 
 @dataclass
@@ -266,3 +271,5 @@ def _validate(config: JobConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if config.run.replay_compact_s <= 0:
+        raise ConfigError(f"run.replay_compact_s: must be > 0, got {config.run.replay_compact_s}")

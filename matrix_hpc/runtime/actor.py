@@ -29,6 +29,7 @@ from .agent import Agent, AgentContext, run_step
 from .health import ActorPing, LoopLagWatcher
 from .loader import load_object
 from .outbox import Outbox
+from .replay import Replay
 from .spec import ClientSpec, RoleSpec, TeamSpec
 from .task import Task
 
@@ -59,6 +60,12 @@ class AgentActor:
         spec = team.roles[role]
         self._clients: dict[str, ChatClient] = {}
         """One client per model this actor's roles call (an inline role shares its model's)."""
+        # One journal file per incarnation: a restarted actor never appends to a file
+        # a dead one may have torn; it reads it instead.
+        self._replay: Replay | None = None
+        if team.journal_dir is not None and spec.model is not None and getattr(load_object(spec.agent), "uses_llm", False):
+            name = f"{team.run_id}-{role}-{index}-{self.incarnation[:8]}.jnl"
+            self._replay = Replay(team.journal_dir, name, fsync=team.journal_fsync)
         self._queue: asyncio.Queue[Task] | None = None
         self.agent: Agent = self._make_agent(role)
         self._inline: dict[str, Agent] = {}  # agents of inline roles, built on first use
@@ -89,7 +96,7 @@ class AgentActor:
             raise TypeError(f"{spec.agent} is not a matrix_hpc.agents.Agent subclass")
         llm = self._client(team.models[spec.model]) if cls.uses_llm and spec.model is not None else None
         sticky = team.models[spec.model].sticky if spec.model is not None else True
-        return cls(AgentContext(role, spec.params, llm, spec.sampling, sticky, team.sandbox, spec.model))
+        return cls(AgentContext(role, spec.params, llm, spec.sampling, sticky, team.sandbox, spec.model, self._replay))
 
     def _client(self, cs: ClientSpec) -> ChatClient:
         """The client of model ``cs`` in this actor: calls route over that model's endpoints only."""
@@ -146,6 +153,8 @@ class AgentActor:
         self._loops.append(loop.create_task(self.lag.run()))
         for _ in range(self.concurrency):
             self._loops.append(loop.create_task(self._worker()))
+        if self._replay is not None:
+            self._loops.append(loop.create_task(self._compact_loop()))
 
     async def _setup_agent(self, agent: Agent, role: str) -> None:
         try:
@@ -172,6 +181,23 @@ class AgentActor:
                 await agent.close()
             except Exception:  # user code; the run's results are already committed
                 log.exception("close() of role %s failed", role)
+
+    async def _compact_loop(self) -> None:
+        """Keep this actor's journal to the calls of tasks not yet committed."""
+        assert self._replay is not None
+        while True:
+            await asyncio.sleep(self.team.journal_compact_s)
+            try:
+                dropped = await self._replay.compact(self._resolve(SINK)[0])
+            except Exception as exc:  # a restarting sink: try again next round
+                log.info("journal compaction postponed: %s", exc)
+                continue
+            if dropped:
+                log.debug("journal: dropped %d entries of committed tasks", dropped)
+
+    def replay_stats(self) -> dict[str, Any] | None:
+        """Journal counters of this incarnation (hits, writes, bytes, write time), or None when off."""
+        return None if self._replay is None else self._replay.stats()
 
     async def receive(self, tasks: list[Task]) -> None:
         self._start()

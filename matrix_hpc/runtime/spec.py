@@ -80,6 +80,11 @@ class TeamSpec:
     """Export Prometheus metrics (``run.metrics``; see matrix_hpc.metrics)."""
     loop_lag_warn_s: float = 0.5
     """Warn when an actor's event loop stalls this long (a blocking step); 0 turns it off."""
+    journal_dir: str | None = None
+    """Where completed LLM calls are journaled for replay (``run.replay``); None: off."""
+    journal_fsync: bool = True
+    journal_compact_s: float = 30.0
+    """Seconds between compactions of an actor's journal (entries of committed tasks dropped)."""
 
 
 def _uses_llm(agent: str) -> bool:
@@ -91,9 +96,15 @@ def _uses_llm(agent: str) -> bool:
 
 
 def team_spec(
-    config: JobConfig, run_id: str, namespace: str, endpoints: dict[str, tuple[list[str], str | None]], warn: Callable[[str], None] | None = None
+    config: JobConfig,
+    run_id: str,
+    namespace: str,
+    endpoints: dict[str, tuple[list[str], str | None]],
+    journal_dir: str | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> TeamSpec:
-    """The team of ``config``; ``endpoints``: per model key, its URLs at start and its registry's name.
+    """The team of ``config``; ``endpoints``: per model key, its URLs at start and its registry's name;
+    ``journal_dir``: the run's call journal when ``run.replay`` is on.
 
     ``warn`` hears, once per role, which explicit limit keeps ``run.max_in_flight`` out of reach.
     """
@@ -120,4 +131,5 @@ def team_spec(
         run_id=run_id, namespace=namespace, roles=roles, models=models, batch_size=config.run.batch_size,
         batch_wait_s=config.run.batch_wait_ms / 1000.0, sandbox=config.sandbox, metrics=config.run.metrics,
         loop_lag_warn_s=config.run.loop_lag_warn_s,
+        journal_dir=journal_dir, journal_fsync=config.output.fsync, journal_compact_s=config.run.replay_compact_s,
     )  # fmt: skip

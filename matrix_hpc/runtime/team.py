@@ -122,6 +122,15 @@ class Team:
         lists = await asyncio.wait_for(asyncio.gather(*(h.held_ids.remote() for h in self._all().values())), timeout_s)
         return {i for ids in lists for i in ids}
 
+    async def replay_stats(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+        """Each agent actor's journal counters (actors with replay off are left out)."""
+        handles = [h for hs in self.actors.values() for h in hs]
+        try:
+            stats = await asyncio.wait_for(asyncio.gather(*(h.replay_stats.remote() for h in handles), return_exceptions=True), timeout_s)
+        except asyncio.TimeoutError:
+            return []
+        return [s for s in stats if isinstance(s, dict)]
+
     async def dispatch(self, tasks: list[Task], batch_size: int) -> None:
         """Send new tasks to the entry role, round-robin in batches; returns once accepted."""
         handles = self.actors[self.entry]
