@@ -34,13 +34,15 @@ def _print_summary(summary: Any) -> None:
     for kind, n in sorted(p.failed_by_kind.items(), key=lambda kv: -kv[1]):
         sample = summary.failure_samples.get(kind)
         w(f"  this run:  failed {kind}: {n}" + (f", e.g. {sample}" if sample else "") + "\n")
+    if summary.replay and summary.replay.calls:
+        w(f"  this run:  replayed {_replay_line(summary.replay)}\n")
     w(f"  store:     {s['records']} records ({s['ok']} ok, {s['failed']} failed), {s['prompt_tokens']} prompt + {s['completion_tokens']} completion tokens\n")
     _print_usage(summary.usage, lambda line: w("  store:     " + line.lstrip()))
     if summary.metrics:
         w("  store:     metrics " + ", ".join(f"{k}={v}" for k, v in summary.metrics.items()) + "\n")
     for e in summary.llm:
-        if e.get("restarts"):
-            w(f"  llm:       {e['url']} was restarted {e['restarts']} time(s); {e.get('state')} at the end of the run\n")
+        if e.restarts:
+            w(f"  llm:       model {e.model}: {e.url} was restarted {e.restarts} time(s); {e.state} at the end of the run\n")
     if summary.agent_log and p.failed_by_kind.get("agent_error"):
         w(f"  log:       agent tracebacks in {summary.agent_log}\n")
     if summary.ray_logs and p.resent:
@@ -48,11 +50,17 @@ def _print_summary(summary: Any) -> None:
     w(f"output: {summary.output}\n")
 
 
-def _print_usage(usage: dict[str, Any] | None, write: Any) -> None:
-    """Token accounting per role and per model (whole store)."""
+def _print_usage(usage: Any, write: Any) -> None:
+    """LLM accounting per role and per model (whole store): a :class:`UsageSummary`."""
     for section, label in (("by_role", "role"), ("by_model", "model")):
-        for name, c in sorted((usage or {}).get(section, {}).items()):
-            write(f"    {label} {name}: {c['calls']} calls, {c['prompt_tokens']} prompt + {c['completion_tokens']} completion tokens\n")
+        for name, u in sorted(getattr(usage, section).items()):
+            errors = f", {u.errors} failed" if u.errors else ""
+            write(f"    {label} {name}: {u.calls} calls{errors}, {u.prompt_tokens} prompt + {u.completion_tokens} completion tokens, {u.mean_latency_s:.2f}s mean latency\n")
+
+
+def _replay_line(r: Any) -> str:
+    """What turn-level resume saved in a life (a :class:`ReplaySummary`)."""
+    return f"{r.calls} LLM calls from the journal, saving {r.saved_s:.1f}s of LLM time and {r.tokens} tokens"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -92,20 +100,26 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from .run_state import run_state
+    from .runinfo import RunInfo
+    from .runtime.replay import JOURNAL_DIR
     from .store import StoreReader
+    from .store.journal import journal_size
 
     reader = StoreReader(args.output)
     counts = reader.counts()
-    info = reader.run_info()
-    total = info.get("input_rows")
+    raw = reader.run_info()
+    info = RunInfo.from_dict(raw) if raw else None
+    total = info.input_rows if info else None
     state = run_state(info, reader.writer_active()) if info else None
     if args.json:
-        print(json.dumps({"output": str(reader.root), **counts, "input_rows": total, "writer_active": reader.writer_active(), "state": state, "run": {k: info.get(k) for k in ("run_id", "status", "dataset", "started_at", "finished_at")}}, indent=1))
+        run = {k: raw.get(k) for k in ("run_id", "status", "dataset", "started_at", "finished_at")}
+        extra = {"usage": info.usage.to_dict(), "llm": [e.to_dict() for e in info.llm], "replay": raw.get("replay")} if info else {}
+        print(json.dumps({"output": str(reader.root), **counts, "input_rows": total, "writer_active": reader.writer_active(), "state": state, "run": run, **extra}, indent=1))
         return 0
     print(f"output:    {reader.root}")
     if info:
-        print(f"run:       {info.get('run_id')} ({state})")
-        print(f"input:     {info.get('dataset')} ({total} rows)")
+        print(f"run:       {info.run_id} ({state})")
+        print(f"input:     {info.dataset} ({total} rows)")
     print(f"done:      {counts['ok']}")
     print(f"failed:    {counts['failed']}")
     for kind, n in counts["failed_by_kind"].items():
@@ -113,26 +127,32 @@ def cmd_status(args: argparse.Namespace) -> int:
     if total is not None:
         print(f"remaining: {max(0, total - counts['records'])}")
     print(f"tokens:    {counts['prompt_tokens']} prompt + {counts['completion_tokens']} completion")
-    _print_usage(info.get("usage"), sys.stdout.write)
-    if info.get("metrics"):
-        print("metrics:   " + ", ".join(f"{k}={v}" for k, v in info["metrics"].items()))
-    _print_llm(info, state)
+    if info:
+        _print_usage(info.usage, sys.stdout.write)
+        if info.replay is not None:
+            print(f"replayed:  {_replay_line(info.replay)} in the last life")
+        if info.metrics:
+            print("metrics:   " + ", ".join(f"{k}={v}" for k, v in info.metrics.items()))
+        _print_llm(info, state)
+    files, size = journal_size(reader.root / JOURNAL_DIR)
+    if files:
+        print(f"journal:   {size} bytes in {files} file(s): completed LLM calls of unfinished tasks, replayed on resume")
     _print_slurm(reader.root)
     return 0
 
 
-def _print_llm(info: dict[str, Any], state: str | None) -> None:
+def _print_llm(info: Any, state: str | None) -> None:
     """Endpoint states only where they are known: at the end of an ended run, or as
     recorded at the start of a live one (a crashed run's endpoints died with it)."""
-    when = info.get("llm_state_at")
-    if state == "running now" and when == "start":
+    if state == "running now" and info.llm_state_at == "start":
         label = "at start"
-    elif info.get("status") in ("finished", "interrupted") and when == "end":
+    elif info.status in ("finished", "interrupted") and info.llm_state_at == "end":
         label = "at the end of the run"
     else:
         return
-    for e in info.get("llm") or []:
-        print(f"llm:       {e.get('url')} ({label}: {e.get('state')}, {e.get('restarts', 0)} restarts)")
+    for e in info.llm:
+        where = f", on {e.host}" + (f" GPUs {','.join(e.gpu_ids)}" if e.gpu_ids else "") if e.host else ""
+        print(f"llm:       model {e.model}: {e.url} ({label}: {e.state}, {e.restarts} restarts{where})")
 
 
 def _print_slurm(output: Path) -> None:
@@ -151,9 +171,12 @@ def _print_slurm(output: Path) -> None:
 def cmd_submit(args: argparse.Namespace) -> int:
     from .cluster.slurm import submit
     from .config import load_config
+    from .runtime.loader import check_workflow_code
     from .store.writable import check_output_writable
 
-    output = check_output_writable(load_config(args.config, args.overrides).output.path)
+    config = load_config(args.config, args.overrides)
+    check_workflow_code(config)  # a typo costs a second here, not a wait in the queue
+    output = check_output_writable(config.output.path)
     job = submit(args.config, args.overrides)
     print(f"submitted Slurm job {job.job_id}; logs in {Path(job.paths.stdout).parent}")
     print(f"watch it: matrix-hpc status {output}   (re-submitting the same config resumes the run)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import socket
 import time
 import uuid
@@ -17,17 +18,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .runtime.actor import RoleSpec, TeamSpec, load_object
+from .runinfo import LifeRecord, RunInfo
+from .runtime.loader import check_workflow_code, import_paths, load_object
 from .runtime.runner import RunProgress, StopFlag, drive
 from .runtime.source import DatasetError, SourceOptions, iter_tasks, scan_dataset
+from .runtime.spec import team_spec
 from .runtime.team import Team
-from .runtime.usage import usage_summary
+from .runtime.replay import JOURNAL_DIR
+from .runtime.usage import ReplaySummary, UsageSummary, replay_summary, usage_summary
 from .cluster import start_ray
 from .config import JobConfig, resolve_dataset_path
+from .config.checks import model_key
+from .metrics import prometheus_targets
 from .procs import pid_alive
-from .services.llm.service import LLMService
+from .services.llm.service import LLMServices
+from .services.llm.status import EndpointStatus
 from .store import StoreLockedError, StoreReader
 from .store.fsutil import WriterLock, atomic_write_json, read_json
+from .store.journal import compact_journal, journal_size
 from .store.writable import check_output_writable
 from .store.zarr_store import init_store
 
@@ -43,10 +51,14 @@ class RunSummary:
     store: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)
     ray_logs: str | None = None
-    usage: dict[str, Any] = field(default_factory=dict)
-    """Tokens and calls ``by_role`` and ``by_model`` over every record in the store."""
-    llm: list[dict[str, Any]] = field(default_factory=list)
-    """The LLM endpoints at the end of the run (state, restarts, pid, log)."""
+    usage: UsageSummary = field(default_factory=UsageSummary)
+    """Tokens, calls, errors and latency ``by_role`` and ``by_model`` over every record in the store."""
+    llm: list[EndpointStatus] = field(default_factory=list)
+    """Every model's LLM endpoints at the end of the run (state, restarts, pid, log, placement)."""
+    replay: ReplaySummary | None = None
+    """This life's calls answered from the call journal (None: ``run.replay`` off)."""
+    journal: dict[str, float] = field(default_factory=dict)
+    """The agent actors' journal counters, added up: entries, flushes, bytes, write_s (write + fsync), hits."""
     failure_samples: dict[str, str] = field(default_factory=dict)
     """One message per failure kind in the store (the newest), with where it was raised."""
     agent_log: str | None = None
@@ -87,23 +99,6 @@ def _check_dataset(opts: SourceOptions, say: Callable[[str], None]) -> int:
     return scan.rows
 
 
-def _team_spec(config: JobConfig, run_id: str, namespace: str, llm_urls: list[str], registry: str | None, log_dir: str | None = None) -> TeamSpec:
-    wf, llm = config.workflow, config.llm
-    roles = {
-        name: RoleSpec(agent=r.agent, instances=r.instances, concurrency=r.concurrency, params={**wf.params, **r.params}, inline=r.inline)
-        for name, r in wf.roles.items()
-    }
-    return TeamSpec(
-        run_id=run_id, namespace=namespace, roles=roles, llm_urls=llm_urls, llm_model=llm.model,
-        llm_api_key_env=llm.api_key_env, llm_timeout_s=llm.timeout_s, llm_max_retries=llm.max_retries,
-        llm_retry_backoff_s=llm.retry_backoff_s, llm_max_connections=llm.max_connections,
-        llm_max_tokens=llm.max_tokens, llm_temperature=llm.temperature,
-        batch_size=config.run.batch_size, batch_wait_s=config.run.batch_wait_ms / 1000.0,
-        llm_max_outstanding=llm.max_outstanding_per_endpoint, llm_sticky=llm.sticky, llm_registry=registry,
-        log_dir=log_dir,
-    )  # fmt: skip
-
-
 def _wait_for_previous_writer(root: Path, say: Callable[[str], None], timeout_s: float = 60.0) -> None:
     """Refuse to share a store with a live run; wait out the writer of a crashed one.
 
@@ -125,7 +120,7 @@ def _wait_for_previous_writer(root: Path, say: Callable[[str], None], timeout_s:
         time.sleep(0.2)
 
 
-def _slurm_env() -> dict[str, Any]:
+def _slurm_env() -> dict[str, Any]:  # keys as in LifeRecord
     """The Slurm job this run is part of, if any (for status, history and resume timing)."""
     env = os.environ
     if "SLURM_JOB_ID" not in env:
@@ -133,8 +128,8 @@ def _slurm_env() -> dict[str, Any]:
     return {"slurm_job_id": env["SLURM_JOB_ID"], "slurm_restart": int(env.get("SLURM_RESTART_COUNT", "0") or 0), "slurm_nodes": env.get("SLURM_JOB_NODELIST")}
 
 
-def _write_run_info(root: Path, info: dict[str, Any]) -> None:
-    atomic_write_json(root / "run.json", info, durable=False)
+def _write_run_info(root: Path, info: RunInfo) -> None:
+    atomic_write_json(root / "run.json", info.to_dict(), durable=False)
 
 
 def run_job(
@@ -144,13 +139,14 @@ def run_job(
     stop: StopFlag | None = None,
 ) -> RunSummary:
     """Run (or resume) the job in ``config``; returns when every task is committed."""
-    say = on_event or (lambda msg: log.info("%s", msg))
+    say = on_event or (lambda msg: (log.warning if msg.startswith("warning: ") else log.info)("%s", msg))
+    check_workflow_code(config)  # a typo in an agent's name fails here, before Ray or an engine starts
     root = check_output_writable(config.output.path)  # before anything starts: one clear line
     opts = _source_options(config)
     total = _check_dataset(opts, say)
     init_store(root, config.output.chunk_rows)
     _wait_for_previous_writer(root, say)
-    history = list((read_json(root / "run.json", {}) or {}).get("history") or [])
+    history = RunInfo.from_dict(read_json(root / "run.json", {}) or {}).history
     done = StoreReader(root).ids()  # read only once no other writer is left
     metrics_fn = load_object(config.workflow.metrics) if config.workflow.metrics else None
     progress = RunProgress(total=total)
@@ -159,75 +155,90 @@ def run_job(
 
     run_id = uuid.uuid4().hex[:8]
     namespace = f"matrix-hpc-{run_id}"
+    journal = _prepare_journal(root / JOURNAL_DIR, done, run_id, say) if config.run.replay else None
     log_dir = root / "logs"
     log_dir.mkdir(exist_ok=True)
-    info: dict[str, Any] = {
-        "run_id": run_id, "status": "starting", "host": socket.gethostname(), "driver_pid": os.getpid(),
-        "started_at": time.time(), "dataset": str(opts.path), "input_rows": total,
-        "config_file": config.source_file, "config": config.to_dict(), "slurm": _slurm_env(),
-    }  # fmt: skip
-    entry: dict[str, Any] = {"run_id": run_id, **_slurm_env(), "started_at": info["started_at"], "skipped": len(done)}
-    info["history"] = history + [entry]
+    slurm = _slurm_env()
+    started = time.time()
+    info = RunInfo(
+        run_id=run_id, status="starting", host=socket.gethostname(), driver_pid=os.getpid(), started_at=started,
+        dataset=str(opts.path), input_rows=total, config_file=config.source_file, config=config.to_dict(), slurm=slurm,
+        history=[*history, LifeRecord(run_id=run_id, started_at=started, skipped=len(done), **slurm)],
+    )  # fmt: skip
+    entry = info.life
     _write_run_info(root, info)
 
     cluster = None
-    service: LLMService | None = None
+    services: LLMServices | None = None
     team: Team | None = None
     try:  # any way out but a return records how this life ended (see _record_abort)
         try:
-            cluster = start_ray(config.cluster, namespace)
+            cluster = start_ray(config.cluster, namespace, import_paths(config))
             t0 = time.monotonic()
-            service = LLMService(config.llm, run_id, namespace, log_dir)
-            urls = service.start()
-            _say_endpoints(say, config.llm.engine, service.endpoints, time.monotonic() - t0)
-            team = Team(_team_spec(config, run_id, namespace, urls, service.name, str(log_dir)), config.workflow.entry, str(root), config.output.chunk_rows, config.output.flush_interval_s, config.output.fsync)
+            keys = {name: model_key(config, name) for name in config.models}
+            services = LLMServices(config.models, run_id, namespace, log_dir, keys)
+            services.start()
+            _say_endpoints(say, config, services.endpoints, time.monotonic() - t0)
+            spec = team_spec(config, run_id, namespace, services.client_endpoints(), str(journal) if journal else None, warn=lambda msg: say(f"warning: {msg}"), log_dir=str(log_dir))
+            team = Team(spec, config.workflow.entry, str(root), config.output.chunk_rows, config.output.flush_interval_s, config.output.fsync)
             asyncio.run(team.start())
-            info.update(status="running", ray_address=cluster.address, ray_logs=f"{cluster.session_dir}/logs", llm=service.endpoints, llm_state_at="start", actors=team.pids, actor_hosts=team.hosts)
+            if config.run.metrics:  # for Prometheus' file_sd_configs (README: Watching a run)
+                atomic_write_json(root / "prometheus_targets.json", prometheus_targets({"job": "matrix-hpc", "run_id": run_id}), durable=False)
+            info.status, info.ray_address, info.ray_logs = "running", cluster.address, f"{cluster.session_dir}/logs"
+            info.llm, info.llm_state_at, info.actors, info.actor_hosts = _safe_status(services), "start", team.pids, team.hosts
             _write_run_info(root, info)
             progress.started_at = time.monotonic()
             tasks = iter_tasks(opts, done, progress.source_counts)
             run = config.run
             asyncio.run(drive(team, tasks, progress, run.max_in_flight, run.batch_size, run.max_attempts, run.health_interval_s, on_progress, stop, run.stop_grace_s))
+            journal_costs = asyncio.run(_journal_costs(team)) if journal else {}
+            asyncio.run(team.close())
             asyncio.run(_close_sink(team))
-            info.update(llm=_safe_status(service), llm_state_at="end")  # until now: their state at start
+            info.llm, info.llm_state_at = _safe_status(services), "end"  # until now: their state at start
         finally:
             if team is not None:
                 team.shutdown()
-            if service is not None:
-                service.stop()
+            if services is not None:
+                services.stop()
             if cluster is not None:
                 cluster.shutdown()
-        return _finish(root, info, entry, progress, metrics_fn, log_dir)
+        return _finish(root, info, progress, metrics_fn, journal, journal_costs, started, log_dir)
     except BaseException as exc:
-        _record_abort(root, info, entry, exc)
+        _record_abort(root, info, exc)
         raise
 
 
-def _record_abort(root: Path, info: dict[str, Any], entry: dict[str, Any], exc: BaseException) -> None:
+def _record_abort(root: Path, info: RunInfo, exc: BaseException) -> None:
     """Say how this life ended, so ``status`` does not report a dead run as running."""
     ended = "aborted" if isinstance(exc, KeyboardInterrupt) else "failed"
-    entry.update(finished_at=time.time(), status=ended)
-    info.update(status=ended, finished_at=time.time(), error=f"{type(exc).__name__}: {exc}"[:500])
+    info.life.finished_at, info.life.status = time.time(), ended
+    info.status, info.finished_at, info.error = ended, time.time(), f"{type(exc).__name__}: {exc}"[:500]
     _write_run_info(root, info)
 
 
-def _finish(root: Path, info: dict[str, Any], entry: dict[str, Any], progress: RunProgress, metrics_fn: Any, log_dir: Path) -> RunSummary:
+def _finish(
+    root: Path, info: RunInfo, progress: RunProgress, metrics_fn: Any, journal: Path | None,
+    journal_costs: dict[str, float], started: float, log_dir: Path,
+) -> RunSummary:  # fmt: skip
     """Totals over the store, the final run.json, and the summary."""
+    entry = info.life
+    if journal is not None and progress.finished:  # every task is committed: nothing left to replay
+        shutil.rmtree(journal, ignore_errors=True)
     reader = StoreReader(root)
     counts = reader.counts()
     metrics = metrics_fn(reader.iter_records()) if metrics_fn else {}
+    usage = usage_summary(reader.iter_records())
     samples = failure_samples(reader.iter_records()) if counts["failed"] else {}
     agent_log = log_dir / "agents.log"
-    usage = usage_summary(reader.iter_records())
-    entry.update(
-        first_task_at=progress.first_dispatch_at, finished_at=time.time(), dispatched=progress.dispatched,
-        committed=progress.done, status="finished" if progress.finished else "interrupted",
-    )  # fmt: skip
-    info.update(status="finished" if progress.finished else "interrupted", finished_at=time.time(), store=counts, metrics=metrics, usage=usage)
+    replay = replay_summary(reader.iter_records(), since=started) if journal else None
+    entry.replayed, info.replay = (replay.calls if replay else None), replay
+    entry.first_task_at, entry.finished_at, entry.dispatched = progress.first_dispatch_at, time.time(), progress.dispatched
+    entry.committed, entry.status = progress.done, "finished" if progress.finished else "interrupted"
+    info.status, info.finished_at, info.store, info.metrics, info.usage = entry.status, time.time(), counts, metrics, usage
     _write_run_info(root, info)
     return RunSummary(
-        output=str(root), progress=progress, store=counts, metrics=metrics, ray_logs=info.get("ray_logs"), usage=usage,
-        llm=info.get("llm") or [], failure_samples=samples, agent_log=str(agent_log) if agent_log.is_file() else None,
+        output=str(root), progress=progress, store=counts, metrics=metrics, ray_logs=info.ray_logs, usage=usage, llm=info.llm,
+        replay=replay, journal=journal_costs, failure_samples=samples, agent_log=str(agent_log) if agent_log.is_file() else None,
     )  # fmt: skip
 
 
@@ -248,25 +259,44 @@ def failure_samples(records: Iterable[dict[str, Any]]) -> dict[str, str]:
     return {kind: text for kind, (_, text) in newest.items()}
 
 
-def _say_endpoints(say: Callable[[str], None], engine: str, endpoints: list[dict[str, Any]], secs: float) -> None:
+def _say_endpoints(say: Callable[[str], None], config: JobConfig, endpoints: list[EndpointStatus], secs: float) -> None:
     """Ready means it answered a probe; the others are named with their error (the
     registry keeps probing them and routes to them once they answer)."""
-    up = [e["url"] for e in endpoints if e.get("state") == "up"]
-    if up:
-        say(f"{engine} LLM endpoint(s) ready in {secs:.1f}s: {', '.join(up)}")
+    for name in config.models:
+        up = [e.url for e in endpoints if e.model == name and e.state == "up"]
+        if up:
+            say(f"model {name} ({config.models[name].engine}): endpoint(s) ready in {secs:.1f}s: {', '.join(up)}")
     for e in endpoints:
-        if e.get("state") != "up":
-            say(f"warning: LLM endpoint {e['url']} is not answering ({e.get('last_error')}); it is left out of routing until it does")
+        if e.state != "up":
+            say(f"warning: model {e.model}: LLM endpoint {e.url} is not answering ({e.last_error}); it is left out of routing until it does")
 
 
-def _safe_status(service: LLMService | None) -> list[dict[str, Any]]:
-    if service is None:
-        return []
+def _safe_status(services: LLMServices) -> list[EndpointStatus]:
     try:
-        return service.status()
+        return services.status()
     except Exception as exc:  # reporting only: never fail a finished run over it
         log.warning("LLM service status unavailable: %s", exc)
-        return service.endpoints
+        return services.endpoints
+
+
+def _prepare_journal(journal: Path, done: set[str], run_id: str, say: Callable[[str], None]) -> Path:
+    """Compact the call journal at a life's start: keep only calls of tasks not in the store."""
+    journal.mkdir(exist_ok=True)
+    files, before = journal_size(journal)
+    kept, size = compact_journal(journal, lambda task_id: task_id not in done, f"base-{run_id}.jnl")
+    if files:
+        say(f"replay: {kept} journaled LLM call(s) of unfinished tasks kept ({size / 1024:.0f} KiB of {before / 1024:.0f} KiB)")
+    return journal
+
+
+async def _journal_costs(team: Team) -> dict[str, float]:
+    """The actors' journal counters added up (entries, flushes, bytes, seconds in write + fsync, hits)."""
+    total: dict[str, float] = {}
+    for stats in await team.replay_stats():
+        for k, v in stats.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                total[k] = total.get(k, 0) + v
+    return total
 
 
 async def _close_sink(team: Team) -> None:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .runinfo import RunInfo
 
 __all__ = ["process_running", "run_state"]
 
@@ -28,11 +31,10 @@ def process_running(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
-def run_state(info: dict[str, Any], writer_active: bool) -> str:
+def run_state(info: RunInfo, writer_active: bool) -> str:
     """One phrase: ``running now``, ``finished``, ``interrupted``, ``aborted``, ``crashed (...)``."""
-    status = info.get("status")
-    pid, host = info.get("driver_pid"), info.get("host")
-    here = host == socket.gethostname() and isinstance(pid, int)
+    status, pid, host = info.status, info.driver_pid, info.host
+    here = host == socket.gethostname() and isinstance(pid, int) and pid > 0
     driver_alive = process_running(pid) if here else None  # type: ignore[arg-type]
     if writer_active:
         if driver_alive is False:

@@ -115,7 +115,7 @@ def test_base_urls_with_a_managed_engine_is_refused() -> None:
     assert res.returncode == 2
     assert one_line(res) == (
         "matrix-hpc: config error: llm.base_urls: only used with llm.engine: external "
-        "(this config's engine is 'embedded'); remove it or set llm.engine=external"
+        "(this model's engine is 'embedded'); remove it or set llm.engine=external"
     )
 
 
@@ -179,13 +179,13 @@ def test_interrupt_resume_and_what_the_user_reads(tmp_path: Path, run_factory: A
     assert "\x1b[" not in text  # not a terminal: no colour codes, from us or from Ray
     notices = [line for line in text.splitlines() if "stopping intake" in line]
     assert notices == ["SIGINT: stopping intake; tasks in flight get up to 30s, finished work is saved (again to abort)"], text
-    assert f"warning: LLM endpoint {UNUSED_URL} is not answering (" in text and "endpoint(s) ready in" not in text
+    assert f"warning: model default: LLM endpoint {UNUSED_URL} is not answering (" in text and "endpoint(s) ready in" not in text
     assert "warning: dataset.id_field: 3 of 60 rows have no field 'id'; they get content-hash ids" in text.splitlines()
     assert all(line.startswith(("  this run:  ", "  store:     ", "  log:       ")) for line in summary_lines(text)), text
     first = committed_rows(out)
     st = status(out)
     assert "(interrupted (re-run to resume))" in st and "running" not in st, st
-    assert f"llm:       {UNUSED_URL} (at the end of the run: down, 0 restarts)" in st.splitlines(), st
+    assert f"llm:       model default: {UNUSED_URL} (at the end of the run: down, 0 restarts)" in st.splitlines(), st
 
     run = run_factory(job, "workflow.roles.answer.params.sleep_s=0")
     assert run.wait(120) == 0, run.output

