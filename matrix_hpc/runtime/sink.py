@@ -24,9 +24,11 @@ from dataclasses import dataclass, field
 
 import ray
 
+from .. import metrics
 from ..store import RecordRow, StoreError, StoreWriter
 from ..store.fsutil import LEASE_S
 from ..store.zarr_store import WriterOwner
+from .health import ActorPing
 
 __all__ = ["SinkActor", "SinkStats"]
 
@@ -81,8 +83,12 @@ class _IdLog:
 
 @ray.remote(num_cpus=0, max_restarts=10, max_task_retries=-1)
 class SinkActor:
-    def __init__(self, root: str, chunk_rows: int, flush_interval_s: float, fsync: bool, commit_retry_s: float = 300.0, owner: WriterOwner | None = None) -> None:
+    def __init__(
+        self, root: str, chunk_rows: int, flush_interval_s: float, fsync: bool, export_metrics: bool = True,
+        commit_retry_s: float = 300.0, owner: WriterOwner | None = None,
+    ) -> None:  # fmt: skip
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        metrics.configure(export_metrics)
         self.writer = StoreWriter(root, part=0, chunk_rows=chunk_rows, fsync=fsync, owner=owner)
         self.incarnation = uuid.uuid4().hex
         self.flush_interval_s = flush_interval_s
@@ -158,14 +164,22 @@ class SinkActor:
                 log.warning("commits succeed again after %.1fs; %d rows committed", time.monotonic() - self._failing_since, len(rows))
             self._failing_since, self._backoff_s = None, 0.0
             self._stats.commit_error, self._stats.commit_failing_s = None, 0.0
+            finished: Counter[tuple[str, str]] = Counter()
             for r in rows:
                 self._status[r.status] += 1
                 if r.status == "failed":
                     self._failed_kinds[r.error_kind] += 1
+                finished[(r.status, r.error_kind or "")] += 1
                 self._stats.prompt_tokens += r.prompt_tokens
                 self._stats.completion_tokens += r.completion_tokens
             self._log.extend(r.id for r in rows)
-            log.debug("committed %d rows in %.3fs", len(rows), time.monotonic() - started)
+            took = time.monotonic() - started
+            log.debug("committed %d rows in %.3fs", len(rows), took)
+            metrics.inc("store_commits")
+            metrics.inc("store_rows", len(rows))
+            metrics.observe("store_commit_seconds", took)
+            for (status, kind), n in finished.items():
+                metrics.inc("tasks_finished", n, status, kind)
         async with self._committed:
             self._committed.notify_all()
 
@@ -217,9 +231,8 @@ class SinkActor:
         pending = set(self.held_ids())
         return [i for i in ids if i in self.writer.ids and i not in pending]
 
-    def ping(self) -> tuple[str, int, str, int]:
-        """(incarnation, pid, host, rows): a new incarnation means Ray restarted this actor."""
-        return self.incarnation, os.getpid(), socket.gethostname(), self.writer.rows
+    def ping(self) -> ActorPing:
+        return ActorPing(self.incarnation, os.getpid(), socket.gethostname(), progress=self.writer.rows)
 
     def held_ids(self) -> list[str]:
         return [r.id for r in self._committing] + self.writer.pending_ids()
@@ -240,4 +253,5 @@ class SinkActor:
                 self.writer.close(commit=False)
             except OSError as exc:
                 log.warning("closing %s: %s", self.writer.dir, exc)
+        metrics.flush()  # the metrics thread would miss the last second
         return self.stats()

@@ -13,6 +13,7 @@ from ..labels import CPU_NODE, placement
 from ..store.zarr_store import WriterOwner
 from .actor import SINK, AgentActor, actor_name, load_object, sink_name
 from .agent import Agent
+from .health import ActorPing
 from .sink import SinkActor
 from .spec import TeamSpec
 from .task import Task
@@ -55,7 +56,7 @@ class Team:
         self.entry = entry
         agent_nodes = placement(CPU_NODE)  # agents on CPU nodes when the cluster labels them
         self.sink = SinkActor.options(name=sink_name(spec.run_id), max_restarts=max_restarts).remote(
-            store_path, chunk_rows, flush_interval_s, fsync, commit_retry_s, owner
+            store_path, chunk_rows, flush_interval_s, fsync, spec.metrics, commit_retry_s, owner
         )
         self.actors: dict[str, list[Any]] = {
             role: [
@@ -82,16 +83,30 @@ class Team:
     def _live(self) -> dict[str, Any]:
         return {n: h for n, h in self._all().items() if n not in self.dead}
 
-    async def start(self, timeout_s: float = 120.0) -> None:
-        """Wait until every actor answers (surfacing constructor errors)."""
+    async def start(self, timeout_s: float = 120.0, setup_timeout_s: float = 600.0) -> None:
+        """Wait until every actor answers (surfacing constructor errors), then run every
+        agent's ``setup()``; a failed one stops the run with the role's key."""
         names = list(self._all())
         try:
             replies = await asyncio.wait_for(asyncio.gather(*(h.ping.remote() for h in self._all().values())), timeout_s)
         except RayActorError as exc:
             raise TeamError(f"an actor failed to start: {exc}") from None
-        for name, (inc, pid, host, steps) in zip(names, replies):
-            self.incarnations[name] = inc
-            self.pids[name], self.hosts[name], self.steps[name] = pid, host, steps
+        for name, reply in zip(names, replies):
+            self._note(name, reply)
+        agents = [h for handles in self.actors.values() for h in handles]
+        try:
+            errors = await asyncio.wait_for(asyncio.gather(*(h.setup.remote() for h in agents)), setup_timeout_s)
+        except asyncio.TimeoutError:
+            raise TeamError(f"agents' setup() did not finish in {setup_timeout_s:.0f}s") from None
+        failed = sorted({e for e in errors if e})
+        if failed:
+            raise TeamError(failed[0])
+
+    def _note(self, name: str, reply: ActorPing) -> None:
+        self.incarnations[name] = reply.incarnation
+        self.pids[name], self.hosts[name], self.steps[name] = reply.pid, reply.host, reply.progress
+        for warning in reply.warnings:
+            log.warning("%s", warning)
 
     def _mark_dead(self, name: str) -> None:
         if name in self.dead:
@@ -103,6 +118,14 @@ class Team:
             raise TeamError("the sink is dead (restarts used up); committed work is kept, re-run to resume")
         if all(actor_name(self.spec.run_id, role, i) in self.dead for i in range(len(self.actors[role]))):
             raise TeamError(f"role {role!r} has no live instance left (restarts used up); committed work is kept, re-run to resume")
+
+    async def close(self, timeout_s: float = 30.0) -> None:
+        """Run every agent's ``close()`` (best effort: the run's results are committed)."""
+        agents = [h for name, h in self._live().items() if h is not self.sink]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(h.close.remote() for h in agents), return_exceptions=True), timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("agents' close() did not finish in %.0fs", timeout_s)
 
     async def check(self, timeout_s: float = 5.0) -> tuple[list[str], list[str]]:
         """(restarted, unreachable) actor names since the last check; raises
@@ -120,12 +143,9 @@ class Team:
                 if isinstance(reply, ActorDiedError):
                     self._mark_dead(name)
                 continue
-            inc, pid, host, steps = reply
-            self.steps[name] = steps
-            if self.incarnations.get(name) != inc:
+            if self.incarnations.get(name) != reply.incarnation:
                 restarted.append(name)
-                self.incarnations[name] = inc
-                self.pids[name], self.hosts[name] = pid, host
+            self._note(name, reply)
         return restarted, unreachable
 
     async def held_by(self, timeout_s: float = 10.0) -> dict[str, list[str]]:
@@ -147,6 +167,15 @@ class Team:
     async def held_ids(self, timeout_s: float = 10.0) -> set[str]:
         """Ids some actor holds (queued, running, in an outbox, or pending commit)."""
         return {i for ids in (await self.held_by(timeout_s)).values() for i in ids}
+
+    async def replay_stats(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+        """Each agent actor's journal counters, after it flushed its journal (actors with replay off are left out)."""
+        handles = [h for hs in self.actors.values() for h in hs]
+        try:
+            stats = await asyncio.wait_for(asyncio.gather(*(h.replay_stats.remote() for h in handles), return_exceptions=True), timeout_s)
+        except asyncio.TimeoutError:
+            return []
+        return [s for s in stats if isinstance(s, dict)]
 
     async def dispatch(self, tasks: list[Task], batch_size: int) -> None:
         """Send new tasks to the entry role's live actors, round-robin in batches;
