@@ -124,7 +124,7 @@ class EndpointRegistry:
         if known_version == self.version and wait_s > 0:
             try:
                 await asyncio.wait_for(self._changed.wait(), wait_s)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin before Python 3.11
                 pass
         return self.version, self._routable()
 
@@ -160,7 +160,7 @@ class EndpointRegistry:
                     return f"HTTP {resp.status}"
                 data = await resp.json(content_type=None)
                 return None if data.get("choices") else "no choices in the reply"
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin before Python 3.11
             return f"no reply in {self.probe_timeout.total:.0f}s"
         except (aiohttp.ClientError, ValueError) as exc:
             return f"{type(exc).__name__}: {exc}"
@@ -178,7 +178,7 @@ class EndpointRegistry:
         while True:
             try:
                 await asyncio.wait_for(wake.wait(), self.interval)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin before Python 3.11
                 pass
             wake.clear()
             if st.state == "failed":
