@@ -68,6 +68,12 @@ class SlurmConfig:
     """How nodes learn the head's address: MPI broadcast when started under MPI, else a file."""
     join_timeout_s: float = 300.0
     """How long the head waits for every node to join."""
+    head_lost_s: float = 30.0
+    """A node that cannot reach the Ray head for this long before the run is over requeues the
+    job: the head node died (``--no-kill`` keeps the job alive without it)."""
+    fs_probe_timeout_s: float = 30.0
+    """How long nodes wait for each other's probe files in ``output.path`` before the run
+    stops naming the node that cannot see it (a node-local path)."""
 
 
 @dataclass
@@ -222,6 +228,13 @@ class RunConfig:
     """Seconds between progress lines when not on a terminal."""
     health_interval_s: float = 1.0
     """Seconds between liveness checks of the actors."""
+    actor_max_restarts: int = 10
+    """Times Ray re-creates an agent actor that died with its process or its node (on a
+    surviving node; its tasks are re-sent); -1: no limit. The sink and the LLM registry run
+    on the driver's node: they die only with the run."""
+    agent_placement: Literal["spread", "pack"] = "spread"
+    """``spread``: a role's instances go to different (CPU) nodes where possible, so a dead
+    node takes few of them; ``pack``: Ray fills one node first."""
     stop_grace_s: float = 10.0
     """On a stop (Ctrl-C, SIGTERM; on Slurm only USR2, since a Slurm TERM means KILL is near):
     how long tasks in flight may finish before the rest are abandoned (they are not in
@@ -326,6 +339,8 @@ def _validate(config: JobConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if config.run.actor_max_restarts < -1:
+        raise ConfigError(f"run.actor_max_restarts: must be >= 0, or -1 for no limit, got {config.run.actor_max_restarts}")
     llm = config.llm
     if llm.engine == "external" and not llm.base_urls:
         raise ConfigError("llm.base_urls: required when llm.engine is 'external'")

@@ -82,6 +82,7 @@ def _team_spec(config: JobConfig, run_id: str, namespace: str, llm_urls: list[st
         llm_max_tokens=llm.max_tokens, llm_temperature=llm.temperature,
         batch_size=config.run.batch_size, batch_wait_s=config.run.batch_wait_ms / 1000.0,
         llm_max_outstanding=llm.max_outstanding_per_endpoint, llm_sticky=llm.sticky, llm_registry=registry,
+        actor_max_restarts=config.run.actor_max_restarts, agent_placement=config.run.agent_placement,
     )  # fmt: skip
 
 
@@ -181,7 +182,7 @@ def run_job(
     metrics = metrics_fn(reader.iter_records()) if metrics_fn else {}
     usage = usage_summary(reader.iter_records())
     entry.update(
-        first_task_at=progress.first_dispatch_at, finished_at=time.time(), dispatched=progress.dispatched,
+        first_task_at=progress.first_dispatch_at, finished_at=time.time(), dispatched=progress.dispatched, resent=progress.resent,
         committed=progress.done, status="finished" if progress.finished else "interrupted",
     )  # fmt: skip
     info.update(status="finished" if progress.finished else "interrupted", finished_at=time.time(), store=counts, metrics=metrics, usage=usage)

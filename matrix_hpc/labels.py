@@ -8,7 +8,9 @@ allocation (and a local machine) advertises both.
 
 from __future__ import annotations
 
-__all__ = ["CPU_NODE", "GPU_NODE", "NODE_IP_ENV", "node_resources", "placement"]
+import os
+
+__all__ = ["CPU_NODE", "GPU_NODE", "NODE_IP_ENV", "node_host", "node_resources", "on_driver_node", "placement"]
 
 GPU_NODE = "matrix_gpu_node"
 CPU_NODE = "matrix_cpu_node"
@@ -29,3 +31,32 @@ def placement(resource: str) -> dict[str, float]:
     import ray
 
     return {resource: 0.001} if ray.cluster_resources().get(resource) else {}
+
+
+def on_driver_node() -> dict[str, object]:
+    """Actor options that keep it on the driver's node (soft: anywhere if that node is gone).
+
+    For the run's control actors (the sink, the LLM registry): the driver's node
+    going down ends the run anyway, so there they never die alone with a worker node.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)}
+
+
+def node_host() -> str:
+    """The address a server started here binds to and advertises to the other nodes.
+
+    The bootstrap's ``NODE_IP_ENV``; else loopback when the Ray cluster is this one
+    machine; else this node's Ray address (a cluster started by hand): never loopback
+    when another node must reach it.
+    """
+    ip = os.environ.get(NODE_IP_ENV)
+    if ip:
+        return ip
+    import ray
+
+    if sum(1 for n in ray.nodes() if n.get("Alive")) <= 1:
+        return "127.0.0.1"
+    return ray.util.get_node_ip_address()

@@ -10,9 +10,11 @@ starts, as children of this process and each tracked by pid:
   route and IP forwarding is untouched, so nothing is bound to or sent through the
   host's own interfaces; test clients (``sbatch``, ``sacct``, pytest itself) reach the
   hosts through the bridge address;
-* ``munged`` - its own key and socket in ``base/munge`` (a Unix socket: every host uses it);
-* ``mariadbd`` - a private datadir and socket, ``--skip-networking``;
-* ``slurmdbd`` and ``slurmctld`` in the ``ctl`` namespace (hostname ``ctl``);
+* on the ``ctl`` host (its namespace, hostname ``ctl``): ``munged`` with its own key and
+  socket in ``base/munge`` (a Unix socket: every host uses it), ``mariadbd`` (a private
+  datadir and socket, ``--skip-networking``), ``slurmdbd`` and ``slurmctld``. So every
+  process of the cluster lives in one of its namespaces, which is what lets a later
+  session clean up after one that was SIGKILLed;
 * one ``slurmd`` per node (``n1``, ``n2``, ``n3``), each a separate host as far as its
   jobs can tell: its own network namespace and address, hostname (UTS namespace),
   ``/etc/hosts`` (every host's name and bridge address), boot id, SysV IPC, PID namespace (a small init
@@ -224,7 +226,8 @@ class SlurmCluster:
         self.ctl_addr = f"{self.net.subnet}.2"
         self.node_addr = {n: f"{self.net.subnet}.{10 + i}" for i, n in enumerate(self.nodes, 1)}
         # Directories under /tmp every node sees (all else outside /tmp is shared anyway).
-        self.shared = sorted({str(Path(d).resolve()) for d in [self.base, *shared] if str(Path(d).resolve()).startswith("/tmp/")})
+        dirs = sorted({str(Path(d).resolve()) for d in [self.base, *shared] if str(Path(d).resolve()).startswith("/tmp/")})
+        self.shared = [d for d in dirs if not any(d.startswith(o + "/") for o in dirs)]
         self.cpus_per_node = cpus_per_node
         self.real_memory_mb = real_memory_mb
         self.proctrack = proctrack
@@ -674,11 +677,11 @@ StorageLoc=slurm_acct_db
         (self.base / "munge").chmod(0o755)
         log = self.log_dir / "munged.log"
         # As root with --force: no munge-owned directories needed; the socket is private to this cluster.
-        d = self._spawn("munged", [
+        d = self._spawn("munged", self._in_ctl([
             _which("munged"), "--foreground", "--force", f"--socket={self.munge_socket}",
             f"--key-file={key}", f"--log-file={log}", f"--pid-file={self.run_dir / 'munged.pid'}",
             f"--seed-file={self.base / 'munge' / 'munged.seed'}",
-        ], [log])  # fmt: skip
+        ]), [log])  # fmt: skip
         munge = _which("munge")
 
         def ready() -> bool:
@@ -700,11 +703,11 @@ StorageLoc=slurm_acct_db
             if rc != 0:
                 raise SlurmClusterError(f"mariadb-install-db exited {rc}:\n{_tail(out)}")
         err = self.log_dir / "mariadb.log"
-        d = self._spawn("mariadb", [
+        d = self._spawn("mariadb", self._in_ctl([
             _which("mariadbd"), *common, "--skip-networking", f"--socket={self.db_socket}",
             f"--pid-file={self.run_dir / 'mariadb.pid'}", f"--log-error={err}",
             "--innodb-buffer-pool-size=128M", "--innodb-lock-wait-timeout=900", "--skip-log-bin",
-        ], [err])  # fmt: skip
+        ]), [err])  # fmt: skip
         self._wait(d, "mariadb ready", lambda: "ready for connections" in err.read_text(errors="replace"), deadline)
 
     def _start_slurmdbd(self, deadline: float) -> None:

@@ -81,6 +81,10 @@ class TeamSpec:
     llm_sticky: bool = True
     llm_registry: str | None = None
     """Name of the run's :class:`EndpointRegistry`; clients follow its routable set."""
+    actor_max_restarts: int = 10
+    """``run.actor_max_restarts``: how often Ray re-creates a dead agent actor."""
+    agent_placement: str = "spread"
+    """``run.agent_placement``: ``spread`` (a role's instances over the nodes) or ``pack``."""
 
 
 @ray.remote(num_cpus=0, max_restarts=10, max_task_retries=-1)

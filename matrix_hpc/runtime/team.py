@@ -9,7 +9,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from ..labels import CPU_NODE, placement
+from ..labels import CPU_NODE, on_driver_node, placement
 from .actor import AgentActor, TeamSpec, actor_name, load_object, sink_name
 from .agent import Agent
 from .sink import SinkActor
@@ -37,10 +37,14 @@ class Team:
                 raise TeamError(f"workflow.roles.{role}.inline: only roles that call no LLM (uses_llm = False) can run inline")
         self.spec = spec
         self.entry = entry
-        agent_nodes = placement(CPU_NODE)  # agents on CPU nodes when the cluster labels them
-        self.sink = SinkActor.options(name=sink_name(spec.run_id)).remote(store_path, chunk_rows, flush_interval_s, fsync)
+        # Agents on CPU nodes when the cluster labels them, spread or packed, re-created (on a
+        # surviving node) up to actor_max_restarts times; the sink stays with the driver.
+        agent_opts: dict[str, Any] = {"resources": placement(CPU_NODE), "max_restarts": spec.actor_max_restarts}
+        if spec.agent_placement == "spread":
+            agent_opts["scheduling_strategy"] = "SPREAD"
+        self.sink = SinkActor.options(name=sink_name(spec.run_id), **on_driver_node()).remote(store_path, chunk_rows, flush_interval_s, fsync)
         self.actors: dict[str, list[Any]] = {
-            role: [AgentActor.options(name=actor_name(spec.run_id, role, i), resources=agent_nodes).remote(spec, role, i) for i in range(rs.instances)]
+            role: [AgentActor.options(name=actor_name(spec.run_id, role, i), **agent_opts).remote(spec, role, i) for i in range(rs.instances)]
             for role, rs in spec.roles.items()
         }
         self._rr = 0

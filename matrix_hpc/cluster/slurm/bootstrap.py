@@ -3,13 +3,17 @@
 ``srun python -m matrix_hpc.cluster.slurm.bootstrap CONFIG [key=value ...]`` (what
 ``sbatch/matrix_hpc.sbatch`` and ``matrix-hpc submit`` launch, one task per node):
 
+* every node first checks that it sees the same ``output.path`` (a probe file each;
+  one line naming the node that cannot, see ``nodecheck.py``);
 * rank 0 starts the Ray head on free ports with a per-job temp dir, publishes its
   address (MPI broadcast under MPI, else a file in the job directory), waits for
   every node, then drives the run itself;
 * every other rank joins the head and serves until rank 0 says the run is over;
 * SIGUSR2 (time limit near, or preemption) or SIGTERM on rank 0: stop intake, let
   tasks in flight finish for ``run.stop_grace_s``, commit, and requeue the job, which
-  resumes from the store. Each node stops only its own Ray, by process group.
+  resumes from the store. Each node stops only its own Ray, by process group, and
+  removes its Ray temp dir (``/tmp/mhpc-<job>.<restart>``, node-local) at the end of
+  each life; one left by a killed life is removed when the job next starts there.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,12 +29,14 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ...config import load_config
 from ...labels import NODE_IP_ENV, node_resources
 from ...store.fsutil import atomic_write_json
 from .jobs import job_dir, record_job
+from .nodecheck import SharedPathError, cleanup_temp_dirs, node_local_locks, probe_shared_path
 from .ports import pick_ports
 from .raynode import RayNode
 from .rendezvous import Rendezvous, mpi_world, under_mpi
@@ -87,6 +94,39 @@ def _wait_for_nodes(address: str, n: int, timeout_s: float) -> list[dict[str, An
         ray.shutdown()
 
 
+class _HeadWatch:
+    """Whether the Ray head (its GCS port) has been unreachable for ``lost_after_s`` seconds."""
+
+    def __init__(self, address: str, lost_after_s: float, every_s: float = 2.0) -> None:
+        host, _, port = address.rpartition(":")
+        self.addr, self.lost_after_s, self.every_s = (host, int(port)), lost_after_s, every_s
+        self._since: float | None = None
+        self._next = 0.0
+
+    def _reachable(self) -> bool:
+        try:
+            with socket.create_connection(self.addr, timeout=min(self.every_s, 2.0)):
+                return True
+        except OSError:
+            return False
+
+    def lost(self, wait: bool = False) -> bool:
+        """Checks at most every ``every_s``; ``wait``: keep checking until decided (reachable, or lost)."""
+        while True:
+            now = time.monotonic()
+            if now >= self._next:
+                self._next = now + self.every_s
+                if self._reachable():
+                    self._since = None
+                    return False
+                self._since = self._since or now
+            if self._since is not None and now - self._since >= self.lost_after_s:
+                return True
+            if not wait:
+                return False
+            time.sleep(0.5)
+
+
 def _requeue(job_id: str) -> bool:
     res = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
     if res.returncode != 0:  # e.g. Slurm is already requeueing it after a preemption
@@ -133,24 +173,40 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
     jdir = job_dir(config)
     rdv = Rendezvous(jdir / "rendezvous" / node.key, node.rank, node.size, slurm.rendezvous)
     kinds = {"gpu", "cpu"} if node_type == "both" else {node_type}
+    cleanup_temp_dirs(node.job_id, node.restart, keep_current=True)
     ray_node = RayNode(
         node.node_ip, pick_ports(node.node_ip), node_resources(kinds), f"/tmp/mhpc-{node.key}",
         jdir / "logs" / f"ray-{node.key}-rank{node.rank}.log",
     )  # fmt: skip
     signals = _Signals()
     say = lambda msg: print(f"[rank {node.rank} {node.hostname}] {msg}", file=sys.stderr, flush=True)
+    output = Path(config.output.path).expanduser().resolve()
+    probe: Path | None = None
     try:
+        probe = probe_shared_path(output, node.key, node.rank, node.size, node.hostname, slurm.fs_probe_timeout_s)
+        local_locks = node_local_locks(output)
+        if local_locks and node.rank == 0:
+            say(f"warning: output.path {output}: {local_locks}, so file locks hold on one node only: "
+                "nothing stops a second run on another node from writing the same store")  # fmt: skip
         if node.rank != 0:
             head = rdv.exchange(None, slurm.join_timeout_s)
             ray_node.start(head["address"])
             say(f"joined the Ray head at {head['address']} (rendezvous by {head['via']})")
             give_up: float | None = None
-            while not rdv.finished() and ray_node.alive():
+            head_watch = _HeadWatch(head["address"], slurm.head_lost_s)
+            while not rdv.finished() and ray_node.alive() and not head_watch.lost():
                 if signals.is_set() and signals.reason != "SIGUSR2" and give_up is None:
                     give_up = time.monotonic() + config.run.stop_grace_s + 15  # let rank 0 save first
                 if give_up is not None and time.monotonic() > give_up:
                     break
                 time.sleep(0.5)
+            if give_up is None and not rdv.finished() and head_watch.lost(wait=True):
+                # The head node died. Under --no-kill Slurm keeps the job running without it
+                # (and without its batch script): requeue it here so the next life resumes.
+                say(f"the head node {head.get('host', '?')} ({head['address']}) is unreachable for {slurm.head_lost_s:.0f}s: the run cannot go on")
+                if "SLURM_JOB_ID" in os.environ and node.restart < slurm.max_requeues and _requeue(node.job_id):
+                    say(f"requeued job {node.job_id}; it resumes from {output}")
+                return 1
             return 0
 
         t0 = time.time()
@@ -164,7 +220,7 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
         say(f"Ray cluster of {len(nodes)} node(s) at {ray_node.address} formed in {time.time() - t0:.1f}s (rendezvous by {head['via']})")
         config.cluster.address = ray_node.address
 
-        from ..job import run_job  # the job layer sits above the cluster layer
+        from ...job import run_job  # the job layer sits above the cluster layer
 
         summary = run_job(config, on_event=say, stop=signals)
         p = summary.progress
@@ -181,7 +237,10 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
     finally:
         if node.rank == 0:
             rdv.finish()
+            if probe is not None:
+                shutil.rmtree(probe, ignore_errors=True)
         ray_node.stop()
+        cleanup_temp_dirs(node.job_id, node.restart, keep_current=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,7 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--node-type", choices=["both", "gpu", "cpu"], default="both", help="what this node hosts: services (gpu), agents (cpu) or both")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_node(args.config, args.overrides, args.node_type)
+    try:
+        return run_node(args.config, args.overrides, args.node_type)
+    except SharedPathError as exc:
+        print(f"matrix-hpc: {exc}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import ray
 from ray.exceptions import RayError
 
 from ...config import LLMConfig
+from ...labels import on_driver_node
 from .base import ServerStartError
 from .registry import EndpointRegistry, registry_name
 from .replica import ReplicaSpec
@@ -49,7 +50,9 @@ class LLMService:
                 validate_vllm_args(llm.vllm.extra_args, llm.vllm.python or None)  # type: ignore[arg-type]
             except ValueError as exc:
                 raise ServerStartError(f"llm.vllm.extra_args: {exc}") from None
-        self.registry = EndpointRegistry.options(name=self.name, namespace=namespace, max_concurrency=1000).remote(
+        # On the driver's node: a worker node's death must not take the registry (and with it
+        # the replacement of that node's replicas) along.
+        self.registry = EndpointRegistry.options(name=self.name, namespace=namespace, max_concurrency=1000, **on_driver_node()).remote(
             run_id, namespace, specs, list(llm.base_urls), llm.model, llm.api_key_env,
             llm.health_interval_s, llm.health_failures, llm.max_restarts, max(llm.timeout_s, 10.0),
         )  # fmt: skip
