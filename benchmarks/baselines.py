@@ -23,19 +23,20 @@ from typing import Any
 from matrix_hpc.agents import Agent, AgentContext, Task
 from matrix_hpc.runtime.agent import run_step
 from matrix_hpc.runtime.actor import load_object
-from matrix_hpc.config import JobConfig
+from matrix_hpc.config import JobConfig, resolve_sampling
 from matrix_hpc.services.llm import ChatClient
 
 __all__ = ["build_agents", "run_batch_sync", "run_central", "run_ray_data"]
 
 
 def build_agents(config: JobConfig, base_url: str) -> tuple[dict[str, Agent], ChatClient]:
-    llm = config.llm
-    client = ChatClient([base_url], llm.model, None, llm.timeout_s, llm.max_retries, llm.retry_backoff_s, max_connections=4096)
+    name, llm = next(iter(config.models.items()))  # the baselines serve one model
+    client = ChatClient([base_url], llm.served_name, None, llm.timeout_s, llm.max_retries, llm.retry_backoff_s, max_connections=4096)
     agents = {}
     for role, rc in config.workflow.roles.items():
         cls = load_object(rc.agent)
-        ctx = AgentContext(role, {**config.workflow.params, **rc.params}, client if cls.uses_llm else None, llm.max_tokens, llm.temperature)
+        sampling = resolve_sampling(llm, rc.sampling)
+        ctx = AgentContext(role, {**config.workflow.params, **rc.params}, client if cls.uses_llm else None, sampling, sandbox=config.sandbox, model=name)
         agents[role] = cls(ctx)
     return agents, client
 

@@ -32,9 +32,9 @@ def _print_summary(summary: Any) -> None:
     out.write(f"  speed:     {summary.tasks_per_s:.2f} tasks/s, {summary.tokens_per_s:.0f} output tok/s\n")
     out.write(f"  tokens:    {p.prompt_tokens} prompt + {p.completion_tokens} completion\n")
     _print_usage(summary.usage, out.write)
-    restarted = [e for e in summary.llm if e.get("restarts")]
-    for e in restarted:
-        out.write(f"  llm:       {e['url']} was restarted {e['restarts']} time(s); now {e.get('state')}\n")
+    for e in summary.llm:
+        if e.restarts:
+            out.write(f"  llm:       model {e.model}: {e.url} was restarted {e.restarts} time(s); now {e.state}\n")
     s = summary.store
     out.write(f"  store:     {s['records']} records ({s['ok']} ok, {s['failed']} failed)\n")
     if summary.metrics:
@@ -44,11 +44,12 @@ def _print_summary(summary: Any) -> None:
     out.write(f"output: {summary.output}\n")
 
 
-def _print_usage(usage: dict[str, Any] | None, write: Any) -> None:
-    """Token accounting per role and per model (whole store)."""
+def _print_usage(usage: Any, write: Any) -> None:
+    """LLM accounting per role and per model (whole store): a :class:`UsageSummary`."""
     for section, label in (("by_role", "role"), ("by_model", "model")):
-        for name, c in sorted((usage or {}).get(section, {}).items()):
-            write(f"    {label} {name}: {c['calls']} calls, {c['prompt_tokens']} prompt + {c['completion_tokens']} completion tokens\n")
+        for name, u in sorted(getattr(usage, section).items()):
+            errors = f", {u.errors} failed" if u.errors else ""
+            write(f"    {label} {name}: {u.calls} calls{errors}, {u.prompt_tokens} prompt + {u.completion_tokens} completion tokens, {u.mean_latency_s:.2f}s mean latency\n")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -78,19 +79,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from .runinfo import RunInfo
     from .store import StoreReader
 
     reader = StoreReader(args.output)
     counts = reader.counts()
-    info = reader.run_info()
-    total = info.get("input_rows")
+    raw = reader.run_info()
+    info = RunInfo.from_dict(raw) if raw else None
+    total = info.input_rows if info else None
     if args.json:
-        print(json.dumps({"output": str(reader.root), **counts, "input_rows": total, "writer_active": reader.writer_active(), "run": {k: info.get(k) for k in ("run_id", "status", "dataset", "started_at", "finished_at")}}, indent=1))
+        run = {k: raw.get(k) for k in ("run_id", "status", "dataset", "started_at", "finished_at")}
+        extra = {"usage": info.usage.to_dict(), "llm": [e.to_dict() for e in info.llm]} if info else {}
+        print(json.dumps({"output": str(reader.root), **counts, "input_rows": total, "writer_active": reader.writer_active(), "run": run, **extra}, indent=1))
         return 0
     print(f"output:    {reader.root}")
     if info:
-        print(f"run:       {info.get('run_id')} ({'running now' if reader.writer_active() else info.get('status')})")
-        print(f"input:     {info.get('dataset')} ({total} rows)")
+        print(f"run:       {info.run_id} ({'running now' if reader.writer_active() else info.status})")
+        print(f"input:     {info.dataset} ({total} rows)")
     print(f"done:      {counts['ok']}")
     print(f"failed:    {counts['failed']}")
     for kind, n in counts["failed_by_kind"].items():
@@ -98,11 +103,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     if total is not None:
         print(f"remaining: {max(0, total - counts['records'])}")
     print(f"tokens:    {counts['prompt_tokens']} prompt + {counts['completion_tokens']} completion")
-    _print_usage(info.get("usage"), sys.stdout.write)
-    if info.get("metrics"):
-        print("metrics:   " + ", ".join(f"{k}={v}" for k, v in info["metrics"].items()))
-    for e in info.get("llm") or []:
-        print(f"llm:       {e.get('url')} ({e.get('state')}, {e.get('restarts', 0)} restarts)")
+    if info:
+        _print_usage(info.usage, sys.stdout.write)
+        if info.metrics:
+            print("metrics:   " + ", ".join(f"{k}={v}" for k, v in info.metrics.items()))
+        for e in info.llm:
+            where = f", on {e.host}" + (f" GPUs {','.join(e.gpu_ids)}" if e.gpu_ids else "") if e.host else ""
+            print(f"llm:       model {e.model}: {e.url} ({e.state}, {e.restarts} restarts{where})")
     _print_slurm(reader.root)
     return 0
 

@@ -14,11 +14,12 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 from .cluster import start_ray
 from .config import load_config
-from .services.llm.service import LLMService
+from .config.checks import model_key
+from .services.llm.service import LLMServices
+from .services.llm.status import EndpointStatus
 from .store.fsutil import atomic_write_json
 
 __all__ = ["serve"]
@@ -26,8 +27,8 @@ __all__ = ["serve"]
 log = logging.getLogger(__name__)
 
 
-def _write(path: Path, model: str, endpoints: list[dict[str, Any]]) -> None:
-    atomic_write_json(path, {"model": model, "llm": endpoints, "updated_at": time.time()}, durable=False)
+def _write(path: Path, endpoints: list[EndpointStatus]) -> None:
+    atomic_write_json(path, {"llm": [e.to_dict() for e in endpoints], "updated_at": time.time()}, durable=False)
 
 
 def serve(config_path: str, overrides: list[str], until: threading.Event | None = None) -> int:
@@ -40,29 +41,30 @@ def serve(config_path: str, overrides: list[str], until: threading.Event | None 
     (out / "logs").mkdir(parents=True, exist_ok=True)
     run_id = f"serve-{uuid.uuid4().hex[:8]}"
     cluster = start_ray(config.cluster, f"matrix-hpc-{run_id}")
-    service: LLMService | None = None
+    services: LLMServices | None = None
     try:
-        service = LLMService(config.llm, run_id, cluster.namespace, out / "logs")
+        services = LLMServices(config.models, run_id, cluster.namespace, out / "logs", {n: model_key(config, n) for n in config.models})
         t0 = time.monotonic()
-        service.start()
+        services.start()
         status_file = out / "services.json"
-        _write(status_file, config.llm.model, service.endpoints)
-        print(f"{config.llm.engine} service ready in {time.monotonic() - t0:.1f}s; model {config.llm.model!r}")
-        for e in service.endpoints:
-            print(f"  {e['url']}  pid {e.get('pid')}  log {e.get('log') or '-'}")
+        _write(status_file, services.endpoints)
+        print(f"LLM services ready in {time.monotonic() - t0:.1f}s: models {', '.join(repr(n) for n in config.models)}")
+        for e in services.endpoints:
+            print(f"  {e.model}: {e.url}  pid {e.pid}  log {e.log or '-'}")
         print(f"endpoints written to {status_file}; Ctrl-C stops the service", flush=True)
         last: list[tuple[str, str]] = []
-        while not stop.wait(max(1.0, config.llm.health_interval_s)):
-            endpoints = service.status()
-            now = [(e["url"], e["state"]) for e in endpoints]
+        interval = min(m.health_interval_s for m in config.models.values())
+        while not stop.wait(max(1.0, interval)):
+            endpoints = services.status()
+            now = [(e.url, e.state) for e in endpoints]
             if now != last:
-                _write(status_file, config.llm.model, endpoints)
+                _write(status_file, endpoints)
                 if last:
                     print("endpoints: " + ", ".join(f"{u} {s}" for u, s in now), flush=True)
                 last = now
     finally:
-        if service is not None:
-            service.stop()
+        if services is not None:
+            services.stop()
         cluster.shutdown()
     sys.stdout.write("service stopped\n")
     return 0

@@ -29,7 +29,7 @@ def test_extract_answer(text: str, expected: str | None) -> None:
 
 
 def judge(max_turns: int = 4) -> Judge:
-    return Judge(AgentContext("judge", {"speakers": ["teacher", "student"], "max_turns": max_turns}, None, 16, 0.0))
+    return Judge(AgentContext("judge", {"speakers": ["teacher", "student"], "max_turns": max_turns}))
 
 
 def step(agent: Judge, task: Task) -> None:
@@ -61,7 +61,7 @@ def test_judge_stops_at_max_turns_without_agreement() -> None:
 
 
 def test_speaker_rejects_malformed_choices_without_llm_call() -> None:
-    sp = Speaker(AgentContext("teacher", {}, None, 16, 0.0))
+    sp = Speaker(AgentContext("teacher", {}))
     task = Task(id="x", row={"id": "x", "question": "q", "choices": "A or B", "answer": "A"}, next_role="teacher")
     asyncio.run(sp.step(task))
     assert task.error is not None and task.error.kind == "bad_input" and "choices" in task.error.message
@@ -77,13 +77,13 @@ def test_metrics() -> None:
 
 
 def test_inline_roles_must_not_call_an_llm() -> None:
-    from matrix_hpc.runtime.actor import RoleSpec, TeamSpec
+    from matrix_hpc.runtime.spec import ClientSpec, RoleSpec, TeamSpec
     from matrix_hpc.runtime.team import Team, TeamError
 
     roles = {
-        "teacher": RoleSpec("workflows.collab_reasoning.agents:Speaker", 1, 1, inline=True),
+        "teacher": RoleSpec("workflows.collab_reasoning.agents:Speaker", 1, 1, inline=True, model="m"),
         "judge": RoleSpec("workflows.collab_reasoning.agents:Judge", 1, 1, inline=True),
     }
-    spec = TeamSpec("r", "ns", roles, ["http://127.0.0.1:9/v1"], "m", None, 1.0, 0, 0.1, 1, 8, 0.0, 8, 0.01)
+    spec = TeamSpec("r", "ns", roles, {"m": ClientSpec("m", "m", ["http://127.0.0.1:9/v1"])})
     with pytest.raises(TeamError, match="workflow.roles.teacher.inline: only roles that call no LLM"):
         Team(spec, "teacher", "/nonexistent", 8, 1.0, False)

@@ -88,6 +88,11 @@ while True:
 """
 
 
+def committed_rows(root: Path) -> int:
+    commit = root / "part-000" / "commit.json"
+    return json.loads(commit.read_text())["rows"] if commit.is_file() else 0
+
+
 def test_sigkilled_writer_loses_no_committed_row_and_duplicates_none(tmp_path: Path) -> None:
     rng = random.Random(7)
     seen_rows = []
@@ -95,7 +100,12 @@ def test_sigkilled_writer_loses_no_committed_row_and_duplicates_none(tmp_path: P
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
         start = int(proc.stdout.readline())
         assert start == (seen_rows[-1] if seen_rows else 0)  # resumes exactly where the commit says
-        time.sleep(rng.uniform(0.2, 1.0))
+        # Kill at a random point after this life has committed something (a loaded machine
+        # may take a while to get there: wait for progress, not for a fixed time).
+        deadline = time.monotonic() + 60
+        while committed_rows(tmp_path) <= start and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.8))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         rows = json.loads((tmp_path / "part-000" / "commit.json").read_text())["rows"]

@@ -19,7 +19,8 @@ import pytest
 import ray
 
 from matrix_hpc.agents import AgentContext, Task
-from matrix_hpc.services.sandbox import pool_actor_name
+from matrix_hpc.config import Sampling
+from matrix_hpc.services.sandbox import pool_actor_name, pool_config
 from workflows.tool_use.agents import Assistant, Evaluator, UserSim, check_row, metrics, start_state
 from workflows.tool_use.env import tools
 from workflows.tool_use.environment import load_base_db
@@ -100,6 +101,12 @@ def pool_params() -> Iterator[dict[str, Any]]:
     shutil.rmtree(root, ignore_errors=True)
 
 
+def ctx(role: str, params: dict[str, Any]) -> AgentContext:
+    """The context the runtime builds: the sandbox settings come from the job's ``sandbox`` section."""
+    rest = {k: v for k, v in params.items() if k != "sandbox"}
+    return AgentContext(role, rest, None, Sampling(16, 0.0), sandbox=pool_config(params.get("sandbox")))
+
+
 def new_task(sid: str) -> Task:
     task = Task(id=sid, row=SCENARIOS[sid], next_role="assistant")
     start_state(task)
@@ -120,13 +127,13 @@ async def act(assistant: Assistant, task: Task, replies: list[str]) -> None:
 
 def evaluate(task: Task, params: dict[str, Any]) -> dict[str, Any]:
     task.state["termination"] = "user_stop"
-    asyncio.run(Evaluator(AgentContext("evaluator", params, None, 16, 0.0)).step(task))
+    asyncio.run(Evaluator(ctx("evaluator", params)).step(task))
     assert task.result is not None
     return task.result
 
 
 def test_assistant_runs_tool_calls_in_sandboxes_and_earns_the_reward(pool_params: dict[str, Any]) -> None:
-    assistant = Assistant(AgentContext("assistant", pool_params, None, 16, 0.0))
+    assistant = Assistant(ctx("assistant", pool_params))
     task = new_task("shop-13")  # cancel W1007 (ordered by mistake) and change A103's email
     asyncio.run(act(assistant, task, [
         'Let me check. {"tool": "find_account_by_email", "arguments": {"email": "david.okafor@example.com"}}',
@@ -148,7 +155,7 @@ def test_assistant_runs_tool_calls_in_sandboxes_and_earns_the_reward(pool_params
 
 
 def test_refused_and_wrong_actions_are_graded(pool_params: dict[str, Any]) -> None:
-    assistant = Assistant(AgentContext("assistant", pool_params, None, 16, 0.0))
+    assistant = Assistant(ctx("assistant", pool_params))
     refused = new_task("shop-02")  # shipped order: the right outcome is no change
     asyncio.run(act(assistant, refused, ['{"tool": "cancel_order", "arguments": {"order_id": "W1003", "reason": "no longer needed"}}']))
     assert "only pending orders" in refused.state["messages"][-1]["content"]
@@ -163,7 +170,7 @@ def test_refused_and_wrong_actions_are_graded(pool_params: dict[str, Any]) -> No
 
 def test_a_tool_that_crashes_or_hangs_is_a_tool_error_not_a_task_failure(pool_params: dict[str, Any]) -> None:
     params = {**pool_params, "sandbox": {**pool_params["sandbox"], "limits": {"wall_s": 1.0}}}
-    assistant = Assistant(AgentContext("assistant", params, None, 16, 0.0))
+    assistant = Assistant(ctx("assistant", params))
     task = new_task("shop-09")
 
     async def scenario() -> None:
@@ -187,7 +194,7 @@ def test_user_simulator_rejects_a_bad_scenario_without_llm_call() -> None:
 def test_an_idle_pool_exits_and_the_next_step_starts_a_new_one(pool_params: dict[str, Any]) -> None:
     sandbox = {**pool_params["sandbox"], "size": 1, "idle_exit_s": 1.0, "liveness_interval_s": 0.2}
     params = {**pool_params, "sandbox_pool": "tool-use-idle-pool", "sandbox": sandbox}
-    assistant = Assistant(AgentContext("assistant", params, None, 16, 0.0))
+    assistant = Assistant(ctx("assistant", params))
     old = assistant.pool()
     ray.get(old.ready.remote())
     deadline = time.monotonic() + 20

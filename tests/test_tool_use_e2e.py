@@ -37,7 +37,7 @@ def test_tool_use_run_writes_one_graded_record_per_scenario(tmp_path: Path) -> N
     root.mkdir()
     for p in (tmp_path, root):  # the sandbox user (nobody, when root) must reach its directory
         p.chmod(0o711)
-    params["sandbox"].update(size=2, root_dir=str(root))
+    cfg["sandbox"].update(size=2, root_dir=str(root))
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(cfg))
 

@@ -20,7 +20,7 @@ import yaml
 
 from matrix_hpc.agents import Agent, AgentContext, Task
 from matrix_hpc.runtime.actor import load_object
-from matrix_hpc.config import load_config, resolve_dataset_path
+from matrix_hpc.config import Sampling, load_config, resolve_dataset_path
 from workflows.web_reasoning.agents import (
     EXAMPLE_JUNK,
     EXAMPLE_QA,
@@ -54,7 +54,7 @@ ARTICLE = next(d for d in DOCS if d["id"] == "d001")
 
 
 def ctx(role: str, params: dict[str, Any] | None = None) -> AgentContext:
-    return AgentContext(role, params or {}, None, 32, 0.0)
+    return AgentContext(role, params or {}, None, Sampling(32, 0.0))
 
 
 def task_for(row: dict[str, Any], role: str = "filter") -> Task:
@@ -290,7 +290,7 @@ def test_run_end_to_end(tmp_path: Path, run_factory: Any) -> None:
     cfg["llm"]["embedded"]["n_parallel"] = 8
     cfg["run"].update(progress="log", progress_interval_s=1.0)
     for role, max_tokens in {"filter": 4, "scorer": 40, "questioner": 64}.items():
-        cfg["workflow"]["roles"][role]["params"]["max_tokens"] = max_tokens
+        cfg["workflow"]["roles"][role]["sampling"] = {"max_tokens": max_tokens}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
 
     run = run_factory(tmp_path / "job.yaml")

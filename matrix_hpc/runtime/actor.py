@@ -13,17 +13,19 @@ import importlib
 import logging
 import os
 import socket
+import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
+from .. import metrics
 from ..services.llm import ChatClient
 from ..services.llm.registry import follow_registry
 from ..store import RecordRow
 from .agent import Agent, AgentContext, run_step
 from .outbox import Outbox
+from .spec import ClientSpec, RoleSpec, TeamSpec
 from .task import Task
 
 __all__ = ["AgentActor", "RoleSpec", "TeamSpec", "actor_name", "load_object", "sink_name"]
@@ -50,43 +52,6 @@ def load_object(path: str) -> Any:
         raise ImportError(f"cannot load {path!r}: {exc}") from exc
 
 
-@dataclass(frozen=True)
-class RoleSpec:
-    agent: str
-    instances: int
-    concurrency: int
-    params: dict[str, Any] = field(default_factory=dict)
-    inline: bool = False
-
-
-@dataclass(frozen=True)
-class TeamSpec:
-    """Everything an actor needs to find its peers and talk to the LLM."""
-
-    run_id: str
-    namespace: str
-    roles: dict[str, RoleSpec]
-    llm_urls: list[str]
-    llm_model: str
-    llm_api_key_env: str | None
-    llm_timeout_s: float
-    llm_max_retries: int
-    llm_retry_backoff_s: float
-    llm_max_connections: int
-    llm_max_tokens: int
-    llm_temperature: float
-    batch_size: int
-    batch_wait_s: float
-    llm_max_outstanding: int = 64
-    llm_sticky: bool = True
-    llm_registry: str | None = None
-    """Name of the run's :class:`EndpointRegistry`; clients follow its routable set."""
-    actor_max_restarts: int = 10
-    """``run.actor_max_restarts``: how often Ray re-creates a dead agent actor."""
-    agent_placement: str = "spread"
-    """``run.agent_placement``: ``spread`` (a role's instances over the nodes) or ``pack``."""
-
-
 @ray.remote(num_cpus=0, max_restarts=10, max_task_retries=-1)
 class AgentActor:
     def __init__(self, team: TeamSpec, role: str, index: int) -> None:
@@ -95,44 +60,69 @@ class AgentActor:
         self.role = role
         self.index = index
         self.incarnation = uuid.uuid4().hex
+        metrics.configure(team.metrics)
         spec = team.roles[role]
-        self._clients: list[ChatClient] = []
+        self._clients: dict[str, ChatClient] = {}
+        """One client per model this actor's roles call (an inline role shares its model's)."""
+        self._queue: asyncio.Queue[Task] | None = None
         self.agent: Agent = self._make_agent(role)
         self._inline: dict[str, Agent] = {}  # agents of inline roles, built on first use
         self.concurrency = spec.concurrency
         self._handles: dict[str, list[Any]] = {}
-        self._queue: asyncio.Queue[Task] | None = None
         self._running: dict[str, Task] = {}
         self._outbox: Outbox | None = None
         self.steps = 0
+        if team.metrics:
+            metrics.add_collector(self._collect)
+
+    def _held(self) -> int:
+        return len(self._running) + (self._queue.qsize() if self._queue is not None else 0)
+
+    def _collect(self) -> None:
+        queued = self._queue.qsize() if self._queue is not None else 0
+        metrics.set_gauge("tasks_in_flight", len(self._running) + queued, self.role)
+        metrics.set_gauge("queue_depth", queued, self.role)
 
     def _make_agent(self, role: str) -> Agent:
         spec, team = self.team.roles[role], self.team
         cls = load_object(spec.agent)
         if not (isinstance(cls, type) and issubclass(cls, Agent)):
             raise TypeError(f"{spec.agent} is not a matrix_hpc.agents.Agent subclass")
-        llm = None
-        if cls.uses_llm:
-            llm = ChatClient(
-                team.llm_urls, team.llm_model, team.llm_api_key_env, team.llm_timeout_s,
-                team.llm_max_retries, team.llm_retry_backoff_s, team.llm_max_connections,
-                team.llm_max_outstanding, self._report_endpoint_error,
-            )  # fmt: skip
-            self._clients.append(llm)
-        return cls(AgentContext(role, spec.params, llm, team.llm_max_tokens, team.llm_temperature, team.llm_sticky))
+        llm = self._client(team.models[spec.model]) if cls.uses_llm and spec.model is not None else None
+        sticky = team.models[spec.model].sticky if spec.model is not None else True
+        return cls(AgentContext(role, spec.params, llm, spec.sampling, sticky, team.sandbox, spec.model))
 
-    def _registry(self) -> Any | None:
-        if self.team.llm_registry is None:
+    def _client(self, cs: ClientSpec) -> ChatClient:
+        """The client of model ``cs`` in this actor: calls route over that model's endpoints only."""
+        if cs.name not in self._clients:
+            own = self.team.roles[self.role]  # limits are per role: the actor's own (inline roles call no LLM)
+            client = ChatClient(
+                cs.urls, cs.served_name, cs.api_key_env, cs.timeout_s, cs.max_retries, cs.retry_backoff_s,
+                own.max_connections, own.max_outstanding, lambda url, cs=cs: self._report_endpoint_error(cs, url),
+                (self.role, cs.name) if self.team.metrics else None,
+            )  # fmt: skip
+            self._clients[cs.name] = client
+            if self._queue is not None:  # built after start (a new inline role): follow its registry now
+                self._follow(cs, client)
+        return self._clients[cs.name]
+
+    def _registry(self, cs: ClientSpec) -> Any | None:
+        if cs.registry is None:
             return None
         try:
-            return ray.get_actor(self.team.llm_registry, namespace=self.team.namespace)
+            return ray.get_actor(cs.registry, namespace=self.team.namespace)
         except ValueError:
             return None
 
-    def _report_endpoint_error(self, url: str) -> None:
-        registry = self._registry()
+    def _report_endpoint_error(self, cs: ClientSpec, url: str) -> None:
+        registry = self._registry(cs)
         if registry is not None:
             registry.report_error.remote(url)  # fire and forget: the registry probes it now
+
+    def _follow(self, cs: ClientSpec, client: ChatClient) -> None:
+        registry = self._registry(cs)
+        if registry is not None:
+            asyncio.get_running_loop().create_task(follow_registry(client, registry))
 
     def _resolve(self, dest: str) -> list[Any]:
         if dest not in self._handles:
@@ -146,12 +136,10 @@ class AgentActor:
 
     def _start(self) -> None:
         self._queue = asyncio.Queue()
-        self._outbox = Outbox(self._resolve, self.team.batch_size, self.team.batch_wait_s)
+        self._outbox = Outbox(self._resolve, self.team.batch_size, self.team.batch_wait_s, load=self._held)
         loop = asyncio.get_running_loop()
-        registry = self._registry()
-        if registry is not None:
-            for client in self._clients:
-                loop.create_task(follow_registry(client, registry))
+        for name, client in self._clients.items():
+            self._follow(self.team.models[name], client)
         for _ in range(self.concurrency):
             loop.create_task(self._worker())
 
@@ -179,13 +167,18 @@ class AgentActor:
             finally:
                 self._running.pop(task.id, None)
             if task.done:
-                self._outbox.put(SINK, RecordRow.from_record(task.to_record()))
+                row = RecordRow.from_record(task.to_record())
+                metrics.inc("tasks_left_role", 1, self.role, row.status, row.error_kind or "")
+                self._outbox.put(SINK, row)
             else:
                 self._outbox.put(task.next_role, task)
 
     async def _step(self, task: Task, agent: Agent, role: str) -> None:
         self.steps += 1
+        started = time.monotonic()
         await run_step(agent, task, role, self.team.roles)
+        metrics.inc("steps", 1, role)
+        metrics.observe("step_seconds", time.monotonic() - started, role)
 
     def ping(self) -> tuple[str, int, str]:
         """(incarnation, pid, host): a new incarnation means Ray restarted this actor."""

@@ -11,8 +11,10 @@ import json
 import logging
 import time
 from collections.abc import Container
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ..config import PoolConfig, Sampling
 from ..services.llm import ChatClient, ChatResult, LLMError, Message
 from .task import Task, Turn
 
@@ -23,19 +25,30 @@ log = logging.getLogger(__name__)
 MAX_HOPS = 1000  # a task still routed after this many steps is stuck in a loop
 
 
+@dataclass
 class AgentContext:
-    """What the runtime hands an agent: its role name, settings and LLM access."""
+    """What the runtime hands an agent: its role name, settings, LLM access and sampling."""
 
-    def __init__(
-        self, role: str, params: dict[str, Any], llm: ChatClient | None, max_tokens: int, temperature: float, sticky: bool = True
-    ) -> None:
-        self.role = role
-        self.params = params
-        self.llm = llm
-        self.max_tokens = max_tokens
-        self.temperature = temperature
-        self.sticky = sticky
-        """Prefer the endpoint that served the task's previous LLM turn (``llm.sticky``)."""
+    role: str
+    params: dict[str, Any] = field(default_factory=dict)
+    llm: ChatClient | None = None
+    """The client of the role's model (``workflow.roles.NAME.model``); None for a role that calls no LLM."""
+    sampling: Sampling = field(default_factory=Sampling)
+    """What every call of this role sends unless the call says otherwise (``workflow.roles.NAME.sampling``)."""
+    sticky: bool = True
+    """Prefer the endpoint that served the task's previous LLM turn of the same model (``sticky``)."""
+    sandbox: PoolConfig | None = None
+    """The job's ``sandbox`` section, for roles that run tools."""
+    model: str | None = None
+    """The key in ``models`` of the role's model (what turns and accounting are labelled with)."""
+
+    @property
+    def max_tokens(self) -> int:
+        return self.sampling.max_tokens
+
+    @property
+    def temperature(self) -> float:
+        return self.sampling.temperature
 
 
 class Agent:
@@ -66,13 +79,19 @@ class Agent:
         The recorded turn's text is the reply's text, or its tool calls as JSON when it has no text.
         """
         if self.ctx.llm is None:
-            raise RuntimeError(f"role {self.role!r} has no LLM client (uses_llm is False)")
-        kwargs.setdefault("max_tokens", self.ctx.max_tokens)
-        kwargs.setdefault("temperature", self.ctx.temperature)
-        if self.ctx.sticky:
-            kwargs.setdefault("prefer", next((t.endpoint for t in reversed(task.turns) if t.endpoint), None))
+            raise RuntimeError(f"role {self.role!r} has no LLM client (uses_llm is False, or it names no model)")
+        # The role's sampling, then what this call says: a bare chat() is what the config says.
+        request = {**self.ctx.sampling.request_fields(), **kwargs}
+        model = self.ctx.model or self.ctx.llm.model  # the key in models; the served name for a bare client
+        if self.ctx.sticky and "prefer" not in request:  # a task's earlier endpoint of this model
+            request["prefer"] = next((t.endpoint for t in reversed(task.turns) if t.endpoint and t.model == model), None)
         started = time.time()
-        res = await self.ctx.llm.chat(messages, **kwargs)
+        try:
+            res = await self.ctx.llm.chat(messages, **request)
+        except LLMError as exc:  # recorded as a failed turn: errors are counted per model and role
+            task.turns.append(Turn(role=self.role, text="", started_at=started, latency_s=time.time() - started, model=model,
+                                   served_model=self.ctx.llm.model, max_tokens=request.get("max_tokens"), temperature=request.get("temperature"), error=exc.kind))  # fmt: skip
+            raise
         text = res.text or (json.dumps([c.get("function", c) for c in res.tool_calls], ensure_ascii=False) if res.tool_calls else "")
         task.turns.append(
             Turn(
@@ -83,7 +102,10 @@ class Agent:
                 started_at=started,
                 latency_s=res.latency_s,
                 endpoint=res.endpoint,
-                model=res.model,
+                model=model,
+                served_model=res.model,
+                max_tokens=request.get("max_tokens"),
+                temperature=request.get("temperature"),
             )
         )
         return res

@@ -32,7 +32,16 @@ class Turn:
     started_at: float = 0.0
     latency_s: float = 0.0
     endpoint: str | None = None
+    """The endpoint that answered; None for a step that called no LLM (or a call that failed)."""
     model: str | None = None
+    """The model called, by its key in ``models``; None for a step that called no LLM."""
+    served_model: str | None = None
+    """The model as the server named it in its reply."""
+    max_tokens: int | None = None
+    temperature: float | None = None
+    """The sampling the call was sent with (see ``workflow.roles.NAME.sampling``)."""
+    error: str | None = None
+    """The error kind of a call that failed for good (the task then fails with it)."""
 
 
 @dataclass(slots=True)
@@ -76,17 +85,19 @@ class Task:
             sum(t.completion_tokens for t in self.turns),
         )
 
-    def usage_by(self, attr: str) -> dict[str, dict[str, int]]:
-        """Tokens and calls per ``Turn.<attr>`` (``role`` or ``model``), LLM turns only."""
-        out: dict[str, dict[str, int]] = {}
+    def usage_by(self, attr: str) -> dict[str, dict[str, Any]]:
+        """Tokens, calls, errors and latency per ``Turn.<attr>`` (``role`` or ``model``), LLM calls only."""
+        out: dict[str, dict[str, Any]] = {}
         for t in self.turns:
-            if t.endpoint is None:  # not an LLM call
+            if t.model is None and t.endpoint is None:  # a step that called no LLM
                 continue
             key = str(getattr(t, attr) or "unknown")
-            acc = out.setdefault(key, {"prompt_tokens": 0, "completion_tokens": 0, "calls": 0})
+            acc = out.setdefault(key, {"prompt_tokens": 0, "completion_tokens": 0, "calls": 0, "errors": 0, "latency_s": 0.0})
             acc["prompt_tokens"] += t.prompt_tokens
             acc["completion_tokens"] += t.completion_tokens
             acc["calls"] += 1
+            acc["errors"] += t.error is not None
+            acc["latency_s"] += t.latency_s
         return out
 
     def to_record(self, finished_at: float | None = None) -> dict[str, Any]:

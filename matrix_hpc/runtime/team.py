@@ -10,9 +10,10 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from ..labels import CPU_NODE, on_driver_node, placement
-from .actor import AgentActor, TeamSpec, actor_name, load_object, sink_name
+from .actor import AgentActor, actor_name, load_object, sink_name
 from .agent import Agent
 from .sink import SinkActor
+from .spec import TeamSpec
 from .task import Task
 
 __all__ = ["Team", "TeamError"]
@@ -33,6 +34,8 @@ class Team:
                 raise TeamError(f"workflow.roles.{role}.agent: {exc}") from None
             if not (isinstance(cls, type) and issubclass(cls, Agent)):
                 raise TeamError(f"workflow.roles.{role}.agent: {rs.agent} is not a matrix_hpc.agents.Agent subclass")
+            if cls.uses_llm and rs.model is None:
+                raise TeamError(f"workflow.roles.{role}.model: the role calls an LLM; name one of the models ({', '.join(spec.models)})")
             if rs.inline and cls.uses_llm:
                 raise TeamError(f"workflow.roles.{role}.inline: only roles that call no LLM (uses_llm = False) can run inline")
         self.spec = spec
@@ -42,7 +45,7 @@ class Team:
         agent_opts: dict[str, Any] = {"resources": placement(CPU_NODE), "max_restarts": spec.actor_max_restarts}
         if spec.agent_placement == "spread":
             agent_opts["scheduling_strategy"] = "SPREAD"
-        self.sink = SinkActor.options(name=sink_name(spec.run_id), **on_driver_node()).remote(store_path, chunk_rows, flush_interval_s, fsync)
+        self.sink = SinkActor.options(name=sink_name(spec.run_id), **on_driver_node()).remote(store_path, chunk_rows, flush_interval_s, fsync, spec.metrics)
         self.actors: dict[str, list[Any]] = {
             role: [AgentActor.options(name=actor_name(spec.run_id, role, i), **agent_opts).remote(spec, role, i) for i in range(rs.instances)]
             for role, rs in spec.roles.items()

@@ -108,7 +108,8 @@ class UserSim(_ToolUseAgent):
 
 class Assistant(_ToolUseAgent):
     """The support agent. params: ``tool_calling`` (native|text), ``max_tool_rounds``,
-    ``sandbox_pool`` (pool name), ``sandbox`` (pool settings), ``acquire_wait_s``, ``user``."""
+    ``sandbox_pool`` (pool name), ``acquire_wait_s``, ``user``; the pool's settings are the
+    job's ``sandbox`` section (``ctx.sandbox``)."""
 
     def __init__(self, ctx: AgentContext) -> None:
         super().__init__(ctx)
@@ -118,7 +119,7 @@ class Assistant(_ToolUseAgent):
         self.known = set(tools.IMPLEMENTATIONS)
         self.max_tool_rounds = int(self.params.get("max_tool_rounds", 3))
         self.pool_name = str(self.params.get("sandbox_pool", "tool-use-sandboxes"))
-        self.pool_cfg = pool_config(self.params.get("sandbox"), "workflow.params.sandbox")
+        self.pool_cfg = pool_config(ctx.sandbox)
         self.tool_limits: SandboxLimits = self.pool_cfg.limits
         self.acquire_wait_s = float(self.params.get("acquire_wait_s", 60.0))
         self._pool: Any = None

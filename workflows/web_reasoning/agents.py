@@ -171,15 +171,14 @@ def _document(row: dict[str, Any]) -> str:
 
 
 class _Stage(Agent):
-    """What the three roles share: the LLM call with role-level limits, and how a task ends."""
+    """What the three roles share: the LLM call, and how a task ends."""
 
     async def ask(self, task: Task, system: str, user: str, examples: Iterable[tuple[str, str]] = ()) -> str:
-        extra = {"temperature": float(self.params["temperature"])} if "temperature" in self.params else {}
         messages = [{"role": "system", "content": system}]
         for shot, reply in examples:
             messages += [{"role": "user", "content": shot}, {"role": "assistant", "content": reply}]
         messages.append({"role": "user", "content": user})
-        return await self.chat(task, messages, max_tokens=int(self.params.get("max_tokens", self.ctx.max_tokens)), **extra)
+        return await self.chat(task, messages)  # the role's sampling (workflow.roles.NAME.sampling)
 
     def summary(self, task: Task) -> dict[str, Any]:
         row, state = task.row, task.state
@@ -194,7 +193,7 @@ class _Stage(Agent):
 
 
 class Filter(_Stage):
-    """Rules, then a yes/no question. params: ``rules`` (:class:`RuleLimits`), ``next``, ``max_tokens``, ``temperature``."""
+    """Rules, then a yes/no question. params: ``rules`` (:class:`RuleLimits`), ``next``."""
 
     def __init__(self, ctx: AgentContext) -> None:
         super().__init__(ctx)
@@ -223,7 +222,7 @@ class Filter(_Stage):
 
 
 class Scorer(_Stage):
-    """JSON scores per criterion; a low mean rejects. params: ``criteria``, ``min_mean_score``, ``next``, ``max_tokens``."""
+    """JSON scores per criterion; a low mean rejects. params: ``criteria``, ``min_mean_score``, ``next``."""
 
     def __init__(self, ctx: AgentContext) -> None:
         super().__init__(ctx)
@@ -257,7 +256,7 @@ class Scorer(_Stage):
 
 
 class Questioner(_Stage):
-    """A reasoning question and its reference answer, as JSON. params: ``max_tokens``, ``temperature``."""
+    """A reasoning question and its reference answer, as JSON."""
 
     @staticmethod
     def prompt(document: str) -> str:

@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.served_model_name:
         params.model_alias = {args.served_model_name}
     params.n_ctx = args.n_parallel * args.ctx_per_slot
+    params.endpoint_metrics = True  # /metrics: the engine's own token counts (run.json's engine_stats)
     if args.threads:
         params.cpuparams.n_threads = args.threads
         params.cpuparams_batch.n_threads = args.threads

@@ -11,58 +11,59 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .base import probe_generation
+from .status import EndpointStatus
 
 __all__ = ["check_health", "find_endpoints"]
 
 log = logging.getLogger(__name__)
 
 
-def _from_output(folder: Path) -> tuple[list[str], str | None]:
-    """Endpoints recorded by ``run`` (run.json) or ``serve`` (services.json), newest first."""
+def _from_output(folder: Path) -> list[tuple[str, str]]:
+    """(url, served model) recorded by ``run`` (run.json) or ``serve`` (services.json), newest file first."""
     files = [f for f in (folder / "services.json", folder / "run.json") if f.is_file()]
     for f in sorted(files, key=lambda f: f.stat().st_mtime, reverse=True):
         data = json.loads(f.read_text())
-        urls = [e["url"] for e in data.get("llm") or [] if e.get("url")]
-        if urls:
-            model = data.get("model") or (data.get("config") or {}).get("llm", {}).get("model")
-            return urls, model
-    return [], None
+        found = [EndpointStatus.from_dict(e) for e in data.get("llm") or []]
+        pairs = [(e.url, e.served_model or e.model) for e in found if e.url]
+        if pairs:
+            return pairs
+    return []
 
 
-def find_endpoints(target: str | None) -> tuple[list[str], str | None]:
-    """The endpoints named by an output folder or a job YAML (its external URLs, or its output's record)."""
+def find_endpoints(target: str | None) -> list[tuple[str, str]]:
+    """(url, served model) of every endpoint named by an output folder or a job YAML (its
+    external models' URLs, and its output's record of the managed ones)."""
     if not target:
-        return [], None
+        return []
     path = Path(target)
     if path.is_dir():
         return _from_output(path)
     from ...config import load_config
 
     config = load_config(path)
-    if config.llm.engine == "external":
-        return list(config.llm.base_urls), config.llm.model
-    urls, model = _from_output(Path(config.output.path).expanduser())
-    return urls, model or config.llm.model
+    external = [(u.rstrip("/"), m.served_name) for m in config.models.values() if m.engine == "external" for u in m.base_urls]
+    managed = [(u, m) for u, m in _from_output(Path(config.output.path).expanduser()) if u not in {e for e, _ in external}]
+    return external + managed
 
 
 def check_health(target: str | None, urls: list[str], model: str | None, timeout_s: float, api_key_env: str | None = None) -> int:
     """Print one line per endpoint; 0 when every endpoint generates, else 1."""
     api_key = os.environ.get(api_key_env) if api_key_env else None
-    found, found_model = find_endpoints(target)
-    urls = [u.rstrip("/") for u in urls] + found
-    if not urls:
+    found = find_endpoints(target)
+    pairs = [(u.rstrip("/"), model or "default") for u in urls] + [(u, model or m) for u, m in found]
+    if not pairs:
         print("matrix-hpc: no endpoints to probe (give an output folder of a run or serve, a config, or --url)", file=sys.stderr)
         return 1
-    model = model or found_model or "default"
 
-    def probe(url: str) -> tuple[str, bool, float]:
+    def probe(pair: tuple[str, str]) -> tuple[str, str, bool, float]:
+        url, name = pair
         t0 = time.monotonic()
-        return url, probe_generation(url, model, timeout_s, api_key), time.monotonic() - t0
+        return url, name, probe_generation(url, name, timeout_s, api_key), time.monotonic() - t0
 
-    with ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:
-        results = list(pool.map(probe, urls))
-    for url, ok, secs in results:
-        print(f"{'ok  ' if ok else 'FAIL'}  {url}  ({secs:.2f}s, model {model})")
-    bad = sum(not ok for _, ok, _ in results)
+    with ThreadPoolExecutor(max_workers=min(16, len(pairs))) as pool:
+        results = list(pool.map(probe, pairs))
+    for url, name, ok, secs in results:
+        print(f"{'ok  ' if ok else 'FAIL'}  {url}  ({secs:.2f}s, model {name})")
+    bad = sum(not ok for _, _, ok, _ in results)
     print(f"{len(results) - bad}/{len(results)} endpoints generate")
     return 0 if bad == 0 else 1

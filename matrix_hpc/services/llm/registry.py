@@ -1,6 +1,6 @@
 """The endpoint registry: which LLM endpoints are routable now, kept true by probing.
 
-One named async actor per run. It starts the managed replicas, probes every
+One named async actor per model of a run. It starts the managed replicas, probes every
 endpoint with a real one-token generation (a dead engine can still answer
 ``/health``), takes an endpoint out of routing after ``health_failures``
 consecutive failures (at once when its process is gone), restarts a managed
@@ -14,38 +14,24 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import aiohttp
 import ray
 from ray.exceptions import RayError
 
+from ... import metrics
 from .client import ChatClient
 from .replica import LLMReplica, ReplicaSpec, replica_options
+from .status import EndpointStatus
 
-__all__ = ["EndpointRegistry", "EndpointState", "follow_registry", "registry_name"]
+__all__ = ["EndpointRegistry", "follow_registry", "registry_name"]
 
 log = logging.getLogger(__name__)
 
 
-def registry_name(run_id: str) -> str:
-    return f"{run_id}/__llm__"
-
-
-@dataclass
-class EndpointState:
-    url: str
-    replica: int | None
-    """Index of the managed replica serving it; None for an external endpoint."""
-    state: str = "up"
-    """``up`` (routable), ``down`` (failing probes), ``restarting``, or ``failed`` (given up)."""
-    failures: int = 0
-    restarts: int = 0
-    probes: int = 0
-    last_error: str | None = None
-    last_ok_at: float | None = None
-    restarted_at: float | None = None
+def registry_name(run_id: str, model: str) -> str:
+    return f"{run_id}/__llm__/{model}"
 
 
 @ray.remote(num_cpus=0)
@@ -54,6 +40,7 @@ class EndpointRegistry:
         self,
         run_id: str,
         namespace: str,
+        model_key: str,
         specs: list[ReplicaSpec],
         external_urls: list[str],
         model: str,
@@ -65,6 +52,7 @@ class EndpointRegistry:
     ) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.run_id, self.namespace, self.specs, self.model = run_id, namespace, specs, model
+        self.model_key = model_key
         key = os.environ.get(api_key_env) if api_key_env else None
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.interval, self.max_failures, self.max_restarts = health_interval_s, health_failures, max_restarts
@@ -72,21 +60,21 @@ class EndpointRegistry:
         self.replicas: list[Any] = []
         # Keyed by a stable name (the URL of an external endpoint, ``replica-N`` for a managed
         # one): a restarted replica may come back on another port.
-        self.states: dict[str, EndpointState] = {u.rstrip("/"): EndpointState(u.rstrip("/"), None) for u in external_urls}
+        self.states: dict[str, EndpointStatus] = {u.rstrip("/"): EndpointStatus(model_key, u.rstrip("/"), None, served_model=model) for u in external_urls}
         self.version = 0
         self._changed = asyncio.Event()
         self._wake: dict[str, asyncio.Event] = {}
         self._session: aiohttp.ClientSession | None = None
 
-    async def start(self) -> list[dict[str, Any]]:
+    async def start(self) -> list[EndpointStatus]:
         """Start every managed replica (in parallel), then supervise all endpoints."""
         self.replicas = [
-            LLMReplica.options(**replica_options(spec, f"{self.run_id}/__llm__/{i}", self.namespace)).remote(spec, i)
+            LLMReplica.options(**replica_options(spec, f"{registry_name(self.run_id, self.model_key)}/{i}", self.namespace)).remote(spec, i)
             for i, spec in enumerate(self.specs)
         ]
         urls = await asyncio.gather(*(r.start.remote() for r in self.replicas))
         for i, url in enumerate(urls):
-            self.states[f"replica-{i}"] = EndpointState(url, i, last_ok_at=time.time())
+            self.states[f"replica-{i}"] = EndpointStatus(self.model_key, url, i, last_ok_at=time.time(), served_model=self.model)
         self._session = aiohttp.ClientSession(timeout=self.probe_timeout, headers=self._headers)
         for key in self.states:
             self._wake[key] = asyncio.Event()
@@ -117,15 +105,18 @@ class EndpointRegistry:
             if st.url == url.rstrip("/"):
                 self._wake[key].set()
 
-    async def status(self) -> list[dict[str, Any]]:
+    async def status(self) -> list[EndpointStatus]:
         out = []
         for st in self.states.values():
-            row = asdict(st)
+            row = EndpointStatus(**{**st.to_dict()})
             if st.replica is not None:
                 try:
-                    row.update({k: v for k, v in (await self.replicas[st.replica].info.remote()).items() if k != "url"})
+                    info = await self.replicas[st.replica].info.remote()
+                    for k, v in info.items():
+                        if k not in ("url", "index"):
+                            setattr(row, k, v)
                 except RayError as exc:
-                    row["info_error"] = type(exc).__name__
+                    row.info_error = type(exc).__name__
             out.append(row)
         return out
 
@@ -144,7 +135,7 @@ class EndpointRegistry:
         except (aiohttp.ClientError, ValueError) as exc:
             return f"{type(exc).__name__}: {exc}"
 
-    async def _process_gone(self, st: EndpointState) -> bool:
+    async def _process_gone(self, st: EndpointStatus) -> bool:
         if st.replica is None:
             return False
         try:
@@ -177,16 +168,18 @@ class EndpointRegistry:
             if st.state == "up" and (gone or st.failures >= self.max_failures):
                 log.warning("%s leaves routing: %s", st.url, error)
                 st.state = "down"
+                metrics.inc("llm_routing_removals", 1, self.model_key, st.url)
                 self._bump()
             if st.state == "down" and st.replica is not None:
                 await self._restart(st)
 
-    async def _restart(self, st: EndpointState) -> None:
+    async def _restart(self, st: EndpointStatus) -> None:
         if st.restarts >= self.max_restarts:
             log.error("%s: gave up after %d restarts (%s)", st.url, st.restarts, st.last_error)
             st.state = "failed"
             return
         st.state, st.restarts = "restarting", st.restarts + 1
+        metrics.inc("llm_replica_restarts", 1, self.model_key, st.url)
         log.warning("restarting replica %d (%s), restart %d", st.replica, st.url, st.restarts)
         try:
             url = await self.replicas[st.replica].start.remote()  # type: ignore[index]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any, Literal
 
 import ray
 
+from ...config import EmbeddedEngineConfig, VLLMConfig
 from ...labels import GPU_NODE, node_host, placement
 from .base import LLMServer
 
@@ -29,42 +31,39 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ReplicaSpec:
-    """What a replica runs; plain data so it travels to the actor."""
+    """What a replica runs: the model's typed engine settings travel to the actor as they are."""
 
     kind: Literal["embedded", "vllm"]
     model: str
     """Served model name (what requests ask for)."""
     log_dir: str
-    settings: dict[str, Any] = field(default_factory=dict)
-    """Backend settings: ``EmbeddedEngineConfig`` or ``VLLMConfig`` fields."""
+    settings: EmbeddedEngineConfig | VLLMConfig = field(default_factory=EmbeddedEngineConfig)
+    """The engine's section of the model's config (``embedded`` or ``vllm``)."""
     startup_timeout_s: float = 60.0
-
-    @property
-    def gpus(self) -> int:
-        """GPUs one replica claims from Ray (0 for CPU engines and multi-node pipelines)."""
-        if self.kind != "vllm" or self.settings.get("device") == "cpu":
-            return 0
-        if int(self.settings.get("pipeline_parallel_size", 1)) > 1:
-            return 0  # vLLM's own Ray executor places the pipeline stages
-        return int(self.settings.get("tensor_parallel_size", 1))
+    model_key: str = "default"
+    """The model's key in ``models`` (names the replica's actor and log)."""
+    gpus: int = 0
+    """GPUs one replica claims from Ray (``ModelConfig.replica_gpus``): Ray places it where they are."""
 
 
 def make_server(spec: ReplicaSpec, host: str, port: int | None = None) -> LLMServer:
     s = spec.settings
-    if spec.kind == "embedded":
+    if isinstance(s, EmbeddedEngineConfig):
         from .embedded import EmbeddedEngine
 
-        return EmbeddedEngine(s.get("model_path"), s.get("n_parallel", 16), s.get("ctx_per_slot", 1024), s.get("threads"), spec.log_dir, host, port, spec.model)
+        return EmbeddedEngine(s.model_path, s.n_parallel, s.ctx_per_slot, s.threads, spec.log_dir, host, port, spec.model)
     from .vllm import VLLMServer
 
-    kwargs = {k: s[k] for k in ("tensor_parallel_size", "pipeline_parallel_size", "max_model_len", "gpu_memory_utilization", "device") if s.get(k) is not None}
-    if int(s.get("pipeline_parallel_size", 1)) > 1:
-        kwargs["extra_args"] = ["--distributed-executor-backend", "ray", *s.get("extra_args", [])]
-    else:
-        kwargs["extra_args"] = list(s.get("extra_args", []))
+    assert s.model is not None  # checked when the config loads
+    kwargs: dict[str, Any] = {"tensor_parallel_size": s.tensor_parallel_size, "pipeline_parallel_size": s.pipeline_parallel_size, "device": s.device}
+    if s.max_model_len is not None:
+        kwargs["max_model_len"] = s.max_model_len
+    if s.gpu_memory_utilization is not None:
+        kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
+    pipeline = ["--distributed-executor-backend", "ray"] if s.pipeline_parallel_size > 1 else []
     return VLLMServer(
-        s["model"], spec.model, env=dict(s.get("env") or {}), log_dir=spec.log_dir, host=host, port=port,
-        python=s.get("python") or sys.executable, **kwargs,
+        s.model, spec.model, env=dict(s.env), log_dir=spec.log_dir, host=host, port=port,
+        python=s.python or sys.executable, extra_args=[*pipeline, *s.extra_args], **kwargs,
     )  # fmt: skip
 
 
@@ -129,6 +128,9 @@ class LLMReplica:
             "starts": self.starts,
             "alive": await self.alive(),
             "node_ip": self.host,
+            "host": socket.gethostname(),
+            "gpus": self.spec.gpus,
+            "gpu_ids": [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])],
             "actor_pid": os.getpid(),
         }
 

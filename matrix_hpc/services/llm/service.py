@@ -1,82 +1,109 @@
-"""The LLM service of one run, as the driver sees it: build, start, inspect, stop.
+"""The LLM services of one run, as the driver sees them: one per model; build, start, inspect, stop.
 
-Every backend goes through the same registry: ``embedded`` and ``vllm`` start
-``llm.replicas`` managed replicas; ``external`` registers ``llm.base_urls``
-(probed, never restarted). The API key is read from ``llm.api_key_env`` where it
-is used and never written anywhere.
+Each model has its own registry, replicas, health checks and restarts, so a
+failing model never takes another's endpoints out of routing. ``embedded`` and
+``vllm`` models start ``replicas`` managed replicas; ``external`` ones register
+``base_urls`` (probed, never restarted). API keys are read from ``api_key_env``
+where they are used and never written anywhere.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
 
 import ray
 from ray.exceptions import RayError
 
-from ...config import LLMConfig
+from ...config import ModelConfig
 from ...labels import on_driver_node
 from .base import ServerStartError
 from .registry import EndpointRegistry, registry_name
 from .replica import ReplicaSpec
+from .status import EndpointStatus
 
-__all__ = ["LLMService", "replica_specs"]
+__all__ = ["LLMService", "LLMServices", "replica_specs"]
 
 log = logging.getLogger(__name__)
 
 
-def replica_specs(llm: LLMConfig, log_dir: str | Path) -> list[ReplicaSpec]:
-    if llm.engine == "external":
+def replica_specs(name: str, m: ModelConfig, log_dir: str | Path) -> list[ReplicaSpec]:
+    if m.engine == "external":
         return []
-    if llm.engine == "embedded":
-        settings, timeout = dataclasses.asdict(llm.embedded), llm.embedded.startup_timeout_s
-    else:
-        settings, timeout = dataclasses.asdict(llm.vllm), llm.vllm.startup_timeout_s
-    return [ReplicaSpec(llm.engine, llm.model, str(log_dir), settings, timeout) for _ in range(llm.replicas)]
+    settings = m.embedded if m.engine == "embedded" else m.vllm
+    return [
+        ReplicaSpec(m.engine, m.served_name, str(log_dir), settings, settings.startup_timeout_s, model_key=name, gpus=m.replica_gpus)
+        for _ in range(m.replicas)
+    ]
+
+
+def _cause(exc: RayError) -> str:
+    cause = getattr(exc, "cause", None) or exc
+    return str(cause).strip().splitlines()[-1]
 
 
 class LLMService:
-    def __init__(self, llm: LLMConfig, run_id: str, namespace: str, log_dir: str | Path) -> None:
-        self.config = llm
-        self.name = registry_name(run_id)
-        self.namespace = namespace
-        specs = replica_specs(llm, log_dir)
-        if llm.engine == "vllm":
+    """One model's registry (which starts and supervises its replicas)."""
+
+    def __init__(self, name: str, m: ModelConfig, run_id: str, namespace: str, log_dir: str | Path, key: str = "llm") -> None:
+        self.name, self.config, self.key = name, m, key
+        self.registry_name = registry_name(run_id, name)
+        if m.engine == "vllm":
             from .vllm import validate_vllm_args
 
             try:
-                validate_vllm_args(llm.vllm.extra_args, llm.vllm.python or None)  # type: ignore[arg-type]
+                validate_vllm_args(m.vllm.extra_args, m.vllm.python or None)  # type: ignore[arg-type]
             except ValueError as exc:
-                raise ServerStartError(f"llm.vllm.extra_args: {exc}") from None
+                raise ServerStartError(f"{key}.vllm.extra_args: {exc}") from None
         # On the driver's node: a worker node's death must not take the registry (and with it
         # the replacement of that node's replicas) along.
-        self.registry = EndpointRegistry.options(name=self.name, namespace=namespace, max_concurrency=1000, **on_driver_node()).remote(
-            run_id, namespace, specs, list(llm.base_urls), llm.model, llm.api_key_env,
-            llm.health_interval_s, llm.health_failures, llm.max_restarts, max(llm.timeout_s, 10.0),
+        self.registry = EndpointRegistry.options(name=self.registry_name, namespace=namespace, max_concurrency=1000, **on_driver_node()).remote(
+            run_id, namespace, name, replica_specs(name, m, log_dir), list(m.base_urls), m.served_name, m.api_key_env,
+            m.health_interval_s, m.health_failures, m.max_restarts, max(m.timeout_s, 10.0),
         )  # fmt: skip
-        self.endpoints: list[dict[str, Any]] = []
-
-    def start(self) -> list[str]:
-        """Start the replicas and wait until each completes a real generation; returns the URLs."""
-        try:
-            self.endpoints = ray.get(self.registry.start.remote())
-        except RayError as exc:
-            cause = getattr(exc, "cause", None) or exc
-            raise ServerStartError(f"LLM service did not start: {str(cause).strip().splitlines()[-1]}") from None
-        return self.urls
+        self.endpoints: list[EndpointStatus] = []
 
     @property
     def urls(self) -> list[str]:
-        return [e["url"] for e in self.endpoints]
+        return [e.url for e in self.endpoints]
 
-    def status(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
-        self.endpoints = ray.get(self.registry.status.remote(), timeout=timeout_s)
+
+class LLMServices:
+    """Every model of a run: started together, inspected and stopped together."""
+
+    def __init__(self, models: dict[str, ModelConfig], run_id: str, namespace: str, log_dir: str | Path, keys: dict[str, str] | None = None) -> None:
+        self.services: dict[str, LLMService] = {}
+        for name, m in models.items():
+            self.services[name] = LLMService(name, m, run_id, namespace, log_dir, (keys or {}).get(name, f"models.{name}"))
+
+    def start(self) -> dict[str, list[str]]:
+        """Start every model's replicas (all at once) and wait until each generates; URLs per model."""
+        refs = {name: svc.registry.start.remote() for name, svc in self.services.items()}
+        for name, ref in refs.items():
+            try:
+                self.services[name].endpoints = ray.get(ref)
+            except RayError as exc:
+                raise ServerStartError(f"LLM service of model {name!r} did not start: {_cause(exc)}") from None
+        return {name: svc.urls for name, svc in self.services.items()}
+
+    @property
+    def endpoints(self) -> list[EndpointStatus]:
+        return [e for svc in self.services.values() for e in svc.endpoints]
+
+    def client_endpoints(self) -> dict[str, tuple[list[str], str | None]]:
+        """Per model: its URLs now and its registry's name (what agent clients follow)."""
+        return {name: (svc.urls, svc.registry_name) for name, svc in self.services.items()}
+
+    def status(self, timeout_s: float = 10.0) -> list[EndpointStatus]:
+        refs = {name: svc.registry.status.remote() for name, svc in self.services.items()}
+        for name, ref in refs.items():
+            self.services[name].endpoints = ray.get(ref, timeout=timeout_s)
         return self.endpoints
 
     def stop(self) -> None:
-        try:
-            ray.get(self.registry.stop.remote(), timeout=60)
-        except RayError as exc:
-            log.warning("LLM service stop: %s", exc)
+        refs = [svc.registry.stop.remote() for svc in self.services.values()]
+        for ref in refs:
+            try:
+                ray.get(ref, timeout=60)
+            except RayError as exc:
+                log.warning("LLM service stop: %s", exc)

@@ -23,6 +23,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...config.sandbox import ApptainerOptions
 from ._proc import pid_alive, run_argv, run_limited
 from .base import (
     SANDBOX_DIR,
@@ -47,17 +48,6 @@ INSTALL_HINT = (
 INSTANCE_PREFIX = "mhpc"  # instance names: mhpc-<pool pid>-<slot>-<generation>
 _WALL_GRACE_S = 2
 _CONTROL_TIMEOUT_S = 120.0  # instance start/stop: pulling a SIF over a shared FS can be slow
-
-
-@dataclass
-class ApptainerOptions:
-    """``image``: the sandbox SIF (see containers/). ``binds``: ``src:dst[:ro]`` specs."""
-
-    image: str = ""
-    network: bool = False
-    binds: list[str] = field(default_factory=list)
-    instance_args: list[str] = field(default_factory=list)  # e.g. ["--pids-limit", "256"] where cgroups allow
-    env: dict[str, str] = field(default_factory=lambda: {"LANG": "C.UTF-8"})
 
 
 class ApptainerRuntime(SandboxRuntime):

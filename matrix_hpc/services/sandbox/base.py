@@ -18,6 +18,8 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from ...config.sandbox import SandboxLimits
+
 __all__ = [
     "ExecResult",
     "LeaseNotFound",
@@ -67,30 +69,6 @@ class LeaseNotFound(SandboxError):
     """The lease is unknown: released already, or reclaimed (dead holder, TTL)."""
 
     kind = "sandbox_lease_lost"
-
-
-@dataclass(frozen=True, slots=True)
-class SandboxLimits:
-    """Per-exec limits. ``cpu_s=None`` means the wall limit; sizes are MiB."""
-
-    wall_s: float = 30.0
-    cpu_s: float | None = None
-    memory_mb: int = 1024  # address space (RLIMIT_AS), not resident memory
-    fsize_mb: int = 64  # largest file a process may write
-    tmpfs_mb: int = 64  # size of the exec's private /tmp
-    nproc: int = 64  # processes + threads inside one sandbox
-    output_kb: int = 1024  # per stream; an exec printing more is killed
-
-    def __post_init__(self) -> None:
-        for name in ("wall_s", "memory_mb", "fsize_mb", "tmpfs_mb", "nproc", "output_kb"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"sandbox limit {name} must be > 0, got {getattr(self, name)!r}")
-        if self.cpu_s is not None and self.cpu_s <= 0:
-            raise ValueError(f"sandbox limit cpu_s must be > 0, got {self.cpu_s!r}")
-
-    @property
-    def cpu_seconds(self) -> int:
-        return max(1, round(self.cpu_s if self.cpu_s is not None else self.wall_s))
 
 
 @dataclass(slots=True)

@@ -22,6 +22,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...config.sandbox import BubblewrapOptions
 from ._proc import run_limited
 from .base import (
     SANDBOX_DIR,
@@ -56,23 +57,6 @@ ETC_PATHS = (
     "/etc/python3*",
 )
 _WALL_GRACE_S = 2  # the in-process deadline fires first; `timeout` only backs it up
-_NOBODY = 65534
-
-
-@dataclass
-class BubblewrapOptions:
-    """Runtime settings; binds are ``src[:dst]`` host paths.
-
-    ``uid``: who runs the sandbox when the pool runs as root. Root is exempt from
-    RLIMIT_NPROC, so as root the sandbox runs as ``uid`` (default nobody), or a
-    fork bomb would not be contained.
-    """
-
-    uid: int = _NOBODY
-    network: bool = False
-    ro_binds: list[str] = field(default_factory=list)
-    rw_binds: list[str] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=lambda: {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"})
 
 
 def _bind_pair(spec: str) -> tuple[str, str]:

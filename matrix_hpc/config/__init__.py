@@ -1,0 +1,45 @@
+"""The typed job spec: a YAML file plus ``key=value`` overrides.
+
+Every section is a dataclass built by the one builder (:mod:`.build`); a mistake is
+a :class:`ConfigError` naming the dotted key. Sections: :mod:`.job` (workflow, dataset,
+cluster, output, run), :mod:`.llm` (models and sampling), :mod:`.sandbox`;
+:mod:`.checks` holds the checks across sections.
+"""
+
+from .build import ConfigError, parse_overrides
+from .job import (
+    ClusterConfig,
+    DatasetConfig,
+    JobConfig,
+    OutputConfig,
+    RoleConfig,
+    RunConfig,
+    SlurmConfig,
+    WorkflowConfig,
+    load_config,
+    resolve_dataset_path,
+)
+from .llm import EmbeddedEngineConfig, LLMConfig, ModelConfig, Sampling, SamplingConfig, VLLMConfig, resolve_sampling
+from .sandbox import PoolConfig
+
+__all__ = [
+    "ClusterConfig",
+    "ConfigError",
+    "DatasetConfig",
+    "EmbeddedEngineConfig",
+    "JobConfig",
+    "LLMConfig",
+    "ModelConfig",
+    "OutputConfig",
+    "PoolConfig",
+    "RoleConfig",
+    "RunConfig",
+    "Sampling",
+    "SamplingConfig",
+    "SlurmConfig",
+    "VLLMConfig",
+    "WorkflowConfig",
+    "load_config",
+    "parse_overrides",
+    "resolve_dataset_path",
+]

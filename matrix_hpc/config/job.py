@@ -1,0 +1,277 @@
+"""The typed job spec: a YAML file plus ``key=value`` overrides.
+
+Every section is a dataclass; :func:`load_config` builds them from plain data and
+rejects unknown keys and wrong types with a :class:`ConfigError` that names the
+dotted key (``run.max_in_flight: expected int, got 'many'``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .build import ConfigError, build, merge, parse_overrides
+from .llm import ModelConfig, SamplingConfig
+from .sandbox import PoolConfig
+
+__all__ = [
+    "ClusterConfig",
+    "DatasetConfig",
+    "JobConfig",
+    "OutputConfig",
+    "RoleConfig",
+    "RunConfig",
+    "SlurmConfig",
+    "WorkflowConfig",
+    "load_config",
+    "resolve_dataset_path",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SlurmConfig:
+    """The allocation ``matrix-hpc submit`` asks for (the sbatch script carries its own header)."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time_min: int = 60
+    """Time limit in minutes; the job is requeued and resumes when it runs out."""
+    nodes: int = 1
+    """CPU nodes (agents); with ``gpu_nodes`` too, the job is heterogeneous."""
+    gpu_nodes: int = 0
+    """GPU nodes (LLM and sandbox services)."""
+    gpus_per_node: int = 0
+    cpus_per_node: int | None = None
+    mem_gb: int | None = None
+    """Memory per node."""
+    signal_lead_s: int = 120
+    """USR2 this long before the time limit (``--signal=USR2@N``): stop intake, flush, requeue."""
+    max_requeues: int = 20
+    """Give up (no further requeue) after this many restarts of one job."""
+    job_dir: str | None = None
+    """Logs, submitit files and rendezvous; default: ``<output.path>/slurm``."""
+    extra_sbatch: dict[str, Any] = field(default_factory=dict)
+    """More sbatch options, e.g. ``{constraint: a100, exclusive: true}``."""
+    rendezvous: Literal["auto", "mpi", "file"] = "auto"
+    """How nodes learn the head's address: MPI broadcast when started under MPI, else a file."""
+    join_timeout_s: float = 300.0
+    """How long the head waits for every node to join."""
+    head_lost_s: float = 30.0
+    """A node that cannot reach the Ray head for this long before the run is over requeues the
+    job: the head node died (``--no-kill`` keeps the job alive without it)."""
+    fs_probe_timeout_s: float = 30.0
+    """How long nodes wait for each other's probe files in ``output.path`` before the run
+    stops naming the node that cannot see it (a node-local path)."""
+
+
+@dataclass
+class ClusterConfig:
+    kind: Literal["local", "slurm"] = "local"
+    """``local``: a private Ray on this machine; ``slurm``: a Ray cluster over a Slurm allocation."""
+    address: str | None = None
+    """Connect to this running Ray cluster instead of starting one."""
+    num_cpus: int | None = None
+    """CPUs the local Ray node advertises (default: all)."""
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+@dataclass
+class RoleConfig:
+    agent: str
+    """``module:Class`` of the role's :class:`~matrix_hpc.agents.Agent` subclass."""
+    instances: int = 1
+    """Ray actors serving this role."""
+    concurrency: int | None = None
+    """Tasks one actor runs at once; default: ``run.max_in_flight`` ÷ ``instances`` (rounded up)."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """Free-form settings handed to the agent's constructor."""
+    inline: bool = False
+    """Run this role's steps inside the actor that hands it a task (no Ray hop):
+    for cheap roles that call no LLM, such as answer extraction."""
+    model: str | None = None
+    """The key in ``models`` this role calls; optional when there is one model, none for a role
+    that calls no LLM."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """What every LLM call of this role sends (``max_tokens``, ``temperature``, ``top_p``, ``stop``,
+    ``seed``, ``extra``); unset keys take the model's defaults."""
+
+
+@dataclass
+class WorkflowConfig:
+    name: str
+    entry: str
+    """The role every task starts at."""
+    roles: dict[str, RoleConfig]
+    metrics: str | None = None
+    """``module:function`` turning a list of records into summary metrics."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """Settings shared by every role (merged under each role's params)."""
+
+
+@dataclass
+class DatasetConfig:
+    path: str
+    """JSONL or Parquet file; relative paths are resolved against the config file."""
+    format: Literal["auto", "jsonl", "parquet"] = "auto"
+    id_field: str = "id"
+    """Field holding a row's stable id; rows without it get a content hash."""
+    required_fields: list[str] = field(default_factory=list)
+    max_row_bytes: int = 65536
+    """Rows larger than this (serialized) fail with a recorded reason."""
+    limit: int | None = None
+    """Only the first N rows (after which the run is complete)."""
+
+
+@dataclass
+class OutputConfig:
+    path: str = "outputs/run"
+    chunk_rows: int = 256
+    """Records per zarr chunk (the unit of a write)."""
+    flush_interval_s: float = 1.0
+    """Longest a finished record waits before it is committed."""
+    fsync: bool = True
+    """fsync chunks and the commit file (survives power loss, not just a killed process)."""
+
+
+@dataclass
+class RunConfig:
+    max_in_flight: int = 256
+    """Tasks started and not yet committed, across the whole run (backpressure)."""
+    seed: int = 0
+    max_attempts: int = 3
+    """Times a task lost with a dead actor is re-sent before it fails."""
+    batch_size: int = 64
+    """Messages per Ray call between actors."""
+    batch_wait_ms: float = 100.0
+    """Longest a message waits in an outbox for its batch to fill. The window adapts below it:
+    about 5% of an actor's tasks wait there at a time (few tasks: sent at once)."""
+    progress: Literal["auto", "bar", "log", "off"] = "auto"
+    progress_interval_s: float = 5.0
+    """Seconds between progress lines when not on a terminal."""
+    health_interval_s: float = 1.0
+    """Seconds between liveness checks of the actors."""
+    metrics: bool = True
+    """Export Prometheus metrics through Ray (matrix_hpc.metrics; README "Watching a run")."""
+    actor_max_restarts: int = 10
+    """Times Ray re-creates an agent actor that died with its process or its node (on a
+    surviving node; its tasks are re-sent); -1: no limit. The sink and the LLM registries run
+    on the driver's node: they die only with the run."""
+    agent_placement: Literal["spread", "pack"] = "spread"
+    """``spread``: a role's instances go to different (CPU) nodes where possible, so a dead
+    node takes few of them; ``pack``: Ray fills one node first."""
+    stop_grace_s: float = 10.0
+    """On a stop (Ctrl-C, SIGTERM; on Slurm only USR2, since a Slurm TERM means KILL is near):
+    how long tasks in flight may finish before the rest are abandoned (they are not in
+    the store, so the resumed run does them again)."""
+
+
+@dataclass
+class JobConfig:
+    workflow: WorkflowConfig
+    dataset: DatasetConfig
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    models: dict[str, ModelConfig] = field(default_factory=dict)
+    """Named models; a role calls the one it names (``workflow.roles.NAME.model``)."""
+    llm: ModelConfig | None = None
+    """Shorthand for one model, named ``llm.model`` (default ``default``); not together with ``models``.
+    After loading it is the same object as that entry of ``models``."""
+    sandbox: PoolConfig | None = None
+    """Settings of the per-node sandbox pool, for workflows that run tools (agents get it as ``ctx.sandbox``)."""
+    output: OutputConfig = field(default_factory=OutputConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    source_file: str | None = field(default=None, metadata={"internal": True})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data that loads back to this config (``llm`` folded into ``models``)."""
+        data = dataclasses.asdict(self)
+        data.pop("source_file", None)
+        data.pop("llm", None)
+        return data
+
+    def role_model(self, role: str) -> str | None:
+        """The key in ``models`` of the model ``role`` calls (the only one, when it names none)."""
+        named = self.workflow.roles[role].model
+        if named is None and len(self.models) == 1:
+            return next(iter(self.models))
+        return named
+
+
+# --- loading ----------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> JobConfig:
+    """Read a YAML job spec, apply ``key=value`` overrides, and type-check it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    data = merge(data, parse_overrides(overrides or []))
+    config = build(JobConfig, data, "")
+    config.source_file = str(path.resolve())
+    _fold_models(config)
+    _validate(config)
+    from .checks import check_job  # the cross-section checks: models, roles, GPUs
+
+    check_job(config)
+    return config
+
+
+def _fold_models(config: JobConfig) -> None:
+    """One map of models whatever was written: ``llm:`` (or nothing) is one model named ``llm.model``."""
+    if config.llm is not None and config.models:
+        raise ConfigError("llm: give either llm (one model) or models (several), not both")
+    if not config.models:
+        llm = config.llm or ModelConfig()
+        llm.model = llm.model or "default"
+        config.llm = llm
+        config.models = {llm.model: llm}
+    for name, model in config.models.items():
+        model.model = model.model or name
+
+
+def resolve_dataset_path(config: JobConfig) -> Path:
+    """The dataset path, relative paths taken from the config file's folder."""
+    p = Path(os.path.expanduser(config.dataset.path))
+    if not p.is_absolute() and config.source_file:
+        p = Path(config.source_file).parent / p
+    return p
+
+
+def _validate(config: JobConfig) -> None:
+    wf = config.workflow
+    if wf.entry not in wf.roles:
+        raise ConfigError(f"workflow.entry: {wf.entry!r} is not one of workflow.roles ({', '.join(wf.roles)})")
+    for name, role in wf.roles.items():
+        if ":" not in role.agent:
+            raise ConfigError(f"workflow.roles.{name}.agent: expected 'module:Class', got {role.agent!r}")
+        for attr in ("instances", "concurrency"):
+            if getattr(role, attr) is not None and getattr(role, attr) < 1:
+                raise ConfigError(f"workflow.roles.{name}.{attr}: must be >= 1")
+    positive = {
+        "run.max_in_flight": config.run.max_in_flight,
+        "run.batch_size": config.run.batch_size,
+        "run.max_attempts": config.run.max_attempts,
+        "output.chunk_rows": config.output.chunk_rows,
+        "dataset.max_row_bytes": config.dataset.max_row_bytes,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if config.run.actor_max_restarts < -1:
+        raise ConfigError(f"run.actor_max_restarts: must be >= 0, or -1 for no limit, got {config.run.actor_max_restarts}")

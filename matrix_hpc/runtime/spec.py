@@ -1,0 +1,125 @@
+"""What every actor of a run is built from: the team spec, typed, sent once to each actor.
+
+One :class:`ClientSpec` per model (its endpoints, its registry, its client limits),
+one :class:`RoleSpec` per role (its agent class, its model, its sampling, and its
+per-actor limits, derived from ``run.max_in_flight`` where unset: runtime.limits).
+Built from the job config by :func:`team_spec`; nothing here is read back by key.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import JobConfig, ModelConfig, PoolConfig, Sampling, resolve_sampling
+from ..config.checks import model_key
+from .limits import role_limits
+
+__all__ = ["ClientSpec", "RoleSpec", "TeamSpec", "team_spec"]
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    """How an agent actor calls one model: where (``urls``, kept current by ``registry``) and how."""
+
+    name: str
+    """The model's key in ``models``."""
+    served_name: str
+    """What requests ask for."""
+    urls: list[str]
+    registry: str | None = None
+    """Name of the model's :class:`EndpointRegistry` actor; clients follow its routable set."""
+    api_key_env: str | None = None
+    timeout_s: float = 120.0
+    max_retries: int = 3
+    retry_backoff_s: float = 1.0
+    max_connections: int | None = None
+    """As configured (None: derived per role, see :attr:`RoleSpec.max_connections`)."""
+    max_outstanding: int | None = None
+    sticky: bool = True
+
+    @classmethod
+    def from_model(cls, name: str, m: ModelConfig, urls: list[str], registry: str | None) -> ClientSpec:
+        return cls(
+            name=name, served_name=m.served_name, urls=list(urls), registry=registry, api_key_env=m.api_key_env,
+            timeout_s=m.timeout_s, max_retries=m.max_retries, retry_backoff_s=m.retry_backoff_s,
+            max_connections=m.max_connections, max_outstanding=m.max_outstanding_per_endpoint, sticky=m.sticky,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    agent: str
+    instances: int
+    concurrency: int
+    params: dict[str, Any] = field(default_factory=dict)
+    inline: bool = False
+    model: str | None = None
+    """The key in :attr:`TeamSpec.models` this role calls (None: it calls no LLM)."""
+    sampling: Sampling = field(default_factory=Sampling)
+    max_connections: int = 64
+    """HTTP connections of one actor's client (its model's setting, else derived)."""
+    max_outstanding: int = 64
+    """Requests one actor keeps open against one endpoint (its model's setting, else derived)."""
+
+
+@dataclass(frozen=True)
+class TeamSpec:
+    """Everything an actor needs to find its peers and call its role's model."""
+
+    run_id: str
+    namespace: str
+    roles: dict[str, RoleSpec]
+    models: dict[str, ClientSpec] = field(default_factory=dict)
+    batch_size: int = 64
+    batch_wait_s: float = 0.02
+    sandbox: PoolConfig | None = None
+    metrics: bool = True
+    """Export Prometheus metrics (``run.metrics``; see matrix_hpc.metrics)."""
+    actor_max_restarts: int = 10
+    """``run.actor_max_restarts``: how often Ray re-creates a dead agent actor."""
+    agent_placement: str = "spread"
+    """``run.agent_placement``: ``spread`` (a role's instances over the nodes) or ``pack``."""
+
+
+def _uses_llm(agent: str) -> bool:
+    module, _, attr = agent.partition(":")
+    try:
+        return bool(getattr(getattr(importlib.import_module(module), attr), "uses_llm", True))
+    except (ImportError, AttributeError):  # Team reports it, naming the key
+        return True
+
+
+def team_spec(
+    config: JobConfig, run_id: str, namespace: str, endpoints: dict[str, tuple[list[str], str | None]], warn: Callable[[str], None] | None = None
+) -> TeamSpec:
+    """The team of ``config``; ``endpoints``: per model key, its URLs at start and its registry's name.
+
+    ``warn`` hears, once per role, which explicit limit keeps ``run.max_in_flight`` out of reach.
+    """
+    wf = config.workflow
+    roles = {}
+    for name, r in wf.roles.items():
+        model = config.role_model(name)
+        m = config.models.get(model) if model else None
+        lim = role_limits(
+            name, config.run.max_in_flight, r.instances, r.concurrency, uses_llm=m is not None and _uses_llm(r.agent),
+            endpoints=len(endpoints.get(model, ([], None))[0]) if model else 1,
+            max_connections=m.max_connections if m else None, max_outstanding_per_endpoint=m.max_outstanding_per_endpoint if m else None,
+            model_key=model_key(config, model) if model else "llm",
+        )  # fmt: skip
+        if lim.warning and warn is not None and not r.inline:  # an inline role runs in its callers' workers
+            warn(lim.warning)
+        roles[name] = RoleSpec(
+            agent=r.agent, instances=r.instances, concurrency=lim.concurrency, params={**wf.params, **r.params}, inline=r.inline,
+            model=model, sampling=resolve_sampling(m, r.sampling),
+            max_connections=lim.max_connections, max_outstanding=lim.max_outstanding_per_endpoint,
+        )  # fmt: skip
+    models = {name: ClientSpec.from_model(name, m, *endpoints.get(name, ([], None))) for name, m in config.models.items()}
+    return TeamSpec(
+        run_id=run_id, namespace=namespace, roles=roles, models=models, batch_size=config.run.batch_size,
+        batch_wait_s=config.run.batch_wait_ms / 1000.0, sandbox=config.sandbox, metrics=config.run.metrics,
+        actor_max_restarts=config.run.actor_max_restarts, agent_placement=config.run.agent_placement,
+    )  # fmt: skip

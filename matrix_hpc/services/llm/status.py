@@ -1,0 +1,52 @@
+"""The state of one LLM endpoint, as the registry reports it and run.json / ``matrix-hpc status`` show it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["EndpointStatus"]
+
+
+@dataclass
+class EndpointStatus:
+    model: str
+    """The model's key in ``models``."""
+    url: str
+    replica: int | None
+    """Index of the managed replica serving it; None for an external endpoint."""
+    state: str = "up"
+    """``up`` (routable), ``down`` (failing probes), ``restarting``, or ``failed`` (given up)."""
+    failures: int = 0
+    restarts: int = 0
+    probes: int = 0
+    last_error: str | None = None
+    last_ok_at: float | None = None
+    restarted_at: float | None = None
+    served_model: str | None = None
+    """What requests ask this endpoint for."""
+    # Of a managed replica (from its actor; None for an external endpoint or an unreachable actor):
+    kind: str | None = None
+    pid: int | None = None
+    log: str | None = None
+    starts: int | None = None
+    alive: bool | None = None
+    node_ip: str | None = None
+    host: str | None = None
+    """The node the replica runs on (its placement)."""
+    gpus: int | None = None
+    """GPUs the replica claimed from Ray."""
+    gpu_ids: list[str] | None = None
+    """The GPUs Ray gave the replica (``ray.get_runtime_context().get_accelerator_ids()``)."""
+    actor_pid: int | None = None
+    info_error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EndpointStatus:
+        """From run.json or services.json (unknown keys of other versions are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names and k != "model"}, model=str(data.get("model") or "default"))
