@@ -166,6 +166,35 @@ def test_nodes_are_separate_hosts(cluster: SlurmCluster, tmp_path: Path) -> None
     assert cluster.node_addr["n1"] != cluster.node_addr["n2"] and not cluster.node_addr["n1"].startswith("127.")
 
 
+def test_a_dead_sessions_namespaces_and_processes_are_cleaned_up() -> None:
+    """What a SIGKILLed session left (a namespace named after its dead pid, a process inside,
+    its bridge) goes at the next start; a live session's namespaces stay."""
+    import subprocess
+
+    from tests.netns import TestNet, clean_stale
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs
+    live = TestNet(owner_pid=os.getppid()).create()  # a live session's (its owner, our parent, runs)
+    live.add_host("t2", 2)
+    net = TestNet(owner_pid=dead.pid).create()  # creating cleans stale ones too: make it last
+    net.add_host("t1", 2)
+    left = subprocess.Popen(["nsenter", f"--net={net.ns_path('t1')}", "sleep", "300"], start_new_session=True)
+    own_net = os.readlink("/proc/self/ns/net")
+    wait_until(lambda: os.readlink(f"/proc/{left.pid}/ns/net") != own_net, 10, "the process inside the namespace")
+    try:
+        removed = clean_stale()
+        assert net.ns_name("t1") in removed and net.bridge in removed, removed
+        assert left.wait(10) == -9
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert net.ns_name("t1") not in listed and live.ns_name("t2") in listed, listed
+    finally:
+        live.remove()
+        net.remove()
+        if left.poll() is None:
+            left.kill()
+
+
 STEP = r"""
 import os, signal, socket, sys, time
 fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
