@@ -144,6 +144,10 @@ class TestNet:
         self.addrs[host] = addr
         return addr
 
+    def set_link(self, host: str, up: bool) -> None:
+        """Plug (``up``) or unplug ``host``'s cable: its bridge-side veth end."""
+        _ip("link", "set", f"mh{self.owner}{host}", "up" if up else "down")
+
     def remove(self) -> None:
         if not self._up:
             return

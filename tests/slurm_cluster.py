@@ -432,11 +432,13 @@ class SlurmCluster:
         return [] if d.init_pid is None else self._pids_in_pidns(d.init_pid)
 
     def kill_node(self, node: str, reason: str = "killed by test") -> float:
-        """Crash ``node``: SIGKILL its PID 1, so the kernel kills every process on it at once
+        """Crash ``node``: unplug its link (packets to it vanish, as to a dead host, instead of
+        being refused) and SIGKILL its PID 1, so the kernel kills every process on it at once
         (slurmd, slurmstepd, job steps, Ray); then tell slurmctld it is down, as a health check
         would (Slurm's own detection waits SlurmdTimeout). Returns the kill's time.time()."""
         d = self._slurmd(node)
         assert d.init_pid is not None and d.alive(), f"{node} is not running"
+        self.net.set_link(node, up=False)
         os.kill(d.init_pid, signal.SIGKILL)
         t = time.time()
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -449,6 +451,7 @@ class SlurmCluster:
         d = self._slurmd(node)
         self._kill_node_processes(d)
         self._daemons.remove(d)
+        self.net.set_link(node, up=True)
         deadline = time.monotonic() + timeout
         self._start_slurmd(node)
         self._wait_slurmd(node, deadline)

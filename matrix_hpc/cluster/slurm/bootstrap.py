@@ -80,9 +80,16 @@ class NodeEnv:
 def _wait_for_nodes(address: str, n: int, timeout_s: float) -> list[dict[str, Any]]:
     import ray
 
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+            break
+        except ConnectionError:  # the head's raylet not registered yet (a loaded node is slow)
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
     try:
-        deadline = time.monotonic() + timeout_s
         while True:
             alive = [nd for nd in ray.nodes() if nd.get("Alive")]
             if len(alive) >= n:
@@ -92,6 +99,9 @@ def _wait_for_nodes(address: str, n: int, timeout_s: float) -> list[dict[str, An
             time.sleep(0.5)
     finally:
         ray.shutdown()
+
+
+_MAX_JOINS = 3
 
 
 class _HeadWatch:
@@ -194,7 +204,17 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
             say(f"joined the Ray head at {head['address']} (rendezvous by {head['via']})")
             give_up: float | None = None
             head_watch = _HeadWatch(head["address"], slurm.head_lost_s)
-            while not rdv.finished() and ray_node.alive() and not head_watch.lost():
+            joins = 1
+            while not rdv.finished() and not head_watch.lost():
+                if not ray_node.alive():
+                    # Ray gives a node 30 s to register; a loaded node misses it. Join again:
+                    # the run needs this node to form, and takes it back if it formed already.
+                    if signals.is_set() or joins >= _MAX_JOINS:
+                        break
+                    say(f"Ray on this node exited (see {ray_node.log_path}); joining the head again")
+                    ray_node.stop()
+                    ray_node.start(head["address"])
+                    joins += 1
                 if signals.is_set() and signals.reason != "SIGUSR2" and give_up is None:
                     give_up = time.monotonic() + config.run.stop_grace_s + 15  # let rank 0 save first
                 if give_up is not None and time.monotonic() > give_up:
