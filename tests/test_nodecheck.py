@@ -81,3 +81,28 @@ def test_cleanup_temp_dirs_keeps_this_life_and_other_jobs(tmp_path: Path, monkey
     finally:
         for d in made:
             shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_server_advertises_the_node_address_on_a_multi_node_ray_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the bootstrap's MATRIX_HPC_NODE_IP (a Ray cluster started by hand), a replica must
+    not advertise loopback once another node may call it: it takes Ray's node address."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from matrix_hpc.labels import NODE_IP_ENV, node_host
+
+    monkeypatch.delenv(NODE_IP_ENV, raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    ip = "127.0.1.7"  # an address of this machine that is not 127.0.0.1 (which Ray rewrites)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": ip, "include_dashboard": False})
+    try:
+        ray.init(address=cluster.address, _node_ip_address=ip, logging_level="WARNING")
+        assert node_host() == "127.0.0.1"  # one node: loopback is right
+        cluster.add_node(num_cpus=1, node_ip_address=ip)
+        cluster.wait_for_nodes()
+        assert node_host() == ip
+        monkeypatch.setenv(NODE_IP_ENV, "10.9.8.7")
+        assert node_host() == "10.9.8.7"  # the bootstrap's choice wins
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
