@@ -42,7 +42,7 @@ def start_ray(cfg: ClusterConfig, namespace: str) -> RayCluster:
     ctx = ray.init(
         address=cfg.address,
         num_cpus=cfg.num_cpus if cfg.address is None else None,
-        resources=node_resources({"gpu", "cpu"}) if cfg.address is None else None,
+        resources=node_resources({"gpu", "cpu", "head"}) if cfg.address is None else None,
         namespace=namespace,
         include_dashboard=False,
         log_to_driver=False,

@@ -182,7 +182,7 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
     node = NodeEnv.detect(slurm.rendezvous)
     jdir = job_dir(config)
     rdv = Rendezvous(jdir / "rendezvous" / node.key, node.rank, node.size, slurm.rendezvous)
-    kinds = {"gpu", "cpu"} if node_type == "both" else {node_type}
+    kinds = ({"gpu", "cpu"} if node_type == "both" else {node_type}) | ({"head"} if node.rank == 0 else set())
     cleanup_temp_dirs(node.job_id, node.restart, keep_current=True)
     ray_node = RayNode(
         node.node_ip, pick_ports(node.node_ip), node_resources(kinds), f"/tmp/mhpc-{node.key}",
