@@ -12,6 +12,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ..labels import CPU_NODE, placement
 from .actor import AgentActor, actor_name, load_object, sink_name
 from .agent import Agent
+from .health import ActorPing
 from .sink import SinkActor
 from .spec import TeamSpec
 from .task import Task
@@ -41,7 +42,7 @@ class Team:
         self.spec = spec
         self.entry = entry
         agent_nodes = placement(CPU_NODE)  # agents on CPU nodes when the cluster labels them
-        self.sink = SinkActor.options(name=sink_name(spec.run_id)).remote(store_path, chunk_rows, flush_interval_s, fsync)
+        self.sink = SinkActor.options(name=sink_name(spec.run_id)).remote(store_path, chunk_rows, flush_interval_s, fsync, spec.metrics)
         self.actors: dict[str, list[Any]] = {
             role: [AgentActor.options(name=actor_name(spec.run_id, role, i), resources=agent_nodes).remote(spec, role, i) for i in range(rs.instances)]
             for role, rs in spec.roles.items()
@@ -57,16 +58,38 @@ class Team:
             named.update({actor_name(self.spec.run_id, role, i): h for i, h in enumerate(handles)})
         return named
 
-    async def start(self, timeout_s: float = 120.0) -> None:
-        """Wait until every actor answers (surfacing constructor errors)."""
+    async def start(self, timeout_s: float = 120.0, setup_timeout_s: float = 600.0) -> None:
+        """Wait until every actor answers (surfacing constructor errors), then run every
+        agent's ``setup()``; a failed one stops the run with the role's key."""
         names = list(self._all())
         try:
             replies = await asyncio.wait_for(asyncio.gather(*(h.ping.remote() for h in self._all().values())), timeout_s)
         except RayActorError as exc:
             raise TeamError(f"an actor failed to start: {exc}") from None
-        for name, (inc, pid, host) in zip(names, replies):
-            self.incarnations[name] = inc
-            self.pids[name], self.hosts[name] = pid, host
+        for name, reply in zip(names, replies):
+            self._note(name, reply)
+        agents = [h for handles in self.actors.values() for h in handles]
+        try:
+            errors = await asyncio.wait_for(asyncio.gather(*(h.setup.remote() for h in agents)), setup_timeout_s)
+        except asyncio.TimeoutError:
+            raise TeamError(f"agents' setup() did not finish in {setup_timeout_s:.0f}s") from None
+        failed = sorted({e for e in errors if e})
+        if failed:
+            raise TeamError(failed[0])
+
+    def _note(self, name: str, reply: ActorPing) -> None:
+        self.incarnations[name] = reply.incarnation
+        self.pids[name], self.hosts[name] = reply.pid, reply.host
+        for warning in reply.warnings:
+            log.warning("%s", warning)
+
+    async def close(self, timeout_s: float = 30.0) -> None:
+        """Run every agent's ``close()`` (best effort: the run's results are committed)."""
+        agents = [h for handles in self.actors.values() for h in handles]
+        try:
+            await asyncio.wait_for(asyncio.gather(*(h.close.remote() for h in agents), return_exceptions=True), timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("agents' close() did not finish in %.0fs", timeout_s)
 
     async def check(self, timeout_s: float = 5.0) -> tuple[list[str], list[str]]:
         """(restarted, unreachable) actor names since the last check."""
@@ -85,11 +108,9 @@ class Team:
                     role = name.split("/")[-2]
                     dead_by_role[role] = dead_by_role.get(role, 0) + 1
                 continue
-            inc, pid, host = reply
-            if self.incarnations.get(name) != inc:
+            if self.incarnations.get(name) != reply.incarnation:
                 restarted.append(name)
-                self.incarnations[name] = inc
-                self.pids[name], self.hosts[name] = pid, host
+            self._note(name, reply)
         for role, n in dead_by_role.items():
             total = 1 if role == "__sink__" else len(self.actors[role])
             if n >= total:
@@ -100,6 +121,15 @@ class Team:
         """Ids some actor holds (queued, running, in an outbox, or pending commit)."""
         lists = await asyncio.wait_for(asyncio.gather(*(h.held_ids.remote() for h in self._all().values())), timeout_s)
         return {i for ids in lists for i in ids}
+
+    async def replay_stats(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+        """Each agent actor's journal counters, after it flushed its journal (actors with replay off are left out)."""
+        handles = [h for hs in self.actors.values() for h in hs]
+        try:
+            stats = await asyncio.wait_for(asyncio.gather(*(h.replay_stats.remote() for h in handles), return_exceptions=True), timeout_s)
+        except asyncio.TimeoutError:
+            return []
+        return [s for s in stats if isinstance(s, dict)]
 
     async def dispatch(self, tasks: list[Task], batch_size: int) -> None:
         """Send new tasks to the entry role, round-robin in batches; returns once accepted."""

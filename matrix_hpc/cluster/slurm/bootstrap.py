@@ -177,7 +177,7 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
         say(f"Ray cluster of {len(nodes)} node(s) at {ray_node.address} formed in {time.time() - t0:.1f}s (rendezvous by {head['via']})")
         config.cluster.address = ray_node.address
 
-        from ..job import run_job  # the job layer sits above the cluster layer
+        from ...job import run_job  # the job layer sits above the cluster layer
 
         summary = run_job(config, on_event=say, stop=signals)
         p = summary.progress
