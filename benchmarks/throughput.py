@@ -399,13 +399,13 @@ def main() -> None:
     try:
         for conc in (int(c) for c in args.concurrency.split(",") if c.strip()):
             n = max(args.tasks, conc)
-            for sched in scheds:
-                reps = []
-                for rep in range(args.repeats):
+            reps: dict[str, list[Row]] = {sched: [] for sched in scheds}
+            for rep in range(args.repeats):  # schedulers take turns: a load change on the machine hits all alike
+                for sched in scheds:
                     row = one_run(sched, args.workflow, conc, n, url, {engine.pid}, model.peak_tokens_per_s)
                     print(f"  {sched} conc={conc} run {rep + 1}: {row.tokens_per_s:.0f} tok/s, util {row.utilization:.1%}, fill {row.engine_fill:.1%}, load {row.load:.1f}, complete={row.complete}", file=sys.stderr, flush=True)
-                    reps.append(row)
-                rows.append(median_row(reps))
+                    reps[sched].append(row)
+            rows.extend(median_row(r) for r in reps.values())
     finally:
         engine.terminate()
         engine.wait()
