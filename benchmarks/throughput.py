@@ -70,8 +70,9 @@ class Row:
     load: float = 0.0
     """The machine's 1-minute load average at the end of the run (the engine shares the cores)."""
     engine_fill: float = 0.0
-    """Share of the engine's batch slots filled over its steps in this run: ~100% means the
-    scheduler kept it fed, whatever the wall clock (a CPU-starved engine steps late)."""
+    """Share of the engine's batch slots busy over its modeled time plus its idle time: how well
+    the scheduler kept it fed, whatever the wall clock did (a CPU-starved engine steps late,
+    which lowers ``utilization`` but not this)."""
     cpu_by_kind: dict[str, float] = field(default_factory=dict)
     """CPU ms per hop by process kind (``--cpu-breakdown``)."""
 
@@ -284,8 +285,8 @@ def one_run(scheduler: str, workflow: str, concurrency: int, n: int, url: str, e
     before = engine_stats(url)
     row = _one_run(scheduler, workflow, concurrency, n, url, exclude, peak)
     after = engine_stats(url)
-    steps = after["steps"] - before["steps"]
-    row.engine_fill = (after["tokens"] - before["tokens"]) / max(1, steps * after["model"]["max_batch"])
+    engine_s = after["model_s"] - before["model_s"] + after["idle_s"] - before["idle_s"]
+    row.engine_fill = (after["busy_slot_s"] - before["busy_slot_s"]) / max(1e-9, engine_s * after["model"]["max_batch"])
     row.load = os.getloadavg()[0]
     return row
 
