@@ -254,9 +254,13 @@ def run_ours(job: Path, exclude: set[int], extra: list[str]) -> tuple[float, flo
         if not started:  # Ray and the team are up: start measuring here
             started["t"] = time.monotonic()
             sampler.__enter__()
+            ENGINE.start()
+        if p.remaining == 0 and "end" not in started:  # all committed: the work ends here, not after shutdown
+            started["end"] = time.monotonic()
+            ENGINE.stop()
 
     summary = run_job(config, on_progress=on_progress)
-    elapsed = summary.progress.elapsed_s
+    elapsed = started.get("end", time.monotonic()) - summary.progress.started_at
     sampler.__exit__(None, None, None)
     LAST_BREAKDOWN.clear()
     LAST_BREAKDOWN.update(sampler.by_kind())
@@ -266,7 +270,9 @@ def run_ours(job: Path, exclude: set[int], extra: list[str]) -> tuple[float, flo
 def run_baseline(fn: Callable[[], Finished], out: Path, exclude: set[int]) -> tuple[float, float, int]:
     with TreeSampler(exclude) as sampler:
         t = time.monotonic()
+        ENGINE.start()
         finished = fn()
+        ENGINE.stop()
         writer = StoreWriter(out, fsync=True)
         writer.append([RecordRow.from_record(task.to_record(finished_at=at)) for task, at in finished])
         writer.close()
@@ -281,12 +287,35 @@ def engine_stats(url: str) -> dict[str, Any]:
         return json.loads(resp.read())  # type: ignore[no-any-return]
 
 
+class EngineWindow:
+    """The engine's counters over the measured part of a run (not Ray's start or shutdown)."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.before: dict[str, Any] = {}
+        self.after: dict[str, Any] = {}
+
+    def start(self) -> None:
+        self.before = engine_stats(self.url)
+
+    def stop(self) -> None:
+        self.after = engine_stats(self.url)
+
+    def fill(self) -> float:
+        b, a = self.before, self.after
+        if not b or not a:
+            return 0.0
+        engine_s = a["model_s"] - b["model_s"] + a["idle_s"] - b["idle_s"]
+        return (a["busy_slot_s"] - b["busy_slot_s"]) / max(1e-9, engine_s * a["model"]["max_batch"])
+
+
+ENGINE = EngineWindow()
+
+
 def one_run(scheduler: str, workflow: str, concurrency: int, n: int, url: str, exclude: set[int], peak: float) -> Row:
-    before = engine_stats(url)
+    ENGINE.url, ENGINE.before, ENGINE.after = url, {}, {}
     row = _one_run(scheduler, workflow, concurrency, n, url, exclude, peak)
-    after = engine_stats(url)
-    engine_s = after["model_s"] - before["model_s"] + after["idle_s"] - before["idle_s"]
-    row.engine_fill = (after["busy_slot_s"] - before["busy_slot_s"]) / max(1e-9, engine_s * after["model"]["max_batch"])
+    row.engine_fill = ENGINE.fill()
     row.load = os.getloadavg()[0]
     return row
 
