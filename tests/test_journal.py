@@ -141,3 +141,16 @@ def test_a_disk_error_disables_the_writer_and_never_fails_the_call(tmp_path: Pat
     w = asyncio.run(main())
     assert w.disabled is not None and "/dev/full" in w.disabled and "space" in w.disabled.lower()
     assert w.entries == 0 and w.get("d00001") is None
+
+
+def test_append_nowait_does_not_wait_and_flush_makes_it_durable(tmp_path: Path) -> None:
+    async def main() -> None:
+        w = JournalWriter(tmp_path / "n.jnl")
+        futs = [w.append_nowait(entry(i)) for i in range(100)]
+        assert not any(f.done() for f in futs) and (tmp_path / "n.jnl").stat().st_size == 0  # queued, not written
+        await w.flush()
+        assert all(f.done() for f in futs)
+        assert len(list(read_entries(tmp_path / "n.jnl"))) == 100  # on disk before close
+        await w.close()
+
+    asyncio.run(main())

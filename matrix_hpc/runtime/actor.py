@@ -208,9 +208,13 @@ class AgentActor:
             if dropped:
                 log.debug("journal: dropped %d entries of committed tasks", dropped)
 
-    def replay_stats(self) -> dict[str, Any] | None:
-        """Journal counters of this incarnation (hits, writes, bytes, write time), or None when off."""
-        return None if self._replay is None else self._replay.stats()
+    async def replay_stats(self) -> dict[str, Any] | None:
+        """Flush this incarnation's journal and return its counters (hits, writes, bytes,
+        write time), or None when off. The driver calls it before a graceful shutdown."""
+        if self._replay is None:
+            return None
+        await self._replay.flush()
+        return self._replay.stats()
 
     async def receive(self, tasks: list[Task]) -> None:
         self._start()

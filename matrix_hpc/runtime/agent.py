@@ -144,7 +144,7 @@ class Agent:
                                        served_model=self.ctx.llm.model, max_tokens=request.get("max_tokens"), temperature=request.get("temperature"), error=exc.kind))  # fmt: skip
                 raise
             if replay is not None:
-                await replay.record(digest, task.id, res, started)  # durable before the task moves on
+                replay.record(digest, task.id, res, started)  # batched: the task does not wait for the fsync
         text = res.text or (json.dumps([c.get("function", c) for c in res.tool_calls], ensure_ascii=False) if res.tool_calls else "")
         task.turns.append(
             Turn(

@@ -73,9 +73,13 @@ class Replay:
         self.saved_tokens += res.prompt_tokens + res.completion_tokens
         return res, float(p.get("started_at") or 0.0)
 
-    async def record(self, digest: str, task_id: str, res: ChatResult, started_at: float) -> None:
-        """Journal a completed call; returns once it is durable (group commit)."""
-        await self.writer.append(JournalEntry(digest, task_id, _payload(res, started_at)))
+    def record(self, digest: str, task_id: str, res: ChatResult, started_at: float) -> None:
+        """Journal a completed call. It is durable within one flush window (~10 ms): the task
+        does not wait for the fsync, so a kill loses at most the calls of that window."""
+        self.writer.append_nowait(JournalEntry(digest, task_id, _payload(res, started_at)))
+
+    async def flush(self) -> None:
+        await self.writer.flush()
 
     async def compact(self, sink: Any) -> int:
         """Drop this writer's entries of tasks the sink has committed (one Ray call)."""

@@ -123,7 +123,7 @@ class Team:
         return {i for ids in lists for i in ids}
 
     async def replay_stats(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
-        """Each agent actor's journal counters (actors with replay off are left out)."""
+        """Each agent actor's journal counters, after it flushed its journal (actors with replay off are left out)."""
         handles = [h for hs in self.actors.values() for h in hs]
         try:
             stats = await asyncio.wait_for(asyncio.gather(*(h.replay_stats.remote() for h in handles), return_exceptions=True), timeout_s)

@@ -7,7 +7,8 @@ Layout (under the output folder, so on the shared FS a requeued job sees)::
 
 A file is a sequence of framed entries ``MJ | length u32 | crc32 u32 | JSON``. Each
 file has exactly one writer, which appends whole batches with one ``write`` + ``fsync``
-(group commit: :meth:`JournalWriter.append` returns once its entry is durable). A
+(group commit: :meth:`JournalWriter.append` returns once its entry is durable;
+:meth:`~JournalWriter.append_nowait` does not wait). A
 kill mid-write leaves a torn tail (short frame, bad crc, zeros): readers stop at the
 first bad frame, so every entry they return is whole. The store layer knows nothing
 of what an entry means: ``payload`` is opaque JSON for the caller (the runtime).
@@ -161,7 +162,8 @@ def _read_fd(fd: int) -> bytes:
 class JournalWriter:
     """The one writer of one journal file: batched appends, group commit, self-compaction.
 
-    :meth:`append` queues an entry and returns once it is durable. A flush starts as
+    :meth:`append` queues an entry and returns once it is durable; :meth:`append_nowait`
+    queues it and returns at once (durable within a flush window). A flush starts as
     soon as the previous one is done and ``flush_interval_s`` has passed since it
     began, so under load one ``write`` + ``fsync`` carries many entries. A write error
     (disk full) disables the writer with one warning: replay is an optimization, a
@@ -195,15 +197,25 @@ class JournalWriter:
 
     async def append(self, entry: JournalEntry) -> None:
         """Queue ``entry``; returns when it is on disk (or the writer is disabled)."""
+        await self.append_nowait(entry)
+
+    def append_nowait(self, entry: JournalEntry) -> asyncio.Future[None]:
+        """Queue ``entry`` for the next flush; the future is done once it is on disk."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self.disabled:
-            return
+            fut.set_result(None)
+            return fut
         if self._flusher is None:
             self._start()
         assert self._wake is not None
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._buf.append((entry, encode(entry), fut))
         self._wake.set()
-        await fut
+        return fut
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is on disk."""
+        if self._buf:
+            await asyncio.gather(*(fut for _, _, fut in self._buf))
 
     async def _flush_loop(self) -> None:
         assert self._wake is not None and self._lock is not None
