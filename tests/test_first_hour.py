@@ -48,8 +48,9 @@ def test_output_under_a_regular_file(tmp_path: Path) -> None:
     assert one_line(res) == f"matrix-hpc: error: output.path: {tmp_path}/notes is a file, not a folder"
 
 
-def test_output_that_cannot_be_created() -> None:
-    res = cli("run", str(CONFIG), "output.path=/proc/out")
+@pytest.mark.parametrize("command", ["run", "serve"])
+def test_output_that_cannot_be_created(command: str) -> None:
+    res = cli(command, str(CONFIG), "output.path=/proc/out")
     assert res.returncode == 2
     assert one_line(res) == "matrix-hpc: error: output.path: cannot create /proc/out: no such file or directory"
 
