@@ -2,13 +2,23 @@
 
     python -m benchmarks.throughput --workflow collab_reasoning --concurrency 100,1000
     python -m benchmarks.throughput --workflow web_reasoning --concurrency 100,1000 --json out.json
+    python -m benchmarks.throughput --schedulers ours --concurrency 100 --scale 50000,100000   # scale rows only
+    python -m benchmarks.throughput --schedulers ours --replay compare   # the call journal's cost
 
 Every scheduler runs the same workflow agents against the same latency-model
 engine (``benchmarks.latency_engine``, a separate process), whose analytic peak
 tokens/s is the ceiling. Per scheduler and concurrency it prints the median of
-``--repeats`` runs: tasks/s, output tokens/s, utilization (achieved ÷ peak), p50/p99
-task latency, CPU ms per agent hop (all processes but the engine), peak RSS, and
-whether the store holds every id exactly once.
+``--repeats`` runs: tasks/s, output tokens/s, utilization (achieved ÷ peak), engine
+fill (share of its batch slots busy per step: the scheduler kept it fed even when the
+machine's load made its steps late), the machine's load average, p50/p99
+task latency, CPU ms per agent hop and per LLM hop (all processes but the engine),
+peak RSS, and whether the store holds every id exactly once. ``ours-nometrics`` is
+ours with ``run.metrics=false`` (what the Prometheus metrics cost). The scale rows
+(``--scale``) run ours alone with as many tasks as in flight (50,000 and 100,000 by
+default) against a bigger engine batch, so that a cost growing with the number of
+waiting tasks shows as lost utilization.
+``--replay compare`` runs ours with the call journal (``run.replay``) on and off
+("ours/noreplay") and prints the difference.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,7 +49,7 @@ from matrix_hpc.services.llm.embedded import free_port
 from matrix_hpc.store import RecordRow, StoreReader, StoreWriter
 
 REPO = Path(__file__).resolve().parent.parent
-SCHEDULERS = ("ours", "batch_sync", "central", "ray_data")
+SCHEDULERS = ("ours", "ours-nometrics", "batch_sync", "central", "ray_data")
 PIPELINES = {"web_reasoning": ["filter", "scorer", "questioner"]}  # fixed stage order for ray_data
 
 
@@ -55,10 +65,18 @@ class Row:
     p99_s: float
     cpu_ms_per_hop: float
     peak_rss_mb: float
+    cpu_ms_per_llm_hop: float
     complete: bool
     tasks: int = 0
     ray_warnings: int = 0
     """Ray log lines warning of pending/backlogged calls (ours only)."""
+    load: float = 0.0
+    """The machine's 1-minute load average at the end of the run (the engine shares the cores)."""
+    engine_fill: float = 0.0
+    """Share of the engine's batch slots filled over its steps in this run: ~100% means the
+    scheduler kept it fed, whatever the wall clock (a CPU-starved engine steps late)."""
+    cpu_by_kind: dict[str, float] = field(default_factory=dict)
+    """CPU ms per hop by process kind (``--cpu-breakdown``)."""
 
 
 class TreeSampler:
@@ -68,7 +86,10 @@ class TreeSampler:
         self.exclude = exclude
         self.interval_s = interval_s
         self.peak_rss = 0
+        self.own_cpu_s = 0.0
+        """CPU this sampler's thread spent (the instrument's cost, not the run's)."""
         self._cpu: dict[int, float] = {}
+        self._names: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -88,14 +109,18 @@ class TreeSampler:
             try:
                 t = p.cpu_times()
                 self._cpu[p.pid] = t.user + t.system  # cumulative per process: keep the latest
+                if p.pid not in self._names:
+                    self._names[p.pid] = _kind(p)
                 rss += p.memory_info().rss
             except psutil.NoSuchProcess:
                 pass
         self.peak_rss = max(self.peak_rss, rss)
 
     def _loop(self) -> None:
+        started = time.thread_time()
         while not self._stop.wait(self.interval_s):
             self.sample()
+        self.own_cpu_s = time.thread_time() - started
 
     def __enter__(self) -> "TreeSampler":
         self.sample()
@@ -110,7 +135,33 @@ class TreeSampler:
 
     @property
     def cpu_s(self) -> float:
-        return sum(v - self._start.get(pid, 0.0) for pid, v in self._cpu.items())
+        return sum(v - self._start.get(pid, 0.0) for pid, v in self._cpu.items()) - self.own_cpu_s
+
+    def by_kind(self) -> dict[str, float]:
+        """CPU seconds per process kind (driver, raylet, gcs, AgentActor, ...)."""
+        out: dict[str, float] = {}
+        for pid, v in self._cpu.items():
+            kind = self._names.get(pid, "?")
+            out[kind] = out.get(kind, 0.0) + v - self._start.get(pid, 0.0)
+        out["driver"] = out.get("driver", 0.0) - self.own_cpu_s
+        return out
+
+
+def _kind(p: psutil.Process) -> str:
+    try:
+        cmd = p.cmdline()
+        name = p.name()
+    except psutil.Error:
+        return "?"
+    if p.pid == os.getpid():
+        return "driver"
+    head = cmd[0] if cmd else name
+    if head.startswith("ray::"):
+        return head.split(".")[0]  # ray::AgentActor.receive -> ray::AgentActor
+    for key in ("raylet", "gcs_server", "dashboard/agent.py", "runtime_env/agent", "log_monitor", "monitor.py", "default_worker.py"):
+        if any(key in c for c in cmd[:3]):
+            return key
+    return os.path.basename(head)
 
 
 def _raise_priority(nice: int) -> None:
@@ -149,16 +200,15 @@ def make_dataset(workflow: str, n: int, path: Path) -> Path:
 
 
 OURS_SET: list[str] = []  # --set key=value overrides for our runtime
+LAST_BREAKDOWN: dict[str, float] = {}  # CPU seconds by process kind of the last run of ours
 
 
 def job_yaml(workflow: str, data: Path, out: Path, url: str, concurrency: int, tmp: Path) -> Path:
     cfg = yaml.safe_load((REPO / "workflows" / workflow / "config.yaml").read_text())
     cfg["dataset"].update(path=str(data), limit=None)
-    cfg["llm"].update(engine="external", base_urls=[url], max_tokens=1024, max_connections=4096, timeout_s=600.0)
+    cfg["llm"].update(engine="external", base_urls=[url], max_tokens=1024, timeout_s=600.0)
     cfg["output"].update(path=str(out))
-    cfg["run"].update(max_in_flight=concurrency, progress="off")
-    for role in cfg["workflow"]["roles"].values():
-        role["concurrency"] = concurrency
+    cfg["run"].update(max_in_flight=concurrency, progress="off")  # per-actor limits follow it (runtime.limits)
     path = tmp / f"{workflow}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -171,11 +221,12 @@ def summarize(scheduler: str, workflow: str, concurrency: int, elapsed: float, c
     lat = sorted(r["finished_at"] - r["created_at"] for r in records)
     tokens = sum(r["usage"]["completion_tokens"] for r in records)
     hops = sum(r.get("hops", 0) for r in records)
+    llm_hops = sum(1 for r in records for t in r["turns"] if t.get("endpoint"))
     return Row(
         scheduler=scheduler, workflow=workflow, concurrency=concurrency,
         tasks_per_s=n / elapsed, tokens_per_s=tokens / elapsed, utilization=tokens / elapsed / peak,
         p50_s=lat[len(lat) // 2] if lat else 0.0, p99_s=lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else 0.0,
-        cpu_ms_per_hop=1000 * cpu_s / max(hops, 1), peak_rss_mb=rss / 2**20,
+        cpu_ms_per_hop=1000 * cpu_s / max(hops, 1), peak_rss_mb=rss / 2**20, cpu_ms_per_llm_hop=1000 * cpu_s / max(llm_hops, 1),
         complete=len(ids) == n and len(set(ids)) == n, tasks=n,
     )  # fmt: skip
 
@@ -194,10 +245,10 @@ def count_backlog_warnings(logs: str | None) -> int:
     return n
 
 
-def run_ours(job: Path, exclude: set[int]) -> tuple[float, float, int, int]:
+def run_ours(job: Path, exclude: set[int], extra: list[str]) -> tuple[float, float, int, int]:
     from matrix_hpc.job import run_job
 
-    config = load_config(job, OURS_SET)
+    config = load_config(job, OURS_SET + extra)
     sampler = TreeSampler(exclude)
     started: dict[str, float] = {}
 
@@ -209,6 +260,8 @@ def run_ours(job: Path, exclude: set[int]) -> tuple[float, float, int, int]:
     summary = run_job(config, on_progress=on_progress)
     elapsed = summary.progress.elapsed_s
     sampler.__exit__(None, None, None)
+    LAST_BREAKDOWN.clear()
+    LAST_BREAKDOWN.update(sampler.by_kind())
     return elapsed, sampler.cpu_s, sampler.peak_rss, count_backlog_warnings(summary.ray_logs)
 
 
@@ -223,15 +276,33 @@ def run_baseline(fn: Callable[[], Finished], out: Path, exclude: set[int]) -> tu
     return elapsed, sampler.cpu_s, sampler.peak_rss
 
 
+def engine_stats(url: str) -> dict[str, Any]:
+    import urllib.request
+
+    with urllib.request.urlopen(url.removesuffix("/v1") + "/stats", timeout=10) as resp:
+        return json.loads(resp.read())  # type: ignore[no-any-return]
+
+
 def one_run(scheduler: str, workflow: str, concurrency: int, n: int, url: str, exclude: set[int], peak: float) -> Row:
+    before = engine_stats(url)
+    row = _one_run(scheduler, workflow, concurrency, n, url, exclude, peak)
+    after = engine_stats(url)
+    steps = after["steps"] - before["steps"]
+    row.engine_fill = (after["tokens"] - before["tokens"]) / max(1, steps * after["model"]["max_batch"])
+    row.load = os.getloadavg()[0]
+    return row
+
+
+def _one_run(scheduler: str, workflow: str, concurrency: int, n: int, url: str, exclude: set[int], peak: float) -> Row:
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         data = make_dataset(workflow, n, tmp / "data.jsonl")
         out = tmp / "out"
         job = job_yaml(workflow, data, out, url, concurrency, tmp)
         warnings = 0
-        if scheduler == "ours":
-            elapsed, cpu, rss, warnings = run_ours(job, exclude)
+        if scheduler.startswith("ours"):
+            extra = {"ours-nometrics": ["run.metrics=false"], "ours/noreplay": ["run.replay=false"]}.get(scheduler, [])
+            elapsed, cpu, rss, warnings = run_ours(job, exclude, extra)
         else:
             config = load_config(job)
             opts = SourceOptions(path=data, entry_role=config.workflow.entry, required_fields=tuple(config.dataset.required_fields))
@@ -253,29 +324,45 @@ def one_run(scheduler: str, workflow: str, concurrency: int, n: int, url: str, e
                     ray.shutdown()
         row = summarize(scheduler, workflow, concurrency, elapsed, cpu, rss, out, n, peak)
         row.ray_warnings = warnings
+        if scheduler.startswith("ours"):
+            hops = row.cpu_ms_per_hop and cpu * 1000 / row.cpu_ms_per_hop
+            row.cpu_by_kind = {k: 1000 * v / max(hops, 1) for k, v in LAST_BREAKDOWN.items()}
         return row
 
 
 def median_row(rows: list[Row]) -> Row:
     med = rows[0].__class__(**asdict(rows[0]))
-    for f in ("tasks_per_s", "tokens_per_s", "utilization", "p50_s", "p99_s", "cpu_ms_per_hop", "peak_rss_mb"):
+    for f in ("tasks_per_s", "tokens_per_s", "utilization", "p50_s", "p99_s", "cpu_ms_per_hop", "cpu_ms_per_llm_hop", "peak_rss_mb", "engine_fill", "load"):
         setattr(med, f, statistics.median(getattr(r, f) for r in rows))
     med.complete = all(r.complete for r in rows)
     med.ray_warnings = max(r.ray_warnings for r in rows)
+    kinds = {k for r in rows for k in r.cpu_by_kind}
+    med.cpu_by_kind = {k: statistics.median(r.cpu_by_kind.get(k, 0.0) for r in rows) for k in kinds}
     return med
 
 
-def print_table(rows: list[Row], peak: float) -> None:
-    print(f"\nengine peak {peak:.0f} tok/s; medians of repeats")
-    head = f"{'scheduler':11} {'workflow':16} {'conc':>6} {'tasks':>6} {'tasks/s':>8} {'tok/s':>8} {'util':>6} {'p50 s':>7} {'p99 s':>7} {'cpu ms/hop':>10} {'RSS MB':>7} {'complete':>8} {'ray warn':>8}"
+def print_table(rows: list[Row], peak: float, title: str = "medians of repeats") -> None:
+    print(f"\nengine peak {peak:.0f} tok/s; {title}")
+    head = f"{'scheduler':14} {'workflow':16} {'conc':>6} {'tasks':>6} {'tasks/s':>8} {'tok/s':>8} {'util':>6} {'fill':>6} {'load':>5} {'p50 s':>7} {'p99 s':>7} {'cpu ms/hop':>10} {'/LLM hop':>8} {'RSS MB':>7} {'complete':>8} {'ray warn':>8}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r.scheduler:11} {r.workflow:16} {r.concurrency:6d} {r.tasks:6d} {r.tasks_per_s:8.1f} {r.tokens_per_s:8.0f} {r.utilization:6.1%} {r.p50_s:7.2f} {r.p99_s:7.2f} {r.cpu_ms_per_hop:10.3f} {r.peak_rss_mb:7.0f} {str(r.complete):>8} {r.ray_warnings:8d}")
+        print(f"{r.scheduler:14} {r.workflow:16} {r.concurrency:6d} {r.tasks:6d} {r.tasks_per_s:8.1f} {r.tokens_per_s:8.0f} {r.utilization:6.1%} {r.engine_fill:6.1%} {r.load:5.1f} {r.p50_s:7.2f} {r.p99_s:7.2f} {r.cpu_ms_per_hop:10.3f} {r.cpu_ms_per_llm_hop:8.3f} {r.peak_rss_mb:7.0f} {str(r.complete):>8} {r.ray_warnings:8d}")
+    for r in rows:
+        if r.cpu_by_kind:
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r.cpu_by_kind.items(), key=lambda kv: -kv[1]) if v >= 0.005)
+            print(f"  {r.scheduler} {r.workflow} @ {r.concurrency}: CPU ms/hop by process: {parts}")
     by = {(r.workflow, r.concurrency, r.scheduler): r for r in rows}
     for (wf, conc, sched), r in sorted(by.items()):
+        if sched == "ours" and (wf, conc, "ours-nometrics") in by:
+            off = by[(wf, conc, "ours-nometrics")]
+            print(f"  {wf} @ {conc}: metrics cost {r.cpu_ms_per_hop - off.cpu_ms_per_hop:+.3f} CPU ms/hop ({r.cpu_ms_per_hop:.3f} with, {off.cpu_ms_per_hop:.3f} without), utilization {r.utilization - off.utilization:+.1%}")
+        off = by.get((wf, conc, "ours/noreplay"))
+        if sched == "ours" and off is not None:
+            print(f"  {wf} @ {conc}: replay on / off = {r.tokens_per_s / max(off.tokens_per_s, 1e-9):.3f}x tokens/s, "
+                  f"cpu per hop {r.cpu_ms_per_hop:.3f} vs {off.cpu_ms_per_hop:.3f} ms ({r.cpu_ms_per_hop - off.cpu_ms_per_hop:+.3f} ms)")  # fmt: skip
         if sched == "ours":
-            for base in SCHEDULERS[1:]:
+            for base in SCHEDULERS[2:]:
                 if (wf, conc, base) in by:
                     print(f"  {wf} @ {conc}: ours / {base} = {r.tokens_per_s / max(by[(wf, conc, base)].tokens_per_s, 1e-9):.2f}x tokens/s")
 
@@ -290,34 +377,57 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows as a JSON list")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engine-nice", type=int, default=-10, help="CPU priority of the engine process: it stands in for a GPU, so the system under test must not slow it down (negative needs root)")
+    ap.add_argument("--replay", choices=["on", "off", "compare"], default="on", help="our runtime's call journal (run.replay); compare runs both")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for our runtime (repeatable)")
+    ap.add_argument("--scale", default="50000,100000", help="scale rows: tasks (= tasks in flight) per run of ours, one run each ('' to skip)")
+    ap.add_argument("--scale-max-batch", type=int, default=256, help="engine max_batch for the scale rows")
+    ap.add_argument("--scale-out-mean", type=float, default=16.0, help="engine out_mean for the scale rows (short answers: minutes, not hours)")
     for f, default in asdict(LatencyModel()).items():
         ap.add_argument(f"--{f.replace('_', '-')}", type=type(default), default=default, help=f"engine {f}")
     args = ap.parse_args()
     model = LatencyModel(**{f: getattr(args, f) for f in asdict(LatencyModel())})
     OURS_SET.extend(args.set)
     scheds = [s for s in args.schedulers.split(",") if s]
+    if "ours" in scheds and args.replay != "on":
+        at = scheds.index("ours")
+        scheds[at : at + 1] = ["ours", "ours/noreplay"] if args.replay == "compare" else ["ours/noreplay"]
     if args.workflow not in PIPELINES and "ray_data" in scheds:
         print(f"ray_data: skipped for {args.workflow} (its roles loop; no fixed stage pipeline)", file=sys.stderr)
         scheds.remove("ray_data")
     engine, url = start_engine(model, args.seed, args.engine_nice)
     rows: list[Row] = []
     try:
-        for conc in (int(c) for c in args.concurrency.split(",")):
+        for conc in (int(c) for c in args.concurrency.split(",") if c.strip()):
             n = max(args.tasks, conc)
             for sched in scheds:
                 reps = []
                 for rep in range(args.repeats):
                     row = one_run(sched, args.workflow, conc, n, url, {engine.pid}, model.peak_tokens_per_s)
-                    print(f"  {sched} conc={conc} run {rep + 1}: {row.tokens_per_s:.0f} tok/s, util {row.utilization:.1%}, complete={row.complete}", file=sys.stderr, flush=True)
+                    print(f"  {sched} conc={conc} run {rep + 1}: {row.tokens_per_s:.0f} tok/s, util {row.utilization:.1%}, fill {row.engine_fill:.1%}, load {row.load:.1f}, complete={row.complete}", file=sys.stderr, flush=True)
                     reps.append(row)
                 rows.append(median_row(reps))
     finally:
         engine.terminate()
         engine.wait()
-    print_table(rows, model.peak_tokens_per_s)
+    if rows:
+        print_table(rows, model.peak_tokens_per_s)
+    scale = [int(c) for c in args.scale.split(",") if c.strip()]
+    if scale:
+        big = LatencyModel(**{**asdict(model), "max_batch": args.scale_max_batch, "out_mean": args.scale_out_mean})
+        engine, url = start_engine(big, args.seed, args.engine_nice)
+        try:
+            scale_rows = []
+            for n in scale:
+                row = one_run("ours", args.workflow, n, n, url, {engine.pid}, big.peak_tokens_per_s)
+                print(f"  ours scale {n}: {row.tokens_per_s:.0f} tok/s, util {row.utilization:.1%}, fill {row.engine_fill:.1%}, load {row.load:.1f}, complete={row.complete}", file=sys.stderr, flush=True)
+                scale_rows.append(row)
+        finally:
+            engine.terminate()
+            engine.wait()
+        print_table(scale_rows, big.peak_tokens_per_s, f"scale rows (max_batch {big.max_batch}, out_mean {big.out_mean:g}), one run each, every task in flight at once")
+        rows += scale_rows
     if args.json:
-        keys = ("scheduler", "workflow", "concurrency", "tasks_per_s", "tokens_per_s", "utilization", "p50_s", "p99_s", "cpu_ms_per_hop", "peak_rss_mb", "complete")
+        keys = ("scheduler", "workflow", "concurrency", "tasks", "tasks_per_s", "tokens_per_s", "utilization", "engine_fill", "load", "p50_s", "p99_s", "cpu_ms_per_hop", "cpu_ms_per_llm_hop", "peak_rss_mb", "complete", "cpu_by_kind")
         args.json.write_text(json.dumps([{k: getattr(r, k) for k in keys} for r in rows], indent=1))
 
 

@@ -168,7 +168,7 @@ def test_step_that_forgets_to_route_fails_as_routing_and_the_run_ends(contract_r
         assert r["status"] == "failed" and r["error"]["kind"] == "routing" and r["error"]["role"] == "forgetful"
         assert "role 'forgetful' neither routed, finished nor failed the task" in r["error"]["message"]
         assert r["hops"] == 2  # router, then forgetful once: no loop
-    assert "failed: routing: 3" in contract_run["output"]
+    assert "this run:  failed routing: 3" in contract_run["output"]
 
 
 @pytest.mark.slow

@@ -38,13 +38,16 @@ def _check_model(config: JobConfig, name: str) -> None:
     m, key = config.models[name], model_key(config, name)
     if m.engine == "external" and not m.base_urls:
         raise ConfigError(f"{key}.base_urls: required when {key}.engine is 'external'")
+    if m.engine != "external" and m.base_urls:
+        # A managed engine serves its own endpoints; extra URLs would be routed to unprobed.
+        raise ConfigError(f"{key}.base_urls: only used with {key}.engine: external (this model's engine is {m.engine!r}); remove it or set {key}.engine=external")
     if m.engine == "vllm" and not m.vllm.model:
         raise ConfigError(f"{key}.vllm.model: required when {key}.engine is 'vllm'")
     if m.api_key_env is not None and not _ENV_NAME.match(m.api_key_env):
         # A key pasted here would be saved with the config (run.json): refuse, and do not echo it.
         raise ConfigError(f"{key}.api_key_env: expected the name of an environment variable, not a key")
-    for attr in ("replicas", "max_outstanding_per_endpoint", "health_failures", "max_tokens"):
-        if getattr(m, attr) < 1:
+    for attr in ("replicas", "max_connections", "max_outstanding_per_endpoint", "health_failures", "max_tokens"):
+        if getattr(m, attr) is not None and getattr(m, attr) < 1:
             raise ConfigError(f"{key}.{attr}: must be >= 1, got {getattr(m, attr)}")
     for attr in ("tensor_parallel_size", "pipeline_parallel_size"):
         if getattr(m.vllm, attr) < 1:

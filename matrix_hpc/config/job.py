@@ -84,8 +84,8 @@ class RoleConfig:
     """``module:Class`` of the role's :class:`~matrix_hpc.agents.Agent` subclass."""
     instances: int = 1
     """Ray actors serving this role."""
-    concurrency: int = 64
-    """Tasks one actor runs at once."""
+    concurrency: int | None = None
+    """Tasks one actor runs at once; default: ``run.max_in_flight`` ÷ ``instances`` (rounded up)."""
     params: dict[str, Any] = field(default_factory=dict)
     """Free-form settings handed to the agent's constructor."""
     inline: bool = False
@@ -117,10 +117,11 @@ class WorkflowConfig:
 @dataclass
 class DatasetConfig:
     path: str
-    """JSONL or Parquet file; relative paths are resolved against the config file."""
+    """JSONL or Parquet file (relative paths: see :func:`load_config`)."""
     format: Literal["auto", "jsonl", "parquet"] = "auto"
-    id_field: str = "id"
-    """Field holding a row's stable id; rows without it get a content hash."""
+    id_field: str | None = "id"
+    """Field holding a row's stable id; rows without it get a content hash (a warning
+    says how many; none having it is an error). ``null``: hash every row on purpose."""
     required_fields: list[str] = field(default_factory=list)
     max_row_bytes: int = 65536
     """Rows larger than this (serialized) fail with a recorded reason."""
@@ -130,7 +131,9 @@ class DatasetConfig:
 
 @dataclass
 class OutputConfig:
-    path: str = "outputs/run"
+    path: str | None = None
+    """The output folder; default ``outputs/<workflow.name>`` in the current folder
+    (relative paths: see :func:`load_config`)."""
     chunk_rows: int = 256
     """Records per zarr chunk (the unit of a write)."""
     flush_interval_s: float = 1.0
@@ -148,13 +151,16 @@ class RunConfig:
     """Times a task lost with a dead actor is re-sent before it fails."""
     batch_size: int = 64
     """Messages per Ray call between actors."""
-    batch_wait_ms: float = 20.0
-    """Longest a message waits in an outbox for its batch to fill."""
+    batch_wait_ms: float = 100.0
+    """Longest a message waits in an outbox for its batch to fill. The window adapts below it:
+    about 5% of an actor's tasks wait there at a time (few tasks: sent at once)."""
     progress: Literal["auto", "bar", "log", "off"] = "auto"
     progress_interval_s: float = 5.0
     """Seconds between progress lines when not on a terminal."""
     health_interval_s: float = 1.0
     """Seconds between liveness checks of the actors."""
+    metrics: bool = True
+    """Export Prometheus metrics through Ray (matrix_hpc.metrics; README "Watching a run")."""
     loop_lag_warn_s: float = 0.5
     """Warn (naming the role) when an agent actor's event loop stalls this long: a step
     is blocking it (``time.sleep``, synchronous I/O). 0 turns the watch off."""
@@ -162,6 +168,11 @@ class RunConfig:
     """On a stop (Ctrl-C, SIGTERM; on Slurm only USR2, since a Slurm TERM means KILL is near):
     how long tasks in flight may finish before the rest are abandoned (they are not in
     the store, so the resumed run does them again)."""
+    replay: bool = True
+    """Journal every completed LLM call (``OUTPUT/journal``) so a resumed task replays the
+    calls it already paid for instead of making them again (turn-level resume)."""
+    replay_compact_s: float = 30.0
+    """Seconds between compactions of the journal (entries of committed tasks dropped)."""
 
 
 @dataclass
@@ -199,7 +210,11 @@ class JobConfig:
 
 
 def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> JobConfig:
-    """Read a YAML job spec, apply ``key=value`` overrides, and type-check it."""
+    """Read a YAML job spec, apply ``key=value`` overrides, and type-check it.
+
+    Path keys (:data:`PATH_KEYS`) come back absolute: a relative path written in the
+    file is taken from the file's folder, one given as ``key=value`` from the current folder.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -211,9 +226,11 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
         raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    data = merge(data, parse_overrides(overrides or []))
+    file_data, override_data = data, parse_overrides(overrides or [])
+    data = merge(file_data, override_data)
     config = build(JobConfig, data, "")
     config.source_file = str(path.resolve())
+    _resolve_paths(config, file_data, override_data, path.resolve().parent)
     _fold_models(config)
     _validate(config)
     from .checks import check_job  # the cross-section checks: models, roles, GPUs
@@ -235,12 +252,43 @@ def _fold_models(config: JobConfig) -> None:
         model.model = model.model or name
 
 
+PATH_KEYS = ("dataset.path", "output.path", "cluster.slurm.job_dir")
+"""Config keys holding a file or folder; :func:`load_config` makes them absolute."""
+
+
+def _given(data: dict[str, Any], key: str) -> bool:
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return node is not None
+
+
+def _resolve_paths(config: JobConfig, file_data: dict[str, Any], override_data: dict[str, Any], config_dir: Path) -> None:
+    """One rule for every path key: a relative path is taken from the folder of the place
+    it was written: the config file's folder for a value in the file, the current
+    folder for a ``key=value`` on the command line (and for the default output path)."""
+    if config.output.path is None:
+        config.output.path = f"outputs/{config.workflow.name}"
+    for key in PATH_KEYS:
+        *parents, attr = key.split(".")
+        obj: Any = config
+        for part in parents:
+            obj = getattr(obj, part)
+        value = getattr(obj, attr)
+        if value is None:
+            continue
+        p = Path(os.path.expanduser(value))
+        if not p.is_absolute():
+            in_file = _given(file_data, key) and not _given(override_data, key)
+            p = (config_dir if in_file else Path.cwd()) / p
+        setattr(obj, attr, os.path.normpath(p))
+
+
 def resolve_dataset_path(config: JobConfig) -> Path:
-    """The dataset path, relative paths taken from the config file's folder."""
-    p = Path(os.path.expanduser(config.dataset.path))
-    if not p.is_absolute() and config.source_file:
-        p = Path(config.source_file).parent / p
-    return p
+    """The dataset path (absolute once :func:`load_config` has resolved it)."""
+    return Path(os.path.expanduser(config.dataset.path))
 
 
 def _validate(config: JobConfig) -> None:
@@ -251,7 +299,7 @@ def _validate(config: JobConfig) -> None:
         if ":" not in role.agent:
             raise ConfigError(f"workflow.roles.{name}.agent: expected 'module:Class', got {role.agent!r}")
         for attr in ("instances", "concurrency"):
-            if getattr(role, attr) < 1:
+            if getattr(role, attr) is not None and getattr(role, attr) < 1:
                 raise ConfigError(f"workflow.roles.{name}.{attr}: must be >= 1")
     positive = {
         "run.max_in_flight": config.run.max_in_flight,
@@ -263,3 +311,5 @@ def _validate(config: JobConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if config.run.replay_compact_s <= 0:
+        raise ConfigError(f"run.replay_compact_s: must be > 0, got {config.run.replay_compact_s}")

@@ -97,10 +97,11 @@ class ModelConfig:
     retry_backoff_s: float = 1.0
     """First backoff; doubles each retry (with jitter). An endpoint that answered 429/503 is
     avoided for as long."""
-    max_connections: int = 64
-    """Concurrent HTTP connections per agent actor."""
-    max_outstanding_per_endpoint: int = 64
-    """Requests one agent actor keeps open against one endpoint; more wait for a free slot."""
+    max_connections: int | None = None
+    """Concurrent HTTP connections per agent actor; default: the role's per-actor concurrency."""
+    max_outstanding_per_endpoint: int | None = None
+    """Requests one agent actor keeps open against one endpoint; more wait for a free slot.
+    Default: as many as its connections (a full server pushes back with 429/503)."""
     sticky: bool = True
     """Send a task's next turn to the replica that served its previous one (prefix-cache reuse)."""
     replicas: int = 1

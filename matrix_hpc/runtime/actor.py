@@ -15,11 +15,13 @@ import asyncio
 import logging
 import os
 import socket
+import time
 import uuid
 from typing import Any
 
 import ray
 
+from .. import metrics
 from ..services.llm import ChatClient
 from ..services.llm.registry import follow_registry
 from ..store import RecordRow
@@ -27,6 +29,7 @@ from .agent import Agent, AgentContext, run_step
 from .health import ActorPing, LoopLagWatcher
 from .loader import load_object
 from .outbox import Outbox
+from .replay import Replay
 from .spec import ClientSpec, RoleSpec, TeamSpec
 from .task import Task
 
@@ -45,17 +48,37 @@ def sink_name(run_id: str) -> str:
     return f"{run_id}/{SINK}"
 
 
+def _log_agent_errors_to(path: str, who: str) -> None:
+    """Send agent tracebacks to one file under the output (appends of whole lines from
+    every actor), not to Ray's session folder under /tmp that the user never finds."""
+    from .agent import errors_log
+
+    handler = logging.FileHandler(path, delay=True)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {who} pid {os.getpid()}: %(message)s"))
+    errors_log.handlers[:] = [handler]
+    errors_log.propagate = False
+
+
 @ray.remote(num_cpus=0, max_restarts=10, max_task_retries=-1)
 class AgentActor:
     def __init__(self, team: TeamSpec, role: str, index: int) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if team.log_dir:
+            _log_agent_errors_to(os.path.join(team.log_dir, "agents.log"), f"{role}/{index}")
         self.team = team
         self.role = role
         self.index = index
         self.incarnation = uuid.uuid4().hex
+        metrics.configure(team.metrics)
         spec = team.roles[role]
         self._clients: dict[str, ChatClient] = {}
         """One client per model this actor's roles call (an inline role shares its model's)."""
+        # One journal file per incarnation: a restarted actor never appends to a file
+        # a dead one may have torn; it reads it instead.
+        self._replay: Replay | None = None
+        if team.journal_dir is not None and spec.model is not None and getattr(load_object(spec.agent), "uses_llm", False):
+            name = f"{team.run_id}-{role}-{index}-{self.incarnation[:8]}.jnl"
+            self._replay = Replay(team.journal_dir, name, fsync=team.journal_fsync)
         self._queue: asyncio.Queue[Task] | None = None
         self.agent: Agent = self._make_agent(role)
         self._inline: dict[str, Agent] = {}  # agents of inline roles, built on first use
@@ -68,6 +91,16 @@ class AgentActor:
         self._loops: list[asyncio.Task[None]] = []
         self.lag = LoopLagWatcher(f"actor {role}/{index}", team.loop_lag_warn_s)
         self.steps = 0
+        if team.metrics:
+            metrics.add_collector(self._collect)
+
+    def _held(self) -> int:
+        return len(self._running) + (self._queue.qsize() if self._queue is not None else 0)
+
+    def _collect(self) -> None:
+        queued = self._queue.qsize() if self._queue is not None else 0
+        metrics.set_gauge("tasks_in_flight", len(self._running) + queued, self.role)
+        metrics.set_gauge("queue_depth", queued, self.role)
 
     def _make_agent(self, role: str) -> Agent:
         spec, team = self.team.roles[role], self.team
@@ -76,14 +109,16 @@ class AgentActor:
             raise TypeError(f"{spec.agent} is not a matrix_hpc.agents.Agent subclass")
         llm = self._client(team.models[spec.model]) if cls.uses_llm and spec.model is not None else None
         sticky = team.models[spec.model].sticky if spec.model is not None else True
-        return cls(AgentContext(role, spec.params, llm, spec.sampling, sticky, team.sandbox, spec.model))
+        return cls(AgentContext(role, spec.params, llm, spec.sampling, sticky, team.sandbox, spec.model, self._replay))
 
     def _client(self, cs: ClientSpec) -> ChatClient:
         """The client of model ``cs`` in this actor: calls route over that model's endpoints only."""
         if cs.name not in self._clients:
+            own = self.team.roles[self.role]  # limits are per role: the actor's own (inline roles call no LLM)
             client = ChatClient(
                 cs.urls, cs.served_name, cs.api_key_env, cs.timeout_s, cs.max_retries, cs.retry_backoff_s,
-                cs.max_connections, cs.max_outstanding, lambda url, cs=cs: self._report_endpoint_error(cs, url),
+                own.max_connections, own.max_outstanding, lambda url, cs=cs: self._report_endpoint_error(cs, url),
+                (self.role, cs.name) if self.team.metrics else None,
             )  # fmt: skip
             self._clients[cs.name] = client
             if self._queue is not None:  # built after start (a new inline role): follow its registry now
@@ -123,7 +158,7 @@ class AgentActor:
         if self._queue is not None:
             return
         self._queue = asyncio.Queue()
-        self._outbox = Outbox(self._resolve, self.team.batch_size, self.team.batch_wait_s)
+        self._outbox = Outbox(self._resolve, self.team.batch_size, self.team.batch_wait_s, load=self._held)
         loop = asyncio.get_running_loop()
         self._ready = loop.create_task(self._setup_agent(self.agent, self.role))
         for name, client in self._clients.items():
@@ -131,6 +166,8 @@ class AgentActor:
         self._loops.append(loop.create_task(self.lag.run()))
         for _ in range(self.concurrency):
             self._loops.append(loop.create_task(self._worker()))
+        if self._replay is not None:
+            self._loops.append(loop.create_task(self._compact_loop()))
 
     async def _setup_agent(self, agent: Agent, role: str) -> None:
         try:
@@ -158,6 +195,27 @@ class AgentActor:
             except Exception:  # user code; the run's results are already committed
                 log.exception("close() of role %s failed", role)
 
+    async def _compact_loop(self) -> None:
+        """Keep this actor's journal to the calls of tasks not yet committed."""
+        assert self._replay is not None
+        while True:
+            await asyncio.sleep(self.team.journal_compact_s)
+            try:
+                dropped = await self._replay.compact(self._resolve(SINK)[0])
+            except Exception as exc:  # a restarting sink: try again next round
+                log.info("journal compaction postponed: %s", exc)
+                continue
+            if dropped:
+                log.debug("journal: dropped %d entries of committed tasks", dropped)
+
+    async def replay_stats(self) -> dict[str, Any] | None:
+        """Flush this incarnation's journal and return its counters (hits, writes, bytes,
+        write time), or None when off. The driver calls it before a graceful shutdown."""
+        if self._replay is None:
+            return None
+        await self._replay.flush()
+        return self._replay.stats()
+
     async def receive(self, tasks: list[Task]) -> None:
         self._start()
         assert self._queue is not None
@@ -182,7 +240,9 @@ class AgentActor:
             finally:
                 self._running.pop(task.id, None)
             if task.done:
-                self._outbox.put(SINK, RecordRow.from_record(task.to_record()))
+                row = RecordRow.from_record(task.to_record())
+                metrics.inc("tasks_left_role", 1, self.role, row.status, row.error_kind or "")
+                self._outbox.put(SINK, row)
             else:
                 self._outbox.put(task.next_role, task)
 
@@ -200,10 +260,13 @@ class AgentActor:
             task.fail("agent_error", self._setup_errors[role], role)
             return
         self.lag.step_started(role)
+        started = time.monotonic()
         try:
             await run_step(agent, task, role, self.team.roles)
         finally:
             self.lag.step_ended(role)
+        metrics.inc("steps", 1, role)
+        metrics.observe("step_seconds", time.monotonic() - started, role)
 
     def ping(self) -> ActorPing:
         return ActorPing(self.incarnation, os.getpid(), socket.gethostname(), self.lag.take_warnings())

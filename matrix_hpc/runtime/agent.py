@@ -10,17 +10,23 @@ from __future__ import annotations
 import json
 import logging
 import time
+import traceback
 from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..config import PoolConfig, Sampling
 from ..services.llm import ChatClient, ChatResult, LLMError, Message
+from .replay import Replay, call_digest
 from .task import Task, Turn
 
 __all__ = ["MAX_HOPS", "Agent", "AgentContext", "run_step"]
 
 log = logging.getLogger(__name__)
+errors_log = logging.getLogger("matrix_hpc.agent_errors")
+"""Full tracebacks of agent exceptions; the actor host points it at ``OUTPUT/logs/agents.log``."""
+
+TRACEBACK_FRAMES = 5  # innermost frames kept in an agent_error record
 
 MAX_HOPS = 1000  # a task still routed after this many steps is stuck in a loop
 
@@ -41,6 +47,8 @@ class AgentContext:
     """The job's ``sandbox`` section, for roles that run tools."""
     model: str | None = None
     """The key in ``models`` of the role's model (what turns and accounting are labelled with)."""
+    replay: Replay | None = None
+    """The call journal (``run.replay``): completed calls are saved and replayed on resume."""
 
     @property
     def max_tokens(self) -> int:
@@ -109,6 +117,8 @@ class Agent:
         """Like :meth:`chat`, but returns the whole :class:`ChatResult` (``tool_calls`` included).
 
         The recorded turn's text is the reply's text, or its tool calls as JSON when it has no text.
+        With a journal (``ctx.replay``), a call this task already completed in an earlier life
+        is answered from it (the turn is marked ``replayed``, with the original usage and latency).
         """
         if self.ctx.llm is None:
             raise RuntimeError(f"role {self.role!r} has no LLM client (uses_llm is False, or it names no model)")
@@ -117,13 +127,24 @@ class Agent:
         model = self.ctx.model or self.ctx.llm.model  # the key in models; the served name for a bare client
         if self.ctx.sticky and "prefer" not in request:  # a task's earlier endpoint of this model
             request["prefer"] = next((t.endpoint for t in reversed(task.turns) if t.endpoint and t.model == model), None)
-        started = time.time()
-        try:
-            res = await self.ctx.llm.chat(messages, **request)
-        except LLMError as exc:  # recorded as a failed turn: errors are counted per model and role
-            task.turns.append(Turn(role=self.role, text="", started_at=started, latency_s=time.time() - started, model=model,
-                                   served_model=self.ctx.llm.model, max_tokens=request.get("max_tokens"), temperature=request.get("temperature"), error=exc.kind))  # fmt: skip
-            raise
+        seq, task.llm_calls = task.llm_calls, task.llm_calls + 1
+        replay, digest, hit = self.ctx.replay, "", None
+        if replay is not None:
+            sampling = {k: v for k, v in request.items() if k != "prefer"}  # routing does not change the answer
+            digest = call_digest(task.id, seq, f"{model}/{self.ctx.llm.model}", messages, sampling)
+            hit = replay.lookup(digest)
+        if hit is not None:
+            res, started = hit
+        else:
+            started = time.time()
+            try:
+                res = await self.ctx.llm.chat(messages, **request)
+            except LLMError as exc:  # recorded as a failed turn: errors are counted per model and role
+                task.turns.append(Turn(role=self.role, text="", started_at=started, latency_s=time.time() - started, model=model,
+                                       served_model=self.ctx.llm.model, max_tokens=request.get("max_tokens"), temperature=request.get("temperature"), error=exc.kind))  # fmt: skip
+                raise
+            if replay is not None:
+                replay.record(digest, task.id, res, started)  # batched: the task does not wait for the fsync
         text = res.text or (json.dumps([c.get("function", c) for c in res.tool_calls], ensure_ascii=False) if res.tool_calls else "")
         task.turns.append(
             Turn(
@@ -138,9 +159,15 @@ class Agent:
                 served_model=res.model,
                 max_tokens=request.get("max_tokens"),
                 temperature=request.get("temperature"),
+                replayed=hit is not None,
             )
         )
         return res
+
+
+def frames(exc: BaseException, n: int = TRACEBACK_FRAMES) -> list[str]:
+    """The innermost ``n`` frames of ``exc``'s traceback, one line each."""
+    return [f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}" for f in traceback.extract_tb(exc.__traceback__.tb_next)[-n:]]  # tb_next: not run_step itself
 
 
 async def run_step(agent: Agent, task: Task, role: str, roles: Container[str]) -> None:
@@ -157,8 +184,8 @@ async def run_step(agent: Agent, task: Task, role: str, roles: Container[str]) -
     except LLMError as exc:
         task.fail(exc.kind, str(exc), role)
     except Exception as exc:  # agent code is user code: one task fails, the caller lives
-        log.exception("task %s failed in role %s", task.id, role)
-        task.fail("agent_error", f"{type(exc).__name__}: {exc}", role)
+        errors_log.exception("task %s failed in role %s", task.id, role)
+        task.fail("agent_error", f"{type(exc).__name__}: {exc}", role, traceback=frames(exc))
     if task.done:
         return
     if not task.routed:  # without this check the task would loop back into this role forever

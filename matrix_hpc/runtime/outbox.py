@@ -2,7 +2,11 @@
 
 One Ray call costs ~0.5 ms of CPU here, so messages to the same destination role
 are gathered and sent as one list per call: a batch leaves when it is full or
-when its oldest message has waited ``wait_s``. Until the receiver has accepted a
+when the window has passed. The window adapts (:meth:`Outbox.window`): it keeps
+the tasks parked in the outbox to about ``PARKED_SHARE`` of those the actor holds
+(Little's law: parked = message rate × window / 2), between ``min_wait_s`` and
+``wait_s``. Few tasks in flight: messages leave at once (latency matters then);
+many: batches grow and Ray calls per hop fall. Until the receiver has accepted a
 batch, its task ids count as held by the sender, so a task is always held by
 someone the run can ask (see :meth:`held_ids`).
 """
@@ -18,11 +22,13 @@ from typing import Any, Callable
 import ray
 from ray.exceptions import RayActorError
 
-__all__ = ["Outbox"]
+__all__ = ["PARKED_SHARE", "Outbox"]
 
 log = logging.getLogger(__name__)
 
 _REAP_S = 0.25  # how often delivery receipts are collected while messages flow
+PARKED_SHARE = 0.05  # tasks waiting in the outbox, as a share of the tasks the actor holds
+_RATE_HALF_LIFE_S = 1.0  # smoothing of the message rate the window is sized from
 
 # Returns the receivers of a destination (actor handles); called lazily so a
 # restarted actor finds its peers by name without help from the driver.
@@ -30,11 +36,27 @@ Resolver = Callable[[str], list[Any]]
 
 
 class Outbox:
-    def __init__(self, resolve: Resolver, batch_size: int = 64, wait_s: float = 0.005, id_of: Callable[[Any], str] = lambda m: m.id) -> None:
+    def __init__(
+        self,
+        resolve: Resolver,
+        batch_size: int = 64,
+        wait_s: float = 0.005,
+        id_of: Callable[[Any], str] = lambda m: m.id,
+        load: Callable[[], int] | None = None,
+        min_wait_s: float = 0.001,
+    ) -> None:
         self._resolve = resolve
         self._batch_size = batch_size
         self._wait_s = wait_s
+        self._min_wait_s = min(min_wait_s, wait_s)
+        self._load = load
+        """Tasks the owner holds (running + queued); None: a fixed window of ``wait_s``."""
         self._id_of = id_of
+        self._puts = 0
+        self._rate = 0.0  # messages/s, smoothed
+        self._rate_at = time.monotonic()
+        self.sends = 0
+        """Ray calls made (batches sent)."""
         self._buf: dict[str, list[Any]] = defaultdict(list)
         self._sending: dict[Any, tuple[str, list[Any]]] = {}  # ObjectRef -> (dest, batch)
         self._rr: dict[str, int] = defaultdict(int)
@@ -45,6 +67,7 @@ class Outbox:
     def put(self, dest: str, message: Any) -> None:
         buf = self._buf[dest]
         buf.append(message)
+        self._puts += 1
         if self._loop_task is None:
             self._loop_task = asyncio.get_running_loop().create_task(self._flush_loop())
         if len(buf) >= self._batch_size:
@@ -62,7 +85,7 @@ class Outbox:
             if not self._buf and not self._sending:
                 await self._wake.wait()
             self._wake.clear()
-            await asyncio.sleep(self._wait_s)
+            await asyncio.sleep(self.window())
             for dest in list(self._buf):
                 self._send(dest, self._buf.pop(dest))
             if time.monotonic() >= self._next_reap:
@@ -74,7 +97,22 @@ class Outbox:
             batch = messages[lo : lo + self._batch_size]
             receiver = receivers[self._rr[dest] % len(receivers)]
             self._rr[dest] += 1
+            self.sends += 1
             self._sending[receiver.receive.remote(batch)] = (dest, batch)
+
+    def window(self) -> float:
+        """How long the next batch may gather: parked ≈ rate × window / 2 ≤ PARKED_SHARE × held."""
+        now = time.monotonic()
+        elapsed = now - self._rate_at
+        if elapsed > 0:
+            keep = 0.5 ** (elapsed / _RATE_HALF_LIFE_S)
+            self._rate = keep * self._rate + (1 - keep) * self._puts / elapsed
+            self._puts, self._rate_at = 0, now
+        if self._load is None:
+            return self._wait_s
+        if self._rate <= 0:
+            return self._min_wait_s
+        return max(self._min_wait_s, min(self._wait_s, 2 * PARKED_SHARE * self._load() / self._rate))
 
     def _reap(self) -> None:
         """Collect delivery receipts with one ``ray.wait``, at most every ``_REAP_S``

@@ -141,7 +141,8 @@ async def drive(
             grace = min(stop_grace_s, getattr(stop, "grace_s", stop_grace_s))  # read each round: it may shrink
             if stop_started is None:
                 stop_started = time.monotonic()
-                log.warning("stopping: no new tasks; %d in flight get %.0fs to finish", len(inflight), grace)
+                # INFO: whoever set the flag (the CLI, the Slurm bootstrap) already told the user.
+                log.info("stopping: no new tasks; %d in flight get %.0fs to finish", len(inflight), grace)
         # Intake, bounded by max_in_flight; already-failed rows go straight to the sink.
         new_tasks: list[Task] = []
         prefailed: list[RecordRow] = []

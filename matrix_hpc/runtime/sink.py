@@ -19,6 +19,7 @@ from typing import Any
 
 import ray
 
+from .. import metrics
 from ..store import RecordRow, StoreWriter
 from .health import ActorPing
 
@@ -31,8 +32,9 @@ SinkStats = dict[str, Any]
 
 @ray.remote(num_cpus=0, max_restarts=10, max_task_retries=-1)
 class SinkActor:
-    def __init__(self, root: str, chunk_rows: int, flush_interval_s: float, fsync: bool) -> None:
+    def __init__(self, root: str, chunk_rows: int, flush_interval_s: float, fsync: bool, export_metrics: bool = True) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        metrics.configure(export_metrics)
         self.writer = StoreWriter(root, part=0, chunk_rows=chunk_rows, fsync=fsync)
         self.incarnation = uuid.uuid4().hex
         self.flush_interval_s = flush_interval_s
@@ -86,14 +88,22 @@ class SinkActor:
             started = time.monotonic()
             await asyncio.to_thread(self.writer.write, rows)
             self._committing = []
+            finished: Counter[tuple[str, str]] = Counter()
             for r in rows:
                 self._status[r.status] += 1
                 if r.status == "failed":
                     self._failed_kinds[r.error_kind] += 1
+                finished[(r.status, r.error_kind or "")] += 1
                 self._tokens[0] += r.prompt_tokens
                 self._tokens[1] += r.completion_tokens
             self._log.extend(r.id for r in rows)
-            log.debug("committed %d rows in %.3fs", len(rows), time.monotonic() - started)
+            took = time.monotonic() - started
+            log.debug("committed %d rows in %.3fs", len(rows), took)
+            metrics.inc("store_commits")
+            metrics.inc("store_rows", len(rows))
+            metrics.observe("store_commit_seconds", took)
+            for (status, kind), n in finished.items():
+                metrics.inc("tasks_finished", n, status, kind)
         async with self._committed:
             self._committed.notify_all()
 
@@ -145,4 +155,5 @@ class SinkActor:
         assert self._flusher is not None
         self._flusher.cancel()
         self.writer.close()
+        metrics.flush()  # the metrics thread would miss the last second
         return self.stats()

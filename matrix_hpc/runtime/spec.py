@@ -1,16 +1,21 @@
 """What every actor of a run is built from: the team spec, typed, sent once to each actor.
 
 One :class:`ClientSpec` per model (its endpoints, its registry, its client limits),
-one :class:`RoleSpec` per role (its agent class, its model, its sampling). Built
-from the job config by :func:`team_spec`; nothing here is read back by key.
+one :class:`RoleSpec` per role (its agent class, its model, its sampling, and its
+per-actor limits, derived from ``run.max_in_flight`` where unset: runtime.limits).
+Built from the job config by :func:`team_spec`; nothing here is read back by key.
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import JobConfig, ModelConfig, PoolConfig, Sampling, resolve_sampling
+from ..config.checks import model_key
+from .limits import role_limits
 
 __all__ = ["ClientSpec", "RoleSpec", "TeamSpec", "team_spec"]
 
@@ -30,8 +35,9 @@ class ClientSpec:
     timeout_s: float = 120.0
     max_retries: int = 3
     retry_backoff_s: float = 1.0
-    max_connections: int = 64
-    max_outstanding: int = 64
+    max_connections: int | None = None
+    """As configured (None: derived per role, see :attr:`RoleSpec.max_connections`)."""
+    max_outstanding: int | None = None
     sticky: bool = True
 
     @classmethod
@@ -53,6 +59,10 @@ class RoleSpec:
     model: str | None = None
     """The key in :attr:`TeamSpec.models` this role calls (None: it calls no LLM)."""
     sampling: Sampling = field(default_factory=Sampling)
+    max_connections: int = 64
+    """HTTP connections of one actor's client (its model's setting, else derived)."""
+    max_outstanding: int = 64
+    """Requests one actor keeps open against one endpoint (its model's setting, else derived)."""
 
 
 @dataclass(frozen=True)
@@ -66,22 +76,64 @@ class TeamSpec:
     batch_size: int = 64
     batch_wait_s: float = 0.02
     sandbox: PoolConfig | None = None
+    metrics: bool = True
+    """Export Prometheus metrics (``run.metrics``; see matrix_hpc.metrics)."""
     loop_lag_warn_s: float = 0.5
     """Warn when an actor's event loop stalls this long (a blocking step); 0 turns it off."""
+    journal_dir: str | None = None
+    """Where completed LLM calls are journaled for replay (``run.replay``); None: off."""
+    journal_fsync: bool = True
+    journal_compact_s: float = 30.0
+    """Seconds between compactions of an actor's journal (entries of committed tasks dropped)."""
+    log_dir: str | None = None
+    """Where agent exceptions' full tracebacks go (``agents.log``), next to the output."""
 
 
-def team_spec(config: JobConfig, run_id: str, namespace: str, endpoints: dict[str, tuple[list[str], str | None]]) -> TeamSpec:
-    """The team of ``config``; ``endpoints``: per model key, its URLs at start and its registry's name."""
+def _uses_llm(agent: str) -> bool:
+    module, _, attr = agent.partition(":")
+    try:
+        return bool(getattr(getattr(importlib.import_module(module), attr), "uses_llm", True))
+    except (ImportError, AttributeError):  # Team reports it, naming the key
+        return True
+
+
+def team_spec(
+    config: JobConfig,
+    run_id: str,
+    namespace: str,
+    endpoints: dict[str, tuple[list[str], str | None]],
+    journal_dir: str | None = None,
+    warn: Callable[[str], None] | None = None,
+    log_dir: str | None = None,
+) -> TeamSpec:
+    """The team of ``config``; ``endpoints``: per model key, its URLs at start and its registry's name;
+    ``journal_dir``: the run's call journal when ``run.replay`` is on.
+
+    ``warn`` hears, once per role, which explicit limit keeps ``run.max_in_flight`` out of reach.
+    """
     wf = config.workflow
     roles = {}
     for name, r in wf.roles.items():
         model = config.role_model(name)
+        m = config.models.get(model) if model else None
+        lim = role_limits(
+            name, config.run.max_in_flight, r.instances, r.concurrency, uses_llm=m is not None and _uses_llm(r.agent),
+            endpoints=len(endpoints.get(model, ([], None))[0]) if model else 1,
+            max_connections=m.max_connections if m else None, max_outstanding_per_endpoint=m.max_outstanding_per_endpoint if m else None,
+            model_key=model_key(config, model) if model else "llm",
+        )  # fmt: skip
+        if lim.warning and warn is not None and not r.inline:  # an inline role runs in its callers' workers
+            warn(lim.warning)
         roles[name] = RoleSpec(
-            agent=r.agent, instances=r.instances, concurrency=r.concurrency, params={**wf.params, **r.params}, inline=r.inline,
-            model=model, sampling=resolve_sampling(config.models.get(model) if model else None, r.sampling),
+            agent=r.agent, instances=r.instances, concurrency=lim.concurrency, params={**wf.params, **r.params}, inline=r.inline,
+            model=model, sampling=resolve_sampling(m, r.sampling),
+            max_connections=lim.max_connections, max_outstanding=lim.max_outstanding_per_endpoint,
         )  # fmt: skip
     models = {name: ClientSpec.from_model(name, m, *endpoints.get(name, ([], None))) for name, m in config.models.items()}
     return TeamSpec(
         run_id=run_id, namespace=namespace, roles=roles, models=models, batch_size=config.run.batch_size,
-        batch_wait_s=config.run.batch_wait_ms / 1000.0, sandbox=config.sandbox, loop_lag_warn_s=config.run.loop_lag_warn_s,
+        batch_wait_s=config.run.batch_wait_ms / 1000.0, sandbox=config.sandbox, metrics=config.run.metrics,
+        loop_lag_warn_s=config.run.loop_lag_warn_s,
+        journal_dir=journal_dir, journal_fsync=config.output.fsync, journal_compact_s=config.run.replay_compact_s,
+        log_dir=log_dir,
     )  # fmt: skip

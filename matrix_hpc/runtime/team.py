@@ -42,7 +42,7 @@ class Team:
         self.spec = spec
         self.entry = entry
         agent_nodes = placement(CPU_NODE)  # agents on CPU nodes when the cluster labels them
-        self.sink = SinkActor.options(name=sink_name(spec.run_id)).remote(store_path, chunk_rows, flush_interval_s, fsync)
+        self.sink = SinkActor.options(name=sink_name(spec.run_id)).remote(store_path, chunk_rows, flush_interval_s, fsync, spec.metrics)
         self.actors: dict[str, list[Any]] = {
             role: [AgentActor.options(name=actor_name(spec.run_id, role, i), resources=agent_nodes).remote(spec, role, i) for i in range(rs.instances)]
             for role, rs in spec.roles.items()
@@ -121,6 +121,15 @@ class Team:
         """Ids some actor holds (queued, running, in an outbox, or pending commit)."""
         lists = await asyncio.wait_for(asyncio.gather(*(h.held_ids.remote() for h in self._all().values())), timeout_s)
         return {i for ids in lists for i in ids}
+
+    async def replay_stats(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+        """Each agent actor's journal counters, after it flushed its journal (actors with replay off are left out)."""
+        handles = [h for hs in self.actors.values() for h in hs]
+        try:
+            stats = await asyncio.wait_for(asyncio.gather(*(h.replay_stats.remote() for h in handles), return_exceptions=True), timeout_s)
+        except asyncio.TimeoutError:
+            return []
+        return [s for s in stats if isinstance(s, dict)]
 
     async def dispatch(self, tasks: list[Task], batch_size: int) -> None:
         """Send new tasks to the entry role, round-robin in batches; returns once accepted."""

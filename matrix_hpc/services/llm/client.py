@@ -18,6 +18,9 @@ from typing import Any
 
 import aiohttp
 
+from ... import metrics
+from .slots import NoSlot, Slots
+
 __all__ = ["ChatClient", "ChatResult", "LLMError", "Message"]
 
 log = logging.getLogger(__name__)
@@ -74,8 +77,11 @@ class ChatClient:
         max_connections: int = 64,
         max_outstanding_per_endpoint: int = 64,
         on_endpoint_error: Callable[[str], None] | None = None,
+        metric_tags: tuple[str, str] | None = None,
     ) -> None:
         self.model = model
+        self.metric_tags = metric_tags
+        """(role, model) for this client's metrics (see matrix_hpc.metrics); None: not recorded."""
         self._api_key = os.environ.get(api_key_env) if api_key_env else None
         if api_key_env and not self._api_key:
             log.warning("environment variable %s (llm.api_key_env) is not set", api_key_env)
@@ -83,89 +89,45 @@ class ChatClient:
         self.max_retries = max_retries
         self.retry_backoff_s = retry_backoff_s
         self.max_connections = max_connections
-        self.per_endpoint = max_outstanding_per_endpoint
         self.on_endpoint_error = on_endpoint_error
-        self.base_urls: list[str] = []
-        self._outstanding: dict[str, int] = {}
-        self._cool_until: dict[str, float] = {}
-        self._unreachable_until: dict[str, float] = {}
-        """Endpoints a connection failed to, left out of routing until then (or until listed anew)."""
+        self.slots = Slots(max_outstanding_per_endpoint)
         self.served: dict[str, int] = {}
         """Completed requests per endpoint (for reports)."""
-        self._changed: asyncio.Condition | None = None
         self._session: aiohttp.ClientSession | None = None
         self.set_endpoints(base_urls)
+        if metric_tags is not None:
+            metrics.add_collector(self._collect)
+
+    def _collect(self) -> None:
+        role, model = self.metric_tags  # type: ignore[misc]
+        for url, n in list(self.slots.outstanding.items()):
+            metrics.set_gauge("llm_outstanding", n, role, model, url)
+        metrics.set_gauge("llm_waiting", len(self.slots._waiters), role, model)
+
+    def _error(self, url: str, kind: str) -> None:
+        if self.metric_tags is not None:
+            metrics.inc("llm_errors", 1, *self.metric_tags, url, kind)
+
+    @property
+    def base_urls(self) -> list[str]:
+        return self.slots.base_urls
+
+    @property
+    def per_endpoint(self) -> int:
+        return self.slots.per_endpoint
 
     def set_endpoints(self, urls: list[str]) -> None:
         """Route over ``urls`` from now on; requests already sent elsewhere finish there."""
-        listed = set(self.base_urls)
-        self.base_urls = [u.rstrip("/") for u in urls]
-        for u in self.base_urls:
-            if u not in listed:  # back in routing (e.g. restarted): reachable again
-                self._unreachable_until.pop(u, None)
-            self._outstanding.setdefault(u, 0)
+        self.slots.set_endpoints(urls)
+        for u in self.slots.base_urls:
             self.served.setdefault(u, 0)
-        self._notify()
-
-    def _notify(self) -> None:
-        if self._changed is not None:
-            cond = self._changed
-
-            async def wake() -> None:
-                async with cond:
-                    cond.notify_all()
-
-            try:
-                asyncio.get_running_loop().create_task(wake())
-            except RuntimeError:  # no loop yet: nobody can be waiting
-                pass
-
-    def _pick(self, prefer: str | None, exclude: str | None) -> str | None:
-        """An endpoint with room, or None. Cooling endpoints only when nothing else has room."""
-        now = time.monotonic()
-        room = [u for u in self.base_urls if self._outstanding[u] < self.per_endpoint and self._unreachable_until.get(u, 0.0) <= now]
-        if prefer in room and self._cool_until.get(prefer, 0.0) <= now:  # type: ignore[operator]
-            return prefer
-        warm = [u for u in room if self._cool_until.get(u, 0.0) <= now]
-        choices = [u for u in warm if u != exclude] or warm or [u for u in room if u != exclude] or room
-        if not choices:
-            return None
-        low = min(self._outstanding[u] for u in choices)
-        return random.choice([u for u in choices if self._outstanding[u] == low])
-
-    def _has_alternative(self, url: str | None) -> bool:
-        now = time.monotonic()
-        return any(
-            u != url and max(self._cool_until.get(u, 0.0), self._unreachable_until.get(u, 0.0)) <= now and self._outstanding[u] < self.per_endpoint
-            for u in self.base_urls
-        )  # fmt: skip
 
     async def _acquire(self, prefer: str | None, exclude: str | None, deadline: float) -> str:
-        if self._changed is None:
-            self._changed = asyncio.Condition()
-        url = self._pick(prefer, exclude)
-        while url is None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                now = time.monotonic()
-                if any(self._unreachable_until.get(u, 0.0) <= now for u in self.base_urls):
-                    what = "every endpoint stayed at its request limit"
-                else:
-                    what = "no healthy endpoint (all down, unreachable or restarting)"
-                raise LLMError("llm_unavailable", f"{what} for {self.timeout.total:.0f}s")
-            async with self._changed:
-                try:
-                    await asyncio.wait_for(self._changed.wait(), min(remaining, 1.0))
-                except TimeoutError:
-                    pass
-            url = self._pick(prefer, exclude)
-        self._outstanding[url] += 1
-        return url
-
-    def _release(self, url: str) -> None:
-        self._outstanding[url] -= 1
-        if self.base_urls and url in self.base_urls:
-            self._notify()
+        try:
+            return await self.slots.acquire(prefer, exclude, deadline)
+        except NoSlot as exc:
+            what = "no healthy endpoint (all down, unreachable or restarting)" if exc.unreachable else "every endpoint stayed at its request limit"
+            raise LLMError("llm_unavailable", f"{what} for {self.timeout.total:.0f}s") from None
 
     async def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -191,7 +153,7 @@ class ChatClient:
         attempt = 0  # failed answers count against max_retries; refused connections against the deadline
         refused = False  # the last try found nothing listening: _acquire already waits, no back-off
         while attempt <= self.max_retries:
-            if attempt and not refused and not self._has_alternative(last_url):  # fail over at once; back off only on the same server
+            if attempt and not refused and not self.slots.has_alternative(last_url):  # fail over at once; back off only on the same server
                 delay = self.retry_backoff_s * 2 ** (attempt - 1)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))
             try:
@@ -203,12 +165,14 @@ class ChatClient:
             try:
                 async with session.post(f"{url}/chat/completions", json=body) as resp:
                     if resp.status in _RETRY_STATUS:
+                        self._error(url, "http_429" if resp.status == 429 else f"http_{resp.status // 100}xx")
                         last_error = f"HTTP {resp.status} from {url}: {(await resp.text())[:200]}"
                         if resp.status in (429, 503):  # overloaded: let it drain
-                            self._cool_until[url] = time.monotonic() + self.retry_backoff_s * 2**attempt
+                            self.slots.cool_until[url] = time.monotonic() + self.retry_backoff_s * 2**attempt
                         attempt += 1
                         continue
                     if resp.status != 200:
+                        self._error(url, f"http_{resp.status // 100}xx")
                         raise LLMError("llm_http", f"HTTP {resp.status} from {url}: {(await resp.text())[:200]}")
                     data = await resp.json(content_type=None)
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
@@ -217,20 +181,29 @@ class ChatClient:
                 # and lists it again once restarted. Refused connections (nothing listening:
                 # killed, restarting) wait for it up to the deadline; a connection dropped
                 # mid-request counts as an attempt, since the request itself may be the cause.
-                self._unreachable_until[url] = time.monotonic() + _RECHECK_S
+                self.slots.mark_unreachable(url, _RECHECK_S)
                 refused = isinstance(exc, aiohttp.ClientConnectorError)
+                self._error(url, "refused" if refused else "connection")
                 attempt += 0 if refused else 1
                 if self.on_endpoint_error is not None:
                     self.on_endpoint_error(url)
                 continue
             except TimeoutError:
                 last_error = f"timed out after {self.timeout.total}s waiting for {url}"
+                self._error(url, "timeout")
                 attempt += 1
                 continue
             finally:
-                self._release(url)
+                self.slots.release(url)
             self.served[url] = self.served.get(url, 0) + 1
-            return self._parse(data, url, time.monotonic() - started, self.model)
+            result = self._parse(data, url, time.monotonic() - started, self.model)
+            if self.metric_tags is not None:
+                role, model = self.metric_tags
+                metrics.inc("llm_requests", 1, role, model, url)
+                metrics.observe("llm_latency_seconds", result.latency_s, role, model)
+                metrics.inc("llm_tokens", result.prompt_tokens, role, model, "in")
+                metrics.inc("llm_tokens", result.completion_tokens, role, model, "out")
+            return result
         raise LLMError("llm_unavailable", f"{last_error} (gave up after {self.max_retries + 1} attempts)")
 
     @staticmethod

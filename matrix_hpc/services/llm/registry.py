@@ -20,6 +20,7 @@ import aiohttp
 import ray
 from ray.exceptions import RayError
 
+from ... import metrics
 from .client import ChatClient
 from .replica import LLMReplica, ReplicaSpec, replica_options
 from .status import EndpointStatus
@@ -72,9 +73,18 @@ class EndpointRegistry:
             for i, spec in enumerate(self.specs)
         ]
         urls = await asyncio.gather(*(r.start.remote() for r in self.replicas))
+        self._session = aiohttp.ClientSession(timeout=self.probe_timeout, headers=self._headers)
+        # An external endpoint is "up" only once it answered a probe (a managed replica's
+        # start already waited for a real generation); until then it is not routed to.
+        external = [st for st in self.states.values() if st.replica is None]
+        for st, error in zip(external, await asyncio.gather(*(self._probe(st.url) for st in external))):
+            st.probes += 1
+            if error is None:
+                st.last_ok_at = time.time()
+            else:
+                st.state, st.failures, st.last_error = "down", 1, error
         for i, url in enumerate(urls):
             self.states[f"replica-{i}"] = EndpointStatus(self.model_key, url, i, last_ok_at=time.time(), served_model=self.model)
-        self._session = aiohttp.ClientSession(timeout=self.probe_timeout, headers=self._headers)
         for key in self.states:
             self._wake[key] = asyncio.Event()
             asyncio.get_running_loop().create_task(self._watch(key))
@@ -167,6 +177,7 @@ class EndpointRegistry:
             if st.state == "up" and (gone or st.failures >= self.max_failures):
                 log.warning("%s leaves routing: %s", st.url, error)
                 st.state = "down"
+                metrics.inc("llm_routing_removals", 1, self.model_key, st.url)
                 self._bump()
             if st.state == "down" and st.replica is not None:
                 await self._restart(st)
@@ -177,6 +188,7 @@ class EndpointRegistry:
             st.state = "failed"
             return
         st.state, st.restarts = "restarting", st.restarts + 1
+        metrics.inc("llm_replica_restarts", 1, self.model_key, st.url)
         log.warning("restarting replica %d (%s), restart %d", st.replica, st.url, st.restarts)
         try:
             url = await self.replicas[st.replica].start.remote()  # type: ignore[index]

@@ -24,6 +24,7 @@ from typing import Any
 
 import ray
 
+from ... import metrics
 from ._proc import pid_alive
 from .apptainer import ApptainerRuntime
 from .base import ExecResult, LeaseNotFound, Sandbox, SandboxError, SandboxLimits, SandboxRuntime, SandboxUnavailable
@@ -133,10 +134,14 @@ class SandboxPool:
         await self._ensure_started()
         if self._free:
             sandbox = self._free.popleft()
+            metrics.observe("sandbox_lease_wait_seconds", 0.0, self.name)
         else:
             if len(self._waiters) >= self.cfg.max_waiting:
                 raise SandboxUnavailable(f"sandbox pool {self.name}: {len(self._waiters)} callers already waiting (sandbox.max_waiting)")
+            started = time.monotonic()
             sandbox = await self._wait_for_free(task_id, wait_s)
+            metrics.observe("sandbox_lease_wait_seconds", time.monotonic() - started, self.name)
+        metrics.inc("sandbox_leases", 1, self.name)
         lease = _Lease(uuid.uuid4().hex, task_id, sandbox, holder, holder_worker)
         self._leases[lease.id] = lease
         return lease.id
@@ -198,6 +203,8 @@ class SandboxPool:
         sandbox = lease.sandbox
         sandbox.uses += 1
         if recycle or sandbox.tainted or sandbox.uses >= self.cfg.max_uses or lease.inflight:
+            reason = "failed" if recycle else "tainted" if sandbox.tainted else "max_uses" if sandbox.uses >= self.cfg.max_uses else "reclaimed"
+            metrics.inc("sandbox_recycles", 1, self.name, reason)
             self._recycling += 1
             asyncio.get_running_loop().create_task(self._recycle(sandbox))
         else:
@@ -214,6 +221,7 @@ class SandboxPool:
             self._recycling -= 1
             self._put_free(sandbox)
         else:  # the payload left something we cannot delete: start over
+            metrics.inc("sandbox_recycles", 1, self.name, "dirty")
             await self._recycle(sandbox)
 
     async def _recycle(self, old: Sandbox) -> None:
@@ -255,6 +263,7 @@ class SandboxPool:
     ) -> ExecResult:
         """Run ``cmd`` in the leased sandbox; the payload's failures are in the result, not raised."""
         lease = self._lease(lease_id)
+        started = time.monotonic()
         run = asyncio.ensure_future(lease.sandbox.exec(cmd, limits or self.cfg.limits, stdin, env))
         lease.inflight.add(run)
         try:
@@ -268,6 +277,7 @@ class SandboxPool:
             raise LeaseNotFound(f"sandbox pool {self.name}: lease {lease_id} was reclaimed while a command ran")
         result = run.result()
         self._execs += 1
+        metrics.observe("sandbox_exec_seconds", time.monotonic() - started, self.name)
         if result.killed_reason in _TAINTING:
             lease.sandbox.tainted = True
         return result
