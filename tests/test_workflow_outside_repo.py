@@ -119,8 +119,10 @@ def workflow_folder(root: Path, agent_class: str = "Router") -> Path:
     return wf / "config.yaml"
 
 
-def run_without_pythonpath(config: Path, tmp: Path, *overrides: str, timeout: float = 240, ray_tmp: Path | None = None) -> tuple[int, str, float]:
-    """``matrix-hpc run`` with PYTHONPATH unset; returns (exit code, output, seconds)."""
+def run_without_pythonpath(
+    config: Path, tmp: Path, *overrides: str, timeout: float = 240, ray_tmp: Path | None = None, command: str = "run"
+) -> tuple[int, str, float]:
+    """``matrix-hpc run`` (or ``command``) with PYTHONPATH unset; returns (exit code, output, seconds)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     if ray_tmp is not None:  # where Ray would put a session (too long a path for its sockets: only for runs that must not start it)
         env["RAY_TMPDIR"] = str(ray_tmp)
@@ -128,7 +130,7 @@ def run_without_pythonpath(config: Path, tmp: Path, *overrides: str, timeout: fl
     t0 = time.monotonic()
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "matrix_hpc.cli", "run", str(config), *overrides],
+            [sys.executable, "-m", "matrix_hpc.cli", command, str(config), *overrides],
             stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True,
         )  # fmt: skip
         try:
@@ -212,3 +214,10 @@ def test_misspelled_agent_class_fails_before_ray_starts(tmp_path: Path) -> None:
     assert not (tmp_path / "ray").exists(), "a Ray session was started"
     assert not (tmp_path / "out").exists(), "the output store was created"
     assert elapsed < 15, f"took {elapsed:.1f}s"  # ~1-2 s on an idle machine: imports only
+
+
+def test_submit_checks_the_workflow_code_before_submitting(tmp_path: Path) -> None:
+    config = workflow_folder(tmp_path, agent_class="Ruoter")
+    rc, output, _ = run_without_pythonpath(config, tmp_path, command="submit")
+    assert rc == 2, output
+    assert output.strip().endswith("workflow.roles.router.agent: module 'contract_agents' has no attribute 'Ruoter' (did you mean 'Router'?)")

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ...config import load_config
+from ...config import ConfigError, load_config
 from ...labels import NODE_IP_ENV, node_resources
 from ...store.fsutil import atomic_write_json
 from .jobs import job_dir, record_job
@@ -139,6 +139,9 @@ def node_gpus(configured: int) -> int | None:
 def run_node(config_path: str, overrides: list[str], node_type: str = "both") -> int:
     """Run this node's part of the job; returns the process exit status."""
     config = load_config(config_path, overrides)
+    from ...runtime.loader import check_workflow_code  # the runtime sits above the cluster layer
+
+    check_workflow_code(config)  # on every node: a typo ends the job here, before any Ray node starts
     slurm = config.cluster.slurm
     os.environ["RAY_AUTH_MODE"] = "disabled"  # as the nodes started it (raynode.py)
     node = NodeEnv.detect(slurm.rendezvous)
@@ -204,7 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--node-type", choices=["both", "gpu", "cpu"], default="both", help="what this node hosts: services (gpu), agents (cpu) or both")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run_node(args.config, args.overrides, args.node_type)
+    try:
+        return run_node(args.config, args.overrides, args.node_type)
+    except ConfigError as exc:
+        print(f"matrix-hpc: config error: {exc}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":
