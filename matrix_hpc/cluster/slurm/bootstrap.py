@@ -124,6 +124,18 @@ class _Signals:
         self._event.set()
 
 
+def node_gpus(configured: int) -> int | None:
+    """GPUs this node's Ray advertises: what Slurm gave the job step, else ``cluster.slurm.gpus_per_node``.
+
+    None (Ray detects them) when neither says. Stating the count lets LLM replicas be placed
+    by the GPUs they need even where Ray cannot see devices (logical GPUs on test nodes).
+    """
+    on_node = os.environ.get("SLURM_GPUS_ON_NODE", "").strip()
+    if on_node.isdigit():
+        return int(on_node)
+    return configured or None
+
+
 def run_node(config_path: str, overrides: list[str], node_type: str = "both") -> int:
     """Run this node's part of the job; returns the process exit status."""
     config = load_config(config_path, overrides)
@@ -140,12 +152,13 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
         node.node_ip, pick_ports(node.node_ip), node_resources(kinds), f"/tmp/mhpc-{node.key}",
         jdir / "logs" / f"ray-{node.key}-rank{node.rank}.log",
     )  # fmt: skip
+    num_gpus = node_gpus(slurm.gpus_per_node) if "gpu" in kinds else None
     signals = _Signals()
     say = lambda msg: print(f"[rank {node.rank} {node.hostname}] {msg}", file=sys.stderr, flush=True)
     try:
         if node.rank != 0:
             head = rdv.exchange(None, slurm.join_timeout_s)
-            ray_node.start(head["address"])
+            ray_node.start(head["address"], num_gpus=num_gpus)
             say(f"joined the Ray head at {head['address']} (rendezvous by {head['via']})")
             give_up: float | None = None
             while not rdv.finished() and ray_node.alive():
@@ -159,7 +172,7 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
         t0 = time.time()
         if "SLURM_JOB_ID" in os.environ:
             record_job(config, node.job_id, "sbatch")
-        ray_node.start()
+        ray_node.start(num_gpus=num_gpus)
         ray_node.wait_head_ready()
         head = rdv.exchange({"address": ray_node.address, "host": node.hostname}, slurm.join_timeout_s)
         nodes = _wait_for_nodes(ray_node.address, node.size, slurm.join_timeout_s)
