@@ -30,6 +30,8 @@ class ActorPing:
     host: str
     warnings: tuple[str, ...] = ()
     """Warnings for the driver to print (loop stalls) since the previous ping."""
+    progress: int = 0
+    """Steps taken (an agent) or rows committed (the sink) so far: the driver's stall clock."""
 
 
 class LoopLagWatcher:
