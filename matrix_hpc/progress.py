@@ -51,6 +51,14 @@ class ProgressDisplay:
             self.stream.write(f"[{time.strftime('%H:%M:%S')}] {line}\n")
         self.stream.flush()
 
+    def event(self, message: str) -> None:
+        """A line for the user (a notice, a warning): on its own line, under the bar."""
+        if self.mode == "bar":
+            self.stream.write("\r\x1b[2K")
+            self._last = 0.0  # redraw the bar on the next update
+        self.stream.write(message + "\n")
+        self.stream.flush()
+
     def close(self, p: RunProgress) -> None:
         if self.mode == "bar":
             self.stream.write(f"\r\x1b[2K{format_progress(p)}\n")

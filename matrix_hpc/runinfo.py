@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .runtime.usage import UsageSummary
+from .runtime.usage import ReplaySummary, UsageSummary
 from .services.llm.status import EndpointStatus
 
 __all__ = ["LifeRecord", "RunInfo"]
@@ -41,6 +41,10 @@ class LifeRecord:
     resent: int | None = None
     """Tasks re-sent after the actor holding them died (with its node, say): redone work."""
     status: str | None = None
+    error: str | None = None
+    """Why a ``failed`` life stopped (stalled, a role gone, commits failing)."""
+    replayed: int | None = None
+    """LLM calls this life answered from the call journal (``run.replay``)."""
 
     def to_dict(self) -> dict[str, Any]:
         # A life killed before it ended has no end fields at all (readers test for the key).
@@ -55,7 +59,8 @@ class LifeRecord:
 class RunInfo:
     run_id: str
     status: str
-    """``starting``, ``running``, ``finished`` or ``interrupted``."""
+    """``starting``, ``running``, ``finished``, ``interrupted``, ``aborted`` (a second Ctrl-C) or
+    ``failed`` (an error ended it); a killed driver leaves ``running`` (see :mod:`.run_state`)."""
     host: str
     driver_pid: int
     started_at: float
@@ -70,13 +75,22 @@ class RunInfo:
     ray_logs: str | None = None
     llm: list[EndpointStatus] = field(default_factory=list)
     """Every model's endpoints: state, restarts, process, placement (host, GPUs)."""
+    llm_state_at: str | None = None
+    """When ``llm`` was taken: ``start`` (the run's start) or ``end`` (the end of the run)."""
+    error: str | None = None
+    """What ended a ``failed`` or ``aborted`` life."""
     actors: dict[str, int] = field(default_factory=dict)
     actor_hosts: dict[str, str] = field(default_factory=dict)
     finished_at: float | None = None
     store: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    """The workflow's metrics over the records this life committed."""
     usage: UsageSummary = field(default_factory=UsageSummary)
     """Tokens, calls, errors and latency per role and per model over every record in the store."""
+    summary_upto: dict[str, int] = field(default_factory=dict)
+    """Committed rows per part that ``store`` and ``usage`` cover: the next life adds only newer rows."""
+    replay: ReplaySummary | None = None
+    """What the last life that ended replayed from the call journal (None: ``run.replay`` off)."""
 
     @property
     def life(self) -> LifeRecord:
@@ -88,6 +102,7 @@ class RunInfo:
         data["history"] = [h.to_dict() for h in self.history]
         data["llm"] = [e.to_dict() for e in self.llm]
         data["usage"] = self.usage.to_dict()
+        data["replay"] = self.replay.to_dict() if self.replay else None
         return data
 
     @classmethod
@@ -97,6 +112,7 @@ class RunInfo:
         kw["history"] = [LifeRecord.from_dict(h) for h in data.get("history") or []]
         kw["llm"] = [EndpointStatus.from_dict(e) for e in data.get("llm") or []]
         kw["usage"] = UsageSummary.from_dict(data.get("usage"))
+        kw["replay"] = ReplaySummary.from_dict(data["replay"]) if data.get("replay") else None
         for name, default in (("run_id", ""), ("status", "unknown"), ("host", ""), ("driver_pid", 0), ("started_at", 0.0)):
             kw.setdefault(name, default)
         return cls(**kw)

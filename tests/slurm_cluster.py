@@ -21,8 +21,9 @@ starts, as children of this process and each tracked by pid:
   reaps orphans; killing it kills the whole node at once, see ``kill_node``), and
   private mounts: a fresh tmpfs on ``/tmp`` and on ``/dev/shm``. Shared, as on a real
   cluster: every path outside ``/tmp`` (the checkout, the venv) and the ``shared``
-  directories (``base`` always; tests add pytest's base temp dir, which holds their
-  job and output dirs), bind-mounted back into the node's ``/tmp`` at the same path.
+  directories (``base`` always; by default also ``base``'s parent, pytest's base temp
+  dir when ``base`` comes from ``tmp_path_factory.mktemp``: it holds the tests' job and
+  output dirs), bind-mounted back into the node's ``/tmp`` at the same path.
 
 Each session removes what a dead earlier session left (namespaces and links are
 named after the owner's pid; live owners' are left alone), and ``stop()`` deletes
@@ -218,7 +219,7 @@ class SlurmCluster:
         grace_time_s: int = 0,
         name: str | None = None,
         extra_conf: str = "",
-        shared: Sequence[str | os.PathLike[str]] = (),
+        shared: Sequence[str | os.PathLike[str]] | None = None,
     ) -> None:
         self.base = Path(base).resolve()
         self.nodes = [f"n{i}" for i in range(1, n_nodes + 1)]
@@ -226,6 +227,8 @@ class SlurmCluster:
         self.ctl_addr = f"{self.net.subnet}.2"
         self.node_addr = {n: f"{self.net.subnet}.{10 + i}" for i, n in enumerate(self.nodes, 1)}
         # Directories under /tmp every node sees (all else outside /tmp is shared anyway).
+        # Default: base's parent, which is pytest's base temp dir for a tmp_path_factory.mktemp base.
+        shared = [self.base.parent] if shared is None else shared
         dirs = sorted({str(Path(d).resolve()) for d in [self.base, *shared] if str(Path(d).resolve()).startswith("/tmp/")})
         self.shared = [d for d in dirs if not any(d.startswith(o + "/") for o in dirs)]
         self.cpus_per_node = cpus_per_node

@@ -90,7 +90,7 @@ def test_rerun_of_finished_job_does_nothing(full_run: dict[str, Any]) -> None:
     before = {r["id"]: r["finished_at"] for r in store_records(full_run["out"])}
     res = subprocess.run([str(BIN / "matrix-hpc"), "run", str(full_run["cfg"])], capture_output=True, text=True, timeout=300, start_new_session=True)
     assert res.returncode == 0, res.stderr
-    assert "0 done, 0 failed, 15 skipped" in res.stdout
+    assert "0 ok, 0 failed, 15 skipped" in res.stdout
     assert {r["id"]: r["finished_at"] for r in store_records(full_run["out"])} == before
 
 
@@ -141,7 +141,7 @@ def test_killed_agent_actor_is_restarted_and_its_tasks_resent(tmp_path: Path, ru
 
     again = run_factory(cfg)
     assert again.wait(540) == 0
-    assert "0 done, 0 failed, 40 skipped" in again.output
+    assert "0 ok, 0 failed, 40 skipped" in again.output
     assert_each_id_once(out, {q["id"] for q in rows})
 
 

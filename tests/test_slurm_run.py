@@ -260,3 +260,44 @@ def test_two_runs_on_the_same_nodes_do_not_collide(cluster: SlurmCluster, tmp_pa
     for node in ("n1", "n2"):
         left = cluster.node_exec(node, ["sh", "-c", "ls -d /tmp/mhpc-* 2>/dev/null || true"]).stdout.split()
         assert not [d for d in left if any(d.startswith(f"/tmp/mhpc-{j}.") for j in jobs)], (node, left)
+
+
+@pytest.mark.parametrize("replay", [True, False], ids=["replay on", "replay off"])
+def test_preemption_redoes_at_most_the_llm_calls_in_flight(cluster: SlurmCluster, tmp_path: Path, replay: bool) -> None:
+    """Long dialogues (8 turns, ~0.5 s a call) preempted twice, against a counting server:
+    redone LLM calls = requests the server saw - LLM turns in the final records. With
+    ``run.replay`` each interruption redoes at most the calls in flight (<= max_in_flight);
+    without it, every call of every dialogue cut short is paid for again (the old behaviour)."""
+    from .counting_llm import CountingLLM
+
+    server = CountingLLM(delay_s=(0.3, 0.7), host=cluster.net.host_addr).start()
+    try:
+        overrides = {"llm.engine": "external", "llm.base_urls": [server.url], "workflow.params.max_turns": 8, "run.replay": replay}
+        cfg, rows = slurm_config(tmp_path, 24, "rep", **overrides)
+        out = tmp_path / "rep-out"
+        job = sbatch(cluster, cfg)
+        log = lambda: job_log(cfg, job)  # noqa: E731
+        interruptions = 2
+        for i in range(interruptions):
+            base = committed_rows(out)
+            wait_until(lambda: committed_rows(out) >= base + 2, 300, f"progress before preemption {i}", log)
+            subprocess.run(["sbatch", "-p", "high", "-N3", "--exclusive", "--wrap", "sleep 2", "-o", "/dev/null"], env=env_for(cluster), check=True, capture_output=True)
+            wait_until(lambda: cluster.job(job).get("Restarts") == str(i + 1), 120, f"requeue {i}", log)
+        info = cluster.wait_job(job, DONE, 900)
+        assert info["JobState"] == "COMPLETED", log()[-4000:]
+        records = assert_each_id_once(out, rows)
+    finally:
+        server.stop()
+    turns = [t for r in records for t in r["turns"] if t["endpoint"]]
+    replayed = sum(t["replayed"] for t in turns)
+    redone = server.received - len(turns)
+    print(f"\nslurm preemption x{interruptions}, replay {'on' if replay else 'off'}: {server.received} LLM requests for {len(turns)} turns kept; "
+          f"redone {redone}, replayed {replayed}")  # fmt: skip
+    history = json.loads((out / "run.json").read_text())["history"]
+    assert len(history) == interruptions + 1 and history[-1]["status"] == "finished", history
+    if replay:
+        assert redone <= 8 * interruptions, f"{redone} calls redone; at most 8 are in flight per interruption"
+        assert replayed > 0, "no dialogue cut short by a preemption was resumed from the journal"
+        assert not (out / "journal").exists()
+    else:
+        assert replayed == 0 and not (out / "journal").exists()

@@ -122,10 +122,10 @@ def test_counts_and_export(tmp_path: Path) -> None:
     w.close()
     counts = StoreReader(tmp_path / "s").counts()
     assert counts == {"records": 5, "ok": 3, "failed": 2, "failed_by_kind": {"bad_input": 2}, "prompt_tokens": 10, "completion_tokens": 5}
-    assert export_store(tmp_path / "s", tmp_path / "a.jsonl") == 5
+    assert export_store(tmp_path / "s", tmp_path / "a.jsonl").records == 5
     lines = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
     assert [x["id"] for x in lines] == [f"t{i:05d}" for i in range(5)]
-    assert export_store(tmp_path / "s", tmp_path / "a.parquet", "parquet", status="failed") == 2
+    assert export_store(tmp_path / "s", tmp_path / "a.parquet", "parquet", status="failed").records == 2
     table = pq.read_table(tmp_path / "a.parquet").to_pylist()
     assert [t["id"] for t in table] == ["t00001", "t00003"]
-    assert table[0]["error_kind"] == "bad_input" and json.loads(table[0]["result"]) == {"n": 1}
+    assert table[0]["error_kind"] == "bad_input" and table[0]["result"] == {"n": 1}

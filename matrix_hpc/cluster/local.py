@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 
@@ -30,8 +31,12 @@ class RayCluster:
             ray.shutdown()
 
 
-def start_ray(cfg: ClusterConfig, namespace: str) -> RayCluster:
-    """Start (or join) Ray. Actor logs stay in Ray's session folder, not on the terminal."""
+def start_ray(cfg: ClusterConfig, namespace: str, python_path: list[str] | None = None) -> RayCluster:
+    """Start (or join) Ray. Actor logs stay in Ray's session folder, not on the terminal.
+
+    ``python_path`` folders go on the import path of every worker on every node (they
+    must be on a filesystem every node sees, as a workflow folder on a cluster is).
+    """
     # A private local cluster is reachable only from this machine; Ray's token auth
     # adds nothing there and prints a warning on every start.
     if cfg.address is None:
@@ -40,7 +45,9 @@ def start_ray(cfg: ClusterConfig, namespace: str) -> RayCluster:
     # caller's, so SIGTERM still means "stop intake and save finished work".
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     ctx = ray.init(
-        address=cfg.address,
+        # "local": always a cluster of our own; with None, ray.init joins any cluster a
+        # `ray start` left on this machine (then refuses our resources and fails).
+        address=cfg.address or "local",
         num_cpus=cfg.num_cpus if cfg.address is None else None,
         resources=node_resources({"gpu", "cpu", "head"}) if cfg.address is None else None,
         namespace=namespace,
@@ -48,6 +55,7 @@ def start_ray(cfg: ClusterConfig, namespace: str) -> RayCluster:
         log_to_driver=False,
         logging_level=logging.WARNING,
         configure_logging=True,
+        runtime_env=_runtime_env(python_path or []),
     )
     for sig, handler in handlers.items():
         if handler is not None:
@@ -56,3 +64,15 @@ def start_ray(cfg: ClusterConfig, namespace: str) -> RayCluster:
     log.info("ray %s at %s (namespace %s)", "started" if cfg.address is None else "joined", address, namespace)
     session_dir = ctx.address_info.get("session_dir")
     return RayCluster(namespace=namespace, address=address, started_here=cfg.address is None, session_dir=session_dir)
+
+
+def _runtime_env(python_path: list[str]) -> dict[str, Any] | None:
+    """The job's runtime env: ``python_path`` after each node's own PYTHONPATH.
+
+    Environment variables, not ``py_modules``/``working_dir``: those upload a copy to
+    Ray's object store, while a workflow on a shared filesystem is already on every node.
+    Ray expands ``${PYTHONPATH}`` on each node (to nothing where it is unset).
+    """
+    if not python_path:
+        return None
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(["${PYTHONPATH}", *python_path])}}

@@ -38,6 +38,9 @@ def _check_model(config: JobConfig, name: str) -> None:
     m, key = config.models[name], model_key(config, name)
     if m.engine == "external" and not m.base_urls:
         raise ConfigError(f"{key}.base_urls: required when {key}.engine is 'external'")
+    if m.engine != "external" and m.base_urls:
+        # A managed engine serves its own endpoints; extra URLs would be routed to unprobed.
+        raise ConfigError(f"{key}.base_urls: only used with {key}.engine: external (this model's engine is {m.engine!r}); remove it or set {key}.engine=external")
     if m.engine == "vllm" and not m.vllm.model:
         raise ConfigError(f"{key}.vllm.model: required when {key}.engine is 'vllm'")
     if m.api_key_env is not None and not _ENV_NAME.match(m.api_key_env):

@@ -115,15 +115,19 @@ class WorkflowConfig:
     """``module:function`` turning a list of records into summary metrics."""
     params: dict[str, Any] = field(default_factory=dict)
     """Settings shared by every role (merged under each role's params)."""
+    python_path: list[str] = field(default_factory=lambda: ["."])
+    """Folders on the import path of the driver and of every Ray worker (relative to the
+    config file's folder; the default is that folder), so agents load with no PYTHONPATH."""
 
 
 @dataclass
 class DatasetConfig:
     path: str
-    """JSONL or Parquet file; relative paths are resolved against the config file."""
+    """JSONL or Parquet file (relative paths: see :func:`load_config`)."""
     format: Literal["auto", "jsonl", "parquet"] = "auto"
-    id_field: str = "id"
-    """Field holding a row's stable id; rows without it get a content hash."""
+    id_field: str | None = "id"
+    """Field holding a row's stable id; rows without it get a content hash (a warning
+    says how many; none having it is an error). ``null``: hash every row on purpose."""
     required_fields: list[str] = field(default_factory=list)
     max_row_bytes: int = 65536
     """Rows larger than this (serialized) fail with a recorded reason."""
@@ -133,13 +137,18 @@ class DatasetConfig:
 
 @dataclass
 class OutputConfig:
-    path: str = "outputs/run"
+    path: str | None = None
+    """The output folder; default ``outputs/<workflow.name>`` in the current folder
+    (relative paths: see :func:`load_config`)."""
     chunk_rows: int = 256
     """Records per zarr chunk (the unit of a write)."""
     flush_interval_s: float = 1.0
     """Longest a finished record waits before it is committed."""
     fsync: bool = True
     """fsync chunks and the commit file (survives power loss, not just a killed process)."""
+    commit_retry_s: float = 300.0
+    """How long the sink retries a failing commit (disk full, EIO, quota), keeping the rows,
+    before the run stops with one line saying so (a re-run after freeing space resumes)."""
 
 
 @dataclass
@@ -161,17 +170,30 @@ class RunConfig:
     """Seconds between liveness checks of the actors."""
     metrics: bool = True
     """Export Prometheus metrics through Ray (matrix_hpc.metrics; README "Watching a run")."""
-    actor_max_restarts: int = 10
-    """Times Ray re-creates an agent actor that died with its process or its node (on a
-    surviving node; its tasks are re-sent); -1: no limit. The sink and the LLM registries run
-    on the driver's node: they die only with the run."""
     agent_placement: Literal["spread", "pack"] = "spread"
     """``spread``: a role's instances go to different (CPU) nodes where possible, so a dead
-    node takes few of them; ``pack``: Ray fills one node first."""
+    node takes few of them (Ray re-creates them on the nodes left, ``max_actor_restarts``
+    times; the sink and the LLM registries stay on the driver's node); ``pack``: Ray fills
+    one node first."""
+    loop_lag_warn_s: float = 0.5
+    """Warn (naming the role) when an agent actor's event loop stalls this long: a step
+    is blocking it (``time.sleep``, synchronous I/O). 0 turns the watch off."""
     stop_grace_s: float = 10.0
     """On a stop (Ctrl-C, SIGTERM; on Slurm only USR2, since a Slurm TERM means KILL is near):
     how long tasks in flight may finish before the rest are abandoned (they are not in
     the store, so the resumed run does them again)."""
+    stall_timeout_s: float = 600.0
+    """When no task moves (no step, no commit) for this long, the driver logs who holds the
+    tasks in flight and re-sends those nobody holds; after as long again it stops the run
+    with one line. 0 turns it off. Keep it above the longest single LLM call with retries."""
+    max_actor_restarts: int = 10
+    """Times Ray restarts a crashed agent or sink actor. An agent past it is gone for good:
+    its role's other instances take its tasks; a role with none left stops the run."""
+    replay: bool = True
+    """Journal every completed LLM call (``OUTPUT/journal``) so a resumed task replays the
+    calls it already paid for instead of making them again (turn-level resume)."""
+    replay_compact_s: float = 30.0
+    """Seconds between compactions of the journal (entries of committed tasks dropped)."""
 
 
 @dataclass
@@ -209,7 +231,11 @@ class JobConfig:
 
 
 def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> JobConfig:
-    """Read a YAML job spec, apply ``key=value`` overrides, and type-check it."""
+    """Read a YAML job spec, apply ``key=value`` overrides, and type-check it.
+
+    Path keys (:data:`PATH_KEYS`) come back absolute: a relative path written in the
+    file is taken from the file's folder, one given as ``key=value`` from the current folder.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -221,9 +247,11 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None
         raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    data = merge(data, parse_overrides(overrides or []))
+    file_data, override_data = data, parse_overrides(overrides or [])
+    data = merge(file_data, override_data)
     config = build(JobConfig, data, "")
     config.source_file = str(path.resolve())
+    _resolve_paths(config, file_data, override_data, path.resolve().parent)
     _fold_models(config)
     _validate(config)
     from .checks import check_job  # the cross-section checks: models, roles, GPUs
@@ -245,12 +273,43 @@ def _fold_models(config: JobConfig) -> None:
         model.model = model.model or name
 
 
+PATH_KEYS = ("dataset.path", "output.path", "cluster.slurm.job_dir")
+"""Config keys holding a file or folder; :func:`load_config` makes them absolute."""
+
+
+def _given(data: dict[str, Any], key: str) -> bool:
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return node is not None
+
+
+def _resolve_paths(config: JobConfig, file_data: dict[str, Any], override_data: dict[str, Any], config_dir: Path) -> None:
+    """One rule for every path key: a relative path is taken from the folder of the place
+    it was written: the config file's folder for a value in the file, the current
+    folder for a ``key=value`` on the command line (and for the default output path)."""
+    if config.output.path is None:
+        config.output.path = f"outputs/{config.workflow.name}"
+    for key in PATH_KEYS:
+        *parents, attr = key.split(".")
+        obj: Any = config
+        for part in parents:
+            obj = getattr(obj, part)
+        value = getattr(obj, attr)
+        if value is None:
+            continue
+        p = Path(os.path.expanduser(value))
+        if not p.is_absolute():
+            in_file = _given(file_data, key) and not _given(override_data, key)
+            p = (config_dir if in_file else Path.cwd()) / p
+        setattr(obj, attr, os.path.normpath(p))
+
+
 def resolve_dataset_path(config: JobConfig) -> Path:
-    """The dataset path, relative paths taken from the config file's folder."""
-    p = Path(os.path.expanduser(config.dataset.path))
-    if not p.is_absolute() and config.source_file:
-        p = Path(config.source_file).parent / p
-    return p
+    """The dataset path (absolute once :func:`load_config` has resolved it)."""
+    return Path(os.path.expanduser(config.dataset.path))
 
 
 def _validate(config: JobConfig) -> None:
@@ -273,5 +332,5 @@ def _validate(config: JobConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
-    if config.run.actor_max_restarts < -1:
-        raise ConfigError(f"run.actor_max_restarts: must be >= 0, or -1 for no limit, got {config.run.actor_max_restarts}")
+    if config.run.replay_compact_s <= 0:
+        raise ConfigError(f"run.replay_compact_s: must be > 0, got {config.run.replay_compact_s}")

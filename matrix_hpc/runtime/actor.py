@@ -4,12 +4,14 @@ It accepts task batches (``receive`` only enqueues), runs up to ``concurrency``
 tasks at once through the role's :class:`Agent`, and hands each task straight to
 an actor of its next role, or, once finished, to the sink, through a batching
 :class:`Outbox`. Peers are found by name, so a restarted actor rejoins alone.
+The agents' ``setup()`` runs before the first step (the team calls ``setup`` on
+every actor before the first task; a restarted actor runs it on its own), their
+``close()`` when the team closes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import os
 import socket
@@ -24,7 +26,10 @@ from ..services.llm import ChatClient
 from ..services.llm.registry import follow_registry
 from ..store import RecordRow
 from .agent import Agent, AgentContext, run_step
+from .health import ActorPing, LoopLagWatcher
+from .loader import load_object
 from .outbox import Outbox
+from .replay import Replay
 from .spec import ClientSpec, RoleSpec, TeamSpec
 from .task import Task
 
@@ -43,19 +48,30 @@ def sink_name(run_id: str) -> str:
     return f"{run_id}/{SINK}"
 
 
-def load_object(path: str) -> Any:
-    """Import ``module:attr``."""
-    module, _, attr = path.partition(":")
+def _log_agent_errors_to(path: str, who: str) -> None:
+    """Send agent tracebacks to one file under the output (appends of whole lines from
+    every actor), not to Ray's session folder under /tmp that the user never finds."""
+    from .agent import errors_log
+
+    handler = logging.FileHandler(path, delay=True)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {who} pid {os.getpid()}: %(message)s"))
+    errors_log.handlers[:] = [handler]
+    errors_log.propagate = False
+
+
+def _get_actor(name: str, namespace: str) -> Any | None:
     try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ImportError(f"cannot load {path!r}: {exc}") from exc
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError:  # not registered: dead for good (restarts exhausted)
+        return None
 
 
 @ray.remote(num_cpus=0, max_restarts=10, max_task_retries=-1)
 class AgentActor:
     def __init__(self, team: TeamSpec, role: str, index: int) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if team.log_dir:
+            _log_agent_errors_to(os.path.join(team.log_dir, "agents.log"), f"{role}/{index}")
         self.team = team
         self.role = role
         self.index = index
@@ -64,6 +80,12 @@ class AgentActor:
         spec = team.roles[role]
         self._clients: dict[str, ChatClient] = {}
         """One client per model this actor's roles call (an inline role shares its model's)."""
+        # One journal file per incarnation: a restarted actor never appends to a file
+        # a dead one may have torn; it reads it instead.
+        self._replay: Replay | None = None
+        if team.journal_dir is not None and spec.model is not None and getattr(load_object(spec.agent), "uses_llm", False):
+            name = f"{team.run_id}-{role}-{index}-{self.incarnation[:8]}.jnl"
+            self._replay = Replay(team.journal_dir, name, fsync=team.journal_fsync)
         self._queue: asyncio.Queue[Task] | None = None
         self.agent: Agent = self._make_agent(role)
         self._inline: dict[str, Agent] = {}  # agents of inline roles, built on first use
@@ -71,6 +93,10 @@ class AgentActor:
         self._handles: dict[str, list[Any]] = {}
         self._running: dict[str, Task] = {}
         self._outbox: Outbox | None = None
+        self._ready: asyncio.Task[None] | None = None  # the agents' setup()
+        self._setup_errors: dict[str, str] = {}  # role -> why its setup() failed
+        self._loops: list[asyncio.Task[None]] = []
+        self.lag = LoopLagWatcher(f"actor {role}/{index}", team.loop_lag_warn_s)
         self.steps = 0
         if team.metrics:
             metrics.add_collector(self._collect)
@@ -90,7 +116,7 @@ class AgentActor:
             raise TypeError(f"{spec.agent} is not a matrix_hpc.agents.Agent subclass")
         llm = self._client(team.models[spec.model]) if cls.uses_llm and spec.model is not None else None
         sticky = team.models[spec.model].sticky if spec.model is not None else True
-        return cls(AgentContext(role, spec.params, llm, spec.sampling, sticky, team.sandbox, spec.model))
+        return cls(AgentContext(role, spec.params, llm, spec.sampling, sticky, team.sandbox, spec.model, self._replay))
 
     def _client(self, cs: ClientSpec) -> ChatClient:
         """The client of model ``cs`` in this actor: calls route over that model's endpoints only."""
@@ -125,64 +151,165 @@ class AgentActor:
             asyncio.get_running_loop().create_task(follow_registry(client, registry))
 
     def _resolve(self, dest: str) -> list[Any]:
+        """Handles of ``dest``'s actors; None for one that is gone for good (its name
+        is no longer registered), which the outbox then skips."""
         if dest not in self._handles:
-            ns = self.team.namespace
-            if dest == SINK:
-                self._handles[dest] = [ray.get_actor(sink_name(self.team.run_id), namespace=ns)]
-            else:
-                n = self.team.roles[dest].instances
-                self._handles[dest] = [ray.get_actor(actor_name(self.team.run_id, dest, i), namespace=ns) for i in range(n)]
+            names = [sink_name(self.team.run_id)] if dest == SINK else [actor_name(self.team.run_id, dest, i) for i in range(self.team.roles[dest].instances)]
+            self._handles[dest] = [_get_actor(name, self.team.namespace) for name in names]
         return self._handles[dest]
 
+    def _unsendable(self, dest: str, message: Any, exc: Exception) -> None:
+        """A task that cannot be serialized fails alone (``bad_state``); its batch goes on."""
+        if dest == SINK:  # a RecordRow is plain strings and numbers: this is a bug, say so loudly
+            log.error("a record for %s cannot be sent to the sink: %s", self._id(message), exc)
+            return
+        task: Task = message
+        task.fail("bad_state", f"task {task.id} cannot be sent to role {dest!r}: {type(exc).__name__}: {exc}", self.role)
+        task.state, task.result = {}, None  # what made it unpicklable stays behind
+        self._to_sink(task)
+
+    @staticmethod
+    def _id(message: Any) -> str:
+        return str(getattr(message, "id", "?"))
+
+    def _to_sink(self, task: Task) -> None:
+        assert self._outbox is not None
+        try:
+            row = RecordRow.from_record(task.to_record())
+        except Exception as exc:  # e.g. a result that JSON cannot encode even as text
+            task.result, task.state = None, {}
+            task.fail("bad_state", f"task {task.id}: its record cannot be encoded: {type(exc).__name__}: {exc}", self.role)
+            row = RecordRow.from_record(task.to_record())
+        metrics.inc("tasks_left_role", 1, self.role, row.status, row.error_kind or "")
+        self._outbox.put(SINK, row)
+
     def _start(self) -> None:
+        """Start the loop's work once, from the first remote call (setup or receive)."""
+        if self._queue is not None:
+            return
         self._queue = asyncio.Queue()
-        self._outbox = Outbox(self._resolve, self.team.batch_size, self.team.batch_wait_s, load=self._held)
+        self._outbox = Outbox(self._resolve, self.team.batch_size, self.team.batch_wait_s, load=self._held, on_unsendable=self._unsendable)
         loop = asyncio.get_running_loop()
+        self._ready = loop.create_task(self._setup_agent(self.agent, self.role))
         for name, client in self._clients.items():
             self._follow(self.team.models[name], client)
+        self._loops.append(loop.create_task(self.lag.run()))
         for _ in range(self.concurrency):
-            loop.create_task(self._worker())
+            self._loops.append(loop.create_task(self._worker()))
+        if self._replay is not None:
+            self._loops.append(loop.create_task(self._compact_loop()))
+
+    async def _setup_agent(self, agent: Agent, role: str) -> None:
+        self.lag.started(f"setup() of role {role!r}")
+        try:
+            await agent.setup()
+        except Exception as exc:  # user code: report it with the role, do not kill the actor
+            log.exception("setup() of role %s failed", role)
+            self._setup_errors[role] = f"workflow.roles.{role}: setup() failed: {type(exc).__name__}: {exc}"
+        finally:
+            self.lag.ended(f"setup() of role {role!r}")
+
+    async def setup(self) -> str | None:
+        """Run the agent's ``setup()`` now; returns the failure as one line, or None."""
+        self._start()
+        assert self._ready is not None
+        await asyncio.shield(self._ready)
+        return self._setup_errors.get(self.role)
+
+    async def close(self) -> None:
+        """Stop taking steps and run every agent's ``close()`` (the run is over)."""
+        for t in self._loops:
+            t.cancel()
+        for role, agent in [(self.role, self.agent), *self._inline.items()]:
+            if agent is self.agent and role != self.role:
+                continue
+            try:
+                await agent.close()
+            except Exception:  # user code; the run's results are already committed
+                log.exception("close() of role %s failed", role)
+
+    async def _compact_loop(self) -> None:
+        """Keep this actor's journal to the calls of tasks not yet committed."""
+        assert self._replay is not None
+        while True:
+            await asyncio.sleep(self.team.journal_compact_s)
+            try:
+                dropped = await self._replay.compact(self._resolve(SINK)[0])
+            except Exception as exc:  # a restarting sink: try again next round
+                log.info("journal compaction postponed: %s", exc)
+                continue
+            if dropped:
+                log.debug("journal: dropped %d entries of committed tasks", dropped)
+
+    async def replay_stats(self) -> dict[str, Any] | None:
+        """Flush this incarnation's journal and return its counters (hits, writes, bytes,
+        write time), or None when off. The driver calls it before a graceful shutdown."""
+        if self._replay is None:
+            return None
+        await self._replay.flush()
+        return self._replay.stats()
 
     async def receive(self, tasks: list[Task]) -> None:
-        if self._queue is None:
-            self._start()
+        self._start()
         assert self._queue is not None
         for task in tasks:
             self._queue.put_nowait(task)
 
     async def _worker(self) -> None:
-        assert self._queue is not None and self._outbox is not None
+        assert self._queue is not None and self._outbox is not None and self._ready is not None
+        await asyncio.shield(self._ready)
         while True:
             task = await self._queue.get()
             self._running[task.id] = task
+            role = self.role
             try:
-                await self._step(task, self.agent, self.role)
+                await self._step(task, self.agent, role)
                 # Inline roles run here, saving a Ray hop each (see RoleConfig.inline).
                 while not task.done and self.team.roles[task.next_role].inline:  # type: ignore[index]
-                    role = task.next_role
-                    assert role is not None
+                    role = task.next_role  # type: ignore[assignment]
                     if role not in self._inline:
-                        self._inline[role] = self.agent if role == self.role else self._make_agent(role)
+                        self._inline[role] = await self._inline_agent(role)
                     await self._step(task, self._inline[role], role)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the runtime's own path failed (run_step catches agent code): one task fails, the worker lives
+                log.exception("task %s: runtime error in role %s", task.id, role)
+                task.fail("runtime_error", f"{type(exc).__name__}: {exc}", role)
             finally:
                 self._running.pop(task.id, None)
-            if task.done:
-                row = RecordRow.from_record(task.to_record())
-                metrics.inc("tasks_left_role", 1, self.role, row.status, row.error_kind or "")
-                self._outbox.put(SINK, row)
-            else:
-                self._outbox.put(task.next_role, task)
+            try:
+                if task.done:
+                    self._to_sink(task)
+                else:
+                    self._outbox.put(task.next_role, task)  # type: ignore[arg-type]
+            except Exception:  # never lose the worker; the driver's stall check re-sends the task
+                log.exception("task %s could not be handed on", task.id)
+
+    async def _inline_agent(self, role: str) -> Agent:
+        if role == self.role:
+            return self.agent
+        agent = self._make_agent(role)
+        await self._setup_agent(agent, role)
+        return agent
 
     async def _step(self, task: Task, agent: Agent, role: str) -> None:
         self.steps += 1
+        if role in self._setup_errors:  # this agent cannot serve; each task says why
+            task.hops += 1
+            task.fail("agent_error", self._setup_errors[role], role)
+            return
+        self.lag.started(f"role {role!r}")
         started = time.monotonic()
-        await run_step(agent, task, role, self.team.roles)
+        try:
+            await run_step(agent, task, role, self.team.roles)
+        finally:
+            self.lag.ended(f"role {role!r}")
         metrics.inc("steps", 1, role)
         metrics.observe("step_seconds", time.monotonic() - started, role)
 
-    def ping(self) -> tuple[str, int, str]:
-        """(incarnation, pid, host): a new incarnation means Ray restarted this actor."""
-        return self.incarnation, os.getpid(), socket.gethostname()
+    def ping(self) -> ActorPing:
+        """Who this incarnation is; ``progress`` (steps taken) tells the driver whether tasks move."""
+        return ActorPing(self.incarnation, os.getpid(), socket.gethostname(), self.lag.take_warnings(), progress=self.steps)
 
     def held_ids(self) -> list[str]:
         ids = list(self._running)

@@ -10,17 +10,24 @@ from __future__ import annotations
 import json
 import logging
 import time
+import traceback
 from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from .. import metrics
 from ..config import PoolConfig, Sampling
 from ..services.llm import ChatClient, ChatResult, LLMError, Message
+from .replay import Replay, call_digest
 from .task import Task, Turn
 
 __all__ = ["MAX_HOPS", "Agent", "AgentContext", "run_step"]
 
 log = logging.getLogger(__name__)
+errors_log = logging.getLogger("matrix_hpc.agent_errors")
+"""Full tracebacks of agent exceptions; the actor host points it at ``OUTPUT/logs/agents.log``."""
+
+TRACEBACK_FRAMES = 5  # innermost frames kept in an agent_error record
 
 MAX_HOPS = 1000  # a task still routed after this many steps is stuck in a loop
 
@@ -41,6 +48,8 @@ class AgentContext:
     """The job's ``sandbox`` section, for roles that run tools."""
     model: str | None = None
     """The key in ``models`` of the role's model (what turns and accounting are labelled with)."""
+    replay: Replay | None = None
+    """The call journal (``run.replay``): completed calls are saved and replayed on resume."""
 
     @property
     def max_tokens(self) -> int:
@@ -52,11 +61,37 @@ class AgentContext:
 
 
 class Agent:
-    """Subclass and implement :meth:`step`.
+    """A workflow role: subclass it and implement :meth:`step`.
 
-    ``step`` must leave the task either routed (``task.next_role = "other_role"``),
-    finished (``task.finish(result)``) or failed (``task.fail(kind, message)``). An
-    exception escaping ``step`` fails the task with kind ``agent_error``.
+    **One instance serves many tasks at once.** An actor builds one agent per role and
+    runs up to ``concurrency`` steps of different tasks concurrently on one asyncio
+    loop, interleaved at every ``await``. Keep nothing about a task on ``self``
+    (``self.last_answer = ...`` is overwritten by another task mid-step); per-task
+    data goes in ``task.state``. ``self`` holds what every task shares: settings
+    from ``self.params``, clients, caches, resources opened in :meth:`setup`.
+
+    **The step contract.** ``step`` must leave the task routed (``task.next_role =
+    "other_role"``; assigning the current role runs this role again), finished
+    (``task.finish(result)``) or failed (``task.fail(kind, message)``). A step that
+    does none of these fails the task as ``routing``: leaving ``next_role`` alone
+    is a bug, not a loop. An exception escaping ``step`` fails the task as
+    ``agent_error``; an :class:`LLMError` fails it with the error's kind.
+
+    **task.state** travels with the task between actors and nodes (it is pickled
+    at every hop): keep it to plain, small data (str, numbers, lists, dicts,
+    dataclasses from an importable module), no handles, sockets or locks. It is
+    saved in the record only through what you pass to ``task.finish`` (and the
+    turns); an actor crash restarts the task from its row with an empty state.
+
+    **Never block the event loop.** A blocking call (``time.sleep``, ``requests``,
+    a heavy computation, a subprocess wait) stalls every task of the actor. Await
+    async APIs, and run blocking work in a thread: ``await
+    asyncio.to_thread(fn, *args)``. Each actor watches its loop and logs a warning
+    naming the role when it stalls longer than ``run.loop_lag_warn_s``.
+
+    **Per-actor resources.** :meth:`setup` runs once per actor before its first
+    step (open a pool, load a model or an index); :meth:`close` runs once when the
+    run ends. Both are async; a failing ``setup`` stops the run before any task.
     """
 
     uses_llm: ClassVar[bool] = True
@@ -65,6 +100,12 @@ class Agent:
         self.ctx = ctx
         self.role = ctx.role
         self.params = ctx.params
+
+    async def setup(self) -> None:
+        """Open per-actor resources; called once per actor before its first step."""
+
+    async def close(self) -> None:
+        """Release what :meth:`setup` opened; called once when the run ends."""
 
     async def step(self, task: Task) -> None:
         raise NotImplementedError
@@ -77,6 +118,8 @@ class Agent:
         """Like :meth:`chat`, but returns the whole :class:`ChatResult` (``tool_calls`` included).
 
         The recorded turn's text is the reply's text, or its tool calls as JSON when it has no text.
+        With a journal (``ctx.replay``), a call this task already completed in an earlier life
+        is answered from it (the turn is marked ``replayed``, with the original usage and latency).
         """
         if self.ctx.llm is None:
             raise RuntimeError(f"role {self.role!r} has no LLM client (uses_llm is False, or it names no model)")
@@ -85,13 +128,25 @@ class Agent:
         model = self.ctx.model or self.ctx.llm.model  # the key in models; the served name for a bare client
         if self.ctx.sticky and "prefer" not in request:  # a task's earlier endpoint of this model
             request["prefer"] = next((t.endpoint for t in reversed(task.turns) if t.endpoint and t.model == model), None)
-        started = time.time()
-        try:
-            res = await self.ctx.llm.chat(messages, **request)
-        except LLMError as exc:  # recorded as a failed turn: errors are counted per model and role
-            task.turns.append(Turn(role=self.role, text="", started_at=started, latency_s=time.time() - started, model=model,
-                                   served_model=self.ctx.llm.model, max_tokens=request.get("max_tokens"), temperature=request.get("temperature"), error=exc.kind))  # fmt: skip
-            raise
+        seq, task.llm_calls = task.llm_calls, task.llm_calls + 1
+        replay, digest, hit = self.ctx.replay, "", None
+        if replay is not None:
+            sampling = {k: v for k, v in request.items() if k != "prefer"}  # routing does not change the answer
+            digest = call_digest(task.id, seq, f"{model}/{self.ctx.llm.model}", messages, sampling)
+            hit = replay.lookup(digest)
+        if hit is not None:
+            res, started = hit
+            metrics.inc("replayed_calls", 1, self.role, model)
+        else:
+            started = time.time()
+            try:
+                res = await self.ctx.llm.chat(messages, **request)
+            except LLMError as exc:  # recorded as a failed turn: errors are counted per model and role
+                task.turns.append(Turn(role=self.role, text="", started_at=started, latency_s=time.time() - started, model=model,
+                                       served_model=self.ctx.llm.model, max_tokens=request.get("max_tokens"), temperature=request.get("temperature"), error=exc.kind))  # fmt: skip
+                raise
+            if replay is not None:
+                replay.record(digest, task.id, res, started)  # batched: the task does not wait for the fsync
         text = res.text or (json.dumps([c.get("function", c) for c in res.tool_calls], ensure_ascii=False) if res.tool_calls else "")
         task.turns.append(
             Turn(
@@ -106,28 +161,38 @@ class Agent:
                 served_model=res.model,
                 max_tokens=request.get("max_tokens"),
                 temperature=request.get("temperature"),
+                replayed=hit is not None,
             )
         )
         return res
+
+
+def frames(exc: BaseException, n: int = TRACEBACK_FRAMES) -> list[str]:
+    """The innermost ``n`` frames of ``exc``'s traceback, one line each."""
+    return [f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}" for f in traceback.extract_tb(exc.__traceback__.tb_next)[-n:]]  # tb_next: not run_step itself
 
 
 async def run_step(agent: Agent, task: Task, role: str, roles: Container[str]) -> None:
     """Advance ``task`` one step through ``agent``: the contract every scheduler keeps.
 
     An :class:`LLMError` or any exception from agent code fails this one task with a
-    reason; a route to an unknown role, or past :data:`MAX_HOPS`, fails it as ``routing``.
+    reason; a step that leaves the task unrouted (``next_role`` never assigned), a
+    route to an unknown role, or one past :data:`MAX_HOPS` fails it as ``routing``.
     """
     task.hops += 1
+    task.routed = False
     try:
         await agent.step(task)
     except LLMError as exc:
         task.fail(exc.kind, str(exc), role)
     except Exception as exc:  # agent code is user code: one task fails, the caller lives
-        log.exception("task %s failed in role %s", task.id, role)
-        task.fail("agent_error", f"{type(exc).__name__}: {exc}", role)
+        errors_log.exception("task %s failed in role %s", task.id, role)
+        task.fail("agent_error", f"{type(exc).__name__}: {exc}", role, traceback=frames(exc))
     if task.done:
         return
-    if task.next_role not in roles:
+    if not task.routed:  # without this check the task would loop back into this role forever
+        task.fail("routing", f"role {role!r} neither routed, finished nor failed the task (set task.next_role, or call task.finish() or task.fail())", role)
+    elif task.next_role not in roles:
         task.fail("routing", f"role {role!r} routed to unknown role {task.next_role!r}", role)
     elif task.hops >= MAX_HOPS:
         task.fail("routing", f"still routed after {MAX_HOPS} steps (last role {role!r})", role)

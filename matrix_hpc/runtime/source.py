@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 from .task import Task, content_id
 
-__all__ = ["DatasetError", "SourceOptions", "iter_tasks", "count_rows"]
+__all__ = ["DatasetError", "DatasetScan", "SourceOptions", "iter_tasks", "count_rows", "scan_dataset"]
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,8 @@ class SourceOptions:
     path: Path
     entry_role: str
     format: str = "auto"
-    id_field: str = "id"
+    id_field: str | None = "id"
+    """``None``: every row's id is a hash of its content."""
     required_fields: tuple[str, ...] = ()
     max_row_bytes: int = 65536
     limit: int | None = None
@@ -49,18 +50,54 @@ def _format(opts: SourceOptions) -> str:
     raise DatasetError(f"dataset.path: cannot tell the format of {opts.path.name} (set dataset.format to jsonl or parquet)")
 
 
-def count_rows(opts: SourceOptions) -> int:
+@dataclass(frozen=True)
+class DatasetScan:
+    rows: int
     """Rows the source will yield (non-blank lines for JSONL), honouring ``limit``."""
+    missing_id: int
+    """Rows without ``id_field`` (they get a content hash as their id)."""
+
+
+def scan_dataset(opts: SourceOptions) -> DatasetScan:
+    """Count the rows, and those that lack ``id_field``, in one pass before the run.
+
+    For JSONL a line lacks the field when its text does not contain ``"FIELD"`` (cheap,
+    no JSON parsing; a nested key of that name can only make the count too low).
+    """
     if not opts.path.is_file():
         raise DatasetError(f"dataset.path: no such file {opts.path}")
+    limit = opts.limit if opts.limit is not None else float("inf")
+    n = missing = 0
     if _format(opts) == "parquet":
         import pyarrow.parquet as pq
 
-        n = pq.ParquetFile(opts.path).metadata.num_rows
+        pf = pq.ParquetFile(opts.path)
+        n = int(min(pf.metadata.num_rows, limit))
+        if opts.id_field is not None and opts.id_field not in pf.schema_arrow.names:
+            missing = n
+        elif opts.id_field is not None:
+            seen = 0
+            for batch in pf.iter_batches(batch_size=65536, columns=[opts.id_field]):
+                col = batch.column(0)[: max(0, n - seen)]
+                missing += col.null_count
+                seen += len(col)
+                if seen >= n:
+                    break
     else:
+        needle = json.dumps(opts.id_field).encode() if opts.id_field is not None else None
         with open(opts.path, "rb") as fh:
-            n = sum(1 for line in fh if line.strip())
-    return min(n, opts.limit) if opts.limit is not None else n
+            for line in fh:
+                if n >= limit:
+                    break
+                if line.strip():
+                    n += 1
+                    missing += needle is not None and needle not in line
+    return DatasetScan(rows=n, missing_id=missing)
+
+
+def count_rows(opts: SourceOptions) -> int:
+    """Rows the source will yield (non-blank lines for JSONL), honouring ``limit``."""
+    return scan_dataset(opts).rows
 
 
 def _raw_rows(opts: SourceOptions) -> Iterator[tuple[str, bytes | dict[str, Any]]]:
@@ -101,7 +138,7 @@ def _to_task(opts: SourceOptions, where: str, raw: bytes | dict[str, Any]) -> Ta
         size = len(json.dumps(row, default=str).encode())
     if not isinstance(row, dict):
         return _failed(content_id(json.dumps(row, default=str)), where, {"_raw": json.dumps(row, default=str)[:_PREVIEW]}, "bad_input", f"expected a JSON object, got {type(row).__name__}")
-    rid = row.get(opts.id_field)
+    rid = row.get(opts.id_field) if opts.id_field is not None else None
     tid = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid) else content_id(json.dumps(row, sort_keys=True, default=str))
     if size > opts.max_row_bytes:
         preview = {"_raw": json.dumps(row, default=str)[:_PREVIEW], "_bytes": size}
@@ -120,17 +157,20 @@ def iter_tasks(opts: SourceOptions, done: set[str] | None = None, counts: dict[s
     done = done or set()
     counts = counts if counts is not None else {}
     counts.setdefault("skipped", 0)
-    seen: dict[str, str] = {}
+    # id -> number of its first row ("line 7" keeps 7): an int per row, not a string, as
+    # this map holds every id of the dataset for the whole run.
+    seen: dict[str, int] = {}
     for n, (where, raw) in enumerate(_raw_rows(opts)):
         if opts.limit is not None and n >= opts.limit:
             return
         task = _to_task(opts, where, raw)
+        kind, _, num = where.partition(" ")
         if task.id in seen:
-            first = seen[task.id]
+            first = f"{kind} {seen[task.id]}"
             # Keep the row, under an id of its own, so nothing is silently dropped.
             task = _failed(f"{task.id}#dup@{where.replace(' ', '')}", where, task.row, "bad_input", f"duplicate id {task.id!r} (first at {first})")
         else:
-            seen[task.id] = where
+            seen[task.id] = int(num)
         if task.id in done:
             counts["skipped"] += 1
         else:

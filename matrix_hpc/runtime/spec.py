@@ -78,10 +78,17 @@ class TeamSpec:
     sandbox: PoolConfig | None = None
     metrics: bool = True
     """Export Prometheus metrics (``run.metrics``; see matrix_hpc.metrics)."""
-    actor_max_restarts: int = 10
-    """``run.actor_max_restarts``: how often Ray re-creates a dead agent actor."""
     agent_placement: str = "spread"
     """``run.agent_placement``: ``spread`` (a role's instances over the nodes) or ``pack``."""
+    loop_lag_warn_s: float = 0.5
+    """Warn when an actor's event loop stalls this long (a blocking step); 0 turns it off."""
+    journal_dir: str | None = None
+    """Where completed LLM calls are journaled for replay (``run.replay``); None: off."""
+    journal_fsync: bool = True
+    journal_compact_s: float = 30.0
+    """Seconds between compactions of an actor's journal (entries of committed tasks dropped)."""
+    log_dir: str | None = None
+    """Where agent exceptions' full tracebacks go (``agents.log``), next to the output."""
 
 
 def _uses_llm(agent: str) -> bool:
@@ -93,9 +100,16 @@ def _uses_llm(agent: str) -> bool:
 
 
 def team_spec(
-    config: JobConfig, run_id: str, namespace: str, endpoints: dict[str, tuple[list[str], str | None]], warn: Callable[[str], None] | None = None
+    config: JobConfig,
+    run_id: str,
+    namespace: str,
+    endpoints: dict[str, tuple[list[str], str | None]],
+    journal_dir: str | None = None,
+    warn: Callable[[str], None] | None = None,
+    log_dir: str | None = None,
 ) -> TeamSpec:
-    """The team of ``config``; ``endpoints``: per model key, its URLs at start and its registry's name.
+    """The team of ``config``; ``endpoints``: per model key, its URLs at start and its registry's name;
+    ``journal_dir``: the run's call journal when ``run.replay`` is on.
 
     ``warn`` hears, once per role, which explicit limit keeps ``run.max_in_flight`` out of reach.
     """
@@ -121,5 +135,8 @@ def team_spec(
     return TeamSpec(
         run_id=run_id, namespace=namespace, roles=roles, models=models, batch_size=config.run.batch_size,
         batch_wait_s=config.run.batch_wait_ms / 1000.0, sandbox=config.sandbox, metrics=config.run.metrics,
-        actor_max_restarts=config.run.actor_max_restarts, agent_placement=config.run.agent_placement,
+        agent_placement=config.run.agent_placement,
+        loop_lag_warn_s=config.run.loop_lag_warn_s,
+        journal_dir=journal_dir, journal_fsync=config.output.fsync, journal_compact_s=config.run.replay_compact_s,
+        log_dir=log_dir,
     )  # fmt: skip

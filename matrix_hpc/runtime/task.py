@@ -2,6 +2,8 @@
 
 A :class:`Task` is a small state machine: ``next_role`` names the agent that
 handles it next; ``None`` means finished (successfully, or with ``error`` set).
+Assigning ``next_role`` (even to the current role) marks the task as routed, which
+is how the runtime tells "routes to itself" from "forgot to route" (see ``run_step``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class Turn:
     """The sampling the call was sent with (see ``workflow.roles.NAME.sampling``)."""
     error: str | None = None
     """The error kind of a call that failed for good (the task then fails with it)."""
+    replayed: bool = False
+    """Answered from the call journal (paid for in an earlier life), not by the LLM."""
 
 
 @dataclass(slots=True)
@@ -51,6 +55,8 @@ class TaskError:
     kind: str
     message: str
     role: str | None = None
+    traceback: list[str] | None = None
+    """For ``agent_error``: the innermost frames, ``file:line in function: code``."""
 
 
 @dataclass(slots=True)
@@ -65,9 +71,19 @@ class Task:
     attempt: int = 1
     created_at: float = field(default_factory=time.time)
     hops: int = 0
+    llm_calls: int = 0
+    """LLM calls started for this task in this attempt: the call sequence number that keys replay."""
+    routed: bool = field(default=False, init=False, repr=False, compare=False)
+    """Set by any assignment to ``next_role``; the runtime clears it before each step."""
 
-    def fail(self, kind: str, message: str, role: str | None = None) -> None:
-        self.error = TaskError(kind, message, role)
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A slots dataclass has no property hook on a field: intercept the assignment here.
+        if name == "next_role":
+            object.__setattr__(self, "routed", True)
+        object.__setattr__(self, name, value)
+
+    def fail(self, kind: str, message: str, role: str | None = None, traceback: list[str] | None = None) -> None:
+        self.error = TaskError(kind, message, role, traceback)
         self.next_role = None
 
     def finish(self, result: dict[str, Any]) -> None:

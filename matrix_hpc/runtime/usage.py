@@ -1,4 +1,4 @@
-"""LLM accounting of a run: tokens, calls, errors and latency per role and per model."""
+"""LLM accounting of a run: tokens, calls, errors and latency per role and per model; what replay saved."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Usage", "UsageSummary", "usage_summary"]
+__all__ = ["ReplaySummary", "Usage", "UsageSummary", "replay_summary", "usage_summary"]
 
 
 @dataclass
@@ -63,4 +63,41 @@ def usage_summary(records: Iterable[dict[str, Any]]) -> UsageSummary:
             acc = getattr(out, section)
             for name, counts in (usage.get(section) or {}).items():
                 acc.setdefault(name, Usage()).add(counts)
+    return out
+
+
+@dataclass
+class ReplaySummary:
+    """LLM calls of one life answered from the call journal: how many, their tokens, and
+    their original latency (the LLM time replay saved)."""
+
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    saved_s: float = 0.0
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "saved_s": round(self.saved_s, 3)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReplaySummary:
+        return cls(**{k: data[k] for k in ("calls", "prompt_tokens", "completion_tokens", "saved_s") if k in data})
+
+
+def replay_summary(records: Iterable[dict[str, Any]], since: float) -> ReplaySummary:
+    """The replayed turns of records finished at or after ``since`` (one life's start)."""
+    out = ReplaySummary()
+    for rec in records:
+        if float(rec.get("finished_at") or 0.0) < since:
+            continue
+        for turn in rec.get("turns") or []:
+            if turn.get("replayed"):
+                out.calls += 1
+                out.prompt_tokens += int(turn.get("prompt_tokens", 0))
+                out.completion_tokens += int(turn.get("completion_tokens", 0))
+                out.saved_s += float(turn.get("latency_s", 0.0))
     return out

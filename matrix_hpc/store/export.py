@@ -1,49 +1,159 @@
-"""Export committed records to JSONL or Parquet."""
+"""Export committed records to JSONL or Parquet.
+
+Parquet keeps the record's shape: nested fields (``row``, ``result``, ``turns``,
+``usage``, ``error``) become Arrow structs and lists with real nulls, so pandas,
+polars and ``datasets`` users get columns, not JSON text to decode. Records stream
+through in row groups (bounded memory): a first pass over the store finds one Arrow
+type per column that every record fits; a column whose values do not fit one type
+(an int here and a string there) is written as JSON text instead, and the result
+names it.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Iterator, Literal
 
 from .zarr_store import StoreReader
 
-__all__ = ["export_store"]
+__all__ = ["ExportResult", "export_store"]
 
 log = logging.getLogger(__name__)
 
-# Parquet gets the record's top-level fields as columns; nested parts stay JSON text
-# so the schema does not depend on what a workflow puts in its results.
-_JSON_COLUMNS = ("error", "row", "result", "turns", "usage")
+ROW_GROUP = 2048  # records per Parquet row group: what export holds in memory at once
+_FIRST = ("id", "status", "error_kind", "prompt_tokens", "completion_tokens")  # flat, handy columns first
 
 
-def export_store(root: str | Path, to: str | Path, fmt: Literal["jsonl", "parquet"] = "jsonl", status: str | None = None) -> int:
-    """Write every committed record (optionally only ``status``) to ``to``; returns the count."""
+@dataclass
+class ExportResult:
+    records: int
+    json_columns: list[str] = field(default_factory=list)
+    """Parquet columns written as JSON text because their values do not fit one Arrow type."""
+
+
+def export_store(root: str | Path, to: str | Path, fmt: Literal["jsonl", "parquet"] = "jsonl", status: str | None = None) -> ExportResult:
+    """Write every committed record (optionally only ``status``) to ``to``."""
     reader = StoreReader(root)
     to = Path(to)
     to.parent.mkdir(parents=True, exist_ok=True)
-    records = (r for r in reader.iter_records() if status is None or r["status"] == status)
     if fmt == "jsonl":
         n = 0
         with open(to, "w") as fh:
-            for rec in records:
+            for rec in _records(reader, status):
                 fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 n += 1
-        return n
+        return ExportResult(n)
     if fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        rows = []
-        for rec in records:
-            flat = {k: v for k, v in rec.items() if k not in _JSON_COLUMNS}
-            flat["error_kind"] = (rec.get("error") or {}).get("kind")
-            flat["prompt_tokens"] = (rec.get("usage") or {}).get("prompt_tokens", 0)
-            flat["completion_tokens"] = (rec.get("usage") or {}).get("completion_tokens", 0)
-            for k in _JSON_COLUMNS:
-                flat[k] = json.dumps(rec.get(k), ensure_ascii=False)
-            rows.append(flat)
-        pq.write_table(pa.Table.from_pylist(rows), to)
-        return len(rows)
+        return _write_parquet(reader, to, status)
     raise ValueError(f"unknown export format {fmt!r} (expected jsonl or parquet)")
+
+
+def _records(reader: StoreReader, status: str | None) -> Iterator[dict[str, Any]]:
+    return (r for r in reader.iter_records() if status is None or r["status"] == status)
+
+
+def _flat(rec: dict[str, Any]) -> dict[str, Any]:
+    usage = rec.get("usage") or {}
+    out = {
+        "id": rec.get("id"),
+        "status": rec.get("status"),
+        "error_kind": (rec.get("error") or {}).get("kind"),
+        "prompt_tokens": usage.get("prompt_tokens", 0),
+        "completion_tokens": usage.get("completion_tokens", 0),
+    }
+    out.update((k, v) for k, v in rec.items() if k not in out)
+    return out
+
+
+def _batches(reader: StoreReader, status: str | None) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    for rec in _records(reader, status):
+        batch.append(_flat(rec))
+        if len(batch) >= ROW_GROUP:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _writable(tp: Any) -> bool:
+    """Parquet cannot store a struct with no fields (``{}`` in every row)."""
+    import pyarrow as pa
+
+    if pa.types.is_struct(tp):
+        return tp.num_fields > 0 and all(_writable(tp.field(i).type) for i in range(tp.num_fields))
+    if pa.types.is_list(tp) or pa.types.is_large_list(tp):
+        return _writable(tp.value_type)
+    return True
+
+
+def _infer_types(reader: StoreReader, status: str | None, json_cols: set[str]) -> tuple[list[str], dict[str, Any]]:
+    """First pass: every column's name, in order, and one Arrow type all its values fit."""
+    import pyarrow as pa
+
+    names: dict[str, None] = dict.fromkeys(_FIRST)
+    types: dict[str, Any] = {}
+    for batch in _batches(reader, status):
+        for rec in batch:
+            names.update(dict.fromkeys(rec))
+        for name in names:
+            if name in json_cols:
+                continue
+            try:
+                tp = pa.array([r.get(name) for r in batch]).type
+                if name in types:
+                    tp = pa.unify_schemas([pa.schema([(name, types[name])]), pa.schema([(name, tp)])], promote_options="permissive").field(name).type
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
+                json_cols.add(name)
+                types.pop(name, None)
+                continue
+            types[name] = tp
+    for name in list(types):
+        if not _writable(types[name]):
+            # Only empty objects so far: nothing to lose as text.
+            json_cols.add(name)
+            del types[name]
+    return list(names), types
+
+
+def _write_parquet(reader: StoreReader, to: Path, status: str | None) -> ExportResult:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    json_cols: set[str] = set()
+    while True:  # a column that fails to convert in the second pass is retried as JSON text
+        names, types = _infer_types(reader, status, json_cols)
+        schema = pa.schema([(n, pa.string() if n in json_cols else types.get(n, pa.null())) for n in names])
+        tmp = to.with_name(f".{to.name}.partial")
+        n = 0
+        try:
+            with pq.ParquetWriter(tmp, schema) as writer:
+                for batch in _batches(reader, status):
+                    cols = []
+                    for f in schema:
+                        values = [r.get(f.name) for r in batch]
+                        if f.name in json_cols:
+                            values = [None if v is None else json.dumps(v, ensure_ascii=False) for v in values]
+                        try:
+                            cols.append(pa.array(values, type=f.type))
+                        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
+                            raise _Misfit(f.name) from exc
+                    writer.write_table(pa.Table.from_arrays(cols, schema=schema))
+                    n += len(batch)
+        except _Misfit as exc:
+            tmp.unlink(missing_ok=True)
+            json_cols.add(exc.column)
+            continue
+        tmp.replace(to)
+        if json_cols:
+            log.info("export: columns %s written as JSON text", sorted(json_cols))
+        return ExportResult(n, sorted(json_cols))
+
+
+class _Misfit(Exception):
+    def __init__(self, column: str) -> None:
+        super().__init__(column)
+        self.column = column

@@ -10,10 +10,14 @@
   every node, then drives the run itself;
 * every other rank joins the head and serves until rank 0 says the run is over;
 * SIGUSR2 (time limit near, or preemption) or SIGTERM on rank 0: stop intake, let
-  tasks in flight finish for ``run.stop_grace_s``, commit, and requeue the job, which
-  resumes from the store. Each node stops only its own Ray, by process group, and
-  removes its Ray temp dir (``/tmp/mhpc-<job>.<restart>``, node-local) at the end of
-  each life; one left by a killed life is removed when the job next starts there.
+  tasks in flight finish for ``run.stop_grace_s``, commit, and requeue the job at
+  once, before any slow work (service shutdown, status calls, summaries), since the
+  KILL is near; the requeued job resumes from the store. Each node stops only its
+  own Ray, by process group, and removes its Ray temp dir (``/tmp/mhpc-<job>.<restart>``,
+  node-local) at the end of each life; one left by a killed life is removed when the
+  job next starts there;
+* a worker node that cannot reach the head for ``cluster.slurm.head_lost_s`` before the
+  run is over requeues the job (the head node died; ``--no-kill`` keeps the job alive).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...config import load_config
+from ...config import ConfigError, load_config
 from ...labels import NODE_IP_ENV, node_resources
 from ...store.fsutil import atomic_write_json
 from .jobs import job_dir, record_job
@@ -144,6 +148,31 @@ def _requeue(job_id: str) -> bool:
     return res.returncode == 0
 
 
+class _Requeue:
+    """Called by the job once the store is saved: on a USR2 under Slurm, requeue now.
+
+    It runs before the services stop and before the summaries are read from the
+    store, so the time from USR2 to ``scontrol requeue`` is the grace for tasks in
+    flight plus one commit, whatever the size of the store (it is logged).
+    """
+
+    def __init__(self, node: "NodeEnv", max_requeues: int, signals: "_Signals", say: Any) -> None:
+        self.node, self.max_requeues, self.signals, self.say = node, max_requeues, signals, say
+        self.refused = False
+
+    def __call__(self, progress: Any) -> None:
+        if progress.finished or self.signals.reason != "SIGUSR2" or "SLURM_JOB_ID" not in os.environ:
+            return
+        if self.node.restart >= self.max_requeues:
+            self.say(f"not requeued: restart {self.node.restart} reached cluster.slurm.max_requeues")
+            self.refused = True
+            return
+        since = time.monotonic() - (self.signals.at or time.monotonic())
+        if _requeue(self.node.job_id):
+            self.say(f"requeued job {self.node.job_id} {since:.2f}s after SIGUSR2; it resumes from the store")
+        log.info("USR2 to scontrol requeue: %.3fs", since)
+
+
 class _Signals:
     """The run's stop flag, set by USR2/TERM/INT; the first signal's name is the reason.
 
@@ -156,6 +185,8 @@ class _Signals:
     def __init__(self) -> None:
         self._event = threading.Event()
         self.reason: str | None = None
+        self.at: float | None = None
+        """``time.monotonic()`` of the first signal."""
         self.grace_s = float("inf")
         for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on)
@@ -168,15 +199,30 @@ class _Signals:
         if signum != signal.SIGUSR2:
             self.grace_s = 0.0
         if not self._event.is_set():
-            self.reason = name
+            self.reason, self.at = name, time.monotonic()
             what = "finishing what is in flight" if signum == signal.SIGUSR2 else "abandoning what is in flight"
             print(f"{name}: stopping intake, {what}, saving", file=sys.stderr, flush=True)
         self._event.set()
 
 
+def node_gpus(configured: int) -> int | None:
+    """GPUs this node's Ray advertises: what Slurm gave the job step, else ``cluster.slurm.gpus_per_node``.
+
+    None (Ray detects them) when neither says. Stating the count lets LLM replicas be placed
+    by the GPUs they need even where Ray cannot see devices (logical GPUs on test nodes).
+    """
+    on_node = os.environ.get("SLURM_GPUS_ON_NODE", "").strip()
+    if on_node.isdigit():
+        return int(on_node)
+    return configured or None
+
+
 def run_node(config_path: str, overrides: list[str], node_type: str = "both") -> int:
     """Run this node's part of the job; returns the process exit status."""
     config = load_config(config_path, overrides)
+    from ...runtime.loader import check_workflow_code  # the runtime sits above the cluster layer
+
+    check_workflow_code(config)  # on every node: a typo ends the job here, before any Ray node starts
     slurm = config.cluster.slurm
     os.environ["RAY_AUTH_MODE"] = "disabled"  # as the nodes started it (raynode.py)
     node = NodeEnv.detect(slurm.rendezvous)
@@ -188,6 +234,7 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
         node.node_ip, pick_ports(node.node_ip), node_resources(kinds), f"/tmp/mhpc-{node.key}",
         jdir / "logs" / f"ray-{node.key}-rank{node.rank}.log",
     )  # fmt: skip
+    num_gpus = node_gpus(slurm.gpus_per_node) if "gpu" in kinds else None
     signals = _Signals()
     say = lambda msg: print(f"[rank {node.rank} {node.hostname}] {msg}", file=sys.stderr, flush=True)
     output = Path(config.output.path).expanduser().resolve()
@@ -200,7 +247,7 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
                 "nothing stops a second run on another node from writing the same store")  # fmt: skip
         if node.rank != 0:
             head = rdv.exchange(None, slurm.join_timeout_s)
-            ray_node.start(head["address"])
+            ray_node.start(head["address"], num_gpus=num_gpus)
             say(f"joined the Ray head at {head['address']} (rendezvous by {head['via']})")
             give_up: float | None = None
             head_watch = _HeadWatch(head["address"], slurm.head_lost_s)
@@ -213,7 +260,7 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
                         break
                     say(f"Ray on this node exited (see {ray_node.log_path}); joining the head again")
                     ray_node.stop()
-                    ray_node.start(head["address"])
+                    ray_node.start(head["address"], num_gpus=num_gpus)
                     joins += 1
                 if signals.is_set() and signals.reason != "SIGUSR2" and give_up is None:
                     give_up = time.monotonic() + config.run.stop_grace_s + 15  # let rank 0 save first
@@ -232,7 +279,7 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
         t0 = time.time()
         if "SLURM_JOB_ID" in os.environ:
             record_job(config, node.job_id, "sbatch")
-        ray_node.start()
+        ray_node.start(num_gpus=num_gpus)
         ray_node.wait_head_ready()
         head = rdv.exchange({"address": ray_node.address, "host": node.hostname}, slurm.join_timeout_s)
         nodes = _wait_for_nodes(ray_node.address, node.size, slurm.join_timeout_s)
@@ -241,18 +288,20 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
         config.cluster.address = ray_node.address
 
         from ...job import run_job  # the job layer sits above the cluster layer
+        from ...runtime.team import TeamError
 
-        summary = run_job(config, on_event=say, stop=signals)
+        requeue = _Requeue(node, slurm.max_requeues, signals, say)
+        try:
+            summary = run_job(config, on_event=say, stop=signals, on_saved=requeue)
+        except TeamError as exc:  # stalled, a role gone, the disk full: finished work is saved
+            say(f"run failed: {exc}")
+            return 1
         p = summary.progress
         say(f"run {'finished' if p.finished else 'stopped'}: {p.ok} done, {p.failed} failed this run; store {summary.store['records']} records; output {summary.output}")
         if p.finished:
             return 0
-        if signals.reason == "SIGUSR2" and "SLURM_JOB_ID" in os.environ:
-            if node.restart >= slurm.max_requeues:
-                say(f"not requeued: restart {node.restart} reached cluster.slurm.max_requeues")
-                return 1
-            if _requeue(node.job_id):
-                say(f"requeued job {node.job_id}; it resumes from {summary.output}")
+        if requeue.refused:
+            return 1
         return 0 if signals.reason == "SIGUSR2" else 130
     finally:
         if node.rank == 0:
@@ -274,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         return run_node(args.config, args.overrides, args.node_type)
     except SharedPathError as exc:
         print(f"matrix-hpc: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except ConfigError as exc:
+        print(f"matrix-hpc: config error: {exc}", file=sys.stderr, flush=True)
         return 2
 
 

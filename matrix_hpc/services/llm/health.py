@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -46,6 +48,20 @@ def find_endpoints(target: str | None) -> list[tuple[str, str]]:
     return external + managed
 
 
+def served_models(base_url: str, timeout_s: float, api_key: str | None = None) -> list[str] | None:
+    """The model ids ``GET /models`` lists, or None where the server has no such listing."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"{base_url}/models", headers=headers), timeout=timeout_s) as resp:
+            data = json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    items = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        return None
+    return [str(m.get("id")) for m in items if isinstance(m, dict) and m.get("id")]
+
+
 def check_health(target: str | None, urls: list[str], model: str | None, timeout_s: float, api_key_env: str | None = None) -> int:
     """Print one line per endpoint; 0 when every endpoint generates, else 1."""
     api_key = os.environ.get(api_key_env) if api_key_env else None
@@ -55,15 +71,19 @@ def check_health(target: str | None, urls: list[str], model: str | None, timeout
         print("matrix-hpc: no endpoints to probe (give an output folder of a run or serve, a config, or --url)", file=sys.stderr)
         return 1
 
-    def probe(pair: tuple[str, str]) -> tuple[str, str, bool, float]:
+    def probe(pair: tuple[str, str]) -> tuple[str, str, bool, float, str]:
         url, name = pair
         t0 = time.monotonic()
-        return url, name, probe_generation(url, name, timeout_s, api_key), time.monotonic() - t0
+        served = served_models(url, timeout_s, api_key)
+        if served is not None and name not in served:
+            # Some servers (llama.cpp) answer for any model name: the listing is the truth.
+            return url, name, False, time.monotonic() - t0, f"; model {name} is not served here (it serves: {', '.join(served) or 'nothing'})"
+        return url, name, probe_generation(url, name, timeout_s, api_key), time.monotonic() - t0, ""
 
     with ThreadPoolExecutor(max_workers=min(16, len(pairs))) as pool:
         results = list(pool.map(probe, pairs))
-    for url, name, ok, secs in results:
-        print(f"{'ok  ' if ok else 'FAIL'}  {url}  ({secs:.2f}s, model {name})")
-    bad = sum(not ok for _, _, ok, _ in results)
+    for url, name, ok, secs, why in results:
+        print(f"{'ok  ' if ok else 'FAIL'}  {url}  ({secs:.2f}s, model {name}{why})")
+    bad = sum(not ok for _, _, ok, _, _ in results)
     print(f"{len(results) - bad}/{len(results)} endpoints generate")
     return 0 if bad == 0 else 1

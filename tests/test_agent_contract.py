@@ -1,0 +1,189 @@
+"""The Agent contract, without Ray: the step's routing rule, the loop-lag watch, and the
+check of a workflow's code before anything starts (errors name the key)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import yaml
+
+from matrix_hpc.agents import Agent, AgentContext, Task
+from matrix_hpc.config import ConfigError, load_config
+from matrix_hpc.runtime.agent import run_step
+from matrix_hpc.runtime.health import LoopLagWatcher
+from matrix_hpc.runtime.loader import check_workflow_code, import_paths
+
+ROLES = {"a", "b"}
+
+
+class Forgets(Agent):
+    uses_llm = False
+
+    async def step(self, task: Task) -> None:
+        task.state["seen"] = True  # does work, but neither routes, finishes nor fails
+
+
+class RoutesToItself(Agent):
+    uses_llm = False
+
+    async def step(self, task: Task) -> None:
+        task.state["n"] = task.state.get("n", 0) + 1
+        if task.state["n"] < 3:
+            task.next_role = self.role  # explicit: run this role again
+        else:
+            task.finish({"n": task.state["n"]})
+
+
+def agent(cls: type[Agent], role: str = "a") -> Agent:
+    return cls(AgentContext(role, {}, None, 16, 0.0))
+
+
+def test_step_that_does_not_route_fails_as_routing_naming_the_role() -> None:
+    task = Task(id="t1", row={}, next_role="a")
+    asyncio.run(run_step(agent(Forgets), task, "a", ROLES))
+    assert task.done and task.error is not None
+    assert task.error.kind == "routing" and task.error.role == "a"
+    assert "role 'a' neither routed, finished nor failed" in task.error.message
+
+
+def test_explicit_route_to_the_same_role_is_not_an_error() -> None:
+    task = Task(id="t1", row={}, next_role="a")
+    ag = agent(RoutesToItself)
+    for _ in range(2):
+        asyncio.run(run_step(ag, task, "a", ROLES))
+        assert task.error is None and task.next_role == "a"
+    asyncio.run(run_step(ag, task, "a", ROLES))
+    assert task.done and task.error is None and task.result == {"n": 3} and task.hops == 3
+
+
+def test_routed_flag_is_cleared_before_each_step() -> None:
+    """A task that arrives routed (the previous role set next_role) must route again."""
+    task = Task(id="t1", row={}, next_role="b")
+    assert task.routed is False  # construction does not count
+    task.next_role = "a"
+    assert task.routed
+    asyncio.run(run_step(agent(Forgets), task, "a", ROLES))
+    assert task.error is not None and task.error.kind == "routing"
+
+
+def test_loop_lag_watcher_names_the_running_role_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    watcher = LoopLagWatcher("actor slow/0", threshold_s=0.3, probe_s=0.05, report_every_s=30.0)
+
+    async def main() -> None:
+        watch = asyncio.create_task(watcher.run())
+        await asyncio.sleep(0.1)
+
+        async def blocking_step(role: str) -> None:
+            watcher.started(f"role {role!r}")
+            try:
+                time.sleep(0.5)  # what a careless agent does
+                await asyncio.sleep(0.1)
+            finally:
+                watcher.ended(f"role {role!r}")
+
+        await blocking_step("slow")
+        await asyncio.sleep(0.1)
+        await blocking_step("slow")  # within report_every_s: counted, not reported yet
+        await asyncio.sleep(0.2)
+        watch.cancel()
+
+    with caplog.at_level(logging.WARNING, logger="matrix_hpc.runtime.health"):
+        asyncio.run(main())
+    warnings = watcher.take_warnings()
+    assert len(warnings) == 1, warnings
+    assert "actor slow/0: event loop blocked for 0." in warnings[0] and "while running: role 'slow'." in warnings[0]
+    assert "asyncio.to_thread" in warnings[0]
+    assert watcher.worst_s >= 0.4
+    assert [r.getMessage() for r in caplog.records] == list(warnings)
+    assert watcher.take_warnings() == ()  # handed to the driver once
+
+
+def test_loop_lag_watcher_is_quiet_for_a_well_behaved_loop() -> None:
+    """Awaiting steps do not count, nor does a stall while no step runs (not the workflow's doing)."""
+    watcher = LoopLagWatcher("actor fine/0", threshold_s=0.3, probe_s=0.05, report_every_s=0.0)
+
+    async def step(i: int) -> None:
+        watcher.started("role 'fine'")
+        await asyncio.sleep(0.05 * i)
+        watcher.ended("role 'fine'")
+
+    async def main() -> None:
+        watch = asyncio.create_task(watcher.run())
+        await asyncio.gather(*(step(i) for i in range(10)))
+        await asyncio.sleep(0.1)
+        time.sleep(0.5)  # nothing of the workflow running: Ray's own work, a loaded machine
+        await asyncio.sleep(0.1)
+        watch.cancel()
+
+    asyncio.run(main())
+    assert watcher.take_warnings() == ()
+
+
+# --- the workflow's code is checked before Ray starts --------------------------------------
+
+AGENTS = '''
+from matrix_hpc.agents import Agent, Task
+
+class Teacher(Agent):
+    async def step(self, task: Task) -> None:
+        task.finish({})
+
+def metrics(records):
+    return {"n": len(list(records))}
+
+not_a_function = 3
+'''
+
+
+@pytest.fixture(autouse=True)
+def isolated_imports(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test imports its own ``c_agents`` from its own folder."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    sys.modules.pop("c_agents", None)
+    yield
+    sys.modules.pop("c_agents", None)
+
+
+def outside_workflow(tmp_path: Path, **roles_agent: str) -> Path:
+    """A workflow folder of its own (module ``c_agents``), as a user writes one outside the repo."""
+    wf = tmp_path / "my_wf"
+    wf.mkdir()
+    (wf / "c_agents.py").write_text(AGENTS)
+    (wf / "rows.jsonl").write_text('{"id": "1"}\n')
+    cfg = {
+        "workflow": {"name": "w", "entry": "teacher", "roles": {r: {"agent": a} for r, a in roles_agent.items()}},
+        "dataset": {"path": "rows.jsonl"},
+    }
+    (wf / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return wf / "config.yaml"
+
+
+def test_workflow_folder_is_on_the_import_path(tmp_path: Path) -> None:
+    config = load_config(outside_workflow(tmp_path, teacher="c_agents:Teacher"), ["workflow.metrics=c_agents:metrics"])
+    assert import_paths(config) == [str((tmp_path / "my_wf").resolve())]
+    check_workflow_code(config)  # imports c_agents from the config's folder
+
+
+@pytest.mark.parametrize(
+    "agent_path, overrides, message",
+    [
+        ("c_agents:Teachr", [], "workflow.roles.teacher.agent: module 'c_agents' has no attribute 'Teachr' (did you mean 'Teacher'?)"),
+        ("c_agentz:Teacher", [], "workflow.roles.teacher.agent: cannot import module 'c_agentz' (No module named 'c_agentz'); workflow.python_path folders: "),
+        ("c_agents:metrics", [], "workflow.roles.teacher.agent: c_agents:metrics is not a subclass of matrix_hpc.agents.Agent"),
+        ("c_agents:Teacher", ["workflow.metrics=c_agents:not_a_function"], "workflow.metrics: c_agents:not_a_function is not callable"),
+        ("c_agents:Teacher", ["workflow.metrics=c_agents:metrix"], "workflow.metrics: module 'c_agents' has no attribute 'metrix' (did you mean 'metrics'?)"),
+        ("c_agents:Teacher", ["workflow.python_path=[]"], "workflow.roles.teacher.agent: cannot import module 'c_agents'"),
+    ],
+)
+def test_bad_workflow_code_names_the_key(tmp_path: Path, agent_path: str, overrides: list[str], message: str) -> None:
+    config = load_config(outside_workflow(tmp_path, teacher=agent_path), overrides)
+    with pytest.raises(ConfigError) as err:
+        check_workflow_code(config)
+    assert str(err.value).startswith(message), str(err.value)
+    assert "\n" not in str(err.value)
