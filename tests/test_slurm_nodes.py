@@ -76,6 +76,7 @@ def test_output_path_seen_by_one_node_stops_at_once_naming_the_node(cluster: Slu
     assert time.time() - t0 < 90
 
 
+@pytest.mark.timeout(1200)  # a loaded machine: two lives of Ray start-up and a dead-node detection
 def test_worker_node_death_mid_run_completes_every_id_once(cluster: SlurmCluster, tmp_path: Path) -> None:
     """n2 (a worker: agent actors, an LLM replica) crashes mid-run: all its processes die at once
     (slurmd, the job step, Ray) and slurmctld marks it down. The job goes on on n1 (--no-kill):
@@ -84,7 +85,7 @@ def test_worker_node_death_mid_run_completes_every_id_once(cluster: SlurmCluster
     cfg, rows = slurm_config(
         tmp_path, 48, "wd", **{
             "workflow.roles.teacher.instances": 2, "workflow.roles.student.instances": 2, "llm.replicas": 2,
-            "llm.health_interval_s": 1.0,
+            "llm.health_interval_s": 1.0, "llm.timeout_s": 30,  # a call to the dead node hangs until then
         },
     )  # fmt: skip
     out = tmp_path / "wd-out"
@@ -116,6 +117,7 @@ def test_worker_node_death_mid_run_completes_every_id_once(cluster: SlurmCluster
     print(f"\nworker node death: commits again {flowing - t_kill:.1f}s after the kill; {entry['resent']} task(s) re-sent")
 
 
+@pytest.mark.timeout(1200)
 def test_head_node_death_requeues_and_next_life_completes(cluster: SlurmCluster, tmp_path: Path) -> None:
     """The first node (Ray head, driver, sink) crashes: Slurm requeues the job (--requeue, node
     failure) onto the nodes left, and the next life resumes from the store: every id once."""
