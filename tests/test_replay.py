@@ -53,15 +53,15 @@ def texts(task: Task) -> list[str]:
 
 
 def test_a_resumed_dialogue_replays_its_calls_and_continues(server: CountingLLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    counted: list[tuple[str, ...]] = []
-    monkeypatch.setattr(metrics, "inc", lambda name, value=1.0, *tags: counted.append((name, *tags)) if name == "replayed_calls" else None)
     journal = tmp_path / "journal"
     first = life(server, journal, "life1", 3)  # killed after three turns
     assert server.received == 3 and not any(t.replayed for t in first.turns)
+    counted: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(metrics, "inc", lambda name, value=1.0, *tags: counted.append((name, value, *tags)))
     second = life(server, journal, "life2", 6)  # resumed: three replayed, three new
+    assert [c for c in counted if c[0] == "replayed_calls"] == [("replayed_calls", 1, "teacher", "m1"), ("replayed_calls", 1, "student", "m1"), ("replayed_calls", 1, "teacher", "m1")]
     assert server.received == 6, "a journaled call was paid for twice"
     assert [t.replayed for t in second.turns] == [True] * 3 + [False] * 3
-    assert counted == [("replayed_calls", "teacher", "m1"), ("replayed_calls", "student", "m1"), ("replayed_calls", "teacher", "m1")]
     assert texts(second)[:3] == texts(first)
     for old, new in zip(first.turns, second.turns):  # the original usage and latency
         assert (new.prompt_tokens, new.completion_tokens, new.latency_s, new.started_at) == (old.prompt_tokens, old.completion_tokens, old.latency_s, old.started_at)

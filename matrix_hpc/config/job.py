@@ -140,6 +140,9 @@ class OutputConfig:
     """Longest a finished record waits before it is committed."""
     fsync: bool = True
     """fsync chunks and the commit file (survives power loss, not just a killed process)."""
+    commit_retry_s: float = 300.0
+    """How long the sink retries a failing commit (disk full, EIO, quota), keeping the rows,
+    before the run stops with one line saying so (a re-run after freeing space resumes)."""
 
 
 @dataclass
@@ -168,6 +171,13 @@ class RunConfig:
     """On a stop (Ctrl-C, SIGTERM; on Slurm only USR2, since a Slurm TERM means KILL is near):
     how long tasks in flight may finish before the rest are abandoned (they are not in
     the store, so the resumed run does them again)."""
+    stall_timeout_s: float = 600.0
+    """When no task moves (no step, no commit) for this long, the driver logs who holds the
+    tasks in flight and re-sends those nobody holds; after as long again it stops the run
+    with one line. 0 turns it off. Keep it above the longest single LLM call with retries."""
+    max_actor_restarts: int = 10
+    """Times Ray restarts a crashed agent or sink actor. An agent past it is gone for good:
+    its role's other instances take its tasks; a role with none left stops the run."""
     replay: bool = True
     """Journal every completed LLM call (``OUTPUT/journal``) so a resumed task replays the
     calls it already paid for instead of making them again (turn-level resume)."""

@@ -8,8 +8,10 @@
   every node, then drives the run itself;
 * every other rank joins the head and serves until rank 0 says the run is over;
 * SIGUSR2 (time limit near, or preemption) or SIGTERM on rank 0: stop intake, let
-  tasks in flight finish for ``run.stop_grace_s``, commit, and requeue the job, which
-  resumes from the store. Each node stops only its own Ray, by process group.
+  tasks in flight finish for ``run.stop_grace_s``, commit, and requeue the job at
+  once, before any slow work (service shutdown, status calls, summaries), since the
+  KILL is near; the requeued job resumes from the store. Each node stops only its
+  own Ray, by process group.
 """
 
 from __future__ import annotations
@@ -94,6 +96,31 @@ def _requeue(job_id: str) -> bool:
     return res.returncode == 0
 
 
+class _Requeue:
+    """Called by the job once the store is saved: on a USR2 under Slurm, requeue now.
+
+    It runs before the services stop and before the summaries are read from the
+    store, so the time from USR2 to ``scontrol requeue`` is the grace for tasks in
+    flight plus one commit, whatever the size of the store (it is logged).
+    """
+
+    def __init__(self, node: "NodeEnv", max_requeues: int, signals: "_Signals", say: Any) -> None:
+        self.node, self.max_requeues, self.signals, self.say = node, max_requeues, signals, say
+        self.refused = False
+
+    def __call__(self, progress: Any) -> None:
+        if progress.finished or self.signals.reason != "SIGUSR2" or "SLURM_JOB_ID" not in os.environ:
+            return
+        if self.node.restart >= self.max_requeues:
+            self.say(f"not requeued: restart {self.node.restart} reached cluster.slurm.max_requeues")
+            self.refused = True
+            return
+        since = time.monotonic() - (self.signals.at or time.monotonic())
+        if _requeue(self.node.job_id):
+            self.say(f"requeued job {self.node.job_id} {since:.2f}s after SIGUSR2; it resumes from the store")
+        log.info("USR2 to scontrol requeue: %.3fs", since)
+
+
 class _Signals:
     """The run's stop flag, set by USR2/TERM/INT; the first signal's name is the reason.
 
@@ -106,6 +133,8 @@ class _Signals:
     def __init__(self) -> None:
         self._event = threading.Event()
         self.reason: str | None = None
+        self.at: float | None = None
+        """``time.monotonic()`` of the first signal."""
         self.grace_s = float("inf")
         for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on)
@@ -118,7 +147,7 @@ class _Signals:
         if signum != signal.SIGUSR2:
             self.grace_s = 0.0
         if not self._event.is_set():
-            self.reason = name
+            self.reason, self.at = name, time.monotonic()
             what = "finishing what is in flight" if signum == signal.SIGUSR2 else "abandoning what is in flight"
             print(f"{name}: stopping intake, {what}, saving", file=sys.stderr, flush=True)
         self._event.set()
@@ -181,18 +210,20 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
         config.cluster.address = ray_node.address
 
         from ...job import run_job  # the job layer sits above the cluster layer
+        from ...runtime.team import TeamError
 
-        summary = run_job(config, on_event=say, stop=signals)
+        requeue = _Requeue(node, slurm.max_requeues, signals, say)
+        try:
+            summary = run_job(config, on_event=say, stop=signals, on_saved=requeue)
+        except TeamError as exc:  # stalled, a role gone, the disk full: finished work is saved
+            say(f"run failed: {exc}")
+            return 1
         p = summary.progress
         say(f"run {'finished' if p.finished else 'stopped'}: {p.ok} done, {p.failed} failed this run; store {summary.store['records']} records; output {summary.output}")
         if p.finished:
             return 0
-        if signals.reason == "SIGUSR2" and "SLURM_JOB_ID" in os.environ:
-            if node.restart >= slurm.max_requeues:
-                say(f"not requeued: restart {node.restart} reached cluster.slurm.max_requeues")
-                return 1
-            if _requeue(node.job_id):
-                say(f"requeued job {node.job_id}; it resumes from {summary.output}")
+        if requeue.refused:
+            return 1
         return 0 if signals.reason == "SIGUSR2" else 130
     finally:
         if node.rank == 0:

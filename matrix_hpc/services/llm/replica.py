@@ -125,6 +125,7 @@ class LLMReplica:
             "alive": await self.alive(),
             "node_ip": self.host,
             "host": socket.gethostname(),
+            "node_id": ray.get_runtime_context().get_node_id(),
             "gpus": self.spec.gpus,
             "gpu_ids": [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])],
             "actor_pid": os.getpid(),

@@ -73,7 +73,7 @@ class LLMServices:
         for name, m in models.items():
             self.services[name] = LLMService(name, m, run_id, namespace, log_dir, (keys or {}).get(name, f"models.{name}"))
 
-    def place(self) -> None:
+    def place(self, timeout_s: float = 120.0) -> None:
         """Place every managed replica, models with bigger replicas first.
 
         Ray places an actor on the first node with room, so small replicas created first
@@ -82,7 +82,7 @@ class LLMServices:
         """
         tiers = sorted({svc.config.replica_gpus for svc in self.services.values() if svc.config.engine != "external"}, reverse=True)
         for gpus in tiers:
-            refs = {name: svc.registry.place.remote() for name, svc in self.services.items() if svc.config.engine != "external" and svc.config.replica_gpus == gpus}
+            refs = {name: svc.registry.place.remote(timeout_s) for name, svc in self.services.items() if svc.config.engine != "external" and svc.config.replica_gpus == gpus}
             for name, ref in refs.items():
                 try:
                     hosts = ray.get(ref)
