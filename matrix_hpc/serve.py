@@ -21,6 +21,7 @@ from .config.checks import model_key
 from .services.llm.service import LLMServices
 from .services.llm.status import EndpointStatus
 from .store.fsutil import atomic_write_json
+from .store.writable import check_output_writable
 
 __all__ = ["serve"]
 
@@ -37,7 +38,7 @@ def serve(config_path: str, overrides: list[str], until: threading.Event | None 
     if until is None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-    out = Path(config.output.path).expanduser().resolve()
+    out = check_output_writable(config.output.path)  # services.json and logs go there
     (out / "logs").mkdir(parents=True, exist_ok=True)
     run_id = f"serve-{uuid.uuid4().hex[:8]}"
     cluster = start_ray(config.cluster, f"matrix-hpc-{run_id}")

@@ -48,8 +48,9 @@ def test_output_under_a_regular_file(tmp_path: Path) -> None:
     assert one_line(res) == f"matrix-hpc: error: output.path: {tmp_path}/notes is a file, not a folder"
 
 
-def test_output_that_cannot_be_created() -> None:
-    res = cli("run", str(CONFIG), "output.path=/proc/out")
+@pytest.mark.parametrize("command", ["run", "serve"])
+def test_output_that_cannot_be_created(command: str) -> None:
+    res = cli(command, str(CONFIG), "output.path=/proc/out")
     assert res.returncode == 2
     assert one_line(res) == "matrix-hpc: error: output.path: cannot create /proc/out: no such file or directory"
 
@@ -139,7 +140,8 @@ def user_job(tmp: Path, n: int = 60, sleep_s: float = 0.3) -> Path:
         del row["id"]
     data = write_jsonl(tmp / "rows.jsonl", rows)
     cfg = {
-        "workflow": {"name": "mine", "entry": "answer", "roles": {"answer": {"agent": "tests.first_hour_agents:Answerer", "params": {"sleep_s": sleep_s}}}},
+        # The agent module lives in this repo's tests/ package: the repo is on the workflow's import path.
+        "workflow": {"name": "mine", "entry": "answer", "python_path": [str(REPO)], "roles": {"answer": {"agent": "tests.first_hour_agents:Answerer", "params": {"sleep_s": sleep_s}}}},
         "dataset": {"path": str(data)},
         "llm": {"engine": "external", "base_urls": [UNUSED_URL]},
         "output": {"path": str(tmp / "out"), "flush_interval_s": 0.2},

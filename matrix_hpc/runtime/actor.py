@@ -200,11 +200,14 @@ class AgentActor:
             self._loops.append(loop.create_task(self._compact_loop()))
 
     async def _setup_agent(self, agent: Agent, role: str) -> None:
+        self.lag.started(f"setup() of role {role!r}")
         try:
             await agent.setup()
         except Exception as exc:  # user code: report it with the role, do not kill the actor
             log.exception("setup() of role %s failed", role)
             self._setup_errors[role] = f"workflow.roles.{role}: setup() failed: {type(exc).__name__}: {exc}"
+        finally:
+            self.lag.ended(f"setup() of role {role!r}")
 
     async def setup(self) -> str | None:
         """Run the agent's ``setup()`` now; returns the failure as one line, or None."""
@@ -295,12 +298,12 @@ class AgentActor:
             task.hops += 1
             task.fail("agent_error", self._setup_errors[role], role)
             return
-        self.lag.step_started(role)
+        self.lag.started(f"role {role!r}")
         started = time.monotonic()
         try:
             await run_step(agent, task, role, self.team.roles)
         finally:
-            self.lag.step_ended(role)
+            self.lag.ended(f"role {role!r}")
         metrics.inc("steps", 1, role)
         metrics.observe("step_seconds", time.monotonic() - started, role)
 

@@ -87,10 +87,7 @@ class EndpointRegistry:
     async def start(self) -> list[EndpointStatus]:
         """Start every managed replica (in parallel), then supervise all endpoints."""
         self._started = True
-        self.replicas = [
-            LLMReplica.options(**replica_options(spec, f"{registry_name(self.run_id, self.model_key)}/{i}", self.namespace)).remote(spec, i)
-            for i, spec in enumerate(self.specs)
-        ]
+        await self.place()
         urls = await asyncio.gather(*(r.start.remote() for r in self.replicas))
         self._session = aiohttp.ClientSession(timeout=self.probe_timeout, headers=self._headers)
         # An external endpoint is "up" only once it answered a probe (a managed replica's
@@ -109,6 +106,26 @@ class EndpointRegistry:
             asyncio.get_running_loop().create_task(self._watch(key))
         self._bump()
         return await self.status()
+
+    async def place(self, timeout_s: float = 120.0) -> list[str]:
+        """Create the replica actors and wait until Ray has placed each (holding its GPUs); their hosts.
+
+        Separate from :meth:`start` so the driver can place models with bigger replicas first.
+        """
+        if not self.replicas:
+            self.replicas = [
+                LLMReplica.options(**replica_options(spec, f"{registry_name(self.run_id, self.model_key)}/{i}", self.namespace)).remote(spec, i)
+                for i, spec in enumerate(self.specs)
+            ]
+        try:
+            infos = await asyncio.wait_for(asyncio.gather(*(r.info.remote() for r in self.replicas)), timeout_s)
+        except TimeoutError:
+            gpus = self.specs[0].gpus if self.specs else 0
+            raise RuntimeError(
+                f"model {self.model_key}: Ray placed no node for a replica needing {gpus} GPU(s) within {timeout_s:.0f}s "
+                "(too few free GPUs on the GPU nodes?)"
+            ) from None
+        return [i["host"] for i in infos]
 
     def _routable(self) -> list[str]:
         return [s.url for s in self.states.values() if s.state == "up"]
