@@ -108,7 +108,7 @@ def test_dead_instances_work_goes_to_the_role_peers(tmp_path: Path, run_factory:
         "b": {"agent": f"{AGENTS}:Slow", "instances": 2, "concurrency": 16, "params": {"sleep_s": 0.05}},
     }
     out = tmp_path / "out"
-    run = run_factory(relay_config(tmp_path, n, roles, **{"run.max_actor_restarts": 0}))
+    run = run_factory(relay_config(tmp_path, n, roles, **{"run.max_actor_restarts": 0, "run.stall_timeout_s": 15.0}))
     wait_for(lambda: committed_rows(out) >= 64 and "actors" in json.loads((out / "run.json").read_text()), 120, "first commits", run)
     os.kill(actor_pid(out, "/a/1"), signal.SIGKILL)  # an entry actor: the driver's own dispatch meets it
     os.kill(actor_pid(out, "/b/1"), signal.SIGKILL)  # a peer actor: the a/0 outbox meets it

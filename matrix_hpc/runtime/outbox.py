@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 _REAP_S = 0.25  # how often delivery receipts are collected while messages flow
 _ERROR_PAUSE_S = 0.5  # after an unexpected error in the flush loop: no hot spin
+# ``receive`` only enqueues, so a delivery unanswered this long went to a receiver that
+# died without Ray failing the call: send the batch again (the store refuses copies).
+_STUCK_SEND_S = 30.0
 PARKED_SHARE = 0.05  # tasks waiting in the outbox, as a share of the tasks the actor holds
 _RATE_HALF_LIFE_S = 1.0  # smoothing of the message rate the window is sized from
 
@@ -73,6 +76,7 @@ class Outbox:
         """Ray calls made (batches sent)."""
         self._buf: dict[str, list[Any]] = defaultdict(list)
         self._sending: dict[Any, tuple[str, int, list[Any]]] = {}  # ObjectRef -> (dest, receiver index, batch)
+        self._sent_at: dict[Any, float] = {}  # ObjectRef -> when it was sent
         self._rr: dict[str, int] = defaultdict(int)
         self.dead: dict[str, set[int]] = defaultdict(set)
         """Receivers (by index) of each destination that are gone for good."""
@@ -128,7 +132,8 @@ class Outbox:
             self._rr[dest] += 1
             self.sends += 1
             try:
-                self._sending[receiver.receive.remote(batch)] = (dest, index, batch)
+                ref = receiver.receive.remote(batch)
+                self._sending[ref], self._sent_at[ref] = (dest, index, batch), time.monotonic()
             except Exception as exc:  # a message that cannot be serialized (or a broken handle)
                 self._send_one_by_one(dest, index, receiver, batch, exc)
 
@@ -138,7 +143,8 @@ class Outbox:
         for message in batch:
             self.sends += 1
             try:
-                self._sending[receiver.receive.remote([message])] = (dest, index, [message])
+                ref = receiver.receive.remote([message])
+                self._sending[ref], self._sent_at[ref] = (dest, index, [message]), time.monotonic()
             except Exception as exc:
                 if self._on_unsendable is None:
                     raise
@@ -166,8 +172,17 @@ class Outbox:
         if not self._sending:
             return
         refs = list(self._sending)
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+        ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+        stuck_before = time.monotonic() - _STUCK_SEND_S
+        for ref in waiting:
+            if self._sent_at.get(ref, float("inf")) < stuck_before:
+                dest, index, batch = self._sending.pop(ref)
+                self._sent_at.pop(ref, None)
+                log.warning("delivery to %s instance %d unanswered for %.0fs; re-sending %d message(s)", dest, index, _STUCK_SEND_S, len(batch))
+                self._buf[dest].extend(batch)
+                self._wake.set()
         for ref in ready:
+            self._sent_at.pop(ref, None)
             dest, index, batch = self._sending.pop(ref)
             try:
                 ray.get(ref)
