@@ -251,7 +251,7 @@ def _finish(
     replay = replay_summary(new_rows(), since=started) if journal else None
     entry.replayed, info.replay = (replay.calls if replay else None), replay
     entry.first_task_at, entry.finished_at, entry.dispatched = progress.first_dispatch_at, time.time(), progress.dispatched
-    entry.committed, entry.status = progress.done, "finished" if progress.finished else "interrupted"
+    entry.committed, entry.resent, entry.status = progress.done, progress.resent, "finished" if progress.finished else "interrupted"
     info.status, info.finished_at, info.store, info.metrics, info.usage = entry.status, time.time(), counts, metrics, usage
     info.summary_upto = summary.upto
     _write_run_info(root, info)

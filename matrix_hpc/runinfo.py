@@ -38,6 +38,8 @@ class LifeRecord:
     dispatched: int | None = None
     """New tasks this life sent (a resumed life skips what the store has: this counts redone work)."""
     committed: int | None = None
+    resent: int | None = None
+    """Tasks re-sent after the actor holding them died (with its node, say): redone work."""
     status: str | None = None
     error: str | None = None
     """Why a ``failed`` life stopped (stalled, a role gone, commits failing)."""

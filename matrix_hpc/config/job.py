@@ -65,6 +65,12 @@ class SlurmConfig:
     """How nodes learn the head's address: MPI broadcast when started under MPI, else a file."""
     join_timeout_s: float = 300.0
     """How long the head waits for every node to join."""
+    head_lost_s: float = 30.0
+    """A node that cannot reach the Ray head for this long before the run is over requeues the
+    job: the head node died (``--no-kill`` keeps the job alive without it)."""
+    fs_probe_timeout_s: float = 30.0
+    """How long nodes wait for each other's probe files in ``output.path`` before the run
+    stops naming the node that cannot see it (a node-local path)."""
 
 
 @dataclass
@@ -164,6 +170,11 @@ class RunConfig:
     """Seconds between liveness checks of the actors."""
     metrics: bool = True
     """Export Prometheus metrics through Ray (matrix_hpc.metrics; README "Watching a run")."""
+    agent_placement: Literal["spread", "pack"] = "spread"
+    """``spread``: a role's instances go to different (CPU) nodes where possible, so a dead
+    node takes few of them (Ray re-creates them on the nodes left, ``max_actor_restarts``
+    times; the sink and the LLM registries stay on the driver's node); ``pack``: Ray fills
+    one node first."""
     loop_lag_warn_s: float = 0.5
     """Warn (naming the role) when an agent actor's event loop stalls this long: a step
     is blocking it (``time.sleep``, synchronous I/O). 0 turns the watch off."""

@@ -9,7 +9,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
-from ..labels import CPU_NODE, placement
+from ..labels import CPU_NODE, on_driver_node, placement
 from ..store.zarr_store import WriterOwner
 from .actor import SINK, AgentActor, actor_name, load_object, sink_name
 from .agent import Agent
@@ -54,15 +54,16 @@ class Team:
                 raise TeamError(f"workflow.roles.{role}.inline: only roles that call no LLM (uses_llm = False) can run inline")
         self.spec = spec
         self.entry = entry
-        agent_nodes = placement(CPU_NODE)  # agents on CPU nodes when the cluster labels them
-        self.sink = SinkActor.options(name=sink_name(spec.run_id), max_restarts=max_restarts).remote(
+        # Agents on CPU nodes when the cluster labels them, spread or packed; Ray re-creates a
+        # dead one (on a surviving node) up to max_restarts times. The sink stays with the driver.
+        agent_opts: dict[str, Any] = {"resources": placement(CPU_NODE), "max_restarts": max_restarts}
+        if spec.agent_placement == "spread":
+            agent_opts["scheduling_strategy"] = "SPREAD"
+        self.sink = SinkActor.options(name=sink_name(spec.run_id), max_restarts=max_restarts, **on_driver_node()).remote(
             store_path, chunk_rows, flush_interval_s, fsync, spec.metrics, commit_retry_s, owner
         )
         self.actors: dict[str, list[Any]] = {
-            role: [
-                AgentActor.options(name=actor_name(spec.run_id, role, i), resources=agent_nodes, max_restarts=max_restarts).remote(spec, role, i)
-                for i in range(rs.instances)
-            ]
+            role: [AgentActor.options(name=actor_name(spec.run_id, role, i), **agent_opts).remote(spec, role, i) for i in range(rs.instances)]
             for role, rs in spec.roles.items()
         }
         self._rr = 0
