@@ -63,6 +63,7 @@ def _params() -> list[object]:
     return out
 
 
+@pytest.mark.timeout(1200)  # tiny, but each starts Ray and an engine: minutes on a loaded 2-core machine
 @pytest.mark.parametrize("cmd", _params())
 def test_readme_benchmark_command_runs(cmd: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     key = _key(cmd)
