@@ -123,6 +123,14 @@ class LatencyEngine:
         self.busy_slot_steps = 0
         self.tokens = 0
         self.requests = 0
+        self.model_s = 0.0
+        """Modeled engine time so far (the sum of step times, whatever the wall clock did)."""
+        self.busy_slot_s = 0.0
+        """Sum over steps of running sequences × step time: busy_slot_s / (max_batch × model_s)
+        is the time-weighted batch fill."""
+        self.idle_s = 0.0
+        """Wall time with nothing to run (no request waiting or running)."""
+        self._idle_from: float | None = None
 
     async def generate(self, prompt_tokens: int, max_tokens: int) -> int:
         n = self.model.draw_output_len(self.rng, max_tokens)
@@ -137,15 +145,21 @@ class LatencyEngine:
         while True:
             if not self.running and not self.waiting:
                 self._wake.clear()
+                self._idle_from = time.monotonic()
                 await self._wake.wait()
                 next_t = time.monotonic()
+                self.idle_s += next_t - self._idle_from
+                self._idle_from = None
             admitted = 0
             while self.waiting and len(self.running) < m.max_batch:
                 fut, prompt, n = self.waiting.popleft()
                 self.running.append([fut, n, n])
                 admitted += prompt
             # Absolute deadlines: event-loop overhead does not accumulate as drift.
-            next_t += m.a + m.b * len(self.running) + m.c * admitted
+            step_s = m.a + m.b * len(self.running) + m.c * admitted
+            next_t += step_s
+            self.model_s += step_s
+            self.busy_slot_s += step_s * len(self.running)
             delay = next_t - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -163,7 +177,7 @@ class LatencyEngine:
             self.running = still
 
     def stats(self) -> dict[str, Any]:
-        return {"steps": self.steps, "tokens": self.tokens, "requests": self.requests, "waiting": len(self.waiting), "running": len(self.running), "model": asdict(self.model), "peak_tokens_per_s": self.model.peak_tokens_per_s}
+        return {"steps": self.steps, "tokens": self.tokens, "model_s": self.model_s, "busy_slot_s": self.busy_slot_s, "idle_s": self.idle_s + (time.monotonic() - self._idle_from if self._idle_from is not None else 0.0), "requests": self.requests, "waiting": len(self.waiting), "running": len(self.running), "model": asdict(self.model), "peak_tokens_per_s": self.model.peak_tokens_per_s}
 
 
 _LOOP_TASK = web.AppKey("loop_task", asyncio.Task)

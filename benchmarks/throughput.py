@@ -73,8 +73,9 @@ class Row:
     load: float = 0.0
     """The machine's 1-minute load average at the end of the run (the engine shares the cores)."""
     engine_fill: float = 0.0
-    """Share of the engine's batch slots filled over its steps in this run: ~100% means the
-    scheduler kept it fed, whatever the wall clock (a CPU-starved engine steps late)."""
+    """Share of the engine's batch slots busy over its modeled time plus its idle time: how well
+    the scheduler kept it fed, whatever the wall clock did (a CPU-starved engine steps late,
+    which lowers ``utilization`` but not this)."""
     cpu_by_kind: dict[str, float] = field(default_factory=dict)
     """CPU ms per hop by process kind (``--cpu-breakdown``)."""
 
@@ -256,9 +257,13 @@ def run_ours(job: Path, exclude: set[int], extra: list[str]) -> tuple[float, flo
         if not started:  # Ray and the team are up: start measuring here
             started["t"] = time.monotonic()
             sampler.__enter__()
+            ENGINE.start()
+        if p.remaining == 0 and "end" not in started:  # all committed: the work ends here, not after shutdown
+            started["end"] = time.monotonic()
+            ENGINE.stop()
 
     summary = run_job(config, on_progress=on_progress)
-    elapsed = summary.progress.elapsed_s
+    elapsed = started.get("end", time.monotonic()) - summary.progress.started_at
     sampler.__exit__(None, None, None)
     LAST_BREAKDOWN.clear()
     LAST_BREAKDOWN.update(sampler.by_kind())
@@ -268,7 +273,9 @@ def run_ours(job: Path, exclude: set[int], extra: list[str]) -> tuple[float, flo
 def run_baseline(fn: Callable[[], Finished], out: Path, exclude: set[int]) -> tuple[float, float, int]:
     with TreeSampler(exclude) as sampler:
         t = time.monotonic()
+        ENGINE.start()
         finished = fn()
+        ENGINE.stop()
         writer = StoreWriter(out, fsync=True)
         writer.append([RecordRow.from_record(task.to_record(finished_at=at)) for task, at in finished])
         writer.close()
@@ -283,12 +290,35 @@ def engine_stats(url: str) -> dict[str, Any]:
         return json.loads(resp.read())  # type: ignore[no-any-return]
 
 
+class EngineWindow:
+    """The engine's counters over the measured part of a run (not Ray's start or shutdown)."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.before: dict[str, Any] = {}
+        self.after: dict[str, Any] = {}
+
+    def start(self) -> None:
+        self.before = engine_stats(self.url)
+
+    def stop(self) -> None:
+        self.after = engine_stats(self.url)
+
+    def fill(self) -> float:
+        b, a = self.before, self.after
+        if not b or not a:
+            return 0.0
+        engine_s = a["model_s"] - b["model_s"] + a["idle_s"] - b["idle_s"]
+        return (a["busy_slot_s"] - b["busy_slot_s"]) / max(1e-9, engine_s * a["model"]["max_batch"])
+
+
+ENGINE = EngineWindow()
+
+
 def one_run(scheduler: str, workflow: str, concurrency: int, n: int, url: str, exclude: set[int], peak: float) -> Row:
-    before = engine_stats(url)
+    ENGINE.url, ENGINE.before, ENGINE.after = url, {}, {}
     row = _one_run(scheduler, workflow, concurrency, n, url, exclude, peak)
-    after = engine_stats(url)
-    steps = after["steps"] - before["steps"]
-    row.engine_fill = (after["tokens"] - before["tokens"]) / max(1, steps * after["model"]["max_batch"])
+    row.engine_fill = ENGINE.fill()
     row.load = os.getloadavg()[0]
     return row
 
@@ -399,13 +429,13 @@ def main() -> None:
     try:
         for conc in (int(c) for c in args.concurrency.split(",") if c.strip()):
             n = max(args.tasks, conc)
-            for sched in scheds:
-                reps = []
-                for rep in range(args.repeats):
+            reps: dict[str, list[Row]] = {sched: [] for sched in scheds}
+            for rep in range(args.repeats):  # schedulers take turns: a load change on the machine hits all alike
+                for sched in scheds:
                     row = one_run(sched, args.workflow, conc, n, url, {engine.pid}, model.peak_tokens_per_s)
                     print(f"  {sched} conc={conc} run {rep + 1}: {row.tokens_per_s:.0f} tok/s, util {row.utilization:.1%}, fill {row.engine_fill:.1%}, load {row.load:.1f}, complete={row.complete}", file=sys.stderr, flush=True)
-                    reps.append(row)
-                rows.append(median_row(reps))
+                    reps[sched].append(row)
+            rows.extend(median_row(r) for r in reps.values())
     finally:
         engine.terminate()
         engine.wait()

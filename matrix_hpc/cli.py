@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("output", help="output folder of the run (or its cluster.slurm.job_dir)")
     cc.set_defaults(func=cmd_cancel)
 
-    sv = sub.add_parser("serve", help="start just the LLM service of a config and print its endpoints", description="Start the config's LLM service (Ray, registry, replicas), print the endpoints and keep them healthy until Ctrl-C. The endpoints are also written to OUTPUT/services.json for check-health.")
+    sv = sub.add_parser("serve", help="start just the LLM services of a config and print their endpoints", description="Start the config's LLM services (Ray, one registry and its replicas per model), print the endpoints and keep them healthy until Ctrl-C. The endpoints are also written to OUTPUT/services.json for check-health.")
     sv.add_argument("config", help="job YAML")
     sv.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. llm.replicas=2")
     sv.set_defaults(func=cmd_serve)
@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch = sub.add_parser("check-health", help="probe LLM endpoints with a real one-token generation", description="Probe each endpoint with a one-token chat completion (a live /health alone does not prove a working engine). Exit 0 when all answer.")
     ch.add_argument("target", nargs="?", help="an output folder (of a run or a serve) or a job YAML; its endpoints are probed")
     ch.add_argument("--url", action="append", default=[], help="an endpoint to probe, e.g. http://host:8000/v1 (repeatable)")
-    ch.add_argument("--model", help="model name for the probe (default: the config's llm.model); where the server lists /v1/models, it must be listed")
+    ch.add_argument("--model", help="model name for the probe (default: each endpoint's served model, from the config or the output's record); where the server lists /v1/models, it must be listed")
     ch.add_argument("--timeout", type=float, default=30.0, help="seconds per probe (default 30)")
     ch.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the endpoints' API key")
     ch.set_defaults(func=cmd_check_health)

@@ -23,21 +23,22 @@ from .runtime.loader import check_workflow_code, import_paths, load_object
 from .runtime.runner import RunProgress, StopFlag, drive
 from .runtime.source import DatasetError, SourceOptions, iter_tasks, scan_dataset
 from .runtime.spec import team_spec
-from .runtime.team import Team
+from .runtime.team import Team, TeamError
 from .runtime.replay import JOURNAL_DIR
-from .runtime.usage import ReplaySummary, UsageSummary, replay_summary, usage_summary
+from .runtime.usage import ReplaySummary, UsageSummary, replay_summary
 from .cluster import start_ray
 from .config import JobConfig, resolve_dataset_path
 from .config.checks import model_key
 from .metrics import prometheus_targets
-from .procs import pid_alive
 from .services.llm.service import LLMServices
 from .services.llm.status import EndpointStatus
-from .store import StoreLockedError, StoreReader
-from .store.fsutil import WriterLock, atomic_write_json, read_json
+from .store import StoreReader
+from .store.fsutil import atomic_write_json, read_json
 from .store.journal import compact_journal, journal_size
 from .store.writable import check_output_writable
-from .store.zarr_store import init_store
+from .store.writer_check import wait_for_previous_writer
+from .store.zarr_store import WriterOwner, init_store
+from .summary import summarize
 
 __all__ = ["RunSummary", "run_job"]
 
@@ -50,6 +51,7 @@ class RunSummary:
     progress: RunProgress
     store: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)
+    """The workflow's metrics over the records this run committed."""
     ray_logs: str | None = None
     usage: UsageSummary = field(default_factory=UsageSummary)
     """Tokens, calls, errors and latency ``by_role`` and ``by_model`` over every record in the store."""
@@ -99,27 +101,6 @@ def _check_dataset(opts: SourceOptions, say: Callable[[str], None]) -> int:
     return scan.rows
 
 
-def _wait_for_previous_writer(root: Path, say: Callable[[str], None], timeout_s: float = 60.0) -> None:
-    """Refuse to share a store with a live run; wait out the writer of a crashed one.
-
-    After a driver is SIGKILLed its sink actor lives on for a few seconds and may
-    still commit finished work; the new run must read the store after it is gone.
-    """
-    lock = root / "part-000" / "writer.lock"
-    if not WriterLock.is_held(lock):
-        return
-    prev = read_json(root / "run.json", {}) or {}
-    pid, host = prev.get("driver_pid"), prev.get("host")
-    if not (isinstance(pid, int) and host == socket.gethostname() and not pid_alive(pid)):
-        raise StoreLockedError(f"{root} is being written by another run (driver pid {pid} on {host}; see {root / 'run.json'})")
-    say(f"waiting for the writer of the previous, crashed run (driver pid {pid}) to exit")
-    deadline = time.monotonic() + timeout_s
-    while WriterLock.is_held(lock):
-        if time.monotonic() > deadline:
-            raise StoreLockedError(f"{root}: the crashed run's writer still holds {lock} after {timeout_s:.0f}s")
-        time.sleep(0.2)
-
-
 def _slurm_env() -> dict[str, Any]:  # keys as in LifeRecord
     """The Slurm job this run is part of, if any (for status, history and resume timing)."""
     env = os.environ
@@ -128,8 +109,18 @@ def _slurm_env() -> dict[str, Any]:  # keys as in LifeRecord
     return {"slurm_job_id": env["SLURM_JOB_ID"], "slurm_restart": int(env.get("SLURM_RESTART_COUNT", "0") or 0), "slurm_nodes": env.get("SLURM_JOB_NODELIST")}
 
 
-def _write_run_info(root: Path, info: RunInfo) -> None:
-    atomic_write_json(root / "run.json", info.to_dict(), durable=False)
+def _write_run_info(root: Path, info: RunInfo, claim: bool = False) -> None:
+    """run.json is for people and ``status``: a full disk must not fail the run over it,
+    and a later run's file is never overwritten by an earlier run that ends late
+    (only a run's first write, ``claim``, replaces another run's file)."""
+    try:
+        current = read_json(root / "run.json", {}) or {}
+        if not claim and current.get("run_id") not in (None, info.run_id):
+            log.warning("run.json belongs to run %s now; not overwriting it with run %s", current.get("run_id"), info.run_id)
+            return
+        atomic_write_json(root / "run.json", info.to_dict(), durable=False)
+    except (OSError, ValueError) as exc:
+        log.warning("cannot write %s: %s", root / "run.json", exc)
 
 
 def run_job(
@@ -137,17 +128,26 @@ def run_job(
     on_progress: Callable[[RunProgress], None] | None = None,
     on_event: Callable[[str], None] | None = None,
     stop: StopFlag | None = None,
+    on_saved: Callable[[RunProgress], None] | None = None,
 ) -> RunSummary:
-    """Run (or resume) the job in ``config``; returns when every task is committed."""
+    """Run (or resume) the job in ``config``; returns when every task is committed.
+
+    Shutdown order: agents, then the sink (which commits and releases the store),
+    then ``on_saved`` (a Slurm job requeues itself here, before any slow work), then
+    the LLM services and the summaries. A run that cannot go on (stalled, a role
+    gone, commits failing) saves what is finished the same way, then raises
+    :class:`~matrix_hpc.runtime.team.TeamError` with one line."""
     say = on_event or (lambda msg: (log.warning if msg.startswith("warning: ") else log.info)("%s", msg))
     check_workflow_code(config)  # a typo in an agent's name fails here, before Ray or an engine starts
     root = check_output_writable(config.output.path)  # before anything starts: one clear line
     opts = _source_options(config)
     total = _check_dataset(opts, say)
     init_store(root, config.output.chunk_rows)
-    _wait_for_previous_writer(root, say)
-    history = RunInfo.from_dict(read_json(root / "run.json", {}) or {}).history
-    done = StoreReader(root).ids()  # read only once no other writer is left
+    wait_for_previous_writer(root / "part-000", say)
+    prev = RunInfo.from_dict(read_json(root / "run.json", {}) or {})
+    reader = StoreReader(root)
+    done = reader.ids()  # read only once no other writer is left
+    start_mark = reader.committed()
     metrics_fn = load_object(config.workflow.metrics) if config.workflow.metrics else None
     progress = RunProgress(total=total)
     if done:
@@ -163,14 +163,15 @@ def run_job(
     info = RunInfo(
         run_id=run_id, status="starting", host=socket.gethostname(), driver_pid=os.getpid(), started_at=started,
         dataset=str(opts.path), input_rows=total, config_file=config.source_file, config=config.to_dict(), slurm=slurm,
-        history=[*history, LifeRecord(run_id=run_id, started_at=started, skipped=len(done), **slurm)],
+        history=[*prev.history, LifeRecord(run_id=run_id, started_at=started, skipped=len(done), **slurm)],
+        store=prev.store, usage=prev.usage, summary_upto=prev.summary_upto,  # kept if this life crashes: the next one adds to them
     )  # fmt: skip
-    entry = info.life
-    _write_run_info(root, info)
+    _write_run_info(root, info, claim=True)
 
     cluster = None
     services: LLMServices | None = None
     team: Team | None = None
+    aborted: TeamError | None = None
     try:  # any way out but a return records how this life ended (see _record_abort)
         try:
             cluster = start_ray(config.cluster, namespace, import_paths(config))
@@ -180,7 +181,12 @@ def run_job(
             services.start()
             _say_endpoints(say, config, services.endpoints, time.monotonic() - t0)
             spec = team_spec(config, run_id, namespace, services.client_endpoints(), str(journal) if journal else None, warn=lambda msg: say(f"warning: {msg}"), log_dir=str(log_dir))
-            team = Team(spec, config.workflow.entry, str(root), config.output.chunk_rows, config.output.flush_interval_s, config.output.fsync)
+            out, run = config.output, config.run
+            owner = WriterOwner(run_id, socket.gethostname(), os.getpid())
+            team = Team(
+                spec, config.workflow.entry, str(root), out.chunk_rows, out.flush_interval_s, out.fsync,
+                run.max_actor_restarts, out.commit_retry_s, owner,
+            )  # fmt: skip
             asyncio.run(team.start())
             if config.run.metrics:  # for Prometheus' file_sd_configs (README: Watching a run)
                 atomic_write_json(root / "prometheus_targets.json", prometheus_targets({"job": "matrix-hpc", "run_id": run_id}), durable=False)
@@ -189,11 +195,18 @@ def run_job(
             _write_run_info(root, info)
             progress.started_at = time.monotonic()
             tasks = iter_tasks(opts, done, progress.source_counts)
-            run = config.run
-            asyncio.run(drive(team, tasks, progress, run.max_in_flight, run.batch_size, run.max_attempts, run.health_interval_s, on_progress, stop, run.stop_grace_s))
+            try:
+                asyncio.run(drive(team, tasks, progress, run.max_in_flight, run.batch_size, run.max_attempts, run.health_interval_s, on_progress, stop, run.stop_grace_s, run.stall_timeout_s))
+            except TeamError as exc:  # save what is finished, then say why in one line
+                aborted = exc
+                say(f"stopping: {exc}")
             journal_costs = asyncio.run(_journal_costs(team)) if journal else {}
             asyncio.run(team.close())
+            team.stop_agents()  # before the sink closes: nothing reaches it afterwards
             asyncio.run(_close_sink(team))
+            team.shutdown()
+            if on_saved is not None:
+                on_saved(progress)
             info.llm, info.llm_state_at = _safe_status(services), "end"  # until now: their state at start
         finally:
             if team is not None:
@@ -202,7 +215,10 @@ def run_job(
                 services.stop()
             if cluster is not None:
                 cluster.shutdown()
-        return _finish(root, info, progress, metrics_fn, journal, journal_costs, started, log_dir)
+        summary = _finish(root, info, progress, metrics_fn, journal, journal_costs, started, log_dir, prev, start_mark)
+        if aborted is not None:
+            raise aborted
+        return summary
     except BaseException as exc:
         _record_abort(root, info, exc)
         raise
@@ -218,23 +234,26 @@ def _record_abort(root: Path, info: RunInfo, exc: BaseException) -> None:
 
 def _finish(
     root: Path, info: RunInfo, progress: RunProgress, metrics_fn: Any, journal: Path | None,
-    journal_costs: dict[str, float], started: float, log_dir: Path,
+    journal_costs: dict[str, float], started: float, log_dir: Path, prev: RunInfo, start_mark: dict[str, int],
 ) -> RunSummary:  # fmt: skip
-    """Totals over the store, the final run.json, and the summary."""
+    """Totals over the store, the final run.json, and the summary. Counts and usage add
+    the rows committed since the previous summary to it; metrics, failure samples and
+    replay figures are over this life's rows: the whole store is not read again."""
     entry = info.life
     if journal is not None and progress.finished:  # every task is committed: nothing left to replay
         shutil.rmtree(journal, ignore_errors=True)
+    summary = summarize(root, prev.summary_upto, prev.store, prev.usage, start_mark, metrics_fn)
+    counts, metrics, usage = summary.store, summary.metrics, summary.usage
     reader = StoreReader(root)
-    counts = reader.counts()
-    metrics = metrics_fn(reader.iter_records()) if metrics_fn else {}
-    usage = usage_summary(reader.iter_records())
-    samples = failure_samples(reader.iter_records()) if counts["failed"] else {}
+    new_rows = lambda: reader.iter_records(since=start_mark, upto=summary.upto)  # noqa: E731  (this life's rows)
+    samples = failure_samples(new_rows()) if counts["failed"] else {}
     agent_log = log_dir / "agents.log"
-    replay = replay_summary(reader.iter_records(), since=started) if journal else None
+    replay = replay_summary(new_rows(), since=started) if journal else None
     entry.replayed, info.replay = (replay.calls if replay else None), replay
     entry.first_task_at, entry.finished_at, entry.dispatched = progress.first_dispatch_at, time.time(), progress.dispatched
-    entry.committed, entry.status = progress.done, "finished" if progress.finished else "interrupted"
+    entry.committed, entry.resent, entry.status = progress.done, progress.resent, "finished" if progress.finished else "interrupted"
     info.status, info.finished_at, info.store, info.metrics, info.usage = entry.status, time.time(), counts, metrics, usage
+    info.summary_upto = summary.upto
     _write_run_info(root, info)
     return RunSummary(
         output=str(root), progress=progress, store=counts, metrics=metrics, ray_logs=info.ray_logs, usage=usage, llm=info.llm,

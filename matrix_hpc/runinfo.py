@@ -38,7 +38,11 @@ class LifeRecord:
     dispatched: int | None = None
     """New tasks this life sent (a resumed life skips what the store has: this counts redone work)."""
     committed: int | None = None
+    resent: int | None = None
+    """Tasks re-sent after the actor holding them died (with its node, say): redone work."""
     status: str | None = None
+    error: str | None = None
+    """Why a ``failed`` life stopped (stalled, a role gone, commits failing)."""
     replayed: int | None = None
     """LLM calls this life answered from the call journal (``run.replay``)."""
 
@@ -80,8 +84,11 @@ class RunInfo:
     finished_at: float | None = None
     store: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    """The workflow's metrics over the records this life committed."""
     usage: UsageSummary = field(default_factory=UsageSummary)
     """Tokens, calls, errors and latency per role and per model over every record in the store."""
+    summary_upto: dict[str, int] = field(default_factory=dict)
+    """Committed rows per part that ``store`` and ``usage`` cover: the next life adds only newer rows."""
     replay: ReplaySummary | None = None
     """What the last life that ended replayed from the call journal (None: ``run.replay`` off)."""
 

@@ -34,8 +34,9 @@ def answer(body: dict[str, Any]) -> tuple[str, int]:
 
 
 class CountingLLM:
-    def __init__(self, delay_s: tuple[float, float] = (0.02, 0.12)) -> None:
+    def __init__(self, delay_s: tuple[float, float] = (0.02, 0.12), host: str = "127.0.0.1") -> None:
         self.delay_s = delay_s
+        self.host = host  # the test Slurm cluster's nodes reach this host at its bridge address
         self.received = 0
         self.answered = 0
         self.probes = 0
@@ -78,10 +79,10 @@ class CountingLLM:
         app.router.add_post("/v1/chat/completions", self._chat)
         self._runner = web.AppRunner(app, access_log=None)
         loop.run_until_complete(self._runner.setup())
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, self.host, 0)
         loop.run_until_complete(site.start())
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}/v1"
+        self.url = f"http://{self.host}:{port}/v1"
         self._ready.set()
         loop.run_forever()
 

@@ -1,26 +1,41 @@
-"""A real 3-node Slurm cluster on one machine, for integration tests.
+"""A real 3-node Slurm cluster of separate "hosts" on one machine, for integration tests.
 
-``SlurmCluster(base)`` writes its configuration under ``base`` and starts, as
-children of this process and each tracked by pid:
+``SlurmCluster(base, shared=[...])`` writes its configuration under ``base`` and
+starts, as children of this process and each tracked by pid:
 
-* ``munged``  - its own key and socket in ``base/munge`` (no system state used);
-* ``mariadbd`` - a private datadir and socket, ``--skip-networking``;
-* ``slurmdbd`` - accounting, so ``sacct`` (and thus submitit) works;
-* ``slurmctld``;
-* one ``slurmd`` per node (``n1``, ``n2``, ``n3``), each under
-  ``unshare --uts --mount`` with its own hostname and a private ``/etc/hosts``
-  bind-mounted over the real one, listening on its own port, addressed as
-  ``127.0.1.1``, ``127.0.1.2``, ... Processes of a job see the node's hostname
-  and ``getent hosts $(hostname)`` gives the node's address.
+* a private network (``tests/netns.py``): a bridge ``mhpc<pid>`` on this host with
+  ``10.x.y.1/24`` (a /24 no host interface or route uses), and one network namespace
+  per host (``mhpc-<pid>-ctl``, ``mhpc-<pid>-n1`` ...) holding a veth on that bridge:
+  ``ctl`` is ``10.x.y.2``, node ``nI`` is ``10.x.y.(10+I)``. No namespace has a default
+  route and IP forwarding is untouched, so nothing is bound to or sent through the
+  host's own interfaces; test clients (``sbatch``, ``sacct``, pytest itself) reach the
+  hosts through the bridge address;
+* on the ``ctl`` host (its namespace, hostname ``ctl``): ``munged`` with its own key and
+  socket in ``base/munge`` (a Unix socket: every host uses it), ``mariadbd`` (a private
+  datadir and socket, ``--skip-networking``), ``slurmdbd`` and ``slurmctld``. So every
+  process of the cluster lives in one of its namespaces, which is what lets a later
+  session clean up after one that was SIGKILLed;
+* one ``slurmd`` per node (``n1``, ``n2``, ``n3``), each a separate host as far as its
+  jobs can tell: its own network namespace and address, hostname (UTS namespace),
+  ``/etc/hosts`` (every host's name and bridge address), boot id, SysV IPC, PID namespace (a small init
+  reaps orphans; killing it kills the whole node at once, see ``kill_node``), and
+  private mounts: a fresh tmpfs on ``/tmp`` and on ``/dev/shm``. Shared, as on a real
+  cluster: every path outside ``/tmp`` (the checkout, the venv) and the ``shared``
+  directories (``base`` always; by default also ``base``'s parent, pytest's base temp
+  dir when ``base`` comes from ``tmp_path_factory.mktemp``: it holds the tests' job and
+  output dirs), bind-mounted back into the node's ``/tmp`` at the same path.
 
-Everything runs as root (Slurm jobs too). Every daemon logs to ``base/log``;
-nothing is removed on ``stop()`` so a failing test can be inspected.
+Each session removes what a dead earlier session left (namespaces and links are
+named after the owner's pid; live owners' are left alone), and ``stop()`` deletes
+its own. Everything runs as root (Slurm jobs too). Every daemon logs to
+``base/log``; logs and state stay after ``stop()`` so a failing test can be inspected.
 
 Usage::
 
     with SlurmCluster(tmp_path) as cluster:
         job = cluster.sbatch("-N2", "--wrap", "srun hostname")
         cluster.wait_job(job, {"COMPLETED"})
+        cluster.node_exec("n1", ["ls", "/tmp"])     # a command on a node
 
 Client commands need ``cluster.env`` (``SLURM_CONF`` points at the private
 ``slurm.conf``); ``cluster.activate()`` sets it in ``os.environ`` for in-process
@@ -38,10 +53,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from .netns import TestNet
 
 # binary -> the Debian package that ships it
 BINARIES = {
@@ -60,6 +79,8 @@ BINARIES = {
     "scancel": "slurm-client",
     "sacct": "slurm-client",
     "unshare": "util-linux",
+    "nsenter": "util-linux",
+    "ip": "iproute2",
 }
 DEBIAN_PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge", "slurmdbd", "mariadb-server"]
 SBIN_DIRS = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
@@ -134,10 +155,44 @@ def _alive(pid: int) -> bool:
     return state is not None and state not in ("Z", "X")
 
 
+# PID 1 of a node's PID namespace: runs slurmd, forwards signals to it, reaps orphans (Ray's,
+# slurmstepd's), and exits with it, which makes the kernel kill everything left in the node.
+NODE_INIT = r"""
+import os, signal, sys
+child = os.fork()
+if child == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(s, lambda sig, _f: os.kill(child, sig))
+while True:
+    try:
+        pid, status = os.wait()
+    except ChildProcessError:
+        sys.exit(0)
+    if pid == child:
+        sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+# Runs in the node's new namespaces before the init: hostname, hosts file, its own boot id
+# (UCX and others take the same boot id for the same machine and then try shared memory),
+# private /tmp (a fresh tmpfs, built at a staging mount point, the shared dirs bound into
+# it, then moved over /tmp) and private /dev/shm.
+NODE_SETUP = r"""
+set -e
+hostname "$1"; mount --bind "$2" /etc/hosts; mount --bind "$3" /proc/sys/kernel/random/boot_id; stage="$4"; shift 4
+mount -t tmpfs -o mode=1777 tmpfs "$stage"
+while [ "$1" != "--" ]; do mkdir -p "$stage${1#/tmp}"; mount --bind "$1" "$stage${1#/tmp}"; shift; done; shift
+mount --move "$stage" /tmp
+mount -t tmpfs -o mode=1777 tmpfs /dev/shm
+exec "$@"
+"""
+
+
 class _Daemon:
     def __init__(self, name: str, proc: subprocess.Popen, logs: list[Path]) -> None:
         self.name, self.proc, self.logs = name, proc, logs
         self.mnt_ns: str | None = None  # set for slurmd: its private mount namespace
+        self.init_pid: int | None = None  # set for slurmd: PID 1 of its node (host pid)
 
     @property
     def pid(self) -> int:
@@ -164,10 +219,18 @@ class SlurmCluster:
         grace_time_s: int = 0,
         name: str | None = None,
         extra_conf: str = "",
+        shared: Sequence[str | os.PathLike[str]] | None = None,
     ) -> None:
         self.base = Path(base).resolve()
         self.nodes = [f"n{i}" for i in range(1, n_nodes + 1)]
-        self.node_addr = {n: f"127.0.1.{i}" for i, n in enumerate(self.nodes, 1)}
+        self.net = TestNet()
+        self.ctl_addr = f"{self.net.subnet}.2"
+        self.node_addr = {n: f"{self.net.subnet}.{10 + i}" for i, n in enumerate(self.nodes, 1)}
+        # Directories under /tmp every node sees (all else outside /tmp is shared anyway).
+        # Default: base's parent, which is pytest's base temp dir for a tmp_path_factory.mktemp base.
+        shared = [self.base.parent] if shared is None else shared
+        dirs = sorted({str(Path(d).resolve()) for d in [self.base, *shared] if str(Path(d).resolve()).startswith("/tmp/")})
+        self.shared = [d for d in dirs if not any(d.startswith(o + "/") for o in dirs)]
         self.cpus_per_node = cpus_per_node
         self.real_memory_mb = real_memory_mb
         self.proctrack = proctrack
@@ -211,6 +274,7 @@ class SlurmCluster:
             d.mkdir(parents=True, exist_ok=True)
         for n in self.nodes:
             (self.base / "spool" / n).mkdir(exist_ok=True)
+            (self.run_dir / f"stage-{n}").mkdir(exist_ok=True)
         self.ports = dict(zip(["ctld", "dbd", *self.nodes], _free_ports(2 + len(self.nodes))))
         self._write_configs()
         self.env = {**os.environ, **self.env_overlay}
@@ -219,6 +283,7 @@ class SlurmCluster:
         self._started = True
         atexit.register(self.stop)  # an interrupted session still stops its daemons
         try:
+            self._step("network", self._start_network, deadline)
             self._step("munged", self._start_munge, deadline)
             self._step("mariadb", self._start_mariadb, deadline)
             self._step("slurmdbd", self._start_slurmdbd, deadline)
@@ -245,14 +310,12 @@ class SlurmCluster:
         slurmds = [d for d in self._daemons if d.name.startswith("slurmd-")]
         self._terminate(slurmds, grace=5)
         for d in slurmds:
-            if d.mnt_ns is not None:  # what a node left behind lives in its mount namespace
-                for pid in self._pids_in_ns(d.mnt_ns):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
+            self._kill_node_processes(d)
         for d in reversed(self._daemons):
             if d not in slurmds:
                 self._terminate([d])
         self._daemons.clear()
+        self.net.remove()
         self._started = False
         atexit.unregister(self.stop)
         self.timings["stop"] = time.monotonic() - t0
@@ -357,6 +420,53 @@ class SlurmCluster:
     def logs(self) -> str:
         return "\n".join(d.tails() for d in self._daemons)
 
+    # nodes as hosts
+
+    def node_exec(self, node: str, argv: Sequence[str], timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess:
+        """Run ``argv`` on ``node``: in its network, UTS, mount and PID namespaces."""
+        d = self._slurmd(node)
+        assert d.init_pid is not None, node
+        ns = ["--mount", "--uts", "--net", "--pid"]
+        return self.run(["nsenter", f"--target={d.init_pid}", *ns, "--", *argv], check=check, timeout=timeout)
+
+    def node_pids(self, node: str) -> list[int]:
+        """Host pids of every process on ``node`` (its slurmd, job steps, whatever they started)."""
+        d = self._slurmd(node)
+        return [] if d.init_pid is None else self._pids_in_pidns(d.init_pid)
+
+    def kill_node(self, node: str, reason: str = "killed by test") -> float:
+        """Crash ``node``: unplug its link (packets to it vanish, as to a dead host, instead of
+        being refused) and SIGKILL its PID 1, so the kernel kills every process on it at once
+        (slurmd, slurmstepd, job steps, Ray); then tell slurmctld it is down, as a health check
+        would (Slurm's own detection waits SlurmdTimeout). Returns the kill's time.time()."""
+        d = self._slurmd(node)
+        assert d.init_pid is not None and d.alive(), f"{node} is not running"
+        self.net.set_link(node, up=False)
+        os.kill(d.init_pid, signal.SIGKILL)
+        t = time.time()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            d.proc.wait(10)
+        self.run(["scontrol", "update", f"nodename={node}", "state=down", f"reason={reason}"], check=False)
+        return t
+
+    def restart_node(self, node: str, timeout: float = 60) -> None:
+        """Boot a killed ``node`` again (a fresh slurmd, /tmp and /dev/shm) and return it to service."""
+        d = self._slurmd(node)
+        self._kill_node_processes(d)
+        self._daemons.remove(d)
+        self.net.set_link(node, up=True)
+        deadline = time.monotonic() + timeout
+        self._start_slurmd(node)
+        self._wait_slurmd(node, deadline)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            self.run(["scontrol", "update", f"nodename={node}", "state=resume"], check=False)
+            states = self.run(["sinfo", "-h", "-n", node, "-o", "%t"], check=False).stdout.split()
+            if states and states[0] == "idle":
+                return
+            time.sleep(0.5)
+        raise SlurmClusterError(f"{node} not idle {timeout:.0f}s after its restart:\n{self._tails('slurmctld', f'slurmd-{node}')}")
+
     # -------------------------------------------------------------- internal
 
     def _check_plugins(self) -> None:
@@ -373,6 +483,12 @@ class SlurmCluster:
 
     def _daemon(self, name: str) -> _Daemon | None:
         return next((d for d in self._daemons if d.name == name), None)
+
+    def _slurmd(self, node: str) -> _Daemon:
+        d = self._daemon(f"slurmd-{node}")
+        if d is None:
+            raise SlurmClusterError(f"no node {node} (nodes: {self.nodes})")
+        return d
 
     def _tails(self, *names: str) -> str:
         return "\n".join(d.tails() for d in self._daemons if d.name in names)
@@ -439,11 +555,35 @@ class SlurmCluster:
             return []
         return [int(p) for p in os.listdir("/proc") if p.isdigit() and self._mnt_ns(int(p)) == ns and _alive(int(p))]
 
+    @staticmethod
+    def _pids_in_pidns(init_pid: int) -> list[int]:
+        try:
+            ns = os.readlink(f"/proc/{init_pid}/ns/pid_for_children")
+        except OSError:
+            return []
+        out = []
+        for p in filter(str.isdigit, os.listdir("/proc")):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{p}/ns/pid") == ns and _alive(int(p)):
+                    out.append(int(p))
+        return out
+
+    def _kill_node_processes(self, d: _Daemon) -> None:
+        """SIGKILL a node's PID 1 (the kernel then kills the rest) and whatever sits in its mount namespace."""
+        if d.init_pid is not None and _alive(d.init_pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(d.init_pid, signal.SIGKILL)
+        if d.mnt_ns is not None:
+            for pid in self._pids_in_ns(d.mnt_ns):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            d.proc.wait(10)
+
     # configuration
 
     def _write_configs(self) -> None:
         b = self.base
-        host = socket.gethostname().split(".")[0]
         auth_info = f"socket={self.munge_socket},cred_expire={self.cred_expire_s}"
         nodes = ",".join(self.nodes)
         node_lines = "\n".join(
@@ -455,7 +595,7 @@ class SlurmCluster:
 # written by tests/slurm_cluster.py
 ClusterName={self.name}
 FirstJobId={self.first_job_id}
-SlurmctldHost={host}(127.0.0.1)
+SlurmctldHost=ctl({self.ctl_addr})
 SlurmctldPort={self.ports['ctld']}
 SlurmUser=root
 SlurmdUser=root
@@ -475,7 +615,7 @@ ProctrackType={self.proctrack}
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=127.0.0.1
+AccountingStorageHost={self.ctl_addr}
 AccountingStoragePort={self.ports['dbd']}
 AccountingStoragePass={self.munge_socket}
 JobCompType=jobcomp/none
@@ -505,7 +645,7 @@ PartitionName=high Nodes={nodes} Default=NO PriorityTier=10 PreemptMode=OFF MaxT
 AuthType=auth/munge
 AuthInfo=socket={self.munge_socket}
 DbdHost=localhost
-DbdAddr=127.0.0.1
+DbdAddr={self.ctl_addr}
 DbdPort={self.ports['dbd']}
 SlurmUser=root
 PidFile={b}/run/slurmdbd.pid
@@ -518,10 +658,22 @@ StorageLoc=slurm_acct_db
 """)
         dbd.chmod(0o600)
         hosts = [line for line in Path("/etc/hosts").read_text().splitlines() if not line.strip().startswith("127.0.1.")]
-        hosts += [f"{self.node_addr[n]}\t{n}" for n in self.nodes]
+        hosts += [f"{self.ctl_addr}\tctl"] + [f"{self.node_addr[n]}\t{n}" for n in self.nodes]
         (self.etc / "hosts").write_text("\n".join(hosts) + "\n")
 
     # daemons
+
+    def _start_network(self, deadline: float) -> None:
+        self.net.create()
+        self.net.add_host("ctl", 2)
+        for i, n in enumerate(self.nodes, 1):
+            self.net.add_host(n, 10 + i)
+
+    def _in_ctl(self, argv: list[str]) -> list[str]:
+        """argv run on the ``ctl`` host: its network namespace, hostname ``ctl`` and hosts file."""
+        script = 'hostname ctl && mount --bind "$1" /etc/hosts && shift && exec "$@"'
+        return [_which("nsenter"), f"--net={self.net.ns_path('ctl')}", "--", _which("unshare"), "--uts", "--mount",
+                "--propagation", "private", "--", "/bin/sh", "-c", script, "sh", str(self.etc / "hosts"), *argv]  # fmt: skip
 
     def _start_munge(self, deadline: float) -> None:
         key = self.base / "munge" / "munge.key"
@@ -531,11 +683,11 @@ StorageLoc=slurm_acct_db
         (self.base / "munge").chmod(0o755)
         log = self.log_dir / "munged.log"
         # As root with --force: no munge-owned directories needed; the socket is private to this cluster.
-        d = self._spawn("munged", [
+        d = self._spawn("munged", self._in_ctl([
             _which("munged"), "--foreground", "--force", f"--socket={self.munge_socket}",
             f"--key-file={key}", f"--log-file={log}", f"--pid-file={self.run_dir / 'munged.pid'}",
             f"--seed-file={self.base / 'munge' / 'munged.seed'}",
-        ], [log])  # fmt: skip
+        ]), [log])  # fmt: skip
         munge = _which("munge")
 
         def ready() -> bool:
@@ -557,42 +709,53 @@ StorageLoc=slurm_acct_db
             if rc != 0:
                 raise SlurmClusterError(f"mariadb-install-db exited {rc}:\n{_tail(out)}")
         err = self.log_dir / "mariadb.log"
-        d = self._spawn("mariadb", [
+        d = self._spawn("mariadb", self._in_ctl([
             _which("mariadbd"), *common, "--skip-networking", f"--socket={self.db_socket}",
             f"--pid-file={self.run_dir / 'mariadb.pid'}", f"--log-error={err}",
             "--innodb-buffer-pool-size=128M", "--innodb-lock-wait-timeout=900", "--skip-log-bin",
-        ], [err])  # fmt: skip
+        ]), [err])  # fmt: skip
         self._wait(d, "mariadb ready", lambda: "ready for connections" in err.read_text(errors="replace"), deadline)
 
     def _start_slurmdbd(self, deadline: float) -> None:
         env = {**os.environ, **self.env_overlay, "MYSQL_UNIX_PORT": str(self.db_socket)}
-        d = self._spawn("slurmdbd", [_which("slurmdbd"), "-D"], [self.log_dir / "slurmdbd.log"], env=env)
-        self._wait(d, "slurmdbd's port", lambda: self._port_open(self.ports["dbd"]), deadline)
+        d = self._spawn("slurmdbd", self._in_ctl([_which("slurmdbd"), "-D"]), [self.log_dir / "slurmdbd.log"], env=env)
+        self._wait(d, "slurmdbd's port", lambda: self._port_open(self.ports["dbd"], self.ctl_addr), deadline)
 
     def _start_slurmctld(self, deadline: float) -> None:
-        d = self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf_path)],
+        d = self._spawn("slurmctld", self._in_ctl([_which("slurmctld"), "-D", "-i", "-f", str(self.conf_path)]),
                         [self.log_dir / "slurmctld.log"])  # fmt: skip
         self._wait(d, "slurmctld answering", lambda: self.run(["scontrol", "ping"], check=False, timeout=10)
                    .stdout.count("UP") >= 1, deadline)  # fmt: skip
 
     def _start_slurmds(self, deadline: float) -> None:
-        slurmd = _which("slurmd")
-        hosts = self.etc / "hosts"
-        script = 'hostname "$1" && mount --bind "$2" /etc/hosts && exec "$3" -D -N "$1" -f "$4"'
         for n in self.nodes:
-            argv = [_which("unshare"), "--uts", "--mount", "--propagation", "private", "--",
-                    "/bin/sh", "-c", script, "sh", n, str(hosts), slurmd, str(self.conf_path)]  # fmt: skip
-            self._spawn(f"slurmd-{n}", argv, [self.log_dir / f"slurmd-{n}.log"])
+            self._start_slurmd(n)
         for n in self.nodes:
-            d = self._daemon(f"slurmd-{n}")
-            assert d is not None
+            self._wait_slurmd(n, deadline)
 
-            def in_own_ns(d: _Daemon = d, own: str | None = self._mnt_ns(os.getpid())) -> bool:
-                ns = self._mnt_ns(d.pid)
-                argv0 = Path(f"/proc/{d.pid}/cmdline").read_bytes().split(b"\0")[0]
-                if ns and ns != own and argv0.endswith(b"slurmd"):
-                    d.mnt_ns = ns
-                    return True
+    def _start_slurmd(self, n: str) -> None:
+        boot_id = self.run_dir / f"boot_id-{n}"  # a new one per boot, as a rebooted host gets
+        boot_id.write_text(f"{uuid.uuid4()}\n")
+        argv = [
+            _which("nsenter"), f"--net={self.net.ns_path(n)}", "--",
+            _which("unshare"), "--uts", "--ipc", "--mount", "--propagation", "private", "--pid", "--fork", "--mount-proc", "--",
+            "/bin/sh", "-c", NODE_SETUP, "sh", n, str(self.etc / "hosts"), str(boot_id), str(self.run_dir / f"stage-{n}"), *self.shared, "--",
+            sys.executable, "-c", NODE_INIT, _which("slurmd"), "-D", "-N", n, "-f", str(self.conf_path),
+        ]  # fmt: skip
+        self._spawn(f"slurmd-{n}", argv, [self.log_dir / f"slurmd-{n}.log"])
+
+    def _wait_slurmd(self, n: str, deadline: float) -> None:
+        d = self._slurmd(n)
+
+        def up() -> bool:  # unshare's child is the node's PID 1 (the init); its child is slurmd
+            kids = Path(f"/proc/{d.pid}/task/{d.pid}/children").read_text().split()
+            if not kids:
                 return False
+            init = int(kids[0])
+            slurmds = Path(f"/proc/{init}/task/{init}/children").read_text().split()
+            if not slurmds or not Path(f"/proc/{slurmds[0]}/cmdline").read_bytes().split(b"\0")[0].endswith(b"slurmd"):
+                return False
+            d.init_pid, d.mnt_ns = init, self._mnt_ns(init)
+            return True
 
-            self._wait(d, f"slurmd {n} in its namespace", in_own_ns, deadline)
+        self._wait(d, f"slurmd {n} in its namespaces", up, deadline)

@@ -140,7 +140,8 @@ def user_job(tmp: Path, n: int = 60, sleep_s: float = 0.3) -> Path:
         del row["id"]
     data = write_jsonl(tmp / "rows.jsonl", rows)
     cfg = {
-        "workflow": {"name": "mine", "entry": "answer", "roles": {"answer": {"agent": "tests.first_hour_agents:Answerer", "params": {"sleep_s": sleep_s}}}},
+        # The agent module lives in this repo's tests/ package: the repo is on the workflow's import path.
+        "workflow": {"name": "mine", "entry": "answer", "python_path": [str(REPO)], "roles": {"answer": {"agent": "tests.first_hour_agents:Answerer", "params": {"sleep_s": sleep_s}}}},
         "dataset": {"path": str(data)},
         "llm": {"engine": "external", "base_urls": [UNUSED_URL]},
         "output": {"path": str(tmp / "out"), "flush_interval_s": 0.2},

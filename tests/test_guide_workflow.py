@@ -80,4 +80,4 @@ def test_guide_workflow_runs_with_two_models_and_their_sampling(tmp_path: Path, 
         assert set(res) >= {"explanation", "tries", "mentions_keyword", "accepted"}
         assert (res["accepted"] and "grade" in res) or (not res["accepted"] and res["reason"])
         assert r["usage"]["by_model"]["writer_llm"]["calls"] == res["tries"]
-    assert "  store:     metrics accepted=" in run.output
+    assert "  store:     metrics accepted=" in run.output  # workflow.metrics, in the summary

@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import re
+import subprocess
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from .conftest import REPO, job_config, questions, store_records, write_jsonl
+from .conftest import BIN, REPO, job_config, questions, store_records, write_jsonl
 from matrix_hpc.services.llm import EmbeddedEngine
 
 pytestmark = pytest.mark.slow
@@ -106,6 +107,13 @@ def test_teacher_and_student_on_two_embedded_models(tmp_path: Path, run_factory:
         assert by["prompt_tokens"] == sum(t["prompt_tokens"] for t in turns if t["model"] == model)
         assert by["errors"] == 0 and by["latency_s"] > 0
     assert "model teacher:" in run.output and "model student:" in run.output
+    status = subprocess.run([str(BIN / "matrix-hpc"), "status", str(out)], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    for model in ("teacher", "student"):
+        by = usage["by_model"][model]
+        assert f"model {model}: {by['calls']} calls, {by['prompt_tokens']} prompt + {by['completion_tokens']} completion tokens" in status.stdout
+        (line,) = [ln for ln in status.stdout.splitlines() if ln.startswith(f"llm:       model {model}: {endpoints[model]['url']} ")]
+        assert "up, 0 restarts, on " in line, status.stdout
 
 
 class RecordingServer:

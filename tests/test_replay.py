@@ -10,6 +10,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from matrix_hpc import metrics
 from matrix_hpc.agents import AgentContext, Task
 from matrix_hpc.config import Sampling
 from matrix_hpc.runtime.replay import Replay
@@ -51,11 +52,14 @@ def texts(task: Task) -> list[str]:
     return [t.text for t in task.turns]
 
 
-def test_a_resumed_dialogue_replays_its_calls_and_continues(server: CountingLLM, tmp_path: Path) -> None:
+def test_a_resumed_dialogue_replays_its_calls_and_continues(server: CountingLLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     journal = tmp_path / "journal"
     first = life(server, journal, "life1", 3)  # killed after three turns
     assert server.received == 3 and not any(t.replayed for t in first.turns)
+    counted: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(metrics, "inc", lambda name, value=1.0, *tags: counted.append((name, value, *tags)))
     second = life(server, journal, "life2", 6)  # resumed: three replayed, three new
+    assert [c for c in counted if c[0] == "replayed_calls"] == [("replayed_calls", 1, "teacher", "m1"), ("replayed_calls", 1, "student", "m1"), ("replayed_calls", 1, "teacher", "m1")]
     assert server.received == 6, "a journaled call was paid for twice"
     assert [t.replayed for t in second.turns] == [True] * 3 + [False] * 3
     assert texts(second)[:3] == texts(first)

@@ -38,7 +38,7 @@ TIMINGS: dict[str, float] = {}
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
     base = tmp_path_factory.mktemp("slurm")
-    c = SlurmCluster(base)
+    c = SlurmCluster(base, shared=[tmp_path_factory.getbasetemp()])
     c.start()
     TIMINGS["cluster start"] = c.timings["start"]
     try:
@@ -111,7 +111,7 @@ else:
 
 
 def test_steps_see_their_node_and_reach_each_other(cluster: SlurmCluster, tmp_path: Path) -> None:
-    """A server in n1's step on 127.0.1.1 is reachable from n2's step (the Ray head/worker pattern)."""
+    """A server in n1's step on n1's bridge address is reachable from n2's step (the Ray head/worker pattern)."""
     import socket
 
     with socket.socket() as s:
@@ -121,7 +121,7 @@ def test_steps_see_their_node_and_reach_each_other(cluster: SlurmCluster, tmp_pa
     probe.write_text(TCP_PROBE)
     script = (
         f"srun -N1 -n1 -w n1 {PY} {probe} server {port} & "
-        f"srun -N1 -n1 -w n2 {PY} {probe} client {port} 127.0.1.1; wait"
+        f"srun -N1 -n1 -w n2 {PY} {probe} client {port} {cluster.node_addr['n1']}; wait"
     )
     t0 = time.monotonic()
     job = cluster.sbatch("-N2", "-w", "n1,n2", "-o", str(tmp_path / "%j.out"), "--wrap", script)
@@ -130,8 +130,69 @@ def test_steps_see_their_node_and_reach_each_other(cluster: SlurmCluster, tmp_pa
     out = (tmp_path / f"{job}.out").read_text()
     assert info["JobState"] == "COMPLETED", out
     idents = {tuple(line.split()[1:]) for line in out.splitlines() if line.startswith("IDENT")}
-    assert idents == {("n1", "n1", "127.0.1.1"), ("n2", "n2", "127.0.1.2")}, out
+    assert idents == {("n1", "n1", cluster.node_addr["n1"]), ("n2", "n2", cluster.node_addr["n2"])}, out
     assert "CLIENT n2 got: hello from n1" in out, out
+
+
+HOST_PROBE = r"""
+import json, os, socket, subprocess, sys, time
+host = socket.gethostname()
+marker = f"/tmp/only-on-{host}"
+open(marker, "w").write(host)
+addrs = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
+print("HOST " + json.dumps({"host": host, "ips": [l.split()[3] for l in addrs.splitlines()],
+      "tmp": sorted(os.listdir("/tmp")), "shm": sorted(os.listdir("/dev/shm")), "pids": len([p for p in os.listdir("/proc") if p.isdigit()])}), flush=True)
+"""
+
+
+def test_nodes_are_separate_hosts(cluster: SlurmCluster, tmp_path: Path) -> None:
+    """Two nodes differ as real hosts do: address (on the suite's bridge, not 127.x), hostname,
+    /tmp, /dev/shm and process table; pytest's base temp dir and the checkout are shared."""
+    probe = tmp_path / "host_probe.py"
+    probe.write_text(HOST_PROBE)
+    job = cluster.sbatch("-N2", "-w", "n1,n2", "-o", str(tmp_path / "%j.out"), "--wrap", f"srun {PY} {probe}")
+    info = wait_done(cluster, job)
+    out = (tmp_path / f"{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", out
+    seen = {h["host"]: h for h in (json.loads(line[5:]) for line in out.splitlines() if line.startswith("HOST "))}
+    assert set(seen) == {"n1", "n2"}, out
+    for n, h in seen.items():
+        assert [ip.split("/")[0] for ip in h["ips"]] == ["127.0.0.1", cluster.node_addr[n]], h  # lo and the bridge only
+        assert f"only-on-{n}" in h["tmp"] and f"only-on-{'n2' if n == 'n1' else 'n1'}" not in h["tmp"], h
+        assert h["pids"] < 30, h  # its own process table, not the host's
+    assert not Path("/tmp/only-on-n1").exists()  # the host's /tmp is not a node's
+    ls = cluster.node_exec("n1", ["ls", "/tmp"]).stdout.split()
+    assert "only-on-n1" in ls and "only-on-n2" not in ls, ls
+    assert cluster.node_addr["n1"] != cluster.node_addr["n2"] and not cluster.node_addr["n1"].startswith("127.")
+
+
+def test_a_dead_sessions_namespaces_and_processes_are_cleaned_up() -> None:
+    """What a SIGKILLed session left (a namespace named after its dead pid, a process inside,
+    its bridge) goes at the next start; a live session's namespaces stay."""
+    import subprocess
+
+    from tests.netns import TestNet, clean_stale
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs
+    live = TestNet(owner_pid=os.getppid()).create()  # a live session's (its owner, our parent, runs)
+    live.add_host("t2", 2)
+    net = TestNet(owner_pid=dead.pid).create()  # creating cleans stale ones too: make it last
+    net.add_host("t1", 2)
+    left = subprocess.Popen(["nsenter", f"--net={net.ns_path('t1')}", "sleep", "300"], start_new_session=True)
+    own_net = os.readlink("/proc/self/ns/net")
+    wait_until(lambda: os.readlink(f"/proc/{left.pid}/ns/net") != own_net, 10, "the process inside the namespace")
+    try:
+        removed = clean_stale()
+        assert net.ns_name("t1") in removed and net.bridge in removed, removed
+        assert left.wait(10) == -9
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert net.ns_name("t1") not in listed and live.ns_name("t2") in listed, listed
+    finally:
+        live.remove()
+        net.remove()
+        if left.poll() is None:
+            left.kill()
 
 
 STEP = r"""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 from collections import Counter
@@ -37,7 +36,7 @@ TIMES: dict[str, list[float]] = {}
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
     # GraceTime: a preempted job gets USR2 and this long to save before TERM/KILL.
-    c = SlurmCluster(tmp_path_factory.mktemp("slurm"), grace_time_s=30)
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm"), grace_time_s=30, shared=[tmp_path_factory.getbasetemp()])
     c.start()
     try:
         yield c
@@ -113,7 +112,7 @@ def test_sbatch_forms_two_node_ray_cluster_and_completes(cluster: SlurmCluster, 
     log = job_log(cfg, job)
     assert info["JobState"] == "COMPLETED", log[-4000:]
     nodes = cluster_info(cfg, job)["nodes"]
-    assert sorted(n["ip"] for n in nodes) == ["127.0.1.1", "127.0.1.2"], nodes  # checked from inside the job
+    assert sorted(n["ip"] for n in nodes) == sorted(cluster.node_addr[n] for n in ("n1", "n2")), nodes  # checked from inside the job
     assert all(n["resources"].get("matrix_cpu_node") and n["resources"].get("matrix_gpu_node") for n in nodes)
     assert_each_id_once(tmp_path / "job-out", rows)
     run = json.loads((tmp_path / "job-out" / "run.json").read_text())
@@ -240,7 +239,7 @@ def test_heterogeneous_job_puts_services_on_gpu_nodes_and_agents_on_cpu_nodes(cl
     run = json.loads((tmp_path / "het-out" / "run.json").read_text())
     agent_hosts = {h for name, h in run["actor_hosts"].items() if "__sink__" not in name}
     assert agent_hosts == set(cpu), run["actor_hosts"]
-    ip = {"n1": "127.0.1.1", "n2": "127.0.1.2", "n3": "127.0.1.3"}[gpu[0]]
+    ip = cluster.node_addr[gpu[0]]
     assert all(e["url"].startswith(f"http://{ip}:") for e in run["llm"]), run["llm"]  # the replica ran on the GPU node
     assert_each_id_once(tmp_path / "het-out", rows)
 
@@ -254,13 +253,13 @@ def test_two_runs_on_the_same_nodes_do_not_collide(cluster: SlurmCluster, tmp_pa
         assert info["JobState"] == "COMPLETED", job_log(cfg, job)[-4000:]
     a, b = cluster_info(cfg_a, jobs[0]), cluster_info(cfg_b, jobs[1])
     assert a["address"] != b["address"]  # each run its own Ray head port on n1
-    assert {n["ip"] for n in a["nodes"]} == {n["ip"] for n in b["nodes"]} == {"127.0.1.1", "127.0.1.2"}
+    assert {n["ip"] for n in a["nodes"]} == {n["ip"] for n in b["nodes"]} == {cluster.node_addr["n1"], cluster.node_addr["n2"]}
     assert_each_id_once(tmp_path / "a-out", rows_a)
     assert_each_id_once(tmp_path / "b-out", rows_b)
-    temp_dirs = [Path(f"/tmp/mhpc-{j}.0") for j in jobs]  # Ray's per-job temp dirs
-    assert all(d.is_dir() for d in temp_dirs), temp_dirs
-    for d in temp_dirs:
-        shutil.rmtree(d, ignore_errors=True)
+    # Ray's per-job temp dirs are node-local and removed at the end of the life
+    for node in ("n1", "n2"):
+        left = cluster.node_exec(node, ["sh", "-c", "ls -d /tmp/mhpc-* 2>/dev/null || true"]).stdout.split()
+        assert not [d for d in left if any(d.startswith(f"/tmp/mhpc-{j}.") for j in jobs)], (node, left)
 
 
 @pytest.mark.parametrize("replay", [True, False], ids=["replay on", "replay off"])
@@ -271,7 +270,7 @@ def test_preemption_redoes_at_most_the_llm_calls_in_flight(cluster: SlurmCluster
     without it, every call of every dialogue cut short is paid for again (the old behaviour)."""
     from .counting_llm import CountingLLM
 
-    server = CountingLLM(delay_s=(0.3, 0.7)).start()
+    server = CountingLLM(delay_s=(0.3, 0.7), host=cluster.net.host_addr).start()
     try:
         overrides = {"llm.engine": "external", "llm.base_urls": [server.url], "workflow.params.max_turns": 8, "run.replay": replay}
         cfg, rows = slurm_config(tmp_path, 24, "rep", **overrides)

@@ -50,3 +50,14 @@ def test_workflow_outside_repo_runs_on_every_node_without_pythonpath(cluster: Sl
     ok = [records[f"r{i}"] for i, k in enumerate(KINDS) if k == "ok"]
     assert all(r["status"] == "ok" and r["result"]["nodes"] == ["n1", "n2"] for r in ok), [r["result"] for r in ok]
     assert sum(r["status"] == "failed" and r["error"]["kind"] == "routing" for r in records.values()) == KINDS.count("forget")
+
+
+def test_misspelled_agent_class_ends_the_job_before_ray_starts(cluster: SlurmCluster, tmp_path: Path) -> None:
+    cfg = workflow_folder(tmp_path, agent_class="Ruoter")
+    job = sbatch(cluster, cfg)
+    info = cluster.wait_job(job, DONE, 120)
+    log = job_log(cfg, job)
+    assert info["JobState"] == "FAILED", log[-3000:]
+    line = "matrix-hpc: config error: workflow.roles.router.agent: module 'contract_agents' has no attribute 'Ruoter' (did you mean 'Router'?)"
+    assert log.count(line) == 2, log[-3000:]  # from each node's bootstrap
+    assert not list((tmp_path / "out").glob("slurm/logs/ray-*")), "a Ray node was started"

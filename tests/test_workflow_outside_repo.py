@@ -119,8 +119,10 @@ def workflow_folder(root: Path, agent_class: str = "Router") -> Path:
     return wf / "config.yaml"
 
 
-def run_without_pythonpath(config: Path, tmp: Path, *overrides: str, timeout: float = 240, ray_tmp: Path | None = None) -> tuple[int, str, float]:
-    """``matrix-hpc run`` with PYTHONPATH unset; returns (exit code, output, seconds)."""
+def run_without_pythonpath(
+    config: Path, tmp: Path, *overrides: str, timeout: float = 240, ray_tmp: Path | None = None, command: str = "run"
+) -> tuple[int, str, float]:
+    """``matrix-hpc run`` (or ``command``) with PYTHONPATH unset; returns (exit code, output, seconds)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     if ray_tmp is not None:  # where Ray would put a session (too long a path for its sockets: only for runs that must not start it)
         env["RAY_TMPDIR"] = str(ray_tmp)
@@ -128,7 +130,7 @@ def run_without_pythonpath(config: Path, tmp: Path, *overrides: str, timeout: fl
     t0 = time.monotonic()
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "matrix_hpc.cli", "run", str(config), *overrides],
+            [sys.executable, "-m", "matrix_hpc.cli", command, str(config), *overrides],
             stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True,
         )  # fmt: skip
         try:
@@ -178,9 +180,9 @@ def test_step_that_routes_to_its_own_role_runs_again(contract_run: dict[str, Any
 @pytest.mark.slow
 def test_blocking_step_is_reported_naming_the_role(contract_run: dict[str, Any]) -> None:
     out = contract_run["output"]
-    lines = [line for line in out.splitlines() if "event loop blocked for" in line]
+    lines = [line for line in out.splitlines() if "actor sleeper/0: event loop blocked for" in line]
     assert lines, out[-3000:]
-    assert "actor sleeper/0" in lines[0] and "role(s) 'sleeper'" in lines[0] and "asyncio.to_thread" in lines[0]
+    assert "while running: role 'sleeper'." in lines[0] and "asyncio.to_thread" in lines[0]
     blocked_s = float(lines[0].split("event loop blocked for ")[1].split("s")[0])
     assert 1.5 <= blocked_s < 10
     block = next(contract_run["records"][f"r{i}"] for i, k in enumerate(KINDS) if k == "block")
@@ -212,3 +214,10 @@ def test_misspelled_agent_class_fails_before_ray_starts(tmp_path: Path) -> None:
     assert not (tmp_path / "ray").exists(), "a Ray session was started"
     assert not (tmp_path / "out").exists(), "the output store was created"
     assert elapsed < 15, f"took {elapsed:.1f}s"  # ~1-2 s on an idle machine: imports only
+
+
+def test_submit_checks_the_workflow_code_before_submitting(tmp_path: Path) -> None:
+    config = workflow_folder(tmp_path, agent_class="Ruoter")
+    rc, output, _ = run_without_pythonpath(config, tmp_path, command="submit")
+    assert rc == 2, output
+    assert output.strip().endswith("workflow.roles.router.agent: module 'contract_agents' has no attribute 'Ruoter' (did you mean 'Router'?)")

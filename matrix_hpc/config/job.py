@@ -65,6 +65,12 @@ class SlurmConfig:
     """How nodes learn the head's address: MPI broadcast when started under MPI, else a file."""
     join_timeout_s: float = 300.0
     """How long the head waits for every node to join."""
+    head_lost_s: float = 30.0
+    """A node that cannot reach the Ray head for this long before the run is over requeues the
+    job: the head node died (``--no-kill`` keeps the job alive without it)."""
+    fs_probe_timeout_s: float = 30.0
+    """How long nodes wait for each other's probe files in ``output.path`` before the run
+    stops naming the node that cannot see it (a node-local path)."""
 
 
 @dataclass
@@ -140,6 +146,9 @@ class OutputConfig:
     """Longest a finished record waits before it is committed."""
     fsync: bool = True
     """fsync chunks and the commit file (survives power loss, not just a killed process)."""
+    commit_retry_s: float = 300.0
+    """How long the sink retries a failing commit (disk full, EIO, quota), keeping the rows,
+    before the run stops with one line saying so (a re-run after freeing space resumes)."""
 
 
 @dataclass
@@ -161,6 +170,11 @@ class RunConfig:
     """Seconds between liveness checks of the actors."""
     metrics: bool = True
     """Export Prometheus metrics through Ray (matrix_hpc.metrics; README "Watching a run")."""
+    agent_placement: Literal["spread", "pack"] = "spread"
+    """``spread``: a role's instances go to different (CPU) nodes where possible, so a dead
+    node takes few of them (Ray re-creates them on the nodes left, ``max_actor_restarts``
+    times; the sink and the LLM registries stay on the driver's node); ``pack``: Ray fills
+    one node first."""
     loop_lag_warn_s: float = 0.5
     """Warn (naming the role) when an agent actor's event loop stalls this long: a step
     is blocking it (``time.sleep``, synchronous I/O). 0 turns the watch off."""
@@ -168,6 +182,13 @@ class RunConfig:
     """On a stop (Ctrl-C, SIGTERM; on Slurm only USR2, since a Slurm TERM means KILL is near):
     how long tasks in flight may finish before the rest are abandoned (they are not in
     the store, so the resumed run does them again)."""
+    stall_timeout_s: float = 600.0
+    """When no task moves (no step, no commit) for this long, the driver logs who holds the
+    tasks in flight and re-sends those nobody holds; after as long again it stops the run
+    with one line. 0 turns it off. Keep it above the longest single LLM call with retries."""
+    max_actor_restarts: int = 10
+    """Times Ray restarts a crashed agent or sink actor. An agent past it is gone for good:
+    its role's other instances take its tasks; a role with none left stops the run."""
     replay: bool = True
     """Journal every completed LLM call (``OUTPUT/journal``) so a resumed task replays the
     calls it already paid for instead of making them again (turn-level resume)."""

@@ -59,6 +59,13 @@ def _log_agent_errors_to(path: str, who: str) -> None:
     errors_log.propagate = False
 
 
+def _get_actor(name: str, namespace: str) -> Any | None:
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError:  # not registered: dead for good (restarts exhausted)
+        return None
+
+
 @ray.remote(num_cpus=0, max_restarts=10, max_task_retries=-1)
 class AgentActor:
     def __init__(self, team: TeamSpec, role: str, index: int) -> None:
@@ -144,21 +151,44 @@ class AgentActor:
             asyncio.get_running_loop().create_task(follow_registry(client, registry))
 
     def _resolve(self, dest: str) -> list[Any]:
+        """Handles of ``dest``'s actors; None for one that is gone for good (its name
+        is no longer registered), which the outbox then skips."""
         if dest not in self._handles:
-            ns = self.team.namespace
-            if dest == SINK:
-                self._handles[dest] = [ray.get_actor(sink_name(self.team.run_id), namespace=ns)]
-            else:
-                n = self.team.roles[dest].instances
-                self._handles[dest] = [ray.get_actor(actor_name(self.team.run_id, dest, i), namespace=ns) for i in range(n)]
+            names = [sink_name(self.team.run_id)] if dest == SINK else [actor_name(self.team.run_id, dest, i) for i in range(self.team.roles[dest].instances)]
+            self._handles[dest] = [_get_actor(name, self.team.namespace) for name in names]
         return self._handles[dest]
+
+    def _unsendable(self, dest: str, message: Any, exc: Exception) -> None:
+        """A task that cannot be serialized fails alone (``bad_state``); its batch goes on."""
+        if dest == SINK:  # a RecordRow is plain strings and numbers: this is a bug, say so loudly
+            log.error("a record for %s cannot be sent to the sink: %s", self._id(message), exc)
+            return
+        task: Task = message
+        task.fail("bad_state", f"task {task.id} cannot be sent to role {dest!r}: {type(exc).__name__}: {exc}", self.role)
+        task.state, task.result = {}, None  # what made it unpicklable stays behind
+        self._to_sink(task)
+
+    @staticmethod
+    def _id(message: Any) -> str:
+        return str(getattr(message, "id", "?"))
+
+    def _to_sink(self, task: Task) -> None:
+        assert self._outbox is not None
+        try:
+            row = RecordRow.from_record(task.to_record())
+        except Exception as exc:  # e.g. a result that JSON cannot encode even as text
+            task.result, task.state = None, {}
+            task.fail("bad_state", f"task {task.id}: its record cannot be encoded: {type(exc).__name__}: {exc}", self.role)
+            row = RecordRow.from_record(task.to_record())
+        metrics.inc("tasks_left_role", 1, self.role, row.status, row.error_kind or "")
+        self._outbox.put(SINK, row)
 
     def _start(self) -> None:
         """Start the loop's work once, from the first remote call (setup or receive)."""
         if self._queue is not None:
             return
         self._queue = asyncio.Queue()
-        self._outbox = Outbox(self._resolve, self.team.batch_size, self.team.batch_wait_s, load=self._held)
+        self._outbox = Outbox(self._resolve, self.team.batch_size, self.team.batch_wait_s, load=self._held, on_unsendable=self._unsendable)
         loop = asyncio.get_running_loop()
         self._ready = loop.create_task(self._setup_agent(self.agent, self.role))
         for name, client in self._clients.items():
@@ -170,11 +200,14 @@ class AgentActor:
             self._loops.append(loop.create_task(self._compact_loop()))
 
     async def _setup_agent(self, agent: Agent, role: str) -> None:
+        self.lag.started(f"setup() of role {role!r}")
         try:
             await agent.setup()
         except Exception as exc:  # user code: report it with the role, do not kill the actor
             log.exception("setup() of role %s failed", role)
             self._setup_errors[role] = f"workflow.roles.{role}: setup() failed: {type(exc).__name__}: {exc}"
+        finally:
+            self.lag.ended(f"setup() of role {role!r}")
 
     async def setup(self) -> str | None:
         """Run the agent's ``setup()`` now; returns the failure as one line, or None."""
@@ -228,23 +261,29 @@ class AgentActor:
         while True:
             task = await self._queue.get()
             self._running[task.id] = task
+            role = self.role
             try:
-                await self._step(task, self.agent, self.role)
+                await self._step(task, self.agent, role)
                 # Inline roles run here, saving a Ray hop each (see RoleConfig.inline).
                 while not task.done and self.team.roles[task.next_role].inline:  # type: ignore[index]
-                    role = task.next_role
-                    assert role is not None
+                    role = task.next_role  # type: ignore[assignment]
                     if role not in self._inline:
                         self._inline[role] = await self._inline_agent(role)
                     await self._step(task, self._inline[role], role)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the runtime's own path failed (run_step catches agent code): one task fails, the worker lives
+                log.exception("task %s: runtime error in role %s", task.id, role)
+                task.fail("runtime_error", f"{type(exc).__name__}: {exc}", role)
             finally:
                 self._running.pop(task.id, None)
-            if task.done:
-                row = RecordRow.from_record(task.to_record())
-                metrics.inc("tasks_left_role", 1, self.role, row.status, row.error_kind or "")
-                self._outbox.put(SINK, row)
-            else:
-                self._outbox.put(task.next_role, task)
+            try:
+                if task.done:
+                    self._to_sink(task)
+                else:
+                    self._outbox.put(task.next_role, task)  # type: ignore[arg-type]
+            except Exception:  # never lose the worker; the driver's stall check re-sends the task
+                log.exception("task %s could not be handed on", task.id)
 
     async def _inline_agent(self, role: str) -> Agent:
         if role == self.role:
@@ -259,17 +298,18 @@ class AgentActor:
             task.hops += 1
             task.fail("agent_error", self._setup_errors[role], role)
             return
-        self.lag.step_started(role)
+        self.lag.started(f"role {role!r}")
         started = time.monotonic()
         try:
             await run_step(agent, task, role, self.team.roles)
         finally:
-            self.lag.step_ended(role)
+            self.lag.ended(f"role {role!r}")
         metrics.inc("steps", 1, role)
         metrics.observe("step_seconds", time.monotonic() - started, role)
 
     def ping(self) -> ActorPing:
-        return ActorPing(self.incarnation, os.getpid(), socket.gethostname(), self.lag.take_warnings())
+        """Who this incarnation is; ``progress`` (steps taken) tells the driver whether tasks move."""
+        return ActorPing(self.incarnation, os.getpid(), socket.gethostname(), self.lag.take_warnings(), progress=self.steps)
 
     def held_ids(self) -> list[str]:
         ids = list(self._running)

@@ -15,6 +15,7 @@ from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from .. import metrics
 from ..config import PoolConfig, Sampling
 from ..services.llm import ChatClient, ChatResult, LLMError, Message
 from .replay import Replay, call_digest
@@ -135,6 +136,7 @@ class Agent:
             hit = replay.lookup(digest)
         if hit is not None:
             res, started = hit
+            metrics.inc("replayed_calls", 1, self.role, model)
         else:
             started = time.time()
             try:

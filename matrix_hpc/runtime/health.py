@@ -4,8 +4,10 @@ Every actor (agents and the sink) answers ``ping`` with an :class:`ActorPing`. A
 actor also runs a :class:`LoopLagWatcher`: a step that blocks the event loop
 (``time.sleep``, a synchronous HTTP call) stalls every task of that actor, so the
 watcher measures how late its own timer fires and reports stalls, naming the roles
-whose steps were running, at most once per ``report_every_s``. Reports reach the
-driver's terminal through the next ping.
+whose steps (or ``setup()``) were running, at most once per ``report_every_s``. A stall
+while nothing of the workflow ran (Ray's own work, an overloaded machine) is not the
+workflow's doing and is only logged at debug level. Reports reach the driver's terminal
+through the next ping.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class ActorPing:
     host: str
     warnings: tuple[str, ...] = ()
     """Warnings for the driver to print (loop stalls) since the previous ping."""
+    progress: int = 0
+    """Steps taken (an agent) or rows committed (the sink) so far: the driver's stall clock."""
 
 
 class LoopLagWatcher:
@@ -41,15 +45,16 @@ class LoopLagWatcher:
         self.worst_s = 0.0
         """The longest stall seen over the actor's life."""
         self._running: Counter[str] = Counter()
-        self._window: set[str] = set()  # roles with a step running at some point since the last probe
+        self._window: set[str] = set()  # what ran (e.g. "role 'x'") at some point since the last probe
         self._pending: list[str] = []
 
-    def step_started(self, role: str) -> None:
-        self._running[role] += 1
-        self._window.add(role)
+    def started(self, what: str) -> None:
+        """``what`` (``role 'x'``, ``setup() of role 'x'``) runs on the loop until :meth:`ended`."""
+        self._running[what] += 1
+        self._window.add(what)
 
-    def step_ended(self, role: str) -> None:
-        self._running[role] -= 1
+    def ended(self, what: str) -> None:
+        self._running[what] -= 1
 
     def take_warnings(self) -> tuple[str, ...]:
         out, self._pending = tuple(self._pending), []
@@ -65,7 +70,9 @@ class LoopLagWatcher:
             t0 = loop.time()
             await asyncio.sleep(self.probe_s)
             lag = loop.time() - t0 - self.probe_s
-            if lag >= self.threshold_s:
+            if lag >= self.threshold_s and not self._window:
+                log.debug("%s: event loop stalled %.1fs with no step running", self.label, lag)
+            elif lag >= self.threshold_s:
                 worst, stalls = max(worst, lag), stalls + 1
                 roles |= self._window
                 self.worst_s = max(self.worst_s, lag)
@@ -76,11 +83,10 @@ class LoopLagWatcher:
                 worst, stalls, roles = 0.0, 0, set()
 
     def _report(self, worst: float, stalls: int, roles: set[str]) -> None:
-        who = ", ".join(repr(r) for r in sorted(roles)) or "none running"
         times = f" ({stalls} stalls since the last warning)" if stalls > 1 else ""
         msg = (
-            f"{self.label}: event loop blocked for {worst:.1f}s{times}; steps of role(s) {who} were running. "
-            "A step is blocking: run blocking work with `await asyncio.to_thread(fn, ...)`"
+            f"{self.label}: event loop blocked for {worst:.1f}s{times} while running: {', '.join(sorted(roles))}. "
+            "Blocking code stalls every task of the actor: run it with `await asyncio.to_thread(fn, ...)`"
         )
         log.warning("%s", msg)
         self._pending.append(msg)

@@ -20,22 +20,34 @@ from collections import defaultdict
 from typing import Any, Callable
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorDiedError
 
 __all__ = ["PARKED_SHARE", "Outbox"]
 
 log = logging.getLogger(__name__)
 
 _REAP_S = 0.25  # how often delivery receipts are collected while messages flow
+_ERROR_PAUSE_S = 0.5  # after an unexpected error in the flush loop: no hot spin
 PARKED_SHARE = 0.05  # tasks waiting in the outbox, as a share of the tasks the actor holds
 _RATE_HALF_LIFE_S = 1.0  # smoothing of the message rate the window is sized from
 
-# Returns the receivers of a destination (actor handles); called lazily so a
-# restarted actor finds its peers by name without help from the driver.
+# Returns the receivers of a destination (actor handles, None for one that is gone
+# for good); called lazily so a restarted actor finds its peers by name without
+# help from the driver.
 Resolver = Callable[[str], list[Any]]
+# Called with (dest, message, exception) for a message that cannot be serialized.
+Unsendable = Callable[[str, Any, Exception], None]
 
 
 class Outbox:
+    """Batches per destination role; round-robin over the role's live receivers.
+
+    A receiver that is gone for good (Ray's restarts used up) is skipped from then
+    on and its undelivered batches go to the others; a message that cannot be
+    serialized is handed to ``on_unsendable`` on its own, and the rest of its batch
+    goes on. While a role has no live receiver its messages stay here (held).
+    """
+
     def __init__(
         self,
         resolve: Resolver,
@@ -44,6 +56,7 @@ class Outbox:
         id_of: Callable[[Any], str] = lambda m: m.id,
         load: Callable[[], int] | None = None,
         min_wait_s: float = 0.001,
+        on_unsendable: Unsendable | None = None,
     ) -> None:
         self._resolve = resolve
         self._batch_size = batch_size
@@ -52,14 +65,17 @@ class Outbox:
         self._load = load
         """Tasks the owner holds (running + queued); None: a fixed window of ``wait_s``."""
         self._id_of = id_of
+        self._on_unsendable = on_unsendable
         self._puts = 0
         self._rate = 0.0  # messages/s, smoothed
         self._rate_at = time.monotonic()
         self.sends = 0
         """Ray calls made (batches sent)."""
         self._buf: dict[str, list[Any]] = defaultdict(list)
-        self._sending: dict[Any, tuple[str, list[Any]]] = {}  # ObjectRef -> (dest, batch)
+        self._sending: dict[Any, tuple[str, int, list[Any]]] = {}  # ObjectRef -> (dest, receiver index, batch)
         self._rr: dict[str, int] = defaultdict(int)
+        self.dead: dict[str, set[int]] = defaultdict(set)
+        """Receivers (by index) of each destination that are gone for good."""
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._next_reap = 0.0
@@ -77,28 +93,56 @@ class Outbox:
 
     def held_ids(self) -> list[str]:
         ids = [self._id_of(m) for buf in self._buf.values() for m in buf]
-        ids.extend(self._id_of(m) for _, batch in self._sending.values() for m in batch)
+        ids.extend(self._id_of(m) for _, _, batch in self._sending.values() for m in batch)
         return ids
 
     async def _flush_loop(self) -> None:
         while True:
-            if not self._buf and not self._sending:
-                await self._wake.wait()
-            self._wake.clear()
-            await asyncio.sleep(self.window())
-            for dest in list(self._buf):
-                self._send(dest, self._buf.pop(dest))
-            if time.monotonic() >= self._next_reap:
-                self._reap()
+            try:
+                if not self._buf and not self._sending:
+                    await self._wake.wait()
+                self._wake.clear()
+                await asyncio.sleep(self.window())
+                for dest in list(self._buf):
+                    self._send(dest, self._buf.pop(dest))
+                if time.monotonic() >= self._next_reap:
+                    self._reap()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the loop carries every message of this actor: it must not die
+                log.exception("outbox flush loop error (going on)")
+                await asyncio.sleep(_ERROR_PAUSE_S)
+
+    def _live(self, dest: str) -> list[tuple[int, Any]]:
+        dead = self.dead[dest]
+        return [(i, h) for i, h in enumerate(self._resolve(dest)) if h is not None and i not in dead]
 
     def _send(self, dest: str, messages: list[Any]) -> None:
-        receivers = self._resolve(dest)
+        live = self._live(dest)
+        if not live:  # every receiver is gone: keep them (held); the driver stops the run
+            self._buf[dest].extend(messages)
+            return
         for lo in range(0, len(messages), self._batch_size):
             batch = messages[lo : lo + self._batch_size]
-            receiver = receivers[self._rr[dest] % len(receivers)]
+            index, receiver = live[self._rr[dest] % len(live)]
             self._rr[dest] += 1
             self.sends += 1
-            self._sending[receiver.receive.remote(batch)] = (dest, batch)
+            try:
+                self._sending[receiver.receive.remote(batch)] = (dest, index, batch)
+            except Exception as exc:  # a message that cannot be serialized (or a broken handle)
+                self._send_one_by_one(dest, index, receiver, batch, exc)
+
+    def _send_one_by_one(self, dest: str, index: int, receiver: Any, batch: list[Any], first: Exception) -> None:
+        """Find the messages that cannot be sent; send the others on their own."""
+        log.warning("a batch to %s could not be sent (%s: %s); sending its %d message(s) one by one", dest, type(first).__name__, first, len(batch))
+        for message in batch:
+            self.sends += 1
+            try:
+                self._sending[receiver.receive.remote([message])] = (dest, index, [message])
+            except Exception as exc:
+                if self._on_unsendable is None:
+                    raise
+                self._on_unsendable(dest, message, exc)
 
     def window(self) -> float:
         """How long the next batch may gather: parked ≈ rate × window / 2 ≤ PARKED_SHARE × held."""
@@ -124,11 +168,15 @@ class Outbox:
         refs = list(self._sending)
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
         for ref in ready:
-            dest, batch = self._sending.pop(ref)
+            dest, index, batch = self._sending.pop(ref)
             try:
                 ray.get(ref)
-            except RayActorError as exc:
-                # The receiver is gone for good (restarts exhausted): re-route its batch.
-                log.warning("delivery to %s failed (%s); re-sending %d message(s)", dest, exc.__class__.__name__, len(batch))
+            except Exception as exc:
+                if isinstance(exc, ActorDiedError):
+                    self.dead[dest].add(index)  # restarts exhausted: never again
+                    log.warning("%s instance %d is gone for good; its %d message(s) go to the others", dest, index, len(batch))
+                else:  # the receiver refused or failed: it did not take the batch
+                    log.warning("delivery to %s failed (%s); re-sending %d message(s)", dest, type(exc).__name__, len(batch))
                 self._buf[dest].extend(batch)
                 self._wake.set()
+

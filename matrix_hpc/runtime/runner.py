@@ -5,6 +5,12 @@ the entry role and then only long-polls the sink. A task the sink has received
 frees its in-flight slot (backpressure at ``max_in_flight``); one it has committed
 leaves the driver's books. Once a second the driver pings the actors; when one came back from a crash, tasks that nobody holds any more are
 re-sent (``attempt`` + 1) or, past ``max_attempts``, recorded as failed.
+
+A run never hangs and never stops quietly: when no task moves (no step, nothing
+received or committed) for ``stall_timeout_s``, the driver logs who holds the tasks
+in flight and re-sends those nobody holds; if that does not help either, or a role
+has no live actor left, or commits keep failing, it raises :class:`RunAborted` with
+one line, after which the caller commits what is finished.
 """
 
 from __future__ import annotations
@@ -18,12 +24,17 @@ from typing import Callable, Iterator, Protocol
 from ray.exceptions import RayError
 
 from ..store import RecordRow
+from .sink import SinkStats
 from .task import Task
-from .team import Team
+from .team import Team, TeamError
 
-__all__ = ["RunProgress", "StopFlag", "drive"]
+__all__ = ["RunAborted", "RunProgress", "StopFlag", "drive"]
 
 log = logging.getLogger(__name__)
+
+
+class RunAborted(TeamError):
+    """The run cannot go on (stalled, a role or the sink gone, commits failing); one line says why."""
 
 
 class StopFlag(Protocol):
@@ -84,9 +95,13 @@ async def drive(
     on_progress: Callable[[RunProgress], None] | None = None,
     stop: StopFlag | None = None,
     stop_grace_s: float = 0.0,
+    stall_timeout_s: float = 0.0,
 ) -> RunProgress:
     """Run every task to a committed record, or until ``stop`` is set and the tasks in
-    flight are committed or ``stop_grace_s`` has passed (the rest are abandoned)."""
+    flight are committed or ``stop_grace_s`` has passed (the rest are abandoned).
+
+    Raises :class:`RunAborted` (a :class:`TeamError`) when the run cannot go on;
+    ``stall_timeout_s`` = 0 turns the stall check off."""
     inflight: dict[str, Task] = {}  # sent and not yet committed: what recovery re-sends
     active: set[str] = set()  # sent and not yet received by the sink: what backpressure counts
     received_off = committed_off = 0
@@ -97,6 +112,11 @@ async def drive(
     next_health = time.monotonic() + health_interval_s
     stop_started: float | None = None
     grace = stop_grace_s
+    moved_at = time.monotonic()  # last time a task moved: the stall clock
+    steps_seen = -1
+    stall_resent = False  # the stall's first remedy (re-send what nobody holds) was tried
+    commit_error: str | None = None
+    dead_seen = 0
 
     async def resend(lost: list[str]) -> None:
         again, gave_up = [], []
@@ -116,6 +136,30 @@ async def drive(
         await team.dispatch(again, batch_size)
         if gave_up:
             await team.sink.receive.remote(gave_up)
+
+    async def on_stall() -> None:
+        """Say where the tasks in flight are; re-send those nobody holds; then give up."""
+        nonlocal stall_resent, moved_at
+        try:
+            held = await team.held_by()
+        except (asyncio.TimeoutError, RayError) as exc:
+            held = {}
+            log.warning("stall: cannot ask the actors what they hold (%s)", exc.__class__.__name__)
+        where = {name: sum(1 for i in ids if i in inflight) for name, ids in held.items()}
+        holders = ", ".join(f"{name.split('/', 1)[-1]}: {n}" for name, n in sorted(where.items()) if n) or "nobody"
+        all_held = {i for ids in held.values() for i in ids}
+        nobody = [tid for tid in inflight if tid not in all_held] if held else []
+        idle = time.monotonic() - moved_at
+        if stall_resent:
+            raise RunAborted(
+                f"stalled: no task moved for {idle:.0f}s (run.stall_timeout_s={stall_timeout_s:g}); {len(inflight)} in flight held by {holders}; "
+                "committed work is kept, re-run to resume"
+            )
+        log.warning("no task moved for %.0fs: %d in flight held by %s; re-sending %d held by nobody", idle, len(inflight), holders, len(nobody))
+        stall_resent = True
+        moved_at = time.monotonic()
+        if nobody:
+            await resend(nobody)
 
     async def recover() -> bool:
         """Re-send in-flight tasks that no actor holds; False if actors are not back yet."""
@@ -170,6 +214,7 @@ async def drive(
         await asyncio.sleep(max(0.0, last_poll + 0.05 - time.monotonic()))
         last_poll = time.monotonic()
         inc, received, committed, stats = await team.sink.poll.remote(received_off, committed_off, 0.25)
+        stats: SinkStats
         if inc != incarnation:
             if incarnation is not None:  # the sink restarted: its uncommitted rows are gone
                 log.warning("the sink restarted; checking which tasks are committed")
@@ -181,10 +226,20 @@ async def drive(
         for tid in committed:
             inflight.pop(tid, None)
             active.discard(tid)
-        progress.ok, progress.failed = stats["ok"], stats["failed"]
-        progress.failed_by_kind = stats["failed_by_kind"]
-        progress.prompt_tokens, progress.completion_tokens = stats["prompt_tokens"], stats["completion_tokens"]
+        progress.ok, progress.failed = stats.ok, stats.failed
+        progress.failed_by_kind = stats.failed_by_kind
+        progress.prompt_tokens, progress.completion_tokens = stats.prompt_tokens, stats.completion_tokens
         progress.in_flight = len(active)
+        if received or committed:
+            moved_at, stall_resent = time.monotonic(), False
+        if stats.gave_up:
+            raise RunAborted(stats.gave_up)
+        if stats.commit_error != commit_error:
+            commit_error = stats.commit_error
+            if commit_error:
+                log.warning("commits to the store are failing (%s); the sink keeps the rows and retries", commit_error)
+            else:
+                log.warning("commits to the store succeed again")
         if on_progress:
             on_progress(progress)
 
@@ -198,6 +253,13 @@ async def drive(
         if time.monotonic() >= next_health:
             next_health = time.monotonic() + health_interval_s
             restarted, _ = await team.check()
+            if len(team.dead) > dead_seen:  # what the dead held is nowhere now (dispatch may have found them first)
+                dead_seen, need_recovery = len(team.dead), True
+            steps = sum(team.steps.values())
+            if steps != steps_seen or commit_error or not inflight:  # a failing disk has its own limit
+                steps_seen, moved_at, stall_resent = steps, time.monotonic(), False
+            elif stall_timeout_s and not stopping and time.monotonic() - moved_at > stall_timeout_s:
+                await on_stall()
             if restarted:
                 log.warning("actor(s) restarted after a crash: %s", ", ".join(restarted))
                 need_recovery = True

@@ -4,6 +4,11 @@ Agents send finished tasks here as :class:`~matrix_hpc.store.RecordRow` batches;
 the sink buffers them and commits every ``flush_interval_s`` or full chunk. The
 driver learns what is durable by long-polling :meth:`SinkActor.poll`, which is
 one call per poll interval, not per task.
+
+A commit that fails (disk full, EIO, quota) keeps its rows, which still count as
+held by the sink, and is retried with backoff; past ``commit_retry_s`` of failing
+the sink reports ``gave_up`` and the driver stops the run. An id is reported
+committed only after its rows are durable.
 """
 
 from __future__ import annotations
@@ -15,39 +20,92 @@ import socket
 import time
 import uuid
 from collections import Counter
-from typing import Any
+from dataclasses import dataclass, field
 
 import ray
 
 from .. import metrics
-from ..store import RecordRow, StoreWriter
+from ..store import RecordRow, StoreError, StoreWriter
+from ..store.fsutil import LEASE_S
+from ..store.zarr_store import WriterOwner
 from .health import ActorPing
 
 __all__ = ["SinkActor", "SinkStats"]
 
 log = logging.getLogger(__name__)
 
-SinkStats = dict[str, Any]
+_MAX_BACKOFF_S = 5.0
+_TRIM_AT = 4096  # drop ids the driver has read once this many piled up (bounded memory)
+
+
+@dataclass
+class SinkStats:
+    """What the sink has committed in this life, and whether commits are failing."""
+
+    ok: int = 0
+    failed: int = 0
+    failed_by_kind: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    duplicates_refused: int = 0
+    rows: int = 0
+    """Committed rows of the part (all runs)."""
+    commit_error: str | None = None
+    """The last commit's error while commits fail (None once one succeeds)."""
+    commit_failing_s: float = 0.0
+    gave_up: str | None = None
+    """Set when commits failed for longer than ``commit_retry_s``: the run must stop."""
+
+
+class _IdLog:
+    """An append-only list of ids read by one consumer through offsets; the prefix
+    the consumer has read is dropped, so it does not grow with the run."""
+
+    def __init__(self) -> None:
+        self._ids: list[str] = []
+        self._base = 0  # offset of self._ids[0]
+
+    def extend(self, ids: list[str] | object) -> None:
+        self._ids.extend(ids)  # type: ignore[arg-type]
+
+    @property
+    def end(self) -> int:
+        return self._base + len(self._ids)
+
+    def since(self, offset: int) -> list[str]:
+        lo = max(0, offset - self._base)
+        if lo >= _TRIM_AT:  # the consumer has everything before ``offset``
+            del self._ids[:lo]
+            self._base += lo
+            lo = 0
+        return self._ids[lo:]
 
 
 @ray.remote(num_cpus=0, max_restarts=10, max_task_retries=-1)
 class SinkActor:
-    def __init__(self, root: str, chunk_rows: int, flush_interval_s: float, fsync: bool, export_metrics: bool = True) -> None:
+    def __init__(
+        self, root: str, chunk_rows: int, flush_interval_s: float, fsync: bool, export_metrics: bool = True,
+        commit_retry_s: float = 300.0, owner: WriterOwner | None = None,
+    ) -> None:  # fmt: skip
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         metrics.configure(export_metrics)
-        self.writer = StoreWriter(root, part=0, chunk_rows=chunk_rows, fsync=fsync)
+        self.writer = StoreWriter(root, part=0, chunk_rows=chunk_rows, fsync=fsync, owner=owner)
         self.incarnation = uuid.uuid4().hex
         self.flush_interval_s = flush_interval_s
-        self._log: list[str] = []  # ids committed by this incarnation, in order
-        self._received: list[str] = []  # ids accepted (not yet necessarily committed)
-        self._committing: list[RecordRow] = []
+        self.commit_retry_s = commit_retry_s
+        self._log = _IdLog()  # ids committed by this incarnation, in order
+        self._received = _IdLog()  # ids accepted (not yet necessarily committed)
+        self._committing: list[RecordRow] = []  # taken from the writer; kept until durable
+        self._stats = SinkStats(rows=self.writer.rows)
         self._status: Counter[str] = Counter()
         self._failed_kinds: Counter[str] = Counter()
-        self._tokens = [0, 0]
-        self._duplicates = 0
+        self._failing_since: float | None = None
+        self._backoff_s = 0.0
+        self._closed = False
         self._lock: asyncio.Lock | None = None
         self._committed: asyncio.Condition | None = None
         self._flusher: asyncio.Task[None] | None = None
+        self._next_lease = time.monotonic() + LEASE_S / 3
 
     def _ensure_loop(self) -> None:
         if self._flusher is None:
@@ -56,6 +114,8 @@ class SinkActor:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
 
     async def receive(self, rows: list[RecordRow]) -> None:
+        if self._closed:  # the sender keeps the rows: they are not ours to lose
+            raise StoreError(f"{self.writer.dir}: the sink is closed; rows are refused")
         self._ensure_loop()
         refused = self.writer.append(rows)
         refused_set = set(refused)
@@ -64,38 +124,54 @@ class SinkActor:
             # A copy of a task that is already durable (a re-sent task, or one a
             # crashed run committed late): report it as committed so no driver waits
             # on it. Copies of rows still pending are reported when those commit.
-            self._duplicates += len(refused)
+            self._stats.duplicates_refused += len(refused)
             held = set(self.held_ids())
             self._log.extend(i for i in refused if i not in held)
-        if self.writer.pending >= self.writer.chunk_rows:
+        if self.writer.pending >= self.writer.chunk_rows and self._failing_since is None:
             asyncio.get_running_loop().create_task(self._commit())
         assert self._committed is not None
         async with self._committed:
             self._committed.notify_all()
 
     async def _flush_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.flush_interval_s)
-            await self._commit()
+        while not self._closed:
+            await asyncio.sleep(self._backoff_s or self.flush_interval_s)
+            try:
+                await self._commit()
+                if time.monotonic() >= self._next_lease:
+                    self._next_lease = time.monotonic() + LEASE_S / 3
+                    await asyncio.to_thread(self.writer.renew_lease)
+            except Exception:  # this loop is the run's only committer: it must not die
+                log.exception("sink flush loop error (retrying)")
+                self._backoff_s = _MAX_BACKOFF_S
 
     async def _commit(self) -> None:
         assert self._lock is not None and self._committed is not None
         async with self._lock:
-            rows = self.writer.take_pending()
+            # Rows of a failed commit stay at the front, newer ones join them.
+            self._committing = self._committing + self.writer.take_pending()
+            rows = self._committing
             if not rows:
                 return
-            self._committing = rows
             started = time.monotonic()
-            await asyncio.to_thread(self.writer.write, rows)
+            try:
+                await asyncio.to_thread(self.writer.write, rows)
+            except Exception as exc:  # disk full, EIO, quota, a broken mount: keep the rows, retry
+                self._commit_failed(exc, len(rows))
+                return
             self._committing = []
+            if self._failing_since is not None:
+                log.warning("commits succeed again after %.1fs; %d rows committed", time.monotonic() - self._failing_since, len(rows))
+            self._failing_since, self._backoff_s = None, 0.0
+            self._stats.commit_error, self._stats.commit_failing_s = None, 0.0
             finished: Counter[tuple[str, str]] = Counter()
             for r in rows:
                 self._status[r.status] += 1
                 if r.status == "failed":
                     self._failed_kinds[r.error_kind] += 1
                 finished[(r.status, r.error_kind or "")] += 1
-                self._tokens[0] += r.prompt_tokens
-                self._tokens[1] += r.completion_tokens
+                self._stats.prompt_tokens += r.prompt_tokens
+                self._stats.completion_tokens += r.completion_tokens
             self._log.extend(r.id for r in rows)
             took = time.monotonic() - started
             log.debug("committed %d rows in %.3fs", len(rows), took)
@@ -107,35 +183,48 @@ class SinkActor:
         async with self._committed:
             self._committed.notify_all()
 
+    def _commit_failed(self, exc: Exception, n: int) -> None:
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        failing = now - self._failing_since
+        self._backoff_s = min(_MAX_BACKOFF_S, max(self.flush_interval_s, 2 * self._backoff_s))
+        msg = f"{type(exc).__name__}: {exc}"
+        self._stats.commit_error, self._stats.commit_failing_s = msg, failing
+        log.warning("commit of %d rows to %s failed for %.1fs (%s); retrying in %.1fs", n, self.writer.dir, failing, msg, self._backoff_s)
+        if failing > self.commit_retry_s and self._stats.gave_up is None:
+            self._stats.gave_up = f"commits to {self.writer.dir} failed for {failing:.0f}s (output.commit_retry_s={self.commit_retry_s:g}): {msg}"
+            log.error("%s", self._stats.gave_up)
+
     async def poll(self, received_from: int, committed_from: int, wait_s: float = 0.25) -> tuple[str, list[str], list[str], SinkStats]:
         """Ids received and ids committed since the given offsets (waiting up to
         ``wait_s`` for news), and stats. Received frees the driver's in-flight slot;
-        committed ends its responsibility for the task."""
+        committed ends its responsibility for the task. Ids before the offsets are
+        forgotten: the driver has them."""
         self._ensure_loop()
         assert self._committed is not None
-        if len(self._received) <= received_from and len(self._log) <= committed_from:
+        if self._received.end <= received_from and self._log.end <= committed_from:
             async with self._committed:
                 try:
                     await asyncio.wait_for(self._committed.wait(), wait_s)
                 except asyncio.TimeoutError:
                     pass
-        return self.incarnation, self._received[received_from:], self._log[committed_from:], self.stats()
+        return self.incarnation, self._received.since(received_from), self._log.since(committed_from), self.stats()
 
     async def flush(self) -> None:
         """Commit now rather than at the next interval (the run's last tasks are in)."""
         self._ensure_loop()
-        await self._commit()
+        if self._failing_since is None:
+            await self._commit()
 
     def stats(self) -> SinkStats:
-        return {
-            "ok": self._status.get("ok", 0),
-            "failed": self._status.get("failed", 0),
-            "failed_by_kind": dict(self._failed_kinds),
-            "prompt_tokens": self._tokens[0],
-            "completion_tokens": self._tokens[1],
-            "duplicates_refused": self._duplicates,
-            "rows": self.writer.rows,
-        }
+        s = self._stats
+        s.ok, s.failed = self._status.get("ok", 0), self._status.get("failed", 0)
+        s.failed_by_kind = dict(self._failed_kinds)
+        s.rows = self.writer.rows
+        if self._failing_since is not None:
+            s.commit_failing_s = time.monotonic() - self._failing_since
+        return s
 
     def committed(self, ids: list[str]) -> list[str]:
         """Which of ``ids`` are durably in the store (after a sink restart)."""
@@ -143,17 +232,26 @@ class SinkActor:
         return [i for i in ids if i in self.writer.ids and i not in pending]
 
     def ping(self) -> ActorPing:
-        return ActorPing(self.incarnation, os.getpid(), socket.gethostname())
+        return ActorPing(self.incarnation, os.getpid(), socket.gethostname(), progress=self.writer.rows)
 
     def held_ids(self) -> list[str]:
         return [r.id for r in self._committing] + self.writer.pending_ids()
 
-    async def close(self) -> SinkStats:
-        """Commit everything and release the store."""
+    async def close(self, commit: bool = True) -> SinkStats:
+        """Commit everything (unless ``commit`` is False, e.g. the disk is full) and
+        release the store. Rows that arrive later are refused; nothing is written
+        after the lock is released."""
         self._ensure_loop()
-        await self._commit()
-        assert self._flusher is not None
-        self._flusher.cancel()
-        self.writer.close()
+        if commit:
+            await self._commit()
+        assert self._lock is not None
+        async with self._lock:  # no commit is under way while the writer closes
+            self._closed = True
+            assert self._flusher is not None
+            self._flusher.cancel()
+            try:
+                self.writer.close(commit=False)
+            except OSError as exc:
+                log.warning("closing %s: %s", self.writer.dir, exc)
         metrics.flush()  # the metrics thread would miss the last second
         return self.stats()

@@ -157,17 +157,20 @@ def iter_tasks(opts: SourceOptions, done: set[str] | None = None, counts: dict[s
     done = done or set()
     counts = counts if counts is not None else {}
     counts.setdefault("skipped", 0)
-    seen: dict[str, str] = {}
+    # id -> number of its first row ("line 7" keeps 7): an int per row, not a string, as
+    # this map holds every id of the dataset for the whole run.
+    seen: dict[str, int] = {}
     for n, (where, raw) in enumerate(_raw_rows(opts)):
         if opts.limit is not None and n >= opts.limit:
             return
         task = _to_task(opts, where, raw)
+        kind, _, num = where.partition(" ")
         if task.id in seen:
-            first = seen[task.id]
+            first = f"{kind} {seen[task.id]}"
             # Keep the row, under an id of its own, so nothing is silently dropped.
             task = _failed(f"{task.id}#dup@{where.replace(' ', '')}", where, task.row, "bad_input", f"duplicate id {task.id!r} (first at {first})")
         else:
-            seen[task.id] = where
+            seen[task.id] = int(num)
         if task.id in done:
             counts["skipped"] += 1
         else:

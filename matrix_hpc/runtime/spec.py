@@ -78,6 +78,8 @@ class TeamSpec:
     sandbox: PoolConfig | None = None
     metrics: bool = True
     """Export Prometheus metrics (``run.metrics``; see matrix_hpc.metrics)."""
+    agent_placement: str = "spread"
+    """``run.agent_placement``: ``spread`` (a role's instances over the nodes) or ``pack``."""
     loop_lag_warn_s: float = 0.5
     """Warn when an actor's event loop stalls this long (a blocking step); 0 turns it off."""
     journal_dir: str | None = None
@@ -133,6 +135,7 @@ def team_spec(
     return TeamSpec(
         run_id=run_id, namespace=namespace, roles=roles, models=models, batch_size=config.run.batch_size,
         batch_wait_s=config.run.batch_wait_ms / 1000.0, sandbox=config.sandbox, metrics=config.run.metrics,
+        agent_placement=config.run.agent_placement,
         loop_lag_warn_s=config.run.loop_lag_warn_s,
         journal_dir=journal_dir, journal_fsync=config.output.fsync, journal_compact_s=config.run.replay_compact_s,
         log_dir=log_dir,

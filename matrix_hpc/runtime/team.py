@@ -7,10 +7,11 @@ import logging
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
-from ..labels import CPU_NODE, placement
-from .actor import AgentActor, actor_name, load_object, sink_name
+from ..labels import CPU_NODE, on_driver_node, placement
+from ..store.zarr_store import WriterOwner
+from .actor import SINK, AgentActor, actor_name, load_object, sink_name
 from .agent import Agent
 from .health import ActorPing
 from .sink import SinkActor
@@ -26,8 +27,20 @@ class TeamError(RuntimeError):
     """The team cannot be built or cannot go on (e.g. every actor of a role is dead)."""
 
 
+def _role_of(name: str) -> str:
+    return name.split("/")[-2]
+
+
 class Team:
-    def __init__(self, spec: TeamSpec, entry: str, store_path: str, chunk_rows: int, flush_interval_s: float, fsync: bool) -> None:
+    """The sink and the roles' actors. An actor whose restarts are used up is *dead*:
+    it is left out of dispatch, recovery and health checks, and its role's other
+    instances take its work; a role (or the sink) with no live actor left is a
+    :class:`TeamError`."""
+
+    def __init__(
+        self, spec: TeamSpec, entry: str, store_path: str, chunk_rows: int, flush_interval_s: float, fsync: bool,
+        max_restarts: int = 10, commit_retry_s: float = 300.0, owner: WriterOwner | None = None,
+    ) -> None:  # fmt: skip
         for role, rs in spec.roles.items():  # fail here, with the key, not in a remote actor
             try:
                 cls = load_object(rs.agent)
@@ -41,22 +54,35 @@ class Team:
                 raise TeamError(f"workflow.roles.{role}.inline: only roles that call no LLM (uses_llm = False) can run inline")
         self.spec = spec
         self.entry = entry
-        agent_nodes = placement(CPU_NODE)  # agents on CPU nodes when the cluster labels them
-        self.sink = SinkActor.options(name=sink_name(spec.run_id)).remote(store_path, chunk_rows, flush_interval_s, fsync, spec.metrics)
+        # Agents on CPU nodes when the cluster labels them, spread or packed; Ray re-creates a
+        # dead one (on a surviving node) up to max_restarts times. The sink stays with the driver.
+        agent_opts: dict[str, Any] = {"resources": placement(CPU_NODE), "max_restarts": max_restarts}
+        if spec.agent_placement == "spread":
+            agent_opts["scheduling_strategy"] = "SPREAD"
+        self.sink = SinkActor.options(name=sink_name(spec.run_id), max_restarts=max_restarts, **on_driver_node()).remote(
+            store_path, chunk_rows, flush_interval_s, fsync, spec.metrics, commit_retry_s, owner
+        )
         self.actors: dict[str, list[Any]] = {
-            role: [AgentActor.options(name=actor_name(spec.run_id, role, i), resources=agent_nodes).remote(spec, role, i) for i in range(rs.instances)]
+            role: [AgentActor.options(name=actor_name(spec.run_id, role, i), **agent_opts).remote(spec, role, i) for i in range(rs.instances)]
             for role, rs in spec.roles.items()
         }
         self._rr = 0
         self.incarnations: dict[str, str] = {}
         self.pids: dict[str, int] = {}
         self.hosts: dict[str, str] = {}
+        self.steps: dict[str, int] = {}
+        """Steps taken (agents) or rows committed (sink) at the last check: a stall check's clock."""
+        self.dead: set[str] = set()
+        """Actors gone for good (Ray's restarts used up)."""
 
     def _all(self) -> dict[str, Any]:
         named = {sink_name(self.spec.run_id): self.sink}
         for role, handles in self.actors.items():
             named.update({actor_name(self.spec.run_id, role, i): h for i, h in enumerate(handles)})
         return named
+
+    def _live(self) -> dict[str, Any]:
+        return {n: h for n, h in self._all().items() if n not in self.dead}
 
     async def start(self, timeout_s: float = 120.0, setup_timeout_s: float = 600.0) -> None:
         """Wait until every actor answers (surfacing constructor errors), then run every
@@ -79,48 +105,69 @@ class Team:
 
     def _note(self, name: str, reply: ActorPing) -> None:
         self.incarnations[name] = reply.incarnation
-        self.pids[name], self.hosts[name] = reply.pid, reply.host
+        self.pids[name], self.hosts[name], self.steps[name] = reply.pid, reply.host, reply.progress
         for warning in reply.warnings:
             log.warning("%s", warning)
 
+    def _mark_dead(self, name: str) -> None:
+        if name in self.dead:
+            return
+        self.dead.add(name)
+        log.warning("actor %s is gone for good (restarts used up); its role's other instances take its tasks", name)
+        role = _role_of(name)
+        if role == SINK:
+            raise TeamError("the sink is dead (restarts used up); committed work is kept, re-run to resume")
+        if all(actor_name(self.spec.run_id, role, i) in self.dead for i in range(len(self.actors[role]))):
+            raise TeamError(f"role {role!r} has no live instance left (restarts used up); committed work is kept, re-run to resume")
+
     async def close(self, timeout_s: float = 30.0) -> None:
         """Run every agent's ``close()`` (best effort: the run's results are committed)."""
-        agents = [h for handles in self.actors.values() for h in handles]
+        agents = [h for name, h in self._live().items() if h is not self.sink]
         try:
             await asyncio.wait_for(asyncio.gather(*(h.close.remote() for h in agents), return_exceptions=True), timeout_s)
         except asyncio.TimeoutError:
             log.warning("agents' close() did not finish in %.0fs", timeout_s)
 
     async def check(self, timeout_s: float = 5.0) -> tuple[list[str], list[str]]:
-        """(restarted, unreachable) actor names since the last check."""
+        """(restarted, unreachable) actor names since the last check; raises
+        :class:`TeamError` once a role (or the sink) has no live actor left."""
         restarted, unreachable = [], []
-        items = list(self._all().items())
+        items = list(self._live().items())
 
         async def one(handle: Any) -> Any:
             return await asyncio.wait_for(handle.ping.remote(), timeout_s)
 
         replies = await asyncio.gather(*(one(h) for _, h in items), return_exceptions=True)
-        dead_by_role: dict[str, int] = {}
         for (name, _), reply in zip(items, replies):
             if isinstance(reply, BaseException):
                 unreachable.append(name)
-                if isinstance(reply, RayActorError):
-                    role = name.split("/")[-2]
-                    dead_by_role[role] = dead_by_role.get(role, 0) + 1
+                if isinstance(reply, ActorDiedError):
+                    self._mark_dead(name)
                 continue
             if self.incarnations.get(name) != reply.incarnation:
                 restarted.append(name)
             self._note(name, reply)
-        for role, n in dead_by_role.items():
-            total = 1 if role == "__sink__" else len(self.actors[role])
-            if n >= total:
-                raise TeamError(f"every actor of role {role!r} is dead (restarts exhausted); see the Ray logs")
         return restarted, unreachable
+
+    async def held_by(self, timeout_s: float = 10.0) -> dict[str, list[str]]:
+        """Ids each live actor holds (queued, running, in an outbox, or pending commit).
+        An actor found dead for good holds nothing; one that does not answer in time
+        raises (it may be restarting: ask again later)."""
+        items = list(self._live().items())
+        replies = await asyncio.wait_for(asyncio.gather(*(h.held_ids.remote() for _, h in items), return_exceptions=True), timeout_s)
+        out: dict[str, list[str]] = {}
+        for (name, _), reply in zip(items, replies):
+            if isinstance(reply, ActorDiedError):
+                self._mark_dead(name)
+            elif isinstance(reply, BaseException):
+                raise reply
+            else:
+                out[name] = reply
+        return out
 
     async def held_ids(self, timeout_s: float = 10.0) -> set[str]:
         """Ids some actor holds (queued, running, in an outbox, or pending commit)."""
-        lists = await asyncio.wait_for(asyncio.gather(*(h.held_ids.remote() for h in self._all().values())), timeout_s)
-        return {i for ids in lists for i in ids}
+        return {i for ids in (await self.held_by(timeout_s)).values() for i in ids}
 
     async def replay_stats(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
         """Each agent actor's journal counters, after it flushed its journal (actors with replay off are left out)."""
@@ -132,18 +179,41 @@ class Team:
         return [s for s in stats if isinstance(s, dict)]
 
     async def dispatch(self, tasks: list[Task], batch_size: int) -> None:
-        """Send new tasks to the entry role, round-robin in batches; returns once accepted."""
-        handles = self.actors[self.entry]
-        refs = []
-        for lo in range(0, len(tasks), batch_size):
-            refs.append(handles[self._rr % len(handles)].receive.remote(tasks[lo : lo + batch_size]))
-            self._rr += 1
-        if refs:
-            await asyncio.gather(*refs)
+        """Send new tasks to the entry role's live actors, round-robin in batches;
+        returns once accepted. A batch refused by a dead actor goes to another."""
+        pending = [tasks[lo : lo + batch_size] for lo in range(0, len(tasks), batch_size)]
+        while pending:
+            names = [actor_name(self.spec.run_id, self.entry, i) for i in range(len(self.actors[self.entry]))]
+            live = [(n, h) for n, h in zip(names, self.actors[self.entry]) if n not in self.dead]
+            if not live:
+                raise TeamError(f"role {self.entry!r} has no live instance left (restarts used up); committed work is kept, re-run to resume")
+            sent = []
+            for batch in pending:
+                name, handle = live[self._rr % len(live)]
+                self._rr += 1
+                sent.append((name, batch, handle.receive.remote(batch)))
+            replies = await asyncio.gather(*(ref for _, _, ref in sent), return_exceptions=True)
+            pending = []
+            for (name, batch, _), reply in zip(sent, replies):
+                if isinstance(reply, ActorDiedError):
+                    self._mark_dead(name)
+                    pending.append(batch)
+                elif isinstance(reply, BaseException):
+                    raise reply
+
+    def stop_agents(self) -> None:
+        """Kill the agent actors (first, so nothing reaches the sink after it closes)."""
+        for name, handle in self._all().items():
+            if handle is not self.sink:
+                _kill(handle)
 
     def shutdown(self) -> None:
-        for handle in self._all().values():
-            try:
-                ray.kill(handle, no_restart=True)
-            except (RayActorError, GetTimeoutError, ValueError):
-                pass
+        self.stop_agents()
+        _kill(self.sink)
+
+
+def _kill(handle: Any) -> None:
+    try:
+        ray.kill(handle, no_restart=True)
+    except (RayActorError, GetTimeoutError, ValueError):
+        pass

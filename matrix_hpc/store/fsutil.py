@@ -6,10 +6,12 @@ import fcntl
 import json
 import os
 import socket
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["fsync_path", "atomic_write_json", "read_json", "WriterLock", "StoreLockedError"]
+__all__ = ["LEASE_S", "fsync_path", "atomic_write_json", "read_json", "WriterLease", "WriterLock", "StoreLockedError"]
 
 
 class StoreLockedError(RuntimeError):
@@ -29,12 +31,16 @@ def fsync_path(path: str | os.PathLike[str]) -> None:
 def atomic_write_json(path: Path, data: Any, durable: bool = True) -> None:
     """Write JSON so a reader sees the old or the new file, never a torn one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1, sort_keys=True)
-        fh.flush()
-        if durable:
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True)
+            fh.flush()
+            if durable:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not keep a torn temp file
+        raise
     if durable:
         fsync_path(path.parent)
 
@@ -69,6 +75,10 @@ class WriterLock:
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self._fd = fd
 
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
     def release(self) -> None:
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -87,3 +97,54 @@ class WriterLock:
         finally:
             os.close(fd)
         return False
+
+
+LEASE_S = 15.0
+"""How long a writer's lease stays valid without renewal (the sink renews it every LEASE_S / 3)."""
+
+
+@dataclass
+class WriterLease:
+    """Who writes a store part, on which host, until when: a file next to the lock.
+
+    ``flock`` says *that* someone holds the part, but only to processes that share the
+    lock manager (on a cluster's shared file system, maybe not across hosts), and it
+    cannot name the holder's host. The lease does both: the writer (the sink) writes it
+    when it takes the lock, renews it while it lives and marks it released before it
+    lets the lock go, so anyone on any host can tell a live writer from a dead one.
+    """
+
+    host: str
+    pid: int
+    run_id: str
+    driver_host: str
+    driver_pid: int
+    renewed_at: float
+    expires_at: float
+    released: bool = False
+
+    def live(self, now: float | None = None) -> bool:
+        return not self.released and (now if now is not None else time.time()) < self.expires_at
+
+    def describe(self) -> str:
+        return f"sink pid {self.pid} on {self.host}, run {self.run_id}, driver pid {self.driver_pid} on {self.driver_host}"
+
+    @staticmethod
+    def path_for(lock: Path) -> Path:
+        return lock.with_name("writer.lease")
+
+    @classmethod
+    def read(cls, path: Path) -> "WriterLease | None":
+        try:
+            data = read_json(path)
+            return cls(**data) if isinstance(data, dict) else None
+        except (OSError, ValueError, TypeError):  # torn or foreign: treat as no lease
+            return None
+
+    def write(self, path: Path) -> None:
+        atomic_write_json(path, asdict(self), durable=False)
+
+    def renew(self, path: Path, lease_s: float = LEASE_S) -> None:
+        self.renewed_at = time.time()
+        self.expires_at = self.renewed_at + lease_s
+        self.write(path)

@@ -214,8 +214,12 @@ class JournalWriter:
 
     async def flush(self) -> None:
         """Wait until everything queued so far is on disk."""
-        if self._buf:
-            await asyncio.gather(*(fut for _, _, fut in self._buf))
+        queued = [fut for _, _, fut in self._buf]
+        if self._lock is not None:
+            async with self._lock:  # a flush in progress holds it: its batch is on disk after
+                pass
+        if queued:
+            await asyncio.gather(*queued)
 
     async def _flush_loop(self) -> None:
         assert self._wake is not None and self._lock is not None

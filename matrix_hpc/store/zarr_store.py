@@ -7,6 +7,7 @@ Layout of an output folder::
     OUTPUT/part-000/data.zarr      1-D arrays, one element per record
     OUTPUT/part-000/commit.json    {"rows": N}: rows [0, N) are committed
     OUTPUT/part-000/writer.lock    flock held by the part's only writer
+    OUTPUT/part-000/writer.lease   who holds it (host, pid, run), renewed while it lives
 
 Why it is exactly once (see DESIGN.md's zarr facts): each part has one writer
 (the lock); the writer keeps the last, partly filled chunk in memory and always
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -29,9 +32,9 @@ from typing import Any, Iterator
 import numpy as np
 import zarr
 
-from .fsutil import StoreLockedError, WriterLock, atomic_write_json, fsync_path, read_json
+from .fsutil import LEASE_S, StoreLockedError, WriterLease, WriterLock, atomic_write_json, fsync_path, read_json
 
-__all__ = ["RecordRow", "StoreWriter", "StoreReader", "StoreLockedError", "StoreError"]
+__all__ = ["RecordRow", "StoreWriter", "WriterOwner", "StoreReader", "StoreLockedError", "StoreError"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,13 @@ FORMAT_VERSION = 1
 _STR_COLUMNS = ("id", "status", "error_kind", "record")
 _NUM_COLUMNS = {"finished_at": "float64", "prompt_tokens": "int64", "completion_tokens": "int64"}
 _GROW_CHUNKS = 16  # capacity grows 16 chunks at a time: few metadata rewrites
+# The writer rewrites the tail chunk that already holds committed rows: that is safe only
+# if a chunk write is atomic, which zarr's LocalStore does since 3.1.3 (zarr-python #3412).
+MIN_ZARR = (3, 1, 3)
+
+
+def _zarr_version() -> tuple[int, ...]:
+    return tuple(int(p) for p in zarr.__version__.split("+")[0].split(".")[:3] if p.isdigit())
 
 
 class StoreError(RuntimeError):
@@ -89,10 +99,23 @@ def init_store(root: Path, chunk_rows: int) -> dict[str, Any]:
     return meta
 
 
-class StoreWriter:
-    """The single writer of one part. ``append`` buffers, ``commit`` makes it durable."""
+@dataclass(frozen=True)
+class WriterOwner:
+    """The run a writer works for, written into its lease (see :class:`WriterLease`)."""
 
-    def __init__(self, root: str | Path, part: int = 0, chunk_rows: int = 256, fsync: bool = True) -> None:
+    run_id: str = ""
+    driver_host: str = ""
+    driver_pid: int = 0
+
+
+class StoreWriter:
+    """The single writer of one part. ``append`` buffers, ``commit`` makes it durable.
+
+    It writes only while it holds the part's lock: after :meth:`close` every write
+    raises, so a closed writer can never race the next run's writer.
+    """
+
+    def __init__(self, root: str | Path, part: int = 0, chunk_rows: int = 256, fsync: bool = True, owner: WriterOwner | None = None) -> None:
         self.root = Path(root)
         meta = init_store(self.root, chunk_rows)
         self.chunk_rows = int(meta["chunk_rows"])  # an existing store keeps its chunking
@@ -101,13 +124,29 @@ class StoreWriter:
         self.dir.mkdir(exist_ok=True)
         self._lock = WriterLock(self.dir / "writer.lock")
         self._lock.acquire()
+        owner = owner or WriterOwner()
+        now = time.time()
+        self._lease = WriterLease(socket.gethostname(), os.getpid(), owner.run_id, owner.driver_host, owner.driver_pid, now, now + LEASE_S)
+        self.lease_path = WriterLease.path_for(self._lock.path)
         try:
+            self._lease.write(self.lease_path)
             self._open()
         except BaseException:
             self._lock.release()
             raise
 
+    @property
+    def holds_lock(self) -> bool:
+        return self._lock.held
+
+    def renew_lease(self) -> None:
+        """Tell other hosts this writer is alive (call at least every ``LEASE_S / 3``)."""
+        if self._lock.held:
+            self._lease.renew(self.lease_path)
+
     def _open(self) -> None:
+        if _zarr_version() < MIN_ZARR:
+            raise StoreError(f"zarr {zarr.__version__} rewrites chunks in place (not atomically); matrix-hpc needs zarr >= {'.'.join(map(str, MIN_ZARR))}")
         for leftover in self.dir.rglob("*.partial"):  # a killed zarr write
             leftover.unlink(missing_ok=True)
         path = self.dir / "data.zarr"
@@ -121,6 +160,7 @@ class StoreWriter:
             for name, dtype in _NUM_COLUMNS.items():
                 group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
         self._arrays = {name: group[name] for name in (*_STR_COLUMNS, *_NUM_COLUMNS)}
+        self._repair_resize()
         self.rows = int(read_json(self.dir / "commit.json", {"rows": 0})["rows"])
         ids = self._arrays["id"][: self.rows] if self.rows else np.array([], dtype=object)
         self.ids: set[str] = set(map(str, ids))
@@ -131,6 +171,17 @@ class StoreWriter:
         self._tail = self._read_rows(tail_start, self.rows)
         self._pending: list[RecordRow] = []
         log.info("opened %s: %d committed rows", self.dir, self.rows)
+
+    def _repair_resize(self) -> None:
+        """Give every array the same length: a writer killed inside a multi-array
+        resize leaves some longer than others. Rows past ``commit.json`` are not
+        trusted anyway, so growing the short ones is always safe."""
+        shapes = {name: arr.shape[0] for name, arr in self._arrays.items()}
+        cap = max(shapes.values())
+        for name, arr in self._arrays.items():
+            if shapes[name] < cap:
+                log.warning("%s: repairing a torn resize (%s has %d rows of capacity, others %d)", self.dir, name, shapes[name], cap)
+                arr.resize((cap,))
 
     def _read_rows(self, lo: int, hi: int) -> list[RecordRow]:
         if hi <= lo:
@@ -171,15 +222,18 @@ class StoreWriter:
         """Durably commit ``new`` (rows already accepted by :meth:`append`)."""
         if not new:
             return 0
+        if not self._lock.held:
+            raise StoreError(f"{self.dir}: this writer released its lock; it may not write any more")
         rows = self._tail + new
         start = self.rows - len(self._tail)  # chunk-aligned
         end = start + len(rows)
-        capacity = self._arrays["id"].shape[0]
+        capacity = min(arr.shape[0] for arr in self._arrays.values())  # each array: a failed resize may have left some short
         if end > capacity:
             grow = self.chunk_rows * _GROW_CHUNKS
             new_cap = ((end + grow - 1) // grow) * grow
             for arr in self._arrays.values():
-                arr.resize((new_cap,))
+                if arr.shape[0] < end:
+                    arr.resize((new_cap,))
         touched = range(start // self.chunk_rows, (end - 1) // self.chunk_rows + 1)
         for name, arr in self._arrays.items():
             values = [getattr(r, name) for r in rows]
@@ -204,10 +258,21 @@ class StoreWriter:
             if resized:
                 fsync_path(self.dir / "data.zarr" / name / "zarr.json")
 
-    def close(self) -> None:
+    def close(self, commit: bool = True) -> None:
+        """Commit what is pending (unless ``commit`` is False), then give up the part:
+        the lease is marked released *before* the lock goes, so nobody who sees the
+        lock free can see a live lease of this writer."""
+        if not self._lock.held:
+            return
         try:
-            self.commit()
+            if commit:
+                self.commit()
         finally:
+            try:
+                self._lease.released = True
+                self._lease.write(self.lease_path)
+            except OSError as exc:  # a full disk: the lease expires on its own
+                log.warning("cannot mark the lease %s released: %s", self.lease_path, exc)
             self._lock.release()
 
 
@@ -225,12 +290,18 @@ class StoreReader:
         group = zarr.open_group(str(part / "data.zarr"), mode="r")
         return group, rows
 
-    def column(self, name: str) -> list[Any]:
+    def committed(self) -> dict[str, int]:
+        """Committed rows per part (``{"part-000": N}``): a mark to read only newer rows from."""
+        return {p.name: self._part(p)[1] for p in self.parts}
+
+    def column(self, name: str, since: dict[str, int] | None = None) -> list[Any]:
+        """Column ``name`` of committed rows (only rows past ``since``'s marks, if given)."""
         out: list[Any] = []
         for part in self.parts:
             group, rows = self._part(part)
-            if rows:
-                out.extend(group[name][:rows].tolist())
+            lo = (since or {}).get(part.name, 0)
+            if rows > lo:
+                out.extend(group[name][lo:rows].tolist())
         return out
 
     def ids(self) -> set[str]:
@@ -239,26 +310,29 @@ class StoreReader:
     def __len__(self) -> int:
         return sum(self._part(p)[1] for p in self.parts)
 
-    def iter_records(self, chunk: int = 4096) -> Iterator[dict[str, Any]]:
+    def iter_records(self, chunk: int = 4096, since: dict[str, int] | None = None, upto: dict[str, int] | None = None) -> Iterator[dict[str, Any]]:
+        """Committed records, optionally only those between the marks ``since`` and ``upto``."""
         for part in self.parts:
             group, rows = self._part(part)
+            if upto is not None:
+                rows = min(rows, upto.get(part.name, 0))
             arr = group["record"]
-            for lo in range(0, rows, chunk):
+            for lo in range((since or {}).get(part.name, 0), rows, chunk):
                 for text in arr[lo : min(rows, lo + chunk)].tolist():
                     yield json.loads(text)
 
-    def counts(self) -> dict[str, Any]:
-        """done / failed totals, failures by kind, tokens."""
-        statuses = self.column("status")
+    def counts(self, since: dict[str, int] | None = None) -> dict[str, Any]:
+        """done / failed totals, failures by kind, tokens (of rows past ``since``, if given)."""
+        statuses = self.column("status", since)
         status = Counter(statuses)
-        kinds = Counter(k for k, s in zip(self.column("error_kind"), statuses) if s == "failed")
+        kinds = Counter(k for k, s in zip(self.column("error_kind", since), statuses) if s == "failed")
         return {
             "records": sum(status.values()),
             "ok": status.get("ok", 0),
             "failed": status.get("failed", 0),
             "failed_by_kind": dict(kinds.most_common()),
-            "prompt_tokens": int(sum(self.column("prompt_tokens"))),
-            "completion_tokens": int(sum(self.column("completion_tokens"))),
+            "prompt_tokens": int(sum(self.column("prompt_tokens", since))),
+            "completion_tokens": int(sum(self.column("completion_tokens", since))),
         }
 
     def writer_active(self) -> bool:

@@ -92,6 +92,8 @@ class Rendezvous:
             return dict(head, via="file")
         deadline = time.monotonic() + timeout_s
         while not self._head_file.is_file():
+            if self.finished():  # rank 0 failed before publishing: do not wait out the timeout
+                raise RuntimeError(f"rank {self.rank}: rank 0 ended before publishing the head address (see its log)")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"rank {self.rank}: no head address in {self._head_file} after {timeout_s:.0f}s")
             time.sleep(0.2)

@@ -188,7 +188,7 @@ class ChatClient:
                 if self.on_endpoint_error is not None:
                     self.on_endpoint_error(url)
                 continue
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin before Python 3.11
                 last_error = f"timed out after {self.timeout.total}s waiting for {url}"
                 self._error(url, "timeout")
                 attempt += 1

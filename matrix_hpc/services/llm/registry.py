@@ -34,8 +34,12 @@ def registry_name(run_id: str, model: str) -> str:
     return f"{run_id}/__llm__/{model}"
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, max_restarts=-1)
 class EndpointRegistry:
+    """Restarted by Ray if it dies (its replicas die with it, as their owner): the new
+    incarnation starts them again on the first call. Meanwhile agents' clients keep
+    routing to their last known endpoints (see :func:`follow_registry`)."""
+
     def __init__(
         self,
         run_id: str,
@@ -65,13 +69,25 @@ class EndpointRegistry:
         self._changed = asyncio.Event()
         self._wake: dict[str, asyncio.Event] = {}
         self._session: aiohttp.ClientSession | None = None
+        self._started = False
+        self._restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        self._restart_task: asyncio.Task[list[EndpointStatus]] | None = None
+
+    async def _resume(self) -> None:
+        """After a crash and restart by Ray: start supervising again, once; every caller
+        waits for it, so none reads a half-started set of endpoints."""
+        if not self._restarted:
+            return
+        if self._restart_task is None and not self._started:
+            log.warning("registry of model %s restarted after a crash; starting its endpoints again", self.model_key)
+            self._restart_task = asyncio.get_running_loop().create_task(self.start())
+        if self._restart_task is not None:
+            await asyncio.shield(self._restart_task)
 
     async def start(self) -> list[EndpointStatus]:
         """Start every managed replica (in parallel), then supervise all endpoints."""
-        self.replicas = [
-            LLMReplica.options(**replica_options(spec, f"{registry_name(self.run_id, self.model_key)}/{i}", self.namespace)).remote(spec, i)
-            for i, spec in enumerate(self.specs)
-        ]
+        self._started = True
+        await self.place()
         urls = await asyncio.gather(*(r.start.remote() for r in self.replicas))
         self._session = aiohttp.ClientSession(timeout=self.probe_timeout, headers=self._headers)
         # An external endpoint is "up" only once it answered a probe (a managed replica's
@@ -91,6 +107,26 @@ class EndpointRegistry:
         self._bump()
         return await self.status()
 
+    async def place(self, timeout_s: float = 120.0) -> list[str]:
+        """Create the replica actors and wait until Ray has placed each (holding its GPUs); their hosts.
+
+        Separate from :meth:`start` so the driver can place models with bigger replicas first.
+        """
+        if not self.replicas:
+            self.replicas = [
+                LLMReplica.options(**replica_options(spec, f"{registry_name(self.run_id, self.model_key)}/{i}", self.namespace)).remote(spec, i)
+                for i, spec in enumerate(self.specs)
+            ]
+        try:
+            infos = await asyncio.wait_for(asyncio.gather(*(r.info.remote() for r in self.replicas)), timeout_s)
+        except TimeoutError:
+            gpus = self.specs[0].gpus if self.specs else 0
+            raise RuntimeError(
+                f"model {self.model_key}: Ray placed no node for a replica needing {gpus} GPU(s) within {timeout_s:.0f}s "
+                "(too few free GPUs on the GPU nodes?)"
+            ) from None
+        return [i["host"] for i in infos]
+
     def _routable(self) -> list[str]:
         return [s.url for s in self.states.values() if s.state == "up"]
 
@@ -101,15 +137,17 @@ class EndpointRegistry:
 
     async def endpoints(self, known_version: int = -1, wait_s: float = 0.0) -> tuple[int, list[str]]:
         """The routable endpoints; waits up to ``wait_s`` while they are still as in ``known_version``."""
+        await self._resume()
         if known_version == self.version and wait_s > 0:
             try:
                 await asyncio.wait_for(self._changed.wait(), wait_s)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin before Python 3.11
                 pass
         return self.version, self._routable()
 
     async def report_error(self, url: str) -> None:
         """A client could not reach ``url``: probe it now rather than at the next interval."""
+        await self._resume()
         for key, st in self.states.items():
             if st.url == url.rstrip("/"):
                 self._wake[key].set()
@@ -139,7 +177,7 @@ class EndpointRegistry:
                     return f"HTTP {resp.status}"
                 data = await resp.json(content_type=None)
                 return None if data.get("choices") else "no choices in the reply"
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin before Python 3.11
             return f"no reply in {self.probe_timeout.total:.0f}s"
         except (aiohttp.ClientError, ValueError) as exc:
             return f"{type(exc).__name__}: {exc}"
@@ -157,7 +195,7 @@ class EndpointRegistry:
         while True:
             try:
                 await asyncio.wait_for(wake.wait(), self.interval)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin before Python 3.11
                 pass
             wake.clear()
             if st.state == "failed":

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import ray
 
 from ...config import EmbeddedEngineConfig, VLLMConfig
-from ...labels import GPU_NODE, NODE_IP_ENV, placement
+from ...labels import GPU_NODE, node_host, placement
 from .base import LLMServer
 
 __all__ = ["LLMReplica", "ReplicaSpec", "make_server", "replica_options"]
@@ -68,8 +68,12 @@ def make_server(spec: ReplicaSpec, host: str, port: int | None = None) -> LLMSer
 
 
 def replica_options(spec: ReplicaSpec, name: str, namespace: str) -> dict[str, Any]:
-    """Ray actor options: GPUs for the server, pinned to a GPU-labelled node when there is one."""
-    return {"name": name, "namespace": namespace, "num_cpus": 0, "num_gpus": spec.gpus, "resources": placement(GPU_NODE), "max_restarts": -1}
+    """Ray actor options: GPUs for the server, on GPU-labelled nodes when there are some, spread
+    over them (a node's death takes as few replicas as it can); re-created wherever it fits."""
+    return {
+        "name": name, "namespace": namespace, "num_cpus": 0, "num_gpus": spec.gpus, "resources": placement(GPU_NODE),
+        "max_restarts": -1, "scheduling_strategy": "SPREAD",
+    }  # fmt: skip
 
 
 @ray.remote
@@ -86,7 +90,7 @@ class LLMReplica:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.spec = spec
         self.index = index
-        self.host = os.environ.get(NODE_IP_ENV, "127.0.0.1")
+        self.host = node_host()
         self.server: LLMServer | None = None
         self.starts = 0
         self.started_at: float | None = None
@@ -125,6 +129,7 @@ class LLMReplica:
             "alive": await self.alive(),
             "node_ip": self.host,
             "host": socket.gethostname(),
+            "node_id": ray.get_runtime_context().get_node_id(),
             "gpus": self.spec.gpus,
             "gpu_ids": [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])],
             "actor_pid": os.getpid(),

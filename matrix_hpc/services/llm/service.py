@@ -16,6 +16,7 @@ import ray
 from ray.exceptions import RayError
 
 from ...config import ModelConfig
+from ...labels import on_driver_node
 from .base import ServerStartError
 from .registry import EndpointRegistry, registry_name
 from .replica import ReplicaSpec
@@ -54,7 +55,9 @@ class LLMService:
                 validate_vllm_args(m.vllm.extra_args, m.vllm.python or None)  # type: ignore[arg-type]
             except ValueError as exc:
                 raise ServerStartError(f"{key}.vllm.extra_args: {exc}") from None
-        self.registry = EndpointRegistry.options(name=self.registry_name, namespace=namespace, max_concurrency=1000).remote(
+        # On the driver's node: a worker node's death must not take the registry (and with it
+        # the replacement of that node's replicas) along.
+        self.registry = EndpointRegistry.options(name=self.registry_name, namespace=namespace, max_concurrency=1000, **on_driver_node()).remote(
             run_id, namespace, name, replica_specs(name, m, log_dir), list(m.base_urls), m.served_name, m.api_key_env,
             m.health_interval_s, m.health_failures, m.max_restarts, max(m.timeout_s, 10.0),
         )  # fmt: skip
@@ -73,8 +76,26 @@ class LLMServices:
         for name, m in models.items():
             self.services[name] = LLMService(name, m, run_id, namespace, log_dir, (keys or {}).get(name, f"models.{name}"))
 
+    def place(self, timeout_s: float = 120.0) -> None:
+        """Place every managed replica, models with bigger replicas first.
+
+        Ray places an actor on the first node with room, so small replicas created first
+        could split the GPUs of every node and leave none whole for a tensor-parallel one;
+        placing the biggest first (first fit decreasing) avoids that in the common cases.
+        """
+        tiers = sorted({svc.config.replica_gpus for svc in self.services.values() if svc.config.engine != "external"}, reverse=True)
+        for gpus in tiers:
+            refs = {name: svc.registry.place.remote(timeout_s) for name, svc in self.services.items() if svc.config.engine != "external" and svc.config.replica_gpus == gpus}
+            for name, ref in refs.items():
+                try:
+                    hosts = ray.get(ref)
+                except RayError as exc:
+                    raise ServerStartError(f"LLM service of model {name!r} could not be placed: {_cause(exc)}") from None
+                log.info("model %s: %d replica(s) placed on %s", name, len(hosts), ", ".join(hosts))
+
     def start(self) -> dict[str, list[str]]:
-        """Start every model's replicas (all at once) and wait until each generates; URLs per model."""
+        """Place every model's replicas, start them (all at once) and wait until each generates; URLs per model."""
+        self.place()
         refs = {name: svc.registry.start.remote() for name, svc in self.services.items()}
         for name, ref in refs.items():
             try:

@@ -35,6 +35,8 @@ class EndpointStatus:
     node_ip: str | None = None
     host: str | None = None
     """The node the replica runs on (its placement)."""
+    node_id: str | None = None
+    """Ray's id of that node (tells apart nodes that share a host name)."""
     gpus: int | None = None
     """GPUs the replica claimed from Ray."""
     gpu_ids: list[str] | None = None

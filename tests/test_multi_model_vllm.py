@@ -1,0 +1,58 @@
+"""Two vLLM models in one run (the CPU build; the same weights under two served names).
+
+One model's server is SIGKILLed mid-run: only that model's replica restarts, the
+other model's server keeps its process and its calls never fail, and every id is
+written once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+if importlib.util.find_spec("vllm") is None:
+    pytest.skip("vLLM is not installed (make vllm)", allow_module_level=True)
+
+from .conftest import committed_rows, questions, store_records, wait_for
+from .test_multi_model import two_model_collab
+from .test_vllm_server import START_TIMEOUT_S, hf_model  # noqa: F401 (the session fixture)
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+
+def test_two_vllm_models_and_one_killed(hf_model: str, tmp_path: Path, run_factory: Any) -> None:  # noqa: F811
+    rows = questions(16)
+    model = {
+        "engine": "vllm", "health_interval_s": 1.0, "max_retries": 2, "retry_backoff_s": 0.5, "timeout_s": 60.0, "max_tokens": 16,
+        "vllm": {"model": hf_model, "device": "cpu", "startup_timeout_s": START_TIMEOUT_S, "extra_args": ["--max-num-seqs", "8"]},
+    }  # fmt: skip
+    cfg = two_model_collab(tmp_path, rows, {"teacher": model, "student": model})
+    out = tmp_path / "out"
+    run = run_factory(cfg)
+    wait_for(lambda: committed_rows(out) >= 3, 600, "first commits", run)
+    before = {e["model"]: e for e in json.loads((out / "run.json").read_text())["llm"]}
+    assert set(before) == {"teacher", "student"} and before["teacher"]["pid"] != before["student"]["pid"]
+    os.kill(before["teacher"]["pid"], signal.SIGKILL)
+    assert run.wait(900) == 0, run.output[-3000:]
+
+    records = store_records(out)
+    assert sorted(r["id"] for r in records) == sorted(q["id"] for q in rows)  # every id once
+    after = {e["model"]: e for e in json.loads((out / "run.json").read_text())["llm"]}
+    assert after["teacher"]["restarts"] >= 1 and after["teacher"]["state"] == "up" and after["teacher"]["pid"] != before["teacher"]["pid"]
+    assert after["student"]["restarts"] == 0 and after["student"]["pid"] == before["student"]["pid"], after["student"]
+    turns = [t for r in records for t in r["turns"] if t["model"]]
+    assert all(t["endpoint"] == after[t["model"]]["url"] for t in turns if t["endpoint"])  # each model's own server
+    # The student's calls were never hit: no failed student call, and failures (if any) name the teacher.
+    assert not [t for t in turns if t["model"] == "student" and t["error"]]
+    for rec in records:
+        if rec["status"] == "failed":
+            assert rec["error"]["kind"] == "llm_unavailable" and rec["error"]["role"] == "teacher", rec["error"]
+    assert any(t["started_at"] > after["teacher"]["restarted_at"] for t in turns if t["model"] == "teacher" and t["endpoint"])
+    usage = json.loads((out / "run.json").read_text())["usage"]["by_model"]
+    assert usage["student"]["errors"] == 0 and usage["teacher"]["calls"] > 0 and usage["student"]["calls"] > 0

@@ -1,0 +1,250 @@
+"""Failure paths of a run (issue 11): each one recovers or fails loudly, nothing lost.
+
+Every test runs the real ``matrix-hpc run`` on real Ray and real zarr with small
+no-LLM agents (``tests/fault_agents.py``) so that the fault, not an engine, is what
+is under test. Each checks what a user would: one record per input id, the reason
+of each failed record, the exit status and the one line that says why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from .conftest import REPO, committed_rows, store_records, wait_for, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+AGENTS = "tests.fault_agents"
+
+
+@pytest.fixture(autouse=True)
+def _repo_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver and Ray's workers import the test agents from the repository."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+
+
+def relay_config(tmp: Path, n: int, roles: dict[str, Any], entry: str = "a", out: Path | None = None, **overrides: Any) -> Path:
+    """A no-LLM job over ``n`` rows ``t0..t{n-1}`` with the given roles."""
+    data = write_jsonl(tmp / "data.jsonl", [{"id": f"t{i}", "x": i} for i in range(n)])
+    cfg: dict[str, Any] = {
+        "workflow": {"name": "faults", "entry": entry, "roles": roles},
+        "dataset": {"path": str(data)},
+        "llm": {"engine": "external", "base_urls": ["http://127.0.0.1:9/v1"]},  # never called
+        "output": {"path": str(out or tmp / "out"), "flush_interval_s": 0.2, "chunk_rows": 64},
+        "run": {"max_in_flight": 64, "progress": "log", "progress_interval_s": 1.0, "health_interval_s": 0.5, "batch_size": 16},
+    }
+    for key, value in overrides.items():
+        node = cfg
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    path = tmp / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def each_id_once(out: Path, n: int) -> list[dict[str, Any]]:
+    records = store_records(out)
+    counts = Counter(r["id"] for r in records)
+    assert not [i for i, c in counts.items() if c > 1], "duplicate ids in the store"
+    assert set(counts) == {f"t{i}" for i in range(n)}
+    return records
+
+
+def actor_pid(out: Path, suffix: str) -> int:
+    actors = json.loads((out / "run.json").read_text())["actors"]
+    (pid,) = [p for name, p in actors.items() if name.endswith(suffix)]
+    return pid
+
+
+# --- 1. background loops ------------------------------------------------------------
+
+
+def test_unpicklable_task_fails_alone_as_bad_state(tmp_path: Path, run_factory: Any) -> None:
+    n = 60
+    roles = {"a": {"agent": f"{AGENTS}:Unpicklable", "concurrency": 8, "params": {"next": "b", "every": 5}}, "b": {"agent": f"{AGENTS}:Slow", "params": {"sleep_s": 0.01}}}
+    run = run_factory(relay_config(tmp_path, n, roles))
+    assert run.wait(120) == 0, run.output
+    records = each_id_once(tmp_path / "out", n)
+    bad = {r["id"] for r in records if r["status"] == "failed"}
+    assert bad == {f"t{i}" for i in range(0, n, 5)}, bad
+    for r in records:
+        if r["status"] == "failed":
+            assert r["error"]["kind"] == "bad_state" and r["id"] in r["error"]["message"] and "'b'" in r["error"]["message"], r["error"]
+
+
+def test_runtime_error_fails_the_task_and_the_worker_goes_on(tmp_path: Path, run_factory: Any) -> None:
+    n = 20  # ten times the workers: a worker that died with its first task would hang the run
+    roles = {
+        "a": {"agent": f"{AGENTS}:Slow", "concurrency": 2, "params": {"sleep_s": 0.01, "next": "j"}},
+        "j": {"agent": f"{AGENTS}:BrokenInit", "inline": True, "params": {"marker": str(tmp_path / "j-built")}},
+    }
+    run = run_factory(relay_config(tmp_path, n, roles))
+    assert run.wait(120) == 0, run.output
+    records = each_id_once(tmp_path / "out", n)
+    assert {(r["error"]["kind"], r["error"]["role"]) for r in records} == {("runtime_error", "j")}
+    assert "BrokenInit cannot be built" in records[0]["error"]["message"]
+
+
+# --- 2. a role instance gone for good ---------------------------------------------
+
+
+def test_dead_instances_work_goes_to_the_role_peers(tmp_path: Path, run_factory: Any) -> None:
+    n = 600
+    roles = {
+        "a": {"agent": f"{AGENTS}:Slow", "instances": 2, "concurrency": 16, "params": {"sleep_s": 0.05, "next": "b"}},
+        "b": {"agent": f"{AGENTS}:Slow", "instances": 2, "concurrency": 16, "params": {"sleep_s": 0.05}},
+    }
+    out = tmp_path / "out"
+    run = run_factory(relay_config(tmp_path, n, roles, **{"run.max_actor_restarts": 0}))
+    wait_for(lambda: committed_rows(out) >= 64 and "actors" in json.loads((out / "run.json").read_text()), 120, "first commits", run)
+    os.kill(actor_pid(out, "/a/1"), signal.SIGKILL)  # an entry actor: the driver's own dispatch meets it
+    os.kill(actor_pid(out, "/b/1"), signal.SIGKILL)  # a peer actor: the a/0 outbox meets it
+    assert run.wait(180) == 0, run.output
+    assert "gone for good" in run.output, run.output
+    records = each_id_once(out, n)
+    assert all(r["status"] == "ok" for r in records), [r["error"] for r in records if r["error"]][:3]
+    assert max(r["attempt"] for r in records) == 2  # the dead actors' tasks were redone once
+
+
+def test_role_with_no_instance_left_stops_the_run_and_a_rerun_resumes(tmp_path: Path, run_factory: Any) -> None:
+    n = 400
+    roles = {
+        "a": {"agent": f"{AGENTS}:Slow", "concurrency": 16, "params": {"sleep_s": 0.05, "next": "b"}},
+        "b": {"agent": f"{AGENTS}:Slow", "concurrency": 16, "params": {"sleep_s": 0.05}},
+    }
+    out = tmp_path / "out"
+    cfg = relay_config(tmp_path, n, roles, **{"run.max_actor_restarts": 0})
+    run = run_factory(cfg)
+    wait_for(lambda: committed_rows(out) >= 64 and "actors" in json.loads((out / "run.json").read_text()), 120, "first commits", run)
+    os.kill(actor_pid(out, "/b/0"), signal.SIGKILL)
+    assert run.wait(120) == 1, run.output
+    errors = [line for line in run.output.splitlines() if line.startswith("matrix-hpc: error:")]
+    assert len(errors) == 1 and "role 'b' has no live instance left" in errors[0], run.output
+    first = {r["id"]: r["finished_at"] for r in store_records(out)}
+    assert 64 <= len(first) < n
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+
+    rerun = run_factory(cfg)
+    assert rerun.wait(180) == 0, rerun.output
+    records = each_id_once(out, n)
+    assert all(r["finished_at"] == first[r["id"]] for r in records if r["id"] in first)  # nothing redone
+
+
+# --- 3. no silent stall ---------------------------------------------------------
+
+
+def test_stall_is_reported_with_its_holders_then_stops_the_run(tmp_path: Path, run_factory: Any) -> None:
+    n = 30
+    roles = {"a": {"agent": f"{AGENTS}:HangOn", "concurrency": 8, "params": {"hang": ["t3", "t7"]}}}
+    out = tmp_path / "out"
+    cfg = relay_config(tmp_path, n, roles, **{"run.stall_timeout_s": 2.0})
+    run = run_factory(cfg)
+    assert run.wait(90) == 1, run.output
+    assert re.search(r"no task moved for \d+s: 2 in flight held by a/0: 2; re-sending 0 held by nobody", run.output), run.output
+    errors = [line for line in run.output.splitlines() if line.startswith("matrix-hpc: error:")]
+    assert len(errors) == 1 and "stalled: no task moved for" in errors[0] and "run.stall_timeout_s=2" in errors[0], run.output
+    assert {r["id"] for r in store_records(out)} == {f"t{i}" for i in range(n)} - {"t3", "t7"}
+
+    rerun = run_factory(cfg, "workflow.roles.a.params.hang=[]")
+    assert rerun.wait(120) == 0, rerun.output
+    each_id_once(out, n)
+
+
+# --- 4. a commit that fails: a real full disk ----------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Any:
+    """A 4 MiB tmpfs as the output folder: a real ENOSPC (the tests run as root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Take every free byte of ``disk``; returns the filler file (delete it to free the space)."""
+    filler = disk / "filler"
+    with open(filler, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def full_disk_run(tmp_path: Path, disk: Path, run_factory: Any, n: int, **overrides: Any) -> tuple[Any, Path, Path, int]:
+    roles = {"a": {"agent": f"{AGENTS}:Slow", "concurrency": 64, "params": {"sleep_s": 0.1}}}
+    out = disk / "out"
+    cfg = relay_config(tmp_path, n, roles, out=out, **{"run.max_in_flight": 128, **overrides})
+    run = run_factory(cfg)
+    wait_for(lambda: committed_rows(out) >= 200, 120, "first commits", run)
+    filler = fill(disk)
+    wait_for(lambda: "commits to the store are failing" in run.output, 60, "the failing commit to be reported", run)
+    return run, cfg, filler, committed_rows(out)
+
+
+def test_full_disk_waits_and_completes_once_space_is_freed(tmp_path: Path, small_disk: Path, run_factory: Any) -> None:
+    n = 3000
+    run, _, filler, at_fill = full_disk_run(tmp_path, small_disk, run_factory, n)
+    assert "No space left on device" in run.output, run.output
+    time.sleep(3)
+    assert run.proc.poll() is None and committed_rows(small_disk / "out") == at_fill  # waiting, not lost
+    filler.unlink()
+    assert run.wait(180) == 0, run.output
+    assert "commits to the store succeed again" in run.output
+    records = each_id_once(small_disk / "out", n)
+    assert all(r["status"] == "ok" and r["attempt"] == 1 for r in records)  # nothing had to be redone
+
+
+def test_disk_full_past_the_limit_stops_the_run_and_a_rerun_completes(tmp_path: Path, small_disk: Path, run_factory: Any) -> None:
+    n = 3000
+    run, cfg, filler, at_fill = full_disk_run(tmp_path, small_disk, run_factory, n, **{"output.commit_retry_s": 2.0})
+    assert run.wait(120) == 1, run.output
+    errors = [line for line in run.output.splitlines() if line.startswith("matrix-hpc: error:")]
+    assert len(errors) == 1 and "output.commit_retry_s=2" in errors[0] and "No space left on device" in errors[0], run.output
+    out = small_disk / "out"
+    kept = {r["id"]: r["finished_at"] for r in store_records(out)}
+    assert len(kept) == at_fill  # what was committed before the disk filled is all there
+    filler.unlink()
+    rerun = run_factory(cfg)
+    assert rerun.wait(180) == 0, rerun.output
+    records = each_id_once(out, n)
+    assert all(r["finished_at"] == kept[r["id"]] for r in records if r["id"] in kept)
+
+
+# --- 6. requeue first ---------------------------------------------------------------
+
+
+def test_usr2_requeues_before_services_stop_and_summaries_are_read(tmp_path: Path) -> None:
+    """The Slurm entry point on one node; ``scontrol`` is the benchmark's recording
+    script (benchmarks/requeue_latency.py), which notes run.json's status when called."""
+    from benchmarks.requeue_latency import one
+
+    r = one(5000, 2000, tmp_path)
+    assert r["rc"] == 0, r["log"][-3000:]
+    assert r["requeues"] == 1, r["log"][-3000:]
+    assert r["status_at_requeue"] == "running"  # the end-of-run summary (a store read) was not written yet
+    assert re.search(r"requeued job bench5000 \d+\.\d+s after SIGUSR2", r["log"]), r["log"][-3000:]
+    info = json.loads((Path(r["out"]) / "run.json").read_text())
+    assert info["status"] == "interrupted" and info["store"]["records"] == info["summary_upto"]["part-000"] > 5000
