@@ -55,7 +55,7 @@ METRICS: dict[str, MetricDef] = {
     "llm_waiting": MetricDef("gauge", "Calls in one actor waiting for a request slot.", ("role", "model")),
     "llm_replica_restarts": MetricDef("counter", "Managed LLM replica restarts.", ("model", "endpoint")),
     "llm_routing_removals": MetricDef("counter", "Endpoints taken out of routing (failed health checks or errors).", ("model", "endpoint")),
-    "replayed_calls": MetricDef("counter", "LLM/tool calls answered from the turn journal on resume instead of re-run.", ("role", "model")),
+    "replayed_calls": MetricDef("counter", "LLM calls answered from the call journal on resume instead of made again (run.replay).", ("role", "model")),
     # store
     "store_commits": MetricDef("counter", "Commits of the store's writer."),
     "store_rows": MetricDef("counter", "Rows committed."),

@@ -9,7 +9,9 @@ the kill" is an exact count (requests received and not answered) rather than a g
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import subprocess
 import threading
 import time
@@ -28,11 +30,34 @@ from .counting_llm import CountingLLM
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def server() -> Iterator[CountingLLM]:
     s = CountingLLM(delay_s=(0.03, 0.15)).start()
     yield s
     s.stop()
+
+
+ROWS = questions(32)
+
+
+def replay_config(tmp: Path, url: str) -> Path:
+    data = write_jsonl(tmp / "data.jsonl", ROWS)
+    return job_config(
+        tmp, data, **{"llm.engine": "external", "llm.base_urls": [url], "workflow.params.max_turns": 8,
+                      "run.max_in_flight": 8, "run.replay_compact_s": 0.5},
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference(server: CountingLLM, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict[str, list[tuple[str, str]]]]:
+    """The uninterrupted run: (LLM requests it made, its dialogues by id)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    before = server.received
+    res = subprocess.run([str(BIN / "matrix-hpc"), "run", str(replay_config(tmp, server.url))], capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    dialogues_ = dialogues(tmp / "out")
+    assert Counter(len(d) for d in dialogues_.values())[8] >= 12, "dialogues should mostly be long"
+    return server.received - before, dialogues_
 
 
 class PeakSize:
@@ -61,20 +86,12 @@ def llm_calls(records: list[dict[str, Any]]) -> int:
     return sum(1 for r in records for t in r["turns"] if t["endpoint"])
 
 
-def test_driver_sigkill_then_rerun_replays_every_journaled_call(tmp_path: Path, server: CountingLLM, run_factory: Any) -> None:
-    rows = questions(32)
-    data = write_jsonl(tmp_path / "data.jsonl", rows)
-    cfg = job_config(
-        tmp_path, data, **{"llm.engine": "external", "llm.base_urls": [server.url], "workflow.params.max_turns": 8,
-                           "run.max_in_flight": 8, "run.replay_compact_s": 0.5},
-    )  # fmt: skip
-    out, ref_out = tmp_path / "out", tmp_path / "ref"
-
-    ref = run_factory(cfg, f"output.path={ref_out}")  # the uninterrupted run
-    assert ref.wait(300) == 0, ref.output
-    uninterrupted = server.received
-    reference = dialogues(ref_out)
-    assert Counter(len(d) for d in reference.values())[8] >= 12, "dialogues should mostly be long"
+def test_driver_sigkill_then_rerun_replays_every_journaled_call(tmp_path: Path, server: CountingLLM, reference: Any, run_factory: Any) -> None:
+    rows = ROWS
+    cfg = replay_config(tmp_path, server.url)
+    out = tmp_path / "out"
+    uninterrupted, ref_dialogues = reference
+    start = server.received
 
     peak = PeakSize(out / "journal")
     kill_after = random.Random().randint(1, 12)  # a random point, printed on failure
@@ -90,13 +107,13 @@ def test_driver_sigkill_then_rerun_replays_every_journaled_call(tmp_path: Path, 
     wait_for(lambda: not any(pid_alive(p) for p in actors.values()), 120, "the first life's actors to exit")
     in_flight = server.in_flight
     server.thaw()
-    first_life = server.received - uninterrupted
+    first_life = server.received - start
     first = store_records(out)
     journaled = sum(1 for _ in _entries(out / "journal"))
 
     rerun = run_factory(cfg)
     assert rerun.wait(300) == 0, rerun.output
-    both = server.received - uninterrupted
+    both = server.received - start
     redone = both - uninterrupted
     print(f"\nkill after {kill_after} commits: requests uninterrupted {uninterrupted}, both lives {both} ({first_life} + {both - first_life}); "
           f"redone {redone}, in flight at the kill {in_flight}; journal peak {peak.stop()} bytes, {journaled} entries at the kill")  # fmt: skip
@@ -104,7 +121,7 @@ def test_driver_sigkill_then_rerun_replays_every_journaled_call(tmp_path: Path, 
 
     records = store_records(out)
     assert sorted(r["id"] for r in records) == sorted(q["id"] for q in rows)  # every id once
-    assert dialogues(out) == reference, "the resumed records differ from the uninterrupted run"
+    assert dialogues(out) == ref_dialogues, "the resumed records differ from the uninterrupted run"
     replayed = [t for r in records for t in r["turns"] if t["replayed"]]
     # Every call answered in the first life for a task it did not commit is replayed, once.
     assert len(replayed) == first_life - in_flight - llm_calls(first) > 0, (kill_after, len(replayed), first_life, in_flight, llm_calls(first))
@@ -117,6 +134,36 @@ def test_driver_sigkill_then_rerun_replays_every_journaled_call(tmp_path: Path, 
     assert journal_size(out / "journal") == (0, 0), "a finished run left its journal behind"
     history = json.loads((out / "run.json").read_text())["history"]
     assert history[-1]["replayed"] == len(replayed)
+
+
+def test_a_killed_agent_actor_replays_the_calls_of_the_tasks_it_lost(tmp_path: Path, server: CountingLLM, reference: Any, run_factory: Any) -> None:
+    """Within one life: Ray restarts a SIGKILLed actor and the driver re-sends the tasks it
+    held; their earlier turns come from the dead incarnation's journal file (read by the new
+    one) and from the other actor's own file."""
+    cfg = replay_config(tmp_path, server.url)
+    out = tmp_path / "out"
+    uninterrupted, ref_dialogues = reference
+    start = server.received
+    run = run_factory(cfg)
+    kill_after = random.Random().randint(1, 10)
+    wait_for(lambda: committed_rows(out) >= kill_after and "actors" in json.loads((out / "run.json").read_text()), 240, f"{kill_after} commits", run)
+    actors = json.loads((out / "run.json").read_text())["actors"]
+    (teacher,) = [pid for name, pid in actors.items() if name.endswith("/teacher/0")]
+    server.freeze()
+    time.sleep(1.0)
+    os.kill(teacher, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(teacher), 60, "the teacher actor to exit")
+    in_flight = server.in_flight  # the student's held calls are answered after the thaw, not redone
+    server.thaw()
+    assert run.wait(300) == 0, run.output
+    assert "re-sent" in run.output, run.output
+    records = store_records(out)
+    redone = server.received - start - uninterrupted
+    replayed = sum(t["replayed"] for r in records for t in r["turns"])
+    print(f"\nactor kill after {kill_after} commits: redone {redone}, in flight at the kill {in_flight}, replayed {replayed}")
+    assert redone <= in_flight
+    assert dialogues(out) == ref_dialogues
+    assert replayed > 0 and max(r["attempt"] for r in records) == 2
 
 
 def _entries(journal: Path) -> Iterator[Any]:

@@ -272,7 +272,8 @@ def test_preemption_redoes_at_most_the_llm_calls_in_flight(cluster: SlurmCluster
 
     server = CountingLLM(delay_s=(0.3, 0.7), host=cluster.net.host_addr).start()
     try:
-        overrides = {"llm.engine": "external", "llm.base_urls": [server.url], "workflow.params.max_turns": 8, "run.replay": replay}
+        # A 1 s grace (not the 5 s above): dialogues in flight at the USR2 are cut short, not finished.
+        overrides = {"llm.engine": "external", "llm.base_urls": [server.url], "workflow.params.max_turns": 8, "run.replay": replay, "run.stop_grace_s": 1.0}
         cfg, rows = slurm_config(tmp_path, 24, "rep", **overrides)
         out = tmp_path / "rep-out"
         job = sbatch(cluster, cfg)

@@ -45,9 +45,9 @@ def start_ray(cfg: ClusterConfig, namespace: str, python_path: list[str] | None 
     # caller's, so SIGTERM still means "stop intake and save finished work".
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     ctx = ray.init(
-        # "local": always a cluster of our own; with None, ray.init joins any cluster a
-        # `ray start` left on this machine (then refuses our resources and fails).
-        address=cfg.address or "local",
+        # "local": a private cluster even when RAY_ADDRESS is set or another `ray start`
+        # cluster runs on this machine (ray.init would otherwise join that one).
+        address=cfg.address if cfg.address is not None else "local",
         num_cpus=cfg.num_cpus if cfg.address is None else None,
         resources=node_resources({"gpu", "cpu", "head"}) if cfg.address is None else None,
         namespace=namespace,
