@@ -68,12 +68,16 @@ def make_server(spec: ReplicaSpec, host: str, port: int | None = None) -> LLMSer
 
 
 def replica_options(spec: ReplicaSpec, name: str, namespace: str) -> dict[str, Any]:
-    """Ray actor options: GPUs for the server, on GPU-labelled nodes when there are some, spread
-    over them (a node's death takes as few replicas as it can); re-created wherever it fits."""
-    return {
-        "name": name, "namespace": namespace, "num_cpus": 0, "num_gpus": spec.gpus, "resources": placement(GPU_NODE),
-        "max_restarts": -1, "scheduling_strategy": "SPREAD",
+    """Ray actor options: GPUs for the server, on GPU-labelled nodes when there are some;
+    re-created wherever it fits. Replicas that claim no GPU are spread over those nodes (a
+    node's death takes as few as it can); GPU ones are spread by their GPUs, and packing
+    leaves whole nodes free for replicas that need several."""
+    opts: dict[str, Any] = {
+        "name": name, "namespace": namespace, "num_cpus": 0, "num_gpus": spec.gpus, "resources": placement(GPU_NODE), "max_restarts": -1,
     }  # fmt: skip
+    if spec.gpus == 0:
+        opts["scheduling_strategy"] = "SPREAD"
+    return opts
 
 
 @ray.remote
