@@ -433,7 +433,7 @@ def main() -> None:
             for rep in range(args.repeats):  # schedulers take turns: a load change on the machine hits all alike
                 for sched in scheds:
                     row = one_run(sched, args.workflow, conc, n, url, {engine.pid}, model.peak_tokens_per_s)
-                    print(f"  {sched} conc={conc} run {rep + 1}: {row.tokens_per_s:.0f} tok/s, util {row.utilization:.1%}, fill {row.engine_fill:.1%}, load {row.load:.1f}, complete={row.complete}", file=sys.stderr, flush=True)
+                    print(f"  {sched} conc={conc} run {rep + 1}: {row.tokens_per_s:.0f} tok/s, util {row.utilization:.1%}, fill {row.engine_fill:.1%}, load {row.load:.1f}, {row.cpu_ms_per_llm_hop:.3f} CPU ms/LLM hop, complete={row.complete}", file=sys.stderr, flush=True)
                     reps[sched].append(row)
             rows.extend(median_row(r) for r in reps.values())
     finally:
@@ -449,7 +449,7 @@ def main() -> None:
             scale_rows = []
             for n in scale:
                 row = one_run("ours", args.workflow, n, n, url, {engine.pid}, big.peak_tokens_per_s)
-                print(f"  ours scale {n}: {row.tokens_per_s:.0f} tok/s, util {row.utilization:.1%}, fill {row.engine_fill:.1%}, load {row.load:.1f}, complete={row.complete}", file=sys.stderr, flush=True)
+                print(f"  ours scale {n}: {row.tokens_per_s:.0f} tok/s, util {row.utilization:.1%}, fill {row.engine_fill:.1%}, load {row.load:.1f}, {row.cpu_ms_per_llm_hop:.3f} CPU ms/LLM hop, complete={row.complete}", file=sys.stderr, flush=True)
                 scale_rows.append(row)
         finally:
             engine.terminate()

@@ -24,7 +24,7 @@ from .conftest import REPO
 README = (REPO / "README.md").read_text()
 
 TINY: dict[str, list[str]] = {
-    "benchmarks.throughput": ["--concurrency", "4", "--tasks", "8", "--repeats", "1", "--scale", "16"],
+    "benchmarks.throughput": ["--concurrency", "4", "--tasks", "8", "--repeats", "1", "--scale", "16"],  # the scale rows too, at 16 tasks
     "benchmarks.hops": ["--tasks", "200", "--hops", "2", "--in-flight", "50", "--repeats", "1"],
     "benchmarks.sandbox_exec": ["--execs", "8", "--pool-size", "2", "--concurrency", "1", "2", "--repeats", "1"],
     "benchmarks/gpu_vllm.sh": ["--device", "cpu", "--tasks", "4", "--concurrency", "2", "--max-tokens", "8", "--max-turns", "1", "--repeats", "1"],
@@ -63,6 +63,7 @@ def _params() -> list[object]:
     return out
 
 
+@pytest.mark.timeout(1200)  # tiny, but each starts Ray and an engine: minutes on a loaded 2-core machine
 @pytest.mark.parametrize("cmd", _params())
 def test_readme_benchmark_command_runs(cmd: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     key = _key(cmd)

