@@ -12,14 +12,11 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-import pytest
 import yaml
 
 from .slurm_cluster import SlurmCluster
 from .test_slurm_run import _empty_cluster, cluster, pytestmark  # noqa: F401 (fixtures and marks of the Slurm tests)
 from .test_slurm_run import DONE, assert_each_id_once, job_log, sbatch, slurm_config
-
-pytestmark = [*pytestmark, pytest.mark.wip]  # wip: not yet seen passing here (the heavy lock)  # noqa: F811
 
 
 def test_two_models_with_different_gpu_needs_are_placed_where_their_gpus_are(cluster: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811
