@@ -248,3 +248,24 @@ def test_usr2_requeues_before_services_stop_and_summaries_are_read(tmp_path: Pat
     assert re.search(r"requeued job bench5000 \d+\.\d+s after SIGUSR2", r["log"]), r["log"][-3000:]
     info = json.loads((Path(r["out"]) / "run.json").read_text())
     assert info["status"] == "interrupted" and info["store"]["records"] == info["summary_upto"]["part-000"] > 5000
+
+
+def test_writer_restarted_on_a_full_disk_opens_and_commits_once_space_is_freed(small_disk: Path) -> None:
+    """A sink restarted by Ray while the disk is full must not die in its constructor
+    (writing its lease): that killed the whole run in the fault-injection test."""
+    from matrix_hpc.store import RecordRow, StoreReader, StoreWriter
+
+    root = small_disk / "out"
+    w = StoreWriter(root, chunk_rows=4)
+    w.append([RecordRow.from_record({"id": "a", "status": "ok", "result": {}})])
+    w.commit()
+    w.close()
+    (root / "part-000" / "writer.lease").unlink()  # the restarted writer must create it anew
+    filler = fill(small_disk)
+    w = StoreWriter(root, chunk_rows=4)  # raised ENOSPC before the fix
+    filler.unlink()
+    w.renew_lease()
+    w.append([RecordRow.from_record({"id": "b", "status": "ok", "result": {}})])
+    w.commit()
+    w.close()
+    assert StoreReader(root).column("id") == ["a", "b"]

@@ -129,7 +129,11 @@ class StoreWriter:
         self._lease = WriterLease(socket.gethostname(), os.getpid(), owner.run_id, owner.driver_host, owner.driver_pid, now, now + LEASE_S)
         self.lease_path = WriterLease.path_for(self._lock.path)
         try:
-            self._lease.write(self.lease_path)
+            try:
+                self._lease.write(self.lease_path)
+            except OSError as exc:  # a full disk must not stop a (re)started writer: the lock
+                # alone keeps it the only writer here; renew_lease() writes the lease once it can
+                log.warning("cannot write the lease %s yet (%s); the writer renews it when it can", self.lease_path, exc)
             self._open()
         except BaseException:
             self._lock.release()
