@@ -227,10 +227,11 @@ def run_job(
 def _record_abort(root: Path, info: RunInfo, exc: BaseException, stopping: bool = False) -> None:
     """Say how this life ended, so ``status`` does not report a dead run as running.
 
-    A life asked to stop (USR2/TERM on Slurm: its peers' nodes are going away too) that
+    A life asked to stop (USR2/TERM on Slurm: its peers' nodes are going away too, so its
+    team may fall apart: a TeamError) that
     then fails while winding down was interrupted, not failed: its committed rows are
     durable either way, and the next life resumes from them."""
-    ended = "interrupted" if stopping and not isinstance(exc, (KeyboardInterrupt, TeamError)) else "aborted" if isinstance(exc, KeyboardInterrupt) else "failed"
+    ended = "interrupted" if stopping and not isinstance(exc, KeyboardInterrupt) else "aborted" if isinstance(exc, KeyboardInterrupt) else "failed"
     info.life.finished_at, info.life.status = time.time(), ended
     info.status, info.finished_at, info.error = ended, time.time(), f"{type(exc).__name__}: {exc}"[:500]
     _write_run_info(root, info)
