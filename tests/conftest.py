@@ -6,6 +6,7 @@ process-group id (never a broad pkill), Ray's helper processes included.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -48,6 +49,11 @@ def job_config(tmp: Path, dataset: Path, **overrides: Any) -> Path:
     cfg["run"]["max_in_flight"] = 16
     cfg["run"]["progress"] = "log"
     cfg["run"]["progress_interval_s"] = 1.0
+    return write_config(tmp, cfg, overrides)
+
+
+def write_config(tmp: Path, cfg: dict[str, Any], overrides: dict[str, Any]) -> Path:
+    """Apply dotted ``key: value`` overrides to ``cfg`` and write it as ``tmp/job.yaml``."""
     for key, value in overrides.items():
         node = cfg
         parts = key.split(".")
@@ -57,6 +63,33 @@ def job_config(tmp: Path, dataset: Path, **overrides: Any) -> Path:
     path = tmp / "job.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+@contextlib.contextmanager
+def tmpfs(tmp: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` under ``tmp`` (a real ENOSPC when full); root only."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp / "disk"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Take every free byte of ``disk``; returns the filler file (delete it to free the space)."""
+    filler = disk / "filler"
+    with open(filler, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
+    return filler
 
 
 class Run:

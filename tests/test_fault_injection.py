@@ -28,7 +28,7 @@ import psutil
 import pytest
 import yaml
 
-from .conftest import QUESTIONS, REPO, Run, committed_rows, store_records, wait_for, write_jsonl
+from .conftest import QUESTIONS, REPO, Run, committed_rows, fill, store_records, tmpfs, wait_for, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -121,29 +121,10 @@ def actor_pids(run: Run, cls: str) -> list[int]:
     return sorted(out)
 
 
-def fill(disk: Path) -> Path:
-    filler = disk / "filler"
-    with open(filler, "wb") as fh:
-        try:
-            while True:
-                fh.write(b"\0" * (1 << 20))
-                fh.flush()
-        except OSError:
-            pass
-    return filler
-
-
 @pytest.fixture
 def disk(tmp_path: Path) -> Any:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(mnt)], check=True)
-    try:
+    with tmpfs(tmp_path, "256m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_many_sigkills_and_a_full_disk_lose_and_duplicate_nothing(tmp_path: Path, disk: Path) -> None:

@@ -12,16 +12,14 @@ import json
 import os
 import re
 import signal
-import subprocess
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from .conftest import REPO, committed_rows, store_records, wait_for, write_jsonl
+from .conftest import REPO, committed_rows, fill, store_records, tmpfs, wait_for, write_config, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -44,15 +42,7 @@ def relay_config(tmp: Path, n: int, roles: dict[str, Any], entry: str = "a", out
         "output": {"path": str(out or tmp / "out"), "flush_interval_s": 0.2, "chunk_rows": 64},
         "run": {"max_in_flight": 64, "progress": "log", "progress_interval_s": 1.0, "health_interval_s": 0.5, "batch_size": 16},
     }
-    for key, value in overrides.items():
-        node = cfg
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    path = tmp / "job.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_config(tmp, cfg, overrides)
 
 
 def each_id_once(out: Path, n: int) -> list[dict[str, Any]]:
@@ -169,28 +159,8 @@ def test_stall_is_reported_with_its_holders_then_stops_the_run(tmp_path: Path, r
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Any:
     """A 4 MiB tmpfs as the output folder: a real ENOSPC (the tests run as root)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
-    try:
+    with tmpfs(tmp_path, "4m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def fill(disk: Path) -> Path:
-    """Take every free byte of ``disk``; returns the filler file (delete it to free the space)."""
-    filler = disk / "filler"
-    with open(filler, "wb") as fh:
-        try:
-            while True:
-                fh.write(b"\0" * 65536)
-                fh.flush()
-        except OSError:
-            pass
-    return filler
 
 
 def full_disk_run(tmp_path: Path, disk: Path, run_factory: Any, n: int, **overrides: Any) -> tuple[Any, Path, Path, int]:
