@@ -164,3 +164,20 @@ def run_factory(tmp_path: Path) -> Iterator[Any]:
     yield start
     for run in runs:
         run.cleanup()
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The namespaced 3-node test Slurm cluster (tests/slurm_cluster.py), started once for
+    every Slurm test module (a test module may define its own). GraceTime 30 s: a
+    preempted job gets USR2 and this long to save before TERM/KILL."""
+    from .slurm_cluster import TIMES, SlurmCluster
+
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm"), grace_time_s=30, shared=[tmp_path_factory.getbasetemp()])
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
+        if TIMES:
+            print("\nslurm timings (s): " + "; ".join(f"{k}: {', '.join(f'{v:.1f}' for v in vs)}" for k, vs in TIMES.items()))

@@ -62,6 +62,13 @@ from typing import Any
 
 from .netns import TestNet
 
+TIMES: dict[str, list[float]] = {}
+"""Durations the Slurm tests measured (printed when the session's cluster stops)."""
+
+
+def note_time(what: str, seconds: float) -> None:
+    TIMES.setdefault(what, []).append(seconds)
+
 # binary -> the Debian package that ships it
 BINARIES = {
     "munged": "munge",
@@ -319,6 +326,15 @@ class SlurmCluster:
         self._started = False
         atexit.unregister(self.stop)
         self.timings["stop"] = time.monotonic() - t0
+
+    def reset(self, timeout: float = 60) -> None:
+        """Back to an empty, idle cluster for the next test: cancel every job and boot
+        again any node a test killed."""
+        assert self.cancel_all(timeout=timeout), f"jobs still listed {timeout:.0f} s after scancel"
+        for n in self.nodes:
+            if not self._slurmd(n).alive():
+                self.restart_node(n)
+        self.wait_idle(timeout=timeout)
 
     def cancel_all(self, timeout: float = 20) -> bool:
         """scancel every job and wait until squeue is empty; False if some are still listed."""

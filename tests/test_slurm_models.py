@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from .slurm_cluster import SlurmCluster
-from .test_slurm_run import _empty_cluster, cluster, pytestmark  # noqa: F401 (fixtures and marks of the Slurm tests)
+from .test_slurm_run import _empty_cluster, pytestmark  # noqa: F401 (the Slurm tests' reset and marks; `cluster` is conftest's)
 from .test_slurm_run import DONE, assert_each_id_once, job_log, sbatch, slurm_config
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import committed_rows
-from .slurm_cluster import SlurmCluster, missing_binaries, wait_until
+from .slurm_cluster import SlurmCluster, missing_binaries, note_time, wait_until
 from .test_slurm_run import DONE, assert_each_id_once, cluster_info, job_log, sbatch, slurm_config
 
 pytestmark = [
@@ -28,29 +28,11 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="the test Slurm cluster runs slurmd as root"),
 ]
 
-TIMES: dict[str, float] = {}
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    c = SlurmCluster(tmp_path_factory.mktemp("slurm"), grace_time_s=30, shared=[tmp_path_factory.getbasetemp()])
-    c.start()
-    try:
-        yield c
-    finally:
-        c.stop()
-        if TIMES:
-            print("\nnode-failure timings: " + "; ".join(f"{k}: {v:.1f}" for k, v in TIMES.items()))
-
 
 @pytest.fixture(autouse=True)
 def _empty_cluster(cluster: SlurmCluster) -> Iterator[None]:
     yield
-    assert cluster.cancel_all(timeout=60)
-    for n in cluster.nodes:  # a test that killed a node boots it again
-        if not cluster._slurmd(n).alive():
-            cluster.restart_node(n)
-    cluster.wait_idle(timeout=60)
+    cluster.reset()  # a test that killed a node gets it booted again
 
 
 def _commits(out: Path, samples: list[tuple[float, int]]) -> int:
@@ -66,7 +48,7 @@ def test_output_path_seen_by_one_node_stops_at_once_naming_the_node(cluster: Slu
     t0 = time.time()
     job = sbatch(cluster, cfg, "-w", "n1,n2")
     info = cluster.wait_job(job, DONE, 120)
-    TIMES["node-local output.path: sbatch -> job ended"] = time.time() - t0
+    note_time("node-local output.path: sbatch -> job ended", time.time() - t0)
     log = job_log(cfg, job)
     assert info["JobState"] == "FAILED", log[-3000:]
     lines = [line for line in log.splitlines() if line.startswith("matrix-hpc: output.path")]
@@ -111,9 +93,9 @@ def test_worker_node_death_mid_run_completes_every_id_once(cluster: SlurmCluster
     (entry,) = run["history"]
     assert entry["status"] == "finished", entry
     assert all(e["url"].startswith(f"http://{cluster.node_addr['n1']}:") for e in run["llm"] if e["state"] == "up"), run["llm"]
-    TIMES["worker node killed -> commits again"] = flowing - t_kill
-    TIMES["worker node killed: tasks re-sent"] = entry["resent"]
-    TIMES["worker node killed: run total"] = entry["finished_at"] - entry["started_at"]
+    note_time("worker node killed -> commits again", flowing - t_kill)
+    note_time("worker node killed: tasks re-sent", entry["resent"])
+    note_time("worker node killed: run total", entry["finished_at"] - entry["started_at"])
     print(f"\nworker node death: commits again {flowing - t_kill:.1f}s after the kill; {entry['resent']} task(s) re-sent")
 
 
@@ -131,7 +113,7 @@ def test_head_node_death_requeues_and_next_life_completes(cluster: SlurmCluster,
     t_kill = cluster.kill_node(head)
     wait_until(lambda: cluster.job(job).get("Restarts") == "1", 120, "requeue after the head node died", log)
     wait_until(lambda: cluster.state(job) == "RUNNING", 180, "running again", log)
-    TIMES["head node killed -> running again"] = time.time() - t_kill
+    note_time("head node killed -> running again", time.time() - t_kill)
     info = cluster.wait_job(job, DONE, 600)
     assert info["JobState"] == "COMPLETED", log()[-4000:]
     assert head not in info["NodeList"], info  # the second life ran on the nodes left
@@ -139,4 +121,4 @@ def test_head_node_death_requeues_and_next_life_completes(cluster: SlurmCluster,
     history = json.loads((out / "run.json").read_text())["history"]
     assert [h.get("slurm_restart") for h in history] == [0, 1], history
     assert history[-1]["status"] == "finished" and history[-1]["skipped"] >= 4, history
-    TIMES["head node killed: stored before the kill (skipped by life 1)"] = history[-1]["skipped"]
+    note_time("head node killed: stored before the kill (skipped by life 1)", history[-1]["skipped"])

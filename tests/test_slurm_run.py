@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from .conftest import BIN, REPO, committed_rows, questions, store_records, write_jsonl
-from .slurm_cluster import SlurmCluster, missing_binaries, wait_until
+from .slurm_cluster import SlurmCluster, missing_binaries, note_time, wait_until
 
 pytestmark = [
     pytest.mark.slurm,
@@ -30,27 +30,12 @@ pytestmark = [
 ]
 
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
-TIMES: dict[str, list[float]] = {}
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    # GraceTime: a preempted job gets USR2 and this long to save before TERM/KILL.
-    c = SlurmCluster(tmp_path_factory.mktemp("slurm"), grace_time_s=30, shared=[tmp_path_factory.getbasetemp()])
-    c.start()
-    try:
-        yield c
-    finally:
-        c.stop()
-        if TIMES:
-            print("\nslurm timings (s): " + "; ".join(f"{k}: {', '.join(f'{v:.1f}' for v in vs)}" for k, vs in TIMES.items()))
 
 
 @pytest.fixture(autouse=True)
 def _empty_cluster(cluster: SlurmCluster) -> Iterator[None]:
     yield
-    assert cluster.cancel_all(timeout=60)
-    cluster.wait_idle(timeout=60)
+    cluster.reset()
 
 
 def slurm_config(tmp: Path, n: int, name: str = "job", **overrides: Any) -> tuple[Path, list[dict[str, Any]]]:
@@ -118,7 +103,7 @@ def test_sbatch_forms_two_node_ray_cluster_and_completes(cluster: SlurmCluster, 
     run = json.loads((tmp_path / "job-out" / "run.json").read_text())
     (entry,) = run["history"]
     assert entry["slurm_job_id"] == job and entry["dispatched"] == 6
-    TIMES.setdefault("sbatch -> first task", []).append(entry["first_task_at"] - t0)
+    note_time("sbatch -> first task", entry["first_task_at"] - t0)
     status = subprocess.run([str(BIN / "matrix-hpc"), "status", str(tmp_path / "job-out")], env=env_for(cluster), capture_output=True, text=True)
     assert f"slurm:     job {job} (sbatch): COMPLETED" in status.stdout, status.stdout + status.stderr
 
@@ -158,7 +143,7 @@ def test_preempted_and_requeued_runs_resume_without_redoing_work(cluster: SlurmC
         wait_until(lambda: cluster.state(job) == "RUNNING", 180, f"restart {i}", log)
         hist = lambda: json.loads((out / "run.json").read_text()).get("history", [])  # noqa: E731
         wait_until(lambda: len(hist()) == i + 2 and hist()[-1].get("slurm_restart") == i + 1, 120, f"life {i + 1} started", log)
-        TIMES.setdefault(f"{how}: interruption -> running again", []).append(time.time() - t_int)
+        note_time(f"{how}: interruption -> running again", time.time() - t_int)
     info = cluster.wait_job(job, DONE, 600)
     assert info["JobState"] == "COMPLETED", log()[-4000:]
 
@@ -173,7 +158,7 @@ def test_preempted_and_requeued_runs_resume_without_redoing_work(cluster: SlurmC
         if "dispatched" in nxt:  # the source never re-sends a stored id
             assert nxt["dispatched"] <= len(rows) - nxt["skipped"]
         if prev.get("finished_at") and nxt.get("first_task_at"):  # a life SIGKILLed before saving has no first_task_at
-            TIMES.setdefault("resume: previous life saved -> first task", []).append(nxt["first_task_at"] - prev["finished_at"])
+            note_time("resume: previous life saved -> first task", nxt["first_task_at"] - prev["finished_at"])
     # Redone work is bounded by what was in flight at each interruption (max_in_flight = 8):
     redone = sum(h["dispatched"] for h in history if "dispatched" in h) - len(rows)
     assert redone <= 8 * len(interruptions), history

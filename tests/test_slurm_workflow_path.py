@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from .conftest import store_records
 from .slurm_cluster import SlurmCluster, missing_binaries
-from .test_slurm_run import DONE, env_for, job_log, sbatch
+from .test_slurm_run import DONE, _empty_cluster, env_for, job_log, sbatch  # noqa: F401 (the per-test reset)
 from .test_workflow_outside_repo import KINDS, workflow_folder
 
 pytestmark = [
@@ -26,16 +25,6 @@ pytestmark = [
     pytest.mark.skipif(bool(missing_binaries()), reason=f"Slurm not installed (make test installs: {missing_binaries()})"),
     pytest.mark.skipif(os.geteuid() != 0, reason="the test Slurm cluster runs slurmd as root"),
 ]
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    c = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    c.start()
-    try:
-        yield c
-    finally:
-        c.stop()
 
 
 def test_workflow_outside_repo_runs_on_every_node_without_pythonpath(cluster: SlurmCluster, tmp_path: Path) -> None:
