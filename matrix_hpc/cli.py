@@ -170,6 +170,7 @@ def _print_slurm(output: Path) -> None:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from .cluster.slurm import submit
+    from .cluster.slurm.submit import node_results
     from .config import load_config
     from .runtime.loader import check_workflow_code
     from .store.writable import check_output_writable
@@ -182,9 +183,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
     print(f"watch it: matrix-hpc status {output}   (re-submitting the same config resumes the run)")
     if not args.wait:
         return 0
-    codes = job.results()
+    codes = node_results(job)
     print(f"job {job.job_id} ended; exit status per node: {codes}")
-    return max(int(c) for c in codes) if codes else 1
+    lost = [i for i, c in enumerate(codes) if c is None]
+    if lost:
+        print(f"node(s) {', '.join(map(str, lost))} left no exit status (died or killed); node 0 runs the driver: its status is the run's")
+    return codes[0] if codes and codes[0] is not None else 1
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -242,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb = sub.add_parser("submit", help="submit a run to Slurm (submitit; cluster.slurm.* sets the allocation)", description="Submit the workflow as a Slurm job: one Ray cluster over cluster.slurm.nodes nodes; on USR2 (time limit, preemption) it saves its work and requeues itself. Re-submitting resumes.")
     sb.add_argument("config", help="job YAML")
     sb.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. cluster.slurm.nodes=4 cluster.slurm.partition=gpu")
-    sb.add_argument("--wait", action="store_true", help="wait for the job to end (through requeues)")
+    sb.add_argument("--wait", action="store_true", help="wait for the job to end (through requeues); exit with node 0's status, the driver's")
     sb.set_defaults(func=cmd_submit)
 
     cc = sub.add_parser("cancel", help="scancel a run's Slurm jobs (finished work stays in the store)")

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -342,3 +343,28 @@ def test_submitit_two_node_job(cluster: SlurmCluster, tmp_path: Path) -> None:
     assert all(r["num_nodes"] == 2 and r["x"] == 7 and r["python"] == sys.executable for r in results)
     submission = next(tmp_path.glob("*/*_submission.sh")).read_text()
     assert "#SBATCH --signal=USR2@90" in submission and re.search(rf"{re.escape(sys.executable)} -u -m submitit", submission)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("submitit") is None, reason="pip install submitit")
+def test_node_results_of_a_job_that_lost_a_node(cluster: SlurmCluster, tmp_path: Path) -> None:
+    """submitit's ``results()`` raises when one node left no result (as after a node died,
+    with ``--no-kill`` keeping the job alive); ``node_results`` (used by ``submit --wait``)
+    reports that node as None and keeps node 0's status, the run's."""
+    import submitit
+
+    from matrix_hpc.cluster.slurm.submit import node_results
+
+    def rank_1_dies() -> int:
+        if submitit.JobEnvironment().global_rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(3)  # node 0 outlives it, as the driver outlives a dead worker node
+        return 0
+
+    with cluster.activate():
+        executor = submitit.AutoExecutor(folder=tmp_path / "%j")
+        executor.update_parameters(slurm_partition="low", nodes=2, tasks_per_node=1, timeout_min=5, slurm_srun_args=["--no-kill"])
+        job = executor.submit(rank_1_dies)
+        wait_until(job.done, 90, f"submitit job {job.job_id}", cluster.logs)
+        with pytest.raises(submitit.core.utils.UncompletedJobError):
+            job.results()
+        assert node_results(job) == [0, None]

@@ -15,7 +15,7 @@ from ...config import JobConfig, load_config
 from .bootstrap import run_node
 from .jobs import job_dir, record_job
 
-__all__ = ["MatrixJob", "make_executor", "submit"]
+__all__ = ["MatrixJob", "make_executor", "node_results", "submit"]
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +79,21 @@ def submit(config_path: str, overrides: list[str] | None = None, executor: Any =
     job = ex.submit(MatrixJob(config_path, overrides))
     record_job(config, str(job.job_id), "submit")
     return job
+
+
+def node_results(job: Any) -> list[int | None]:
+    """Each node's exit status once ``job`` has ended; None for a node that left none
+    (its node died or it was killed). submitit's ``results()`` raises for such a node even
+    when the run completed (``--no-kill`` keeps the job going without it): node 0 runs the
+    driver, so its status is the run's."""
+    from submitit.core.utils import UncompletedJobError
+
+    job.wait()
+    codes: list[int | None] = []
+    for i in range(job.num_tasks):
+        try:
+            codes.append(int(job.task(i).result()))
+        except UncompletedJobError as exc:
+            log.warning("job %s, node %d left no result: %s", job.job_id, i, str(exc).splitlines()[0])
+            codes.append(None)
+    return codes
