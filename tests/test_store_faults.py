@@ -50,6 +50,26 @@ def test_torn_multi_array_resize_is_repaired_on_open(tmp_path: Path) -> None:
     assert [r["id"] for r in StoreReader(tmp_path).iter_records()] == [f"r{i}" for i in range(cap + 10)]
 
 
+def test_failed_commit_json_write_then_retry_writes_each_row_once(tmp_path: Path) -> None:
+    """The sink retries a commit whose commit.json could not be written (ENOSPC, EIO): the
+    retry must rewrite the same rows at the same place, not append them again."""
+    w = StoreWriter(tmp_path, chunk_rows=4)
+    w.append(rows(0, 3))
+    w.commit()
+    blocker = w.dir / f".commit.json.{os.getpid()}.tmp"
+    blocker.mkdir()  # the temp file cannot be created: commit.json's write fails
+    batch = rows(3, 6)
+    w.append(batch)
+    pending = w.take_pending()
+    with pytest.raises(OSError):
+        w.write(pending)
+    blocker.rmdir()
+    w.write(pending)  # the sink's retry, with the same rows
+    w.close()
+    assert [r["id"] for r in StoreReader(tmp_path).iter_records()] == [f"r{i}" for i in range(6)]
+    StoreWriter(tmp_path, chunk_rows=4).close()  # and the part opens again
+
+
 def _lease(part: Path, host: str, renewed_ago: float, lease_s: float, **kw: object) -> WriterLease:
     now = time.time() - renewed_ago
     lease = WriterLease(host=host, pid=4242, run_id="r1", driver_host=str(kw.get("driver_host", "node-a")), driver_pid=int(kw.get("driver_pid", 77)), renewed_at=now, expires_at=now + lease_s)

@@ -245,8 +245,10 @@ class StoreWriter:
             arr[start:end] = np.array(values, dtype=dtype)
         if self.fsync:
             self._fsync_chunks(touched, resized=end > capacity)
+        # commit.json first: if it cannot be written, rows and tail stay as they were and the
+        # sink's retry rewrites the same chunk-aligned range instead of appending it again.
+        atomic_write_json(self.dir / "commit.json", {"rows": end, "updated_at": time.time()}, self.fsync)
         self.rows = end
-        atomic_write_json(self.dir / "commit.json", {"rows": self.rows, "updated_at": time.time()}, self.fsync)
         self._tail = rows[len(rows) - (end % self.chunk_rows) :] if end % self.chunk_rows else []
         return len(new)
 
