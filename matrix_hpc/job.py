@@ -324,4 +324,9 @@ async def _journal_costs(team: Team) -> dict[str, float]:
 
 
 async def _close_sink(team: Team) -> None:
-    await team.sink.close.remote()
+    from ray.exceptions import ActorDiedError
+
+    try:
+        await team.sink.close.remote()
+    except ActorDiedError:  # gone for good (the run stops saying so): what it committed stays
+        log.warning("the sink is gone; its committed rows are kept, the rest is redone by a re-run")

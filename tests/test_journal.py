@@ -8,7 +8,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from matrix_hpc.store.journal import JournalEntry, JournalIndex, JournalWriter, compact_journal, encode, journal_size, read_entries

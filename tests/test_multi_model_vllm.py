@@ -23,7 +23,7 @@ from .conftest import committed_rows, questions, store_records, wait_for
 from .test_multi_model import two_model_collab
 from .test_vllm_server import START_TIMEOUT_S, hf_model  # noqa: F401 (the session fixture)
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.wip]  # wip: not yet seen passing here (the heavy lock)
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
 def test_two_vllm_models_and_one_killed(hf_model: str, tmp_path: Path, run_factory: Any) -> None:  # noqa: F811
@@ -32,10 +32,15 @@ def test_two_vllm_models_and_one_killed(hf_model: str, tmp_path: Path, run_facto
         "engine": "vllm", "health_interval_s": 1.0, "max_retries": 2, "retry_backoff_s": 0.5, "timeout_s": 60.0, "max_tokens": 16,
         "vllm": {"model": hf_model, "device": "cpu", "startup_timeout_s": START_TIMEOUT_S, "extra_args": ["--max-num-seqs", "8"]},
     }  # fmt: skip
-    cfg = two_model_collab(tmp_path, rows, {"teacher": model, "student": model})
+    # A call waits for a restarting server up to the model's timeout_s (the client's
+    # deadline): the teacher's covers a vLLM start-up on 2 shared cores, so no task fails.
+    teacher = {**model, "timeout_s": START_TIMEOUT_S}
+    # Four tasks in flight at a time: most tasks still need their first (teacher) turn
+    # when the first commit lands and the teacher's server is killed.
+    cfg = two_model_collab(tmp_path, rows, {"teacher": teacher, "student": model}, **{"run.max_in_flight": 4})
     out = tmp_path / "out"
     run = run_factory(cfg)
-    wait_for(lambda: committed_rows(out) >= 3, 600, "first commits", run)
+    wait_for(lambda: committed_rows(out) >= 1, 600, "first commit", run)
     before = {e["model"]: e for e in json.loads((out / "run.json").read_text())["llm"]}
     assert set(before) == {"teacher", "student"} and before["teacher"]["pid"] != before["student"]["pid"]
     os.kill(before["teacher"]["pid"], signal.SIGKILL)
@@ -48,11 +53,9 @@ def test_two_vllm_models_and_one_killed(hf_model: str, tmp_path: Path, run_facto
     assert after["student"]["restarts"] == 0 and after["student"]["pid"] == before["student"]["pid"], after["student"]
     turns = [t for r in records for t in r["turns"] if t["model"]]
     assert all(t["endpoint"] == after[t["model"]]["url"] for t in turns if t["endpoint"])  # each model's own server
-    # The student's calls were never hit: no failed student call, and failures (if any) name the teacher.
-    assert not [t for t in turns if t["model"] == "student" and t["error"]]
-    for rec in records:
-        if rec["status"] == "failed":
-            assert rec["error"]["kind"] == "llm_unavailable" and rec["error"]["role"] == "teacher", rec["error"]
+    # Nothing failed: the teacher's callers waited for its restart, the student's were never hit.
+    assert all(r["status"] == "ok" for r in records), [r["error"] for r in records if r["error"]]
+    assert not [t for t in turns if t["error"]]
     assert any(t["started_at"] > after["teacher"]["restarted_at"] for t in turns if t["model"] == "teacher" and t["endpoint"])
     usage = json.loads((out / "run.json").read_text())["usage"]["by_model"]
     assert usage["student"]["errors"] == 0 and usage["teacher"]["calls"] > 0 and usage["student"]["calls"] > 0

@@ -133,6 +133,23 @@ def test_role_with_no_instance_left_stops_the_run_and_a_rerun_resumes(tmp_path: 
     assert all(r["finished_at"] == first[r["id"]] for r in records if r["id"] in first)  # nothing redone
 
 
+
+def test_sink_gone_for_good_stops_the_run_with_one_line_and_a_rerun_completes(tmp_path: Path, run_factory: Any) -> None:
+    n = 400
+    roles = {"a": {"agent": f"{AGENTS}:Slow", "concurrency": 16, "params": {"sleep_s": 0.05}}}
+    out = tmp_path / "out"
+    cfg = relay_config(tmp_path, n, roles, **{"run.max_actor_restarts": 0})
+    run = run_factory(cfg)
+    wait_for(lambda: committed_rows(out) >= 64 and "actors" in json.loads((out / "run.json").read_text()), 120, "first commits", run)
+    os.kill(actor_pid(out, "/__sink__"), signal.SIGKILL)
+    assert run.wait(120) == 1, run.output
+    errors = [line for line in run.output.splitlines() if line.startswith("matrix-hpc: error:")]
+    assert len(errors) == 1 and "the sink is dead (restarts used up)" in errors[0], run.output
+    assert "Traceback" not in run.output, run.output
+    rerun = run_factory(cfg)
+    assert rerun.wait(180) == 0, rerun.output
+    each_id_once(out, n)
+
 # --- 3. no silent stall ---------------------------------------------------------
 
 
@@ -239,3 +256,75 @@ def test_writer_restarted_on_a_full_disk_opens_and_commits_once_space_is_freed(s
     w.commit()
     w.close()
     assert StoreReader(root).column("id") == ["a", "b"]
+
+
+# --- the sink restarted by Ray mid-run ------------------------------------------------
+
+
+def test_sink_poll_with_offsets_of_an_earlier_incarnation_reports_every_id(tmp_path: Path) -> None:
+    """The driver's first poll after a sink restart still carries the old sink's offsets;
+    the new sink must read them as 0, not trim (and never report) its first ids."""
+    import ray
+
+    from matrix_hpc.runtime.sink import _TRIM_AT, SinkActor
+    from matrix_hpc.store import RecordRow
+
+    def rows(ids: list[str]) -> list[RecordRow]:
+        return [RecordRow(i, "ok", "", json.dumps({"id": i}), 0.0, 1, 2) for i in ids]
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, namespace="sink-poll-test")
+    try:
+        sink = SinkActor.remote(str(tmp_path / "out"), 64, 0.05, False, False)
+        first = [f"a{i}" for i in range(100)]
+        ray.get(sink.receive.remote(rows(first)))
+        ray.get(sink.flush.remote())
+        stale = _TRIM_AT + 500  # the earlier sink's offsets, past the trim threshold
+        inc, received, committed, stats = ray.get(sink.poll.remote("an-earlier-sink", stale, stale, 0.0))
+        assert received == first and committed == first and stats.ok == 100
+        more = ["b0", "b1"]
+        ray.get(sink.receive.remote(rows(more)))
+        ray.get(sink.flush.remote())
+        assert ray.get(sink.poll.remote(inc, len(first), len(first), 0.0))[:3] == (inc, more, more)
+    finally:
+        ray.shutdown()
+
+
+def test_sink_killed_mid_run_keeps_counts_and_bad_rows_stay_bad_input(tmp_path: Path, run_factory: Any) -> None:
+    """SIGKILL the sink twice while thousands of tasks (and bad input rows, which the driver
+    sends straight to the sink) are in flight: every id once, every bad row recorded as
+    ``bad_input`` (not re-run by agents as a task), and the run's counts survive."""
+    import psutil
+
+    n, bad = 6000, 40  # past the sink's id-log trim (4096), so stale offsets would lose ids
+    lines: list[Any] = [{"id": f"t{i}", "x": i} for i in range(n)]
+    for k in range(bad):
+        lines.insert(k * (n // bad) + k, f'{{"id": "bad{k}", broken')
+    roles = {"a": {"agent": f"{AGENTS}:Slow", "concurrency": 512, "params": {"sleep_s": 0.02}}}
+    cfg = relay_config(tmp_path, n, roles, **{"run.max_in_flight": 1024, "run.batch_size": 64, "output.flush_interval_s": 1.0, "output.chunk_rows": 256})
+    write_jsonl(tmp_path / "data.jsonl", lines)
+    out = tmp_path / "out"
+    run = run_factory(cfg)
+
+    def sink_pid() -> int | None:
+        for p in psutil.Process(run.proc.pid).children(recursive=True):
+            try:
+                if any(c.startswith("ray::SinkActor") for c in p.cmdline()):
+                    return p.pid
+            except psutil.Error:
+                continue
+        return None
+
+    for mark in (n // 3, 2 * n // 3):
+        wait_for(lambda: committed_rows(out) >= mark and sink_pid(), 180, f"{mark} rows committed", run)
+        os.kill(sink_pid(), signal.SIGKILL)  # type: ignore[arg-type]
+    assert run.wait(240) == 0, run.output[-3000:]
+    assert run.output.count("the sink restarted") == 2, run.output[-3000:]
+    records = store_records(out)
+    counts = Counter(r["id"] for r in records)
+    assert max(counts.values()) == 1 and len(counts) == n + bad
+    failed = [r for r in records if r["status"] == "failed"]
+    assert len(failed) == bad and all(r["error"]["kind"] == "bad_input" for r in failed), [r["error"] for r in failed][:3]
+    # The progress counts of both earlier sinks are kept (at most the commits between the
+    # driver's last poll and a kill, one flush each, can be missed).
+    committed = json.loads((out / "run.json").read_text())["history"][-1]["committed"]
+    assert n + bad - 2 * 1024 <= committed <= n + bad, committed

@@ -42,4 +42,5 @@ __all__ = [
     "load_config",
     "parse_overrides",
     "resolve_dataset_path",
+    "resolve_sampling",
 ]

@@ -154,8 +154,8 @@ class OutputConfig:
 @dataclass
 class RunConfig:
     max_in_flight: int = 256
-    """Tasks started and not yet committed, across the whole run (backpressure)."""
-    seed: int = 0
+    """Tasks started and not yet handed to the sink, across the whole run (backpressure);
+    while commits fail, no new task starts."""
     max_attempts: int = 3
     """Times a task lost with a dead actor is re-sent before it fails."""
     batch_size: int = 64

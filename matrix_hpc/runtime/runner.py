@@ -3,14 +3,15 @@
 The driver is not in the data path: it sends each new task once (batched) to
 the entry role and then only long-polls the sink. A task the sink has received
 frees its in-flight slot (backpressure at ``max_in_flight``); one it has committed
-leaves the driver's books. Once a second the driver pings the actors; when one came back from a crash, tasks that nobody holds any more are
-re-sent (``attempt`` + 1) or, past ``max_attempts``, recorded as failed.
+leaves the driver's books. Once a second the driver pings the actors; when one came
+back from a crash, tasks that nobody holds any more are re-sent (``attempt`` + 1) or, past ``max_attempts``, recorded as failed.
 
 A run never hangs and never stops quietly: when no task moves (no step, nothing
 received or committed) for ``stall_timeout_s``, the driver logs who holds the tasks
 in flight and re-sends those nobody holds; if that does not help either, or a role
-has no live actor left, or commits keep failing, it raises :class:`RunAborted` with
-one line, after which the caller commits what is finished.
+or the sink has no live actor left, or commits keep failing, it raises a
+:class:`~matrix_hpc.runtime.team.TeamError` (:class:`RunAborted` for what the driver
+itself finds) with one line, after which the caller commits what is finished.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
-from ray.exceptions import RayError
+from ray.exceptions import ActorDiedError, RayError
 
 from ..store import RecordRow
 from .sink import SinkStats
@@ -100,7 +101,7 @@ async def drive(
     """Run every task to a committed record, or until ``stop`` is set and the tasks in
     flight are committed or ``stop_grace_s`` has passed (the rest are abandoned).
 
-    Raises :class:`RunAborted` (a :class:`TeamError`) when the run cannot go on;
+    Raises :class:`TeamError` (:class:`RunAborted` for what the driver finds) when the run cannot go on;
     ``stall_timeout_s`` = 0 turns the stall check off."""
     inflight: dict[str, Task] = {}  # sent and not yet committed: what recovery re-sends
     active: set[str] = set()  # sent and not yet received by the sink: what backpressure counts
@@ -117,12 +118,23 @@ async def drive(
     stall_resent = False  # the stall's first remedy (re-send what nobody holds) was tried
     commit_error: str | None = None
     dead_seen = 0
+    earlier = SinkStats()  # what earlier incarnations of the sink committed in this run
+    seen = SinkStats()  # the current incarnation's last stats
+
+    async def to_sink(call: Any) -> Any:
+        """Await a call to the sink; a sink whose restarts are used up stops the run."""
+        try:
+            return await call
+        except ActorDiedError:
+            raise RunAborted("the sink is dead (restarts used up); committed work is kept, re-run to resume") from None
 
     async def resend(lost: list[str]) -> None:
         again, gave_up = [], []
         for tid in lost:
             old = inflight[tid]
-            if old.attempt >= max_attempts:
+            if old.done:  # a row the source already failed (bad input): its record, not a new task
+                gave_up.append(RecordRow.from_record(old.to_record()))
+            elif old.attempt >= max_attempts:
                 t = Task(id=tid, row=old.row, next_role=None, attempt=old.attempt)
                 t.fail("lost", f"task {tid} was lost with a crashed actor {old.attempt} times", role="runner")
                 gave_up.append(RecordRow.from_record(t.to_record()))
@@ -132,10 +144,10 @@ async def drive(
                 active.add(tid)
         progress.resent += len(again)
         if again or gave_up:
-            log.warning("re-sending %d lost task(s); %d failed after %d attempts", len(again), len(gave_up), max_attempts)
+            log.warning("re-sending %d lost task(s); recording %d as failed (bad input, or lost %d times)", len(again), len(gave_up), max_attempts)
         await team.dispatch(again, batch_size)
         if gave_up:
-            await team.sink.receive.remote(gave_up)
+            await to_sink(team.sink.receive.remote(gave_up))
 
     async def on_stall() -> None:
         """Say where the tasks in flight are; re-send those nobody holds; then give up."""
@@ -167,7 +179,7 @@ async def drive(
             held = await team.held_ids()
             await asyncio.sleep(0.2)  # a second look covers tasks caught in a hand-over
             held |= await team.held_ids()
-            committed = set(await team.sink.committed.remote(list(inflight)))
+            committed = set(await to_sink(team.sink.committed.remote(list(inflight))))
         except (asyncio.TimeoutError, RayError) as exc:  # an actor still restarting
             log.info("recovery postponed: %s", exc.__class__.__name__)
             return False
@@ -190,7 +202,8 @@ async def drive(
         # Intake, bounded by max_in_flight; already-failed rows go straight to the sink.
         new_tasks: list[Task] = []
         prefailed: list[RecordRow] = []
-        while not exhausted and not stopping and len(active) < max_in_flight:
+        # While commits fail, the sink holds every received row: take no more in.
+        while not exhausted and not stopping and not commit_error and len(active) < max_in_flight:
             try:
                 task = next(tasks)
             except StopIteration:
@@ -207,19 +220,21 @@ async def drive(
             if progress.first_dispatch_at is None:
                 progress.first_dispatch_at = time.time()
         if prefailed:
-            await team.sink.receive.remote(prefailed)
+            await to_sink(team.sink.receive.remote(prefailed))
         await team.dispatch(new_tasks, batch_size)
 
         # At most 20 polls a second: each is a Ray call, and news comes in batches anyway.
         await asyncio.sleep(max(0.0, last_poll + 0.05 - time.monotonic()))
         last_poll = time.monotonic()
-        inc, received, committed, stats = await team.sink.poll.remote(received_off, committed_off, 0.25)
-        stats: SinkStats
+        inc, received, committed, now = await to_sink(team.sink.poll.remote(incarnation, received_off, committed_off, 0.25))
         if inc != incarnation:
             if incarnation is not None:  # the sink restarted: its uncommitted rows are gone
                 log.warning("the sink restarted; checking which tasks are committed")
                 need_recovery = True
+                earlier = earlier.plus(seen)  # the new one counts from 0 again
             incarnation, received_off, committed_off = inc, 0, 0
+        seen = now
+        stats = earlier.plus(now)
         received_off += len(received)
         committed_off += len(committed)
         active.difference_update(received)
@@ -244,7 +259,7 @@ async def drive(
             on_progress(progress)
 
         if (exhausted or stopping) and inflight and not active:
-            await team.sink.flush.remote()  # the last tasks are in: no need to wait for the timer
+            await to_sink(team.sink.flush.remote())  # the last tasks are in: no need to wait for the timer
         if (exhausted and not inflight) or (stopping and (not inflight or time.monotonic() >= stop_started + grace)):  # type: ignore[operator]
             progress.finished = exhausted and not inflight
             progress.interrupted = stopping and not progress.finished

@@ -20,7 +20,7 @@ import socket
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import ray
 
@@ -55,6 +55,16 @@ class SinkStats:
     commit_failing_s: float = 0.0
     gave_up: str | None = None
     """Set when commits failed for longer than ``commit_retry_s``: the run must stop."""
+
+    def plus(self, other: SinkStats) -> SinkStats:
+        """The counts of both (e.g. an earlier incarnation's and this one's); the rest from ``other``."""
+        kinds = Counter(self.failed_by_kind)
+        kinds.update(other.failed_by_kind)
+        return replace(
+            other, ok=self.ok + other.ok, failed=self.failed + other.failed, failed_by_kind=dict(kinds),
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens, completion_tokens=self.completion_tokens + other.completion_tokens,
+            duplicates_refused=self.duplicates_refused + other.duplicates_refused,
+        )  # fmt: skip
 
 
 class _IdLog:
@@ -196,13 +206,18 @@ class SinkActor:
             self._stats.gave_up = f"commits to {self.writer.dir} failed for {failing:.0f}s (output.commit_retry_s={self.commit_retry_s:g}): {msg}"
             log.error("%s", self._stats.gave_up)
 
-    async def poll(self, received_from: int, committed_from: int, wait_s: float = 0.25) -> tuple[str, list[str], list[str], SinkStats]:
+    async def poll(
+        self, known_incarnation: str | None, received_from: int, committed_from: int, wait_s: float = 0.25
+    ) -> tuple[str, list[str], list[str], SinkStats]:
         """Ids received and ids committed since the given offsets (waiting up to
         ``wait_s`` for news), and stats. Received frees the driver's in-flight slot;
         committed ends its responsibility for the task. Ids before the offsets are
-        forgotten: the driver has them."""
+        forgotten: the driver has them. Offsets count in ``known_incarnation``; a
+        driver that last saw an earlier sink (this one restarted) reads from 0."""
         self._ensure_loop()
         assert self._committed is not None
+        if known_incarnation != self.incarnation:  # stale offsets would trim ids never reported
+            received_from = committed_from = 0
         if self._received.end <= received_from and self._log.end <= committed_from:
             async with self._committed:
                 try:

@@ -11,7 +11,7 @@ from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
 from ..labels import CPU_NODE, on_driver_node, placement
 from ..store.zarr_store import WriterOwner
-from .actor import SINK, AgentActor, actor_name, load_object, sink_name
+from .actor import AgentActor, actor_name, load_object, sink_name
 from .agent import Agent
 from .health import ActorPing
 from .sink import SinkActor
@@ -92,6 +92,8 @@ class Team:
             replies = await asyncio.wait_for(asyncio.gather(*(h.ping.remote() for h in self._all().values())), timeout_s)
         except RayActorError as exc:
             raise TeamError(f"an actor failed to start: {exc}") from None
+        except asyncio.TimeoutError:
+            raise TeamError(f"the run's actors did not all answer within {timeout_s:.0f}s of their start (too few CPUs for them?)") from None
         for name, reply in zip(names, replies):
             self._note(name, reply)
         agents = [h for handles in self.actors.values() for h in handles]
@@ -114,9 +116,9 @@ class Team:
             return
         self.dead.add(name)
         log.warning("actor %s is gone for good (restarts used up); its role's other instances take its tasks", name)
-        role = _role_of(name)
-        if role == SINK:
+        if name == sink_name(self.spec.run_id):
             raise TeamError("the sink is dead (restarts used up); committed work is kept, re-run to resume")
+        role = _role_of(name)
         if all(actor_name(self.spec.run_id, role, i) in self.dead for i in range(len(self.actors[role]))):
             raise TeamError(f"role {role!r} has no live instance left (restarts used up); committed work is kept, re-run to resume")
 

@@ -9,8 +9,9 @@
   address (MPI broadcast under MPI, else a file in the job directory), waits for
   every node, then drives the run itself;
 * every other rank joins the head and serves until rank 0 says the run is over;
-* SIGUSR2 (time limit near, or preemption) or SIGTERM on rank 0: stop intake, let
-  tasks in flight finish for ``run.stop_grace_s``, commit, and requeue the job at
+* SIGUSR2 (time limit near, or preemption) on rank 0: stop intake, let tasks in
+  flight finish for ``run.stop_grace_s`` (SIGTERM: abandon them at once, the KILL
+  follows within KillWait), commit, and requeue the job at
   once, before any slow work (service shutdown, status calls, summaries), since the
   KILL is near; the requeued job resumes from the store. Each node stops only its
   own Ray, by process group, and removes its Ray temp dir (``/tmp/mhpc-<job>.<restart>``,
