@@ -65,3 +65,24 @@ class Slow(Agent):
             task.next_role = nxt
         else:
             task.finish({"hops": task.hops})
+
+
+class SlowSetup(Agent):
+    """Finishes tasks; its ``setup()`` takes a while (as opening a client would). Each
+    build and each close appends ``setup|close PID OBJECT-ID`` to the file ``log``."""
+
+    uses_llm = False
+
+    def _note(self, what: str) -> None:
+        with open(self.params["log"], "a") as fh:
+            fh.write(f"{what} {os.getpid()} {id(self)}\n")
+
+    async def setup(self) -> None:
+        await asyncio.sleep(0.3)
+        self._note("setup")
+
+    async def close(self) -> None:
+        self._note("close")
+
+    async def step(self, task: Task) -> None:
+        task.finish({"ok": True})

@@ -150,6 +150,24 @@ def test_sink_gone_for_good_stops_the_run_with_one_line_and_a_rerun_completes(tm
     assert rerun.wait(180) == 0, rerun.output
     each_id_once(out, n)
 
+
+def test_inline_agent_is_built_once_per_actor_and_closed_once(tmp_path: Path, run_factory: Any) -> None:
+    """Sixteen workers meet an inline role at once while its setup() is still running:
+    one agent per actor is built, set up and closed, not one per worker."""
+    n, log = 200, tmp_path / "agents.log"
+    roles = {
+        "a": {"agent": f"{AGENTS}:Slow", "instances": 2, "concurrency": 16, "params": {"sleep_s": 0.0, "next": "b"}},
+        "b": {"agent": f"{AGENTS}:SlowSetup", "inline": True, "params": {"log": str(log)}},
+    }
+    run = run_factory(relay_config(tmp_path, n, roles))
+    assert run.wait(120) == 0, run.output
+    records = each_id_once(tmp_path / "out", n)
+    assert all(r["status"] == "ok" for r in records), [r["error"] for r in records if r["error"]][:3]
+    lines = [line.split() for line in log.read_text().splitlines()]
+    setups = Counter(pid for what, pid, _ in lines if what == "setup")
+    assert set(setups.values()) == {1} and len(setups) == 3, lines  # b's own actor and each a actor's inline b
+    assert sorted((pid, obj) for what, pid, obj in lines if what == "close") == sorted((pid, obj) for what, pid, obj in lines if what == "setup"), lines
+
 # --- 3. no silent stall ---------------------------------------------------------
 
 

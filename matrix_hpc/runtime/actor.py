@@ -88,7 +88,9 @@ class AgentActor:
             self._replay = Replay(team.journal_dir, name, fsync=team.journal_fsync)
         self._queue: asyncio.Queue[Task] | None = None
         self.agent: Agent = self._make_agent(role)
-        self._inline: dict[str, Agent] = {}  # agents of inline roles, built on first use
+        # Agents of inline roles, built (and set up) once on first use, however many workers ask at once.
+        self._inline: dict[str, asyncio.Future[Agent]] = {}
+        self._registries: dict[str, Any] = {}  # handles survive the registry's restarts
         self.concurrency = spec.concurrency
         self._handles: dict[str, list[Any]] = {}
         self._running: dict[str, Task] = {}
@@ -133,12 +135,16 @@ class AgentActor:
         return self._clients[cs.name]
 
     def _registry(self, cs: ClientSpec) -> Any | None:
+        """The model's registry handle, looked up once: a lookup is a blocking GCS call, and
+        endpoint errors come by the thousand when a replica dies under load."""
         if cs.registry is None:
             return None
-        try:
-            return ray.get_actor(cs.registry, namespace=self.team.namespace)
-        except ValueError:
-            return None
+        if cs.registry not in self._registries:
+            try:
+                self._registries[cs.registry] = ray.get_actor(cs.registry, namespace=self.team.namespace)
+            except ValueError:
+                return None
+        return self._registries[cs.registry]
 
     def _report_endpoint_error(self, cs: ClientSpec, url: str) -> None:
         registry = self._registry(cs)
@@ -220,9 +226,8 @@ class AgentActor:
         """Stop taking steps and run every agent's ``close()`` (the run is over)."""
         for t in self._loops:
             t.cancel()
-        for role, agent in [(self.role, self.agent), *self._inline.items()]:
-            if agent is self.agent and role != self.role:
-                continue
+        built = [(r, f.result()) for r, f in self._inline.items() if f.done() and not f.cancelled() and f.exception() is None]
+        for role, agent in [(self.role, self.agent), *((r, a) for r, a in built if a is not self.agent)]:
             try:
                 await agent.close()
             except Exception:  # user code; the run's results are already committed
@@ -268,8 +273,8 @@ class AgentActor:
                 while not task.done and self.team.roles[task.next_role].inline:  # type: ignore[index]
                     role = task.next_role  # type: ignore[assignment]
                     if role not in self._inline:
-                        self._inline[role] = await self._inline_agent(role)
-                    await self._step(task, self._inline[role], role)
+                        self._inline[role] = asyncio.ensure_future(self._inline_agent(role))
+                    await self._step(task, await asyncio.shield(self._inline[role]), role)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the runtime's own path failed (run_step catches agent code): one task fails, the worker lives
