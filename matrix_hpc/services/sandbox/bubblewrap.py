@@ -224,8 +224,14 @@ class BubblewrapSandbox(Sandbox):
 
 
 def _in_pid_namespace(pid: int, ns: int) -> bool:
-    """``pid`` is a live (not zombie) process in PID namespace ``ns`` (not a reused PID)."""
+    """``pid`` is a live (not zombie) process in PID namespace ``ns`` (not a reused PID).
+
+    A namespace's init turns zombie only after every other process in it is gone."""
     try:
-        return os.readlink(f"/proc/{pid}/ns/pid") == f"pid:[{ns}]"
-    except OSError:  # gone, a zombie, or another user's process that reused the PID
+        if os.readlink(f"/proc/{pid}/ns/pid") != f"pid:[{ns}]":
+            return False
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            state = fh.read().rpartition(b")")[2].split()[0]
+    except (OSError, IndexError):  # gone, or another user's process that reused the PID
         return False
+    return state not in (b"Z", b"X")
