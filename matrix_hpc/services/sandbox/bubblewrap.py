@@ -158,6 +158,7 @@ def _check_traversable(path: Path, uid: int) -> None:
             )
 
 
+_GRACE_S = 1.0
 _KILL_WAIT_S = 5.0
 
 
@@ -204,9 +205,15 @@ class BubblewrapSandbox(Sandbox):
 
     def _end_survivors(self) -> str | None:
         """Kill the init (and so the whole PID namespace) of any exec still running; None once none is."""
-        left = [(pid, ns) for pid, ns in self.execs if _in_pid_namespace(pid, ns)]
+        # bwrap returns the payload's status as soon as it exits; its namespace's init ends a
+        # moment later (its parent gone, --die-with-parent), taking the rest along: allow that.
+        left = _alive(self.execs)
+        deadline = time.monotonic() + _GRACE_S
+        while left and time.monotonic() < deadline:
+            time.sleep(0.005)
+            left = _alive(left)
         for pid, _ in left:  # never happens unless a runtime tie broke: say so
-            log.warning("%s: an exec's sandbox (pid %d) outlived it; killing it", self.name, pid)
+            log.warning("%s: an exec's sandbox (pid %d) outlived it by %gs; killing it", self.name, pid, _GRACE_S)
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
@@ -214,13 +221,17 @@ class BubblewrapSandbox(Sandbox):
         deadline = time.monotonic() + _KILL_WAIT_S
         while left and time.monotonic() < deadline:
             time.sleep(0.05)
-            left = [(pid, ns) for pid, ns in left if _in_pid_namespace(pid, ns)]
+            left = _alive(left)
         self.execs = left
         return ", ".join(f"pid {pid}" for pid, _ in left) or None
 
     async def stop(self) -> None:
         await asyncio.to_thread(self._end_survivors)
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _alive(execs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    return [(pid, ns) for pid, ns in execs if _in_pid_namespace(pid, ns)]
 
 
 def _in_pid_namespace(pid: int, ns: int) -> bool:
