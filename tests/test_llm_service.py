@@ -122,3 +122,25 @@ def test_external_endpoint_down_leaves_routing_and_key_is_never_saved(tmp_path: 
     assert states == {engine.base_url: "up", dead: "down"}, states
     leaked = [p for p in out.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert not leaked and "TEST_LLM_KEY" in (out / "run.json").read_text()
+
+
+def test_busy_replica_whose_probes_time_out_is_not_restarted(tmp_path: Path, run_factory: Any) -> None:
+    # One slot and 16 tasks in flight: every probe queues behind a dozen real generations and
+    # times out (1 s) while requests keep completing. Busy, not dead: no restart, no removal.
+    rows = questions(40)
+    cfg = job_config(
+        tmp_path, write_jsonl(tmp_path / "data.jsonl", rows),
+        **{"llm.embedded.n_parallel": 1, "llm.embedded.threads": 1, "llm.max_tokens": 8, "llm.timeout_s": 120.0,
+           "llm.health_interval_s": 0.5, "llm.health_timeout_s": 1.0, "llm.health_failures": 2},
+    )  # fmt: skip
+    out = tmp_path / "out"
+    run = run_factory(cfg)
+    assert run.wait(600) == 0, run.output
+    records = store_records(out)
+    assert sorted(r["id"] for r in records) == sorted(q["id"] for q in rows)
+    assert all(r["status"] == "ok" for r in records), [r["error"] for r in records if r["error"]]
+    (endpoint,) = _run_info(out)["llm"]
+    assert endpoint["restarts"] == 0 and endpoint["starts"] == 1 and endpoint["state"] == "up", endpoint
+    assert endpoint["slow_probes"] >= 2, endpoint  # the probes did time out behind the queue
+    assert endpoint["completed"] >= len(rows), endpoint
+    assert "was restarted" not in run.output

@@ -13,6 +13,7 @@ import asyncio
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 import time
 import uuid
@@ -25,7 +26,7 @@ import pytest
 from matrix_hpc.services.sandbox import RuntimeNotInstalled, Sandbox, SandboxConfigError, SandboxLimits, pool_config
 from matrix_hpc.services.sandbox.apptainer import ApptainerOptions, ApptainerRuntime
 from matrix_hpc.services.sandbox.base import SandboxRuntime
-from matrix_hpc.services.sandbox.bubblewrap import BubblewrapRuntime
+from matrix_hpc.services.sandbox.bubblewrap import BubblewrapRuntime, BubblewrapSandbox
 
 T = TypeVar("T")
 IMAGE = os.environ.get("MATRIX_HPC_SANDBOX_IMAGE", str(Path(__file__).resolve().parent.parent / "containers" / "sandbox.sif"))
@@ -240,3 +241,28 @@ def test_pool_config_errors_name_the_key() -> None:
         pool_config({"limits": {"memory_mb": 0}})
     cfg = pool_config({"size": 2, "limits": {"wall_s": 3}, "bubblewrap": {"ro_binds": ["/opt:/opt"]}})
     assert cfg.size == 2 and cfg.limits.wall_s == 3.0 and cfg.bubblewrap.ro_binds == ["/opt:/opt"]
+
+
+def test_reset_kills_a_command_namespace_that_outlived_it(sandbox_root: Path) -> None:
+    # Bubblewrap's ties make this never happen; the pool checks anyway. Stand in for a
+    # surviving command: a real process that is init of its own PID namespace.
+    if os.geteuid() != 0 or shutil.which("bwrap") is None:
+        pytest.skip("needs root (unshare --pid) and bubblewrap")
+    sb = BubblewrapRuntime().create(0, sandbox_root / "s0", 0)
+    run(sb.start())
+    marker = f"1000.{uuid.uuid4().int % 10**6:06d}"
+    outer = subprocess.Popen(["unshare", "--pid", "--fork", "sleep", marker], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not processes_with(marker, "sleep") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (init,) = processes_with(marker, "sleep")
+        ns = int(os.readlink(f"/proc/{init}/ns/pid").removeprefix("pid:[").removesuffix("]"))
+        assert isinstance(sb, BubblewrapSandbox)
+        sb.execs.append((init, ns))
+        assert run(sb.reset()) is None  # killed, checked gone, sandbox reusable
+        assert processes_with(marker, "sleep") == [] and sb.execs == []
+    finally:
+        outer.kill()
+        outer.wait()
+        run(sb.stop())

@@ -12,8 +12,11 @@ import asyncio
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,8 @@ from matrix_hpc.services.sandbox import (
     get_or_create_pool,
 )
 
-from .test_sandbox import IMAGE
+from .conftest import REPO
+from .test_sandbox import IMAGE, processes_with
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +215,94 @@ def test_named_pool_is_shared_and_missing_runtime_is_reported(ray_cluster: None,
         with pytest.raises(RuntimeNotInstalled, match="needs `apptainer`"):
             ray.get(broken.acquire.remote("t"))
         ray.kill(broken)
+
+
+def test_next_lease_sees_nothing_of_the_previous_one(make_pool: Any) -> None:
+    pool = make_pool(size=1)
+    marker = f"1000.{uuid.uuid4().int % 10**6:06d}"  # `sleep 1000.NNNNNN`: findable from the host
+    lease = ray.get(pool.acquire.remote("first"))
+    leave_behind = (
+        "echo t > /tmp/leak; echo s > /sandbox/leak; echo h > $HOME/leak-home; echo d > /dev/shm/leak; "
+        "(echo v > /var/tmp/leak) 2>/dev/null; "
+        f"setsid nohup sleep {marker} >/dev/null 2>&1 & (sleep {marker} >/dev/null 2>&1 &); nohup sleep {marker} >/dev/null 2>&1 & "
+        "mkdir -p locked/in && touch locked/in/f && chmod 0 locked/in locked; chmod 0555 /sandbox; "
+        "while [ ! -e /sandbox/go ]; do sleep 0.05; done"
+    )
+    running = pool.exec.remote(lease, leave_behind)
+    wait_until(lambda: len(processes_with(marker, "sleep")) == 3, 30, "the three detached sleeps to run")
+    pids = processes_with(marker, "sleep")
+    ray.get(pool.write_file.remote(lease, "go", b""))
+    assert ray.get(running).ok
+    ray.get(pool.release.remote(lease))
+
+    lease = ray.get(pool.acquire.remote("second"))  # the same (only) sandbox slot
+    look = ray.get(pool.exec.remote(lease, "find /sandbox /tmp /dev/shm /var/tmp $HOME -mindepth 1 2>/dev/null; echo HOME=$HOME; touch /sandbox/mine && echo wrote"))
+    assert look.stdout == "HOME=/sandbox\nwrote\n", look
+    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists() and marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    ray.get(pool.release.remote(lease))
+
+
+OTHER_UID = 4242  # another user of the node (no account needed: files and processes carry the uid)
+
+_OTHER_USERS_POOL = """
+import sys
+from pathlib import Path
+from matrix_hpc.services.sandbox._dirs import PoolDir
+d = PoolDir(Path(sys.argv[1]))
+(d.path / "slot0.0").mkdir()
+(d.path / "slot0.0" / "secret").write_text("theirs")
+print(d.path, flush=True)
+sys.stdin.read()  # a live pool: holds its directory's lock until stdin closes
+"""
+
+
+def _other_users_pool(root: Path) -> subprocess.Popen[str]:
+    env = {"PYTHONPATH": str(REPO), "HOME": str(root.parent), "PATH": os.environ.get("PATH", "")}
+    argv = ["setpriv", "--reuid", str(OTHER_UID), "--regid", str(OTHER_UID), "--clear-groups", sys.executable, "-c", _OTHER_USERS_POOL, str(root)]
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd="/")
+
+
+def test_two_users_pools_share_a_root_without_colliding(ray_cluster: None) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("acting as another uid needs root")
+    base = Path(tempfile.mkdtemp(prefix="mhs-users-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    shared = base / "sandboxes"  # made by the first pool, as anyone's would be
+    pool = SandboxPool.remote({"root_dir": str(shared), "size": 1, "idle_exit_s": None}, "users-test")
+    theirs = None
+    try:
+        ray.get(pool.ready.remote())
+        assert shared.stat().st_mode & 0o7777 == 0o1777
+        # Another user starts a pool on the same node and root after ours: it gets its own directory.
+        theirs = _other_users_pool(shared)
+        assert theirs.stdout is not None
+        their_dir = Path(theirs.stdout.readline().strip())
+        assert their_dir.parent == shared / f"u{OTHER_UID}", theirs.stderr.read() if theirs.stderr else ""
+        st = (shared / f"u{OTHER_UID}").stat()
+        assert (st.st_uid, st.st_mode & 0o777) == (OTHER_UID, 0o700)
+        ours = shared / "u0"
+        assert ours.stat().st_uid == 0 and ours.stat().st_mode & 0o777 == 0o711  # sandboxes run as nobody: pass-through only
+        (our_dir,) = ours.glob("pool-*")
+
+        # A second pool of ours (another run) starts and sweeps: the live pools' directories stay.
+        second = SandboxPool.remote({"root_dir": str(shared), "size": 1, "idle_exit_s": None}, "users-test-2")
+        ray.get(second.ready.remote())
+        lease = ray.get(second.acquire.remote("t"))
+        assert ray.get(second.exec.remote(lease, "echo hi > f && cat f")).stdout == "hi\n"
+        ray.get(second.shutdown.remote())
+        ray.kill(second)
+        assert (their_dir / "slot0.0" / "secret").read_text() == "theirs" and our_dir.is_dir()
+
+        # The other user's pool ends; only that user's next pool sweeps its directory, never ours.
+        theirs.communicate(timeout=30)
+        again = _other_users_pool(shared)
+        assert again.stdout is not None
+        new_dir = Path(again.stdout.readline().strip())
+        again.communicate(timeout=30)
+        assert not their_dir.exists() and new_dir.parent == their_dir.parent and our_dir.is_dir()
+    finally:
+        if theirs is not None and theirs.poll() is None:
+            theirs.kill()
+        ray.get(pool.shutdown.remote())
+        ray.kill(pool)
+        shutil.rmtree(base, ignore_errors=True)

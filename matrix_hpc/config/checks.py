@@ -52,6 +52,8 @@ def _check_model(config: JobConfig, name: str) -> None:
     for attr in ("tensor_parallel_size", "pipeline_parallel_size"):
         if getattr(m.vllm, attr) < 1:
             raise ConfigError(f"{key}.vllm.{attr}: must be >= 1, got {getattr(m.vllm, attr)}")
+    if m.health_timeout_s is not None and m.health_timeout_s <= 0:
+        raise ConfigError(f"{key}.health_timeout_s: must be > 0, got {m.health_timeout_s}")
     if m.gpus_per_replica is not None and m.gpus_per_replica < 0:
         raise ConfigError(f"{key}.gpus_per_replica: must be >= 0, got {m.gpus_per_replica}")
 

@@ -110,6 +110,9 @@ class ModelConfig:
     """Seconds between health probes (a real one-token generation) of each endpoint."""
     health_failures: int = 2
     """Consecutive failed probes before an endpoint leaves routing (and a managed replica restarts)."""
+    health_timeout_s: float | None = None
+    """Seconds a probe may wait for its reply (default: ``timeout_s``, at least 10). A probe that
+    times out while the endpoint keeps completing the clients' requests is not a failure."""
     max_restarts: int = 10
     """Restarts of one managed replica before it is given up."""
     gpus_per_replica: int | None = None

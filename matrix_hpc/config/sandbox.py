@@ -88,7 +88,8 @@ class PoolConfig:
     idle_exit_s: float | None = 600.0
     """A pool with no lease and no call for this long exits (detached pools must not outlive a run)."""
     root_dir: str | None = None
-    """Where private sandbox directories live (default: $TMPDIR/matrix-hpc-sandboxes)."""
+    """Where private sandbox directories live (default: $TMPDIR/matrix-hpc-sandboxes), shared by
+    the node's users: each gets ``u<uid>/`` (0700) in it, each pool ``pool-<pid>-<token>/``."""
     limits: SandboxLimits = field(default_factory=SandboxLimits)
     """Default per-exec limits; an exec may pass its own."""
     bubblewrap: BubblewrapOptions = field(default_factory=BubblewrapOptions)

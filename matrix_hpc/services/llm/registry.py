@@ -6,6 +6,13 @@ endpoint with a real one-token generation (a dead engine can still answer
 consecutive failures (at once when its process is gone), restarts a managed
 replica and puts it back when it generates again. Agents' clients long-poll
 :meth:`EndpointRegistry.endpoints`; the registry is never in a request's path.
+
+Liveness is (the probe succeeded) OR (clients completed requests there recently): a probe
+queued behind hundreds of requests is slow, not dead. Each client reports its completions
+per endpoint at most every ``REPORT_S`` (one Ray call, none while idle; see
+:func:`follow_registry`), and a probe that *timed out* counts as passed when a completion
+was reported within the probe's timeout plus two report periods. Any other failure (the
+process exited, refused, HTTP error), or a timeout with no completion reported, counts.
 """
 
 from __future__ import annotations
@@ -25,9 +32,12 @@ from .client import ChatClient
 from .replica import LLMReplica, ReplicaSpec, replica_options
 from .status import EndpointStatus
 
-__all__ = ["EndpointRegistry", "follow_registry", "registry_name"]
+__all__ = ["REPORT_S", "EndpointRegistry", "follow_registry", "registry_name"]
 
 log = logging.getLogger(__name__)
+
+REPORT_S = 1.0
+"""How often a client reports its completed requests per endpoint (only when it has some)."""
 
 
 def registry_name(run_id: str, model: str) -> str:
@@ -93,7 +103,7 @@ class EndpointRegistry:
         # An external endpoint is "up" only once it answered a probe (a managed replica's
         # start already waited for a real generation); until then it is not routed to.
         external = [st for st in self.states.values() if st.replica is None]
-        for st, error in zip(external, await asyncio.gather(*(self._probe(st.url) for st in external))):
+        for st, (error, _) in zip(external, await asyncio.gather(*(self._probe(st.url) for st in external))):
             st.probes += 1
             if error is None:
                 st.last_ok_at = time.time()
@@ -152,6 +162,21 @@ class EndpointRegistry:
             if st.url == url.rstrip("/"):
                 self._wake[key].set()
 
+    async def report_completions(self, counts: dict[str, int]) -> None:
+        """A client completed ``counts[url]`` requests at each URL since its last report."""
+        await self._resume()
+        now = time.time()
+        for st in self.states.values():
+            n = counts.get(st.url)
+            if n:
+                st.completed += n
+                st.last_completed_at = now
+
+    def _busy(self, st: EndpointStatus) -> bool:
+        """Completions were reported while the probe waited (allowing for the report period)."""
+        window = (self.probe_timeout.total or 0.0) + 2 * REPORT_S
+        return st.last_completed_at is not None and time.time() - st.last_completed_at <= window
+
     async def status(self) -> list[EndpointStatus]:
         out = []
         for st in self.states.values():
@@ -167,20 +192,20 @@ class EndpointRegistry:
             out.append(row)
         return out
 
-    async def _probe(self, url: str) -> str | None:
-        """None when ``url`` completes a one-token generation; else why not."""
+    async def _probe(self, url: str) -> tuple[str | None, bool]:
+        """(None when ``url`` completes a one-token generation, else why not; whether it timed out)."""
         assert self._session is not None
         body = {"model": self.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
         try:
             async with self._session.post(f"{url}/chat/completions", json=body) as resp:
                 if resp.status != 200:
-                    return f"HTTP {resp.status}"
+                    return f"HTTP {resp.status}", False
                 data = await resp.json(content_type=None)
-                return None if data.get("choices") else "no choices in the reply"
+                return (None if data.get("choices") else "no choices in the reply"), False
         except asyncio.TimeoutError:  # not the builtin before Python 3.11
-            return f"no reply in {self.probe_timeout.total:.0f}s"
+            return f"no reply in {self.probe_timeout.total:.0f}s", True
         except (aiohttp.ClientError, ValueError) as exc:
-            return f"{type(exc).__name__}: {exc}"
+            return f"{type(exc).__name__}: {exc}", False
 
     async def _process_gone(self, st: EndpointStatus) -> bool:
         if st.replica is None:
@@ -192,6 +217,7 @@ class EndpointRegistry:
 
     async def _watch(self, key: str) -> None:
         st, wake = self.states[key], self._wake[key]
+        busy = False  # in a run of timed-out probes excused by completions (logged once)
         while True:
             try:
                 await asyncio.wait_for(wake.wait(), self.interval)
@@ -201,8 +227,15 @@ class EndpointRegistry:
             if st.state == "failed":
                 return
             gone = await self._process_gone(st)
-            error = "the server process exited" if gone else await self._probe(st.url)
+            error, timed_out = ("the server process exited", False) if gone else await self._probe(st.url)
             st.probes += 1
+            if error is not None and timed_out and self._busy(st):
+                if not busy:
+                    log.info("%s: probe got %s but requests keep completing there: busy, not dead", st.url, error)
+                busy, error = True, None
+                st.slow_probes += 1
+            else:
+                busy = False
             if error is None:
                 st.failures, st.last_ok_at = 0, time.time()
                 if st.state != "up":
@@ -226,6 +259,7 @@ class EndpointRegistry:
             st.state = "failed"
             return
         st.state, st.restarts = "restarting", st.restarts + 1
+        st.last_completed_at = None  # the old process's completions do not vouch for the new one
         metrics.inc("llm_replica_restarts", 1, self.model_key, st.url)
         log.warning("restarting replica %d (%s), restart %d", st.replica, st.url, st.restarts)
         try:
@@ -246,15 +280,38 @@ class EndpointRegistry:
 
 
 async def follow_registry(client: ChatClient, registry: Any, wait_s: float = 10.0) -> None:
-    """Keep ``client``'s endpoints equal to the registry's routable set (run as a task)."""
+    """Keep ``client``'s endpoints equal to the registry's routable set, and report its
+    completions to the registry (run as a task)."""
+    reporter = asyncio.get_running_loop().create_task(_report_completions(client, registry))
     version = -1
+    try:
+        while True:
+            try:
+                version, urls = await registry.endpoints.remote(version, wait_s)
+            except RayError as exc:  # the registry is restarting or the run is ending
+                log.debug("registry not reachable: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            if urls != client.base_urls:
+                log.info("LLM endpoints now: %s", ", ".join(urls) or "none")
+                client.set_endpoints(urls)
+    finally:
+        reporter.cancel()
+
+
+async def _report_completions(client: ChatClient, registry: Any, period_s: float = REPORT_S) -> None:
+    """Every ``period_s``, send the registry the requests ``client`` completed per endpoint
+    since the last report (its ``served`` counts, kept per request anyway): one Ray call per
+    period while requests complete, none while idle."""
+    sent = dict(client.served)
     while True:
-        try:
-            version, urls = await registry.endpoints.remote(version, wait_s)
-        except RayError as exc:  # the registry is restarting or the run is ending
-            log.debug("registry not reachable: %s", exc)
-            await asyncio.sleep(1.0)
+        await asyncio.sleep(period_s)
+        now = dict(client.served)
+        delta = {url: n - sent.get(url, 0) for url, n in now.items() if n > sent.get(url, 0)}
+        if not delta:
             continue
-        if urls != client.base_urls:
-            log.info("LLM endpoints now: %s", ", ".join(urls) or "none")
-            client.set_endpoints(urls)
+        sent = now
+        try:
+            await asyncio.wait_for(registry.report_completions.remote(delta), 10 * period_s)
+        except (RayError, asyncio.TimeoutError) as exc:  # restarting registry: this report is lost, the next one counts
+            log.debug("completions not reported: %s", exc)

@@ -59,7 +59,7 @@ class LLMService:
         # the replacement of that node's replicas) along.
         self.registry = EndpointRegistry.options(name=self.registry_name, namespace=namespace, max_concurrency=1000, **on_driver_node()).remote(
             run_id, namespace, name, replica_specs(name, m, log_dir), list(m.base_urls), m.served_name, m.api_key_env,
-            m.health_interval_s, m.health_failures, m.max_restarts, max(m.timeout_s, 10.0),
+            m.health_interval_s, m.health_failures, m.max_restarts, m.health_timeout_s or max(m.timeout_s, 10.0),
         )  # fmt: skip
         self.endpoints: list[EndpointStatus] = []
 

@@ -24,6 +24,12 @@ class EndpointStatus:
     last_error: str | None = None
     last_ok_at: float | None = None
     restarted_at: float | None = None
+    slow_probes: int = 0
+    """Probes that timed out while requests kept completing here (busy, not counted as failures)."""
+    completed: int = 0
+    """Requests the clients reported completed here (counted while this registry lives)."""
+    last_completed_at: float | None = None
+    """When the registry last heard of a completion here (busy but alive: see the registry)."""
     served_model: str | None = None
     """What requests ask this endpoint for."""
     # Of a managed replica (from its actor; None for an external endpoint or an unreachable actor):

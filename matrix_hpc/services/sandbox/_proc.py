@@ -63,7 +63,7 @@ def _kill_group(proc: asyncio.subprocess.Process) -> None:
         pass
 
 
-async def run_argv(argv: list[str], *, deadline_s: float, max_output: int, stdin: bytes | None = None) -> RawResult:
+async def run_argv(argv: list[str], *, deadline_s: float, max_output: int, stdin: bytes | None = None, pass_fds: Sequence[int] = ()) -> RawResult:
     """Run ``argv``; kill its process group after ``deadline_s`` or ``max_output`` bytes on a stream."""
     started = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
@@ -72,6 +72,7 @@ async def run_argv(argv: list[str], *, deadline_s: float, max_output: int, stdin
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
+        pass_fds=tuple(pass_fds),
     )
     overflow = asyncio.Event()
     out, err = _Capture(max_output, overflow), _Capture(max_output, overflow)
@@ -124,9 +125,9 @@ async def _finish(proc: asyncio.subprocess.Process, pumps: Sequence[asyncio.Futu
     await proc.wait()
 
 
-async def run_limited(argv: list[str], limits: SandboxLimits, stdin: bytes | None = None) -> ExecResult:
+async def run_limited(argv: list[str], limits: SandboxLimits, stdin: bytes | None = None, pass_fds: Sequence[int] = ()) -> ExecResult:
     """Run a sandbox command line under ``limits`` and say why it was killed, if it was."""
-    raw = await run_argv(argv, deadline_s=limits.wall_s, max_output=limits.output_kb * 1024, stdin=stdin)
+    raw = await run_argv(argv, deadline_s=limits.wall_s, max_output=limits.output_kb * 1024, stdin=stdin, pass_fds=pass_fds)
     return ExecResult(
         stdout=raw.stdout.decode(errors="replace"),
         stderr=raw.stderr.decode(errors="replace"),

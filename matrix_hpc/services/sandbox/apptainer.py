@@ -9,8 +9,11 @@ binary named ``singularity`` and calls ``sys.exit`` on some errors)::
         apptainer exec --cleanenv --pwd /sandbox instance://NAME prlimit ... -- /bin/sh -c CMD
     apptainer instance stop NAME
 
-The instance keeps its namespaces (and its writable overlay) between execs until
-the pool recycles it; ``max_uses: 1`` gives every lease a fresh instance.
+The instance keeps its namespaces, its writable overlay, its ``/tmp``, ``/var/tmp`` and
+``/dev/shm`` and any process an exec left running between the execs of a lease. None
+of that can be wiped in place, so every lease gets a fresh instance: between leases
+the pool stops the instance (which ends its PID namespace and every process in it),
+checks it is gone, and starts a new one in the background.
 """
 
 from __future__ import annotations
@@ -101,8 +104,8 @@ class ApptainerRuntime(SandboxRuntime):
         except (ValueError, KeyError, TypeError):
             return []
 
-    async def stop_instance(self, instance: str) -> None:
-        raw = await run_argv([self.apptainer, "instance", "stop", instance], deadline_s=_CONTROL_TIMEOUT_S, max_output=1 << 16)
+    async def stop_instance(self, instance: str, force: bool = False) -> None:
+        raw = await run_argv([self.apptainer, "instance", "stop", *(["--force"] if force else []), instance], deadline_s=_CONTROL_TIMEOUT_S, max_output=1 << 16)
         if raw.exit_code != 0:
             log.warning("apptainer instance stop %s failed (%s); forcing", instance, raw.stderr.decode(errors="replace").strip()[:200])
             await run_argv([self.apptainer, "instance", "stop", "--force", instance], deadline_s=_CONTROL_TIMEOUT_S, max_output=1 << 16)
@@ -140,9 +143,16 @@ class ApptainerSandbox(Sandbox):
         argv = self.runtime.exec_argv(self.instance, limits, cmd, env)
         return await run_limited(argv, limits, stdin)
 
+    async def reset(self) -> str | None:
+        return "per_lease"  # overlay, /tmp and processes live in the instance: only a new one is fresh
+
     async def stop(self) -> None:
         assert self.runtime is not None
         try:
             await self.runtime.stop_instance(self.instance)
+            if self.instance in await self.runtime.list_instances():
+                await self.runtime.stop_instance(self.instance, force=True)
+                if self.instance in await self.runtime.list_instances():
+                    log.error("apptainer instance %s survived `instance stop --force`", self.instance)
         finally:
             shutil.rmtree(self.workdir, ignore_errors=True)

@@ -3,12 +3,14 @@
 A :class:`SandboxRuntime` (bubblewrap, Apptainer) makes :class:`Sandbox` objects.
 A sandbox owns a private host directory, seen inside as ``/sandbox``, that keeps
 its files between execs of one lease; every exec runs under :class:`SandboxLimits`
-and returns an :class:`ExecResult`, never raising for what the payload did.
+and returns an :class:`ExecResult`, never raising for what the payload did. Between
+leases :meth:`Sandbox.reset` makes it as new, or says why only a new one will do.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
 import logging
 import os
 import re
@@ -187,11 +189,18 @@ class Sandbox(abc.ABC):
     async def stop(self) -> None:
         """Stop what :meth:`start` started and delete the private directory."""
 
+    async def reset(self) -> str | None:
+        """Between leases: make the sandbox as new (every file the lease wrote gone, every
+        process it started dead). None when done; else why the pool must replace it."""
+        await asyncio.to_thread(self.wipe)
+        return None if not any(self.workdir.iterdir()) else "dirty"
+
     def wipe(self) -> None:
-        """Empty the private directory (between leases) without stopping the sandbox."""
+        """Empty the private directory and give it back its mode (a payload may chmod it)."""
+        os.chmod(self.workdir, 0o700)
         for entry in self.workdir.iterdir():
             if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
+                _rmtree(entry)
             else:
                 entry.unlink(missing_ok=True)
 
@@ -238,6 +247,23 @@ class Sandbox(abc.ABC):
         return data
 
 
+def _rmtree(path: Path) -> None:
+    """Delete a tree the payload wrote, opening up directories it made unreadable (``chmod 0``) first."""
+    try:
+        os.chmod(path, 0o700)  # the caller checked it is a directory, not a symlink
+    except OSError:
+        pass
+    for dirpath, dirnames, _ in os.walk(path):  # top-down: each directory is opened before it is entered
+        for name in dirnames:
+            sub = os.path.join(dirpath, name)
+            try:
+                if stat.S_ISDIR(os.lstat(sub).st_mode):  # never a symlink: chmod would follow it out
+                    os.chmod(sub, 0o700)
+            except OSError:
+                pass
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _require_regular(fd: int, path: str) -> None:
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         raise ValueError(f"{path} is not a regular file")
@@ -251,6 +277,10 @@ class SandboxRuntime(abc.ABC):
     @abc.abstractmethod
     def check(self) -> None:
         """Fail fast, with an install hint, when the runtime cannot work here."""
+
+    def sandbox_uid(self) -> int | None:
+        """The host uid the sandboxes' processes run as; None: this process's own."""
+        return None
 
     @abc.abstractmethod
     def create(self, slot: int, workdir: Path, generation: int) -> Sandbox:

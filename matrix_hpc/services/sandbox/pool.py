@@ -3,9 +3,14 @@
 Contract: ``acquire`` returns a lease id or raises :class:`SandboxUnavailable` once
 its wait limit passes (waiters are served first come, first served, without
 polling); ``exec`` runs a command in the leased sandbox; ``release`` hands it back
-(wiped, or destroyed and replaced after ``max_uses`` or a failure). A lease whose
+(reset as new, or destroyed and replaced after ``max_uses`` or a failure). A lease whose
 holder actor died (or was restarted) is reclaimed within ``liveness_interval_s``;
 a lease older than ``lease_ttl_s`` is reclaimed whatever its holder.
+
+Between two leases a sandbox keeps nothing of the first: :meth:`Sandbox.reset` deletes
+every file the lease wrote and verifies that no process it started still runs; a sandbox
+that cannot be reset in place (an Apptainer instance) is replaced instead. Private
+directories live per user and per pool (see :mod:`._dirs`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ import collections
 import logging
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -25,7 +29,7 @@ from typing import Any
 import ray
 
 from ... import metrics
-from ._proc import pid_alive
+from ._dirs import PoolDir, default_root
 from .apptainer import ApptainerRuntime
 from .base import ExecResult, LeaseNotFound, Sandbox, SandboxError, SandboxLimits, SandboxRuntime, SandboxUnavailable
 from .config import PoolConfig, make_runtime, pool_config
@@ -84,6 +88,7 @@ class SandboxPool:
         self.name = name
         self.runtime: SandboxRuntime | None = None
         self.dir: Path | None = None
+        self._dir: PoolDir | None = None
         self._free: collections.deque[Sandbox] = collections.deque()
         self._waiters: collections.deque[asyncio.Future[Sandbox]] = collections.deque()
         self._leases: dict[str, _Lease] = {}
@@ -104,15 +109,13 @@ class SandboxPool:
 
     async def _start(self) -> None:
         self.runtime = make_runtime(self.cfg)
-        root = Path(self.cfg.root_dir or Path(tempfile.gettempdir()) / "matrix-hpc-sandboxes")
-        root.mkdir(mode=0o711, parents=True, exist_ok=True)
-        await asyncio.to_thread(_sweep_dirs, root)
+        root = Path(self.cfg.root_dir) if self.cfg.root_dir else default_root()
+        # 0711 only where the sandbox runs as another uid, which must pass through.
+        mode = 0o700 if self.runtime.sandbox_uid() in (None, os.geteuid()) else 0o711
+        self._dir = await asyncio.to_thread(PoolDir, root, mode)
         if isinstance(self.runtime, ApptainerRuntime):
             await self.runtime.sweep()
-        self.dir = root / f"pool-{os.getpid()}"
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir.mkdir(mode=0o711)
-        os.chmod(self.dir, 0o711)  # a dropped-privilege sandbox user must traverse it
+        self.dir = self._dir.path
         boxes = [self.runtime.create(slot, self.dir / f"slot{slot}.0", 0) for slot in range(self.cfg.size)]
         await boxes[0].start()
         await self.runtime.probe(boxes[0])  # namespaces refused, image broken: one clear error now
@@ -213,15 +216,15 @@ class SandboxPool:
     async def _wipe_and_free(self, sandbox: Sandbox) -> None:
         self._recycling += 1
         try:
-            await asyncio.to_thread(sandbox.wipe)
-            clean = not any(sandbox.workdir.iterdir())
-        except OSError:
-            clean = False
-        if clean:
+            why = await sandbox.reset()
+        except OSError as exc:
+            why = f"dirty: {exc}"
+        if why is None:
             self._recycling -= 1
             self._put_free(sandbox)
-        else:  # the payload left something we cannot delete: start over
-            metrics.inc("sandbox_recycles", 1, self.name, "dirty")
+        else:  # the lease left something behind that cannot be undone in place: start over
+            log.log(logging.DEBUG if why == "per_lease" else logging.WARNING, "sandbox pool %s: replacing %s (%s)", self.name, sandbox.name, why)
+            metrics.inc("sandbox_recycles", 1, self.name, why.partition(":")[0])
             await self._recycle(sandbox)
 
     async def _recycle(self, old: Sandbox) -> None:
@@ -357,13 +360,13 @@ class SandboxPool:
         self._free.clear()
         self._leases.clear()
         await asyncio.gather(*(b.stop() for b in boxes), return_exceptions=True)
-        if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        if self._dir is not None:
+            self._dir.remove()
 
     def __ray_shutdown__(self) -> None:
         # Graceful exit of a non-detached pool: leave no private directories behind.
-        if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        if self._dir is not None:
+            self._dir.remove()
 
 
 async def _holder_state(handle: Any, worker: str | None) -> str | None:
@@ -381,10 +384,3 @@ async def _holder_state(handle: Any, worker: str | None) -> str | None:
         return "was restarted"
     return None
 
-
-def _sweep_dirs(root: Path) -> None:
-    """Delete private directories of pools on this host whose process is gone (killed pools)."""
-    for entry in root.glob("pool-*"):
-        pid = entry.name.removeprefix("pool-")
-        if pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(entry, ignore_errors=True)
