@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 from aiohttp import web
 
@@ -16,8 +17,13 @@ class PeakServer:
     """A real OpenAI-shaped HTTP server (own thread and loop) that holds each request
     ``delay_s`` and records the most requests it held at once."""
 
-    def __init__(self, delay_s: float) -> None:
+    def __init__(self, delay_s: float, bad_probes: int = 0) -> None:
         self.delay_s = delay_s
+        self.bad_probes = bad_probes
+        """The first this many health probes (``max_tokens`` 1) get a 200 whose body is ``null``."""
+        self.probes = 0
+        self.first_good_probe_at: float | None = None
+        self.first_chat_at: float | None = None
         self.in_flight = self.peak = self.requests = 0
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
@@ -27,6 +33,13 @@ class PeakServer:
 
     async def _chat(self, request: web.Request) -> web.Response:
         body = await request.json()
+        if body.get("max_tokens") == 1:
+            self.probes += 1
+            if self.probes <= self.bad_probes:
+                return web.json_response(None)
+            self.first_good_probe_at = self.first_good_probe_at or time.time()
+        else:
+            self.first_chat_at = self.first_chat_at or time.time()
         self.requests += 1
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from .conftest import BIN, committed_rows, job_config, questions, store_records, wait_for, write_jsonl
+from .llm_server import PeakServer
 from matrix_hpc.procs import pid_alive
 from matrix_hpc.services.llm import EmbeddedEngine
 from matrix_hpc.services.llm.embedded import free_port
@@ -122,6 +123,25 @@ def test_external_endpoint_down_leaves_routing_and_key_is_never_saved(tmp_path: 
     assert states == {engine.base_url: "up", dead: "down"}, states
     leaked = [p for p in out.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert not leaked and "TEST_LLM_KEY" in (out / "run.json").read_text()
+
+
+def test_external_endpoint_answering_null_to_probes_is_routed_only_once_it_generates(tmp_path: Path, run_factory: Any) -> None:
+    """A 200 whose body is not an object fails that probe (it used to raise inside the
+    registry: the run could not start, or the endpoint's health loop ended silently), and
+    agents' clients route to an external endpoint only once a probe passed."""
+    rows = questions(8)
+    with PeakServer(delay_s=0.01, bad_probes=3) as server:
+        cfg = job_config(
+            tmp_path, write_jsonl(tmp_path / "data.jsonl", rows),
+            **{"llm.engine": "external", "llm.base_urls": [server.url], "llm.health_interval_s": 0.5, "llm.health_failures": 1},
+        )  # fmt: skip
+        run = run_factory(cfg)
+        assert run.wait(120) == 0, run.output
+    records = store_records(tmp_path / "out")
+    assert sorted(r["id"] for r in records) == sorted(q["id"] for q in rows)
+    assert all(r["status"] == "ok" for r in records), [r["error"] for r in records if r["error"]]
+    assert server.probes > 3 and server.first_good_probe_at is not None and server.first_chat_at is not None
+    assert server.first_chat_at >= server.first_good_probe_at, (server.first_chat_at, server.first_good_probe_at)
 
 
 def test_busy_replica_whose_probes_time_out_is_not_restarted(tmp_path: Path, run_factory: Any) -> None:

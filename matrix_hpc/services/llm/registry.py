@@ -88,6 +88,10 @@ class EndpointRegistry:
         waits for it, so none reads a half-started set of endpoints."""
         if not self._restarted:
             return
+        task = self._restart_task
+        if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
+            log.warning("registry of model %s: starting its endpoints again failed (%s); trying again", self.model_key, task.exception())
+            self._restart_task, self._started = None, False
         if self._restart_task is None and not self._started:
             log.warning("registry of model %s restarted after a crash; starting its endpoints again", self.model_key)
             self._restart_task = asyncio.get_running_loop().create_task(self.start())
@@ -201,7 +205,7 @@ class EndpointRegistry:
                 if resp.status != 200:
                     return f"HTTP {resp.status}", False
                 data = await resp.json(content_type=None)
-                return (None if data.get("choices") else "no choices in the reply"), False
+                return (None if isinstance(data, dict) and data.get("choices") else "no choices in the reply"), False
         except asyncio.TimeoutError:  # not the builtin before Python 3.11
             return f"no reply in {self.probe_timeout.total:.0f}s", True
         except (aiohttp.ClientError, ValueError) as exc:
@@ -226,32 +230,41 @@ class EndpointRegistry:
             wake.clear()
             if st.state == "failed":
                 return
-            gone = await self._process_gone(st)
-            error, timed_out = ("the server process exited", False) if gone else await self._probe(st.url)
-            st.probes += 1
-            if error is not None and timed_out and self._busy(st):
-                if not busy:
-                    log.info("%s: probe got %s but requests keep completing there: busy, not dead", st.url, error)
-                busy, error = True, None
-                st.slow_probes += 1
-            else:
-                busy = False
-            if error is None:
-                st.failures, st.last_ok_at = 0, time.time()
-                if st.state != "up":
-                    log.info("%s is back in routing", st.url)
-                    st.state = "up"
-                    self._bump()
-                continue
-            st.failures += 1
-            st.last_error = error
-            if st.state == "up" and (gone or st.failures >= self.max_failures):
-                log.warning("%s leaves routing: %s", st.url, error)
-                st.state = "down"
-                metrics.inc("llm_routing_removals", 1, self.model_key, st.url)
+            try:
+                busy = await self._check(st, busy)
+            except Exception:  # an endpoint's supervision must outlive any surprise (it would end silently)
+                log.exception("health check of %s failed; checking again in %.0fs", st.url, self.interval)
+
+    async def _check(self, st: EndpointStatus, busy: bool) -> bool:
+        """Probe ``st`` once; take it out of routing, restart it or put it back. Returns
+        whether it is in a run of busy (timed out but completing) probes."""
+        gone = await self._process_gone(st)
+        error, timed_out = ("the server process exited", False) if gone else await self._probe(st.url)
+        st.probes += 1
+        if error is not None and timed_out and self._busy(st):
+            if not busy:
+                log.info("%s: probe got %s but requests keep completing there: busy, not dead", st.url, error)
+            busy, error = True, None
+            st.slow_probes += 1
+        else:
+            busy = False
+        if error is None:
+            st.failures, st.last_ok_at = 0, time.time()
+            if st.state != "up":
+                log.info("%s is back in routing", st.url)
+                st.state = "up"
                 self._bump()
-            if st.state == "down" and st.replica is not None:
-                await self._restart(st)
+            return busy
+        st.failures += 1
+        st.last_error = error
+        if st.state == "up" and (gone or st.failures >= self.max_failures):
+            log.warning("%s leaves routing: %s", st.url, error)
+            st.state = "down"
+            metrics.inc("llm_routing_removals", 1, self.model_key, st.url)
+            self._bump()
+        if st.state == "down" and st.replica is not None:
+            await self._restart(st)
+        return busy
 
     async def _restart(self, st: EndpointStatus) -> None:
         if st.restarts >= self.max_restarts:

@@ -109,8 +109,10 @@ class LLMServices:
         return [e for svc in self.services.values() for e in svc.endpoints]
 
     def client_endpoints(self) -> dict[str, tuple[list[str], str | None]]:
-        """Per model: its URLs now and its registry's name (what agent clients follow)."""
-        return {name: (svc.urls, svc.registry_name) for name, svc in self.services.items()}
+        """Per model: its routable URLs now (an external endpoint that failed its start-up
+        probe is not, until the registry lists it) and its registry's name (what agent
+        clients follow)."""
+        return {name: ([e.url for e in svc.endpoints if e.state == "up"], svc.registry_name) for name, svc in self.services.items()}
 
     def status(self, timeout_s: float = 10.0) -> list[EndpointStatus]:
         refs = {name: svc.registry.status.remote() for name, svc in self.services.items()}
