@@ -129,6 +129,34 @@ def test_connections_dropped_mid_request_count_as_attempts_and_name_the_server()
     asyncio.run(main())
 
 
+def test_requests_in_flight_to_an_endpoint_that_leaves_routing_fail_over_at_once() -> None:
+    # A node that died takes its replica with it and never answers (no RST): when the
+    # registry drops that endpoint, calls waiting on it go to another one, not wait timeout_s.
+    async def main() -> None:
+        hung = {"n": 0}
+
+        async def never(request: web.Request) -> web.Response:
+            hung["n"] += 1
+            await asyncio.Event().wait()
+            return web.Response(text="never")
+
+        dead_runner, dead = await _serve(never)
+        runner, url, seen = await _flaky_server(fail_first=0, status=200)
+        client = ChatClient([dead], max_retries=2, retry_backoff_s=0.01, timeout_s=600)
+        calls = [asyncio.create_task(client.chat([{"role": "user", "content": str(i)}])) for i in range(4)]
+        while hung["n"] < 4:
+            await asyncio.sleep(0.05)
+        client.set_endpoints([url])  # what follow_registry does when the registry drops it
+        results = await asyncio.wait_for(asyncio.gather(*calls), 30)  # not the 600 s timeout
+        assert [r.text for r in results] == [f"echo {i}" for i in range(4)] and all(r.endpoint == url for r in results)
+        assert seen["n"] == 4
+        await client.close()
+        await runner.cleanup()
+        await dead_runner.shutdown()
+
+    asyncio.run(main())
+
+
 def test_embedded_engine_serves_concurrent_chats_and_stops(tmp_path: Any) -> None:
     engine = EmbeddedEngine(n_parallel=4, log_dir=tmp_path)
     engine.start()

@@ -93,7 +93,9 @@ class ChatClient:
         self.slots = Slots(max_outstanding_per_endpoint)
         self.served: dict[str, int] = {}
         """Completed requests per endpoint (for reports)."""
-        self._session: aiohttp.ClientSession | None = None
+        # One session (connection pool) per endpoint: dropping an endpoint closes its pool,
+        # which ends the requests still waiting on it (a dead node never answers them).
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
         self.set_endpoints(base_urls)
         if metric_tags is not None:
             metrics.add_collector(self._collect)
@@ -117,10 +119,20 @@ class ChatClient:
         return self.slots.per_endpoint
 
     def set_endpoints(self, urls: list[str]) -> None:
-        """Route over ``urls`` from now on; requests already sent elsewhere finish there."""
+        """Route over ``urls`` from now on. Requests in flight to an endpoint that left are
+        cut (they fail over as a dropped connection does) rather than wait up to
+        ``timeout_s`` for a server that may be gone with its node."""
         self.slots.set_endpoints(urls)
         for u in self.slots.base_urls:
             self.served.setdefault(u, 0)
+        gone = [u for u in self._sessions if u not in self.slots.base_urls]
+        if not gone:
+            return
+        loop = asyncio.get_running_loop()  # sessions exist only once chat() ran on a loop
+        for u in gone:
+            if self.slots.outstanding.get(u):
+                log.info("cutting %d request(s) in flight to %s: it left routing", self.slots.outstanding[u], u)
+            loop.create_task(self._sessions.pop(u).close())
 
     async def _acquire(self, prefer: str | None, exclude: str | None, deadline: float) -> str:
         try:
@@ -129,12 +141,13 @@ class ChatClient:
             what = "no healthy endpoint (all down, unreachable or restarting)" if exc.unreachable else "every endpoint stayed at its request limit"
             raise LLMError("llm_unavailable", f"{what} for {self.timeout.total:.0f}s") from None
 
-    async def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
+    def _session_for(self, url: str) -> aiohttp.ClientSession:
+        session = self._sessions.get(url)
+        if session is None or session.closed:
             headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
             connector = aiohttp.TCPConnector(limit=self.max_connections)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, headers=headers)
-        return self._session
+            session = self._sessions[url] = aiohttp.ClientSession(connector=connector, timeout=self.timeout, headers=headers)
+        return session
 
     async def chat(
         self, messages: list[Message], max_tokens: int = 256, temperature: float = 0.7, prefer: str | None = None, **extra: Any
@@ -146,7 +159,6 @@ class ChatClient:
         ``tool_choice="auto"`` (OpenAI format); the calls come back in ``tool_calls``.
         """
         body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature, **extra}
-        session = await self._get_session()
         deadline = time.monotonic() + (self.timeout.total or 120.0)
         last_url: str | None = None
         last_error = ""
@@ -163,7 +175,7 @@ class ChatClient:
             last_url, refused = url, False
             started = time.monotonic()
             try:
-                async with session.post(f"{url}/chat/completions", json=body) as resp:
+                async with self._session_for(url).post(f"{url}/chat/completions", json=body) as resp:
                     if resp.status in _RETRY_STATUS:
                         self._error(url, "http_429" if resp.status == 429 else f"http_{resp.status // 100}xx")
                         last_error = f"HTTP {resp.status} from {url}: {(await resp.text())[:200]}"
@@ -227,5 +239,5 @@ class ChatClient:
         )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        sessions, self._sessions = list(self._sessions.values()), {}
+        await asyncio.gather(*(s.close() for s in sessions))
