@@ -260,11 +260,13 @@ def run_ours(job: Path, exclude: set[int], extra: list[str]) -> tuple[float, flo
             ENGINE.start()
         if p.remaining == 0 and "end" not in started:  # all committed: the work ends here, not after shutdown
             started["end"] = time.monotonic()
+            sampler.__exit__(None, None, None)  # CPU too: team and Ray shutdown are not the run's work (baselines have none)
             ENGINE.stop()
 
     summary = run_job(config, on_progress=on_progress)
     elapsed = started.get("end", time.monotonic()) - summary.progress.started_at
-    sampler.__exit__(None, None, None)
+    if "end" not in started:
+        sampler.__exit__(None, None, None)
     LAST_BREAKDOWN.clear()
     LAST_BREAKDOWN.update(sampler.by_kind())
     return elapsed, sampler.cpu_s, sampler.peak_rss, count_backlog_warnings(summary.ray_logs)
