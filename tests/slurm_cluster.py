@@ -30,6 +30,9 @@ named after the owner's pid; live owners' are left alone), and ``stop()`` delete
 its own. Everything runs as root (Slurm jobs too). Every daemon logs to
 ``base/log``; logs and state stay after ``stop()`` so a failing test can be inspected.
 
+The daemons' processes and each node's namespace set-up are in ``tests/slurm_procs.py``;
+the configuration files in ``tests/slurm_conf.py``.
+
 Usage::
 
     with SlurmCluster(tmp_path) as cluster:
@@ -61,6 +64,8 @@ from pathlib import Path
 from typing import Any
 
 from .netns import TestNet
+from .slurm_conf import write_configs
+from .slurm_procs import NODE_INIT, NODE_SETUP, Daemon, alive, mnt_ns, pids_in_mnt_ns, pids_in_pidns, tail, terminate
 
 TIMES: dict[str, list[float]] = {}
 """Durations the Slurm tests measured (printed when the session's cluster stops)."""
@@ -140,78 +145,6 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except FileNotFoundError:
-        return f"({path} does not exist)"
-    return f"--- {path} (last {lines} lines) ---\n" + "\n".join(text.splitlines()[-lines:])
-
-
-def _pid_state(pid: int) -> str | None:
-    """The /proc state letter, or None when the process is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    state = _pid_state(pid)
-    return state is not None and state not in ("Z", "X")
-
-
-# PID 1 of a node's PID namespace: runs slurmd, forwards signals to it, reaps orphans (Ray's,
-# slurmstepd's), and exits with it, which makes the kernel kill everything left in the node.
-NODE_INIT = r"""
-import os, signal, sys
-child = os.fork()
-if child == 0:
-    os.execv(sys.argv[1], sys.argv[1:])
-for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-    signal.signal(s, lambda sig, _f: os.kill(child, sig))
-while True:
-    try:
-        pid, status = os.wait()
-    except ChildProcessError:
-        sys.exit(0)
-    if pid == child:
-        sys.exit(os.waitstatus_to_exitcode(status))
-"""
-
-# Runs in the node's new namespaces before the init: hostname, hosts file, its own boot id
-# (UCX and others take the same boot id for the same machine and then try shared memory),
-# private /tmp (a fresh tmpfs, built at a staging mount point, the shared dirs bound into
-# it, then moved over /tmp) and private /dev/shm.
-NODE_SETUP = r"""
-set -e
-hostname "$1"; mount --bind "$2" /etc/hosts; mount --bind "$3" /proc/sys/kernel/random/boot_id; stage="$4"; shift 4
-mount -t tmpfs -o mode=1777 tmpfs "$stage"
-while [ "$1" != "--" ]; do mkdir -p "$stage${1#/tmp}"; mount --bind "$1" "$stage${1#/tmp}"; shift; done; shift
-mount --move "$stage" /tmp
-mount -t tmpfs -o mode=1777 tmpfs /dev/shm
-exec "$@"
-"""
-
-
-class _Daemon:
-    def __init__(self, name: str, proc: subprocess.Popen, logs: list[Path]) -> None:
-        self.name, self.proc, self.logs = name, proc, logs
-        self.mnt_ns: str | None = None  # set for slurmd: its private mount namespace
-        self.init_pid: int | None = None  # set for slurmd: PID 1 of its node (host pid)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None and _alive(self.proc.pid)
-
-    def tails(self) -> str:
-        return "\n".join(_tail(p) for p in self.logs)
-
-
 class SlurmCluster:
     """A Slurm cluster of ``n_nodes`` slurmd daemons on this machine (run as root)."""
 
@@ -256,7 +189,7 @@ class SlurmCluster:
         self.db_socket = self.run_dir / "mariadb.sock"
         self.env: dict[str, str] = {}
         self.timings: dict[str, float] = {}
-        self._daemons: list[_Daemon] = []
+        self._daemons: list[Daemon] = []
         self._started = False
 
     # ---------------------------------------------------------------- public
@@ -283,7 +216,7 @@ class SlurmCluster:
             (self.base / "spool" / n).mkdir(exist_ok=True)
             (self.run_dir / f"stage-{n}").mkdir(exist_ok=True)
         self.ports = dict(zip(["ctld", "dbd", *self.nodes], _free_ports(2 + len(self.nodes))))
-        self._write_configs()
+        write_configs(self)
         self.env = {**os.environ, **self.env_overlay}
         self.env["PATH"] = os.pathsep.join([self.env.get("PATH", ""), "/usr/sbin", "/sbin"])
         deadline = time.monotonic() + timeout
@@ -315,12 +248,12 @@ class SlurmCluster:
             with contextlib.suppress(Exception):
                 self.cancel_all(timeout)
         slurmds = [d for d in self._daemons if d.name.startswith("slurmd-")]
-        self._terminate(slurmds, grace=5)
+        terminate(slurmds, grace=5)
         for d in slurmds:
             self._kill_node_processes(d)
         for d in reversed(self._daemons):
             if d not in slurmds:
-                self._terminate([d])
+                terminate([d])
         self._daemons.clear()
         self.net.remove()
         self._started = False
@@ -448,7 +381,7 @@ class SlurmCluster:
     def node_pids(self, node: str) -> list[int]:
         """Host pids of every process on ``node`` (its slurmd, job steps, whatever they started)."""
         d = self._slurmd(node)
-        return [] if d.init_pid is None else self._pids_in_pidns(d.init_pid)
+        return [] if d.init_pid is None else pids_in_pidns(d.init_pid)
 
     def kill_node(self, node: str, reason: str = "killed by test") -> float:
         """Crash ``node``: unplug its link (packets to it vanish, as to a dead host, instead of
@@ -497,10 +430,10 @@ class SlurmCluster:
         fn(deadline)
         self.timings[f"start.{name}"] = time.monotonic() - t
 
-    def _daemon(self, name: str) -> _Daemon | None:
+    def _daemon(self, name: str) -> Daemon | None:
         return next((d for d in self._daemons if d.name == name), None)
 
-    def _slurmd(self, node: str) -> _Daemon:
+    def _slurmd(self, node: str) -> Daemon:
         d = self._daemon(f"slurmd-{node}")
         if d is None:
             raise SlurmClusterError(f"no node {node} (nodes: {self.nodes})")
@@ -514,18 +447,18 @@ class SlurmCluster:
             if not d.alive():
                 raise SlurmClusterError(f"{d.name} (pid {d.pid}) exited ({d.proc.poll()}):\n{d.tails()}")
 
-    def _spawn(self, name: str, argv: list[str], extra_logs: Sequence[Path] = (), env: dict | None = None) -> _Daemon:
+    def _spawn(self, name: str, argv: list[str], extra_logs: Sequence[Path] = (), env: dict | None = None) -> Daemon:
         out = self.log_dir / f"{name}.out"
         with open(out, "ab") as fh:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
                 env=env or {**os.environ, **self.env_overlay}, cwd=self.base, start_new_session=True,
             )  # fmt: skip
-        d = _Daemon(name, proc, [out, *extra_logs])
+        d = Daemon(name, proc, [out, *extra_logs])
         self._daemons.append(d)
         return d
 
-    def _wait(self, d: _Daemon, what: str, ready: Any, deadline: float) -> None:
+    def _wait(self, d: Daemon, what: str, ready: Any, deadline: float) -> None:
         while time.monotonic() < deadline:
             if not d.alive():
                 raise SlurmClusterError(f"{d.name} exited ({d.proc.poll()}) before {what}:\n{d.tails()}")
@@ -541,141 +474,17 @@ class SlurmCluster:
             s.settimeout(0.5)
             return s.connect_ex((host, port)) == 0
 
-    @staticmethod
-    def _terminate(daemons: list[_Daemon], grace: float = 10) -> None:
-        """SIGTERM, wait up to ``grace`` s, SIGKILL; a zombie counts as gone (reaped here)."""
-        for d in daemons:
-            if d.alive():
-                with contextlib.suppress(ProcessLookupError):
-                    d.proc.send_signal(signal.SIGTERM)
-        end = time.monotonic() + grace
-        while time.monotonic() < end and any(d.alive() for d in daemons):
-            time.sleep(0.05)
-        for d in daemons:
-            if d.alive():
-                with contextlib.suppress(ProcessLookupError):
-                    d.proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                d.proc.wait(5)
-
-    @staticmethod
-    def _mnt_ns(pid: int) -> str | None:
-        try:
-            return os.readlink(f"/proc/{pid}/ns/mnt")
-        except OSError:
-            return None
-
-    def _pids_in_ns(self, ns: str) -> list[int]:
-        own = self._mnt_ns(os.getpid())
-        if ns == own:
-            return []
-        return [int(p) for p in os.listdir("/proc") if p.isdigit() and self._mnt_ns(int(p)) == ns and _alive(int(p))]
-
-    @staticmethod
-    def _pids_in_pidns(init_pid: int) -> list[int]:
-        try:
-            ns = os.readlink(f"/proc/{init_pid}/ns/pid_for_children")
-        except OSError:
-            return []
-        out = []
-        for p in filter(str.isdigit, os.listdir("/proc")):
-            with contextlib.suppress(OSError):
-                if os.readlink(f"/proc/{p}/ns/pid") == ns and _alive(int(p)):
-                    out.append(int(p))
-        return out
-
-    def _kill_node_processes(self, d: _Daemon) -> None:
+    def _kill_node_processes(self, d: Daemon) -> None:
         """SIGKILL a node's PID 1 (the kernel then kills the rest) and whatever sits in its mount namespace."""
-        if d.init_pid is not None and _alive(d.init_pid):
+        if d.init_pid is not None and alive(d.init_pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(d.init_pid, signal.SIGKILL)
         if d.mnt_ns is not None:
-            for pid in self._pids_in_ns(d.mnt_ns):
+            for pid in pids_in_mnt_ns(d.mnt_ns):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             d.proc.wait(10)
-
-    # configuration
-
-    def _write_configs(self) -> None:
-        b = self.base
-        auth_info = f"socket={self.munge_socket},cred_expire={self.cred_expire_s}"
-        nodes = ",".join(self.nodes)
-        node_lines = "\n".join(
-            f"NodeName={n} NodeHostname={n} NodeAddr={self.node_addr[n]} Port={self.ports[n]} "
-            f"CPUs={self.cpus_per_node} RealMemory={self.real_memory_mb} State=UNKNOWN"
-            for n in self.nodes
-        )
-        self.conf_path.write_text(f"""\
-# written by tests/slurm_cluster.py
-ClusterName={self.name}
-FirstJobId={self.first_job_id}
-SlurmctldHost=ctl({self.ctl_addr})
-SlurmctldPort={self.ports['ctld']}
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo={auth_info}
-StateSaveLocation={b}/state
-SlurmdSpoolDir={b}/spool/%n
-SlurmctldPidFile={b}/run/slurmctld.pid
-SlurmdPidFile={b}/run/slurmd-%n.pid
-SlurmctldLogFile={b}/log/slurmctld.log
-SlurmdLogFile={b}/log/slurmd-%n.log
-SlurmctldDebug=info
-SlurmdDebug=info
-PlugStackConfig={b}/etc/plugstack.conf
-ProctrackType={self.proctrack}
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost={self.ctl_addr}
-AccountingStoragePort={self.ports['dbd']}
-AccountingStoragePass={self.munge_socket}
-JobCompType=jobcomp/none
-MpiDefault=none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=1,sched_interval=2
-SlurmdParameters=config_overrides
-ReturnToService=2
-KillWait=5
-MailProg=/bin/true
-InactiveLimit=0
-MinJobAge=300
-PreemptType=preempt/partition_prio
-PreemptMode=REQUEUE
-SlurmctldParameters=preempt_send_user_signal
-{node_lines}
-PartitionName=low Nodes={nodes} Default=YES PriorityTier=1 PreemptMode=REQUEUE GraceTime={self.grace_time_s} MaxTime=INFINITE State=UP
-PartitionName=high Nodes={nodes} Default=NO PriorityTier=10 PreemptMode=OFF MaxTime=INFINITE State=UP
-{self.extra_conf}
-""")
-        (self.etc / "plugstack.conf").write_text("")
-        (self.etc / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\nConstrainCores=no\nConstrainRAMSpace=no\n")
-        dbd = self.etc / "slurmdbd.conf"
-        dbd.write_text(f"""\
-AuthType=auth/munge
-AuthInfo=socket={self.munge_socket}
-DbdHost=localhost
-DbdAddr={self.ctl_addr}
-DbdPort={self.ports['dbd']}
-SlurmUser=root
-PidFile={b}/run/slurmdbd.pid
-LogFile={b}/log/slurmdbd.log
-DebugLevel=info
-StorageType=accounting_storage/mysql
-StorageHost=localhost
-StorageUser=root
-StorageLoc=slurm_acct_db
-""")
-        dbd.chmod(0o600)
-        hosts = [line for line in Path("/etc/hosts").read_text().splitlines() if not line.strip().startswith("127.0.1.")]
-        hosts += [f"{self.ctl_addr}\tctl"] + [f"{self.node_addr[n]}\t{n}" for n in self.nodes]
-        (self.etc / "hosts").write_text("\n".join(hosts) + "\n")
 
     # daemons
 
@@ -723,7 +532,7 @@ StorageLoc=slurm_acct_db
                      "--skip-test-db"], stdout=fh, stderr=subprocess.STDOUT, cwd=self.base, timeout=120, check=False,
                 ).returncode  # fmt: skip
             if rc != 0:
-                raise SlurmClusterError(f"mariadb-install-db exited {rc}:\n{_tail(out)}")
+                raise SlurmClusterError(f"mariadb-install-db exited {rc}:\n{tail(out)}")
         err = self.log_dir / "mariadb.log"
         d = self._spawn("mariadb", self._in_ctl([
             _which("mariadbd"), *common, "--skip-networking", f"--socket={self.db_socket}",
@@ -771,7 +580,7 @@ StorageLoc=slurm_acct_db
             slurmds = Path(f"/proc/{init}/task/{init}/children").read_text().split()
             if not slurmds or not Path(f"/proc/{slurmds[0]}/cmdline").read_bytes().split(b"\0")[0].endswith(b"slurmd"):
                 return False
-            d.init_pid, d.mnt_ns = init, self._mnt_ns(init)
+            d.init_pid, d.mnt_ns = init, mnt_ns(init)
             return True
 
         self._wait(d, f"slurmd {n} in its namespaces", up, deadline)
