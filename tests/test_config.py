@@ -62,7 +62,7 @@ def test_missing_required_key(tmp_path: Path) -> None:
     "args, expected",
     [
         (["run", str(CONFIG), "run.bogus=1"], "matrix-hpc: config error: unknown key run.bogus"),
-        (["run", str(CONFIG), "run.seed=abc"], "matrix-hpc: config error: run.seed: expected int, got 'abc'"),
+        (["run", str(CONFIG), "run.max_attempts=abc"], "matrix-hpc: config error: run.max_attempts: expected int, got 'abc'"),
         (["run", "/nonexistent/job.yaml"], "matrix-hpc: config error: config file not found: /nonexistent/job.yaml"),
     ],
 )
