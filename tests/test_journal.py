@@ -153,3 +153,20 @@ def test_append_nowait_does_not_wait_and_flush_makes_it_durable(tmp_path: Path) 
         await w.close()
 
     asyncio.run(main())
+
+
+def test_entries_of_one_flush_share_one_future(tmp_path: Path) -> None:
+    """The hot path pays no future per LLM call: entries queued for the same flush share one."""
+
+    async def main() -> None:
+        w = JournalWriter(tmp_path / "f.jnl", flush_interval_s=0.01)
+        futs = [w.append_nowait(entry(i)) for i in range(100)]
+        assert all(f is futs[0] for f in futs) and not futs[0].done()
+        await w.flush()
+        assert futs[0].done() and w.entries == 100
+        later = w.append_nowait(entry(100))
+        assert later is not futs[0]  # the next flush's entries get the next future
+        await later
+        await w.close()
+
+    asyncio.run(main())

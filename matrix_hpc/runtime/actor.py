@@ -26,6 +26,7 @@ from ..services.llm import ChatClient
 from ..services.llm.registry import follow_registry
 from ..store import RecordRow
 from .agent import Agent, AgentContext, run_step
+from .gcbudget import GcBudget
 from .health import ActorPing, LoopLagWatcher
 from .loader import load_object
 from .outbox import Outbox
@@ -99,6 +100,9 @@ class AgentActor:
         self._setup_errors: dict[str, str] = {}  # role -> why its setup() failed
         self._loops: list[asyncio.Task[None]] = []
         self.lag = LoopLagWatcher(f"actor {role}/{index}", team.loop_lag_warn_s)
+        self.gc = GcBudget()
+        """Full garbage collections paced to 5% of the time: with many tasks in flight CPython's
+        own pacing walks every live object every few seconds (see ``gcbudget``)."""
         self.steps = 0
         if team.metrics:
             metrics.add_collector(self._collect)
@@ -200,6 +204,7 @@ class AgentActor:
         for name, client in self._clients.items():
             self._follow(self.team.models[name], client)
         self._loops.append(loop.create_task(self.lag.run()))
+        self._loops.append(loop.create_task(self.gc.run()))
         for _ in range(self.concurrency):
             self._loops.append(loop.create_task(self._worker()))
         if self._replay is not None:

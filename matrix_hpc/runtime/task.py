@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 __all__ = ["Task", "TaskError", "Turn", "content_id"]
@@ -47,6 +47,16 @@ class Turn:
     replayed: bool = False
     """Answered from the call journal (paid for in an earlier life), not by the LLM."""
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Every field positionally: a tuple pickles and unpickles several times faster than
+        # the slots dataclass's default state protocol, and a task carries all its turns at
+        # every hop.
+        return (Turn, tuple(getattr(self, n) for n in _TURN_FIELDS))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The turn as the record stores it (``dataclasses.asdict``, without its deep copy: every field is a scalar)."""
+        return {n: getattr(self, n) for n in _TURN_FIELDS}
+
 
 @dataclass(slots=True)
 class TaskError:
@@ -57,6 +67,9 @@ class TaskError:
     role: str | None = None
     traceback: list[str] | None = None
     """For ``agent_error``: the innermost frames, ``file:line in function: code``."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "message": self.message, "role": self.role, "traceback": list(self.traceback) if self.traceback is not None else None}
 
 
 @dataclass(slots=True)
@@ -81,6 +94,13 @@ class Task:
         if name == "next_role":
             object.__setattr__(self, "routed", True)
         object.__setattr__(self, name, value)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The task crosses a Ray call at every hop: one flat tuple (``routed`` included) rather
+        # than the slots dataclass's per-field state protocol, which ends in __setattr__ per field.
+        values = [getattr(self, n) for n in _TASK_FIELDS]
+        values[_TURNS_AT] = [tuple(getattr(t, n) for n in _TURN_FIELDS) for t in self.turns]  # fewer objects to pickle
+        return (_restore_task, tuple(values))
 
     def fail(self, kind: str, message: str, role: str | None = None, traceback: list[str] | None = None) -> None:
         self.error = TaskError(kind, message, role, traceback)
@@ -123,13 +143,27 @@ class Task:
         return {
             "id": self.id,
             "status": "failed" if self.error else "ok",
-            "error": asdict(self.error) if self.error else None,
+            "error": self.error.as_dict() if self.error else None,
             "row": self.row,
             "result": self.result,
-            "turns": [asdict(t) for t in self.turns],
+            "turns": [t.as_dict() for t in self.turns],
             "usage": usage,
             "attempt": self.attempt,
             "hops": self.hops,
             "created_at": self.created_at,
             "finished_at": finished_at if finished_at is not None else time.time(),
         }
+
+
+_TURN_FIELDS = tuple(f.name for f in fields(Turn))
+_TASK_FIELDS = tuple(f.name for f in fields(Task))  # ``routed`` included (init=False)
+_TURNS_AT = _TASK_FIELDS.index("turns")
+
+
+def _restore_task(*values: Any) -> Task:
+    """Unpickle a :class:`Task` (see ``Task.__reduce__``) without running ``__init__`` or ``__setattr__``."""
+    task = object.__new__(Task)
+    for name, value in zip(_TASK_FIELDS, values):
+        object.__setattr__(task, name, value)
+    object.__setattr__(task, "turns", [Turn(*t) for t in values[_TURNS_AT]])
+    return task

@@ -179,7 +179,9 @@ class JournalWriter:
         self._size = os.fstat(self._fd).st_size
         self._own: dict[str, tuple[int, int]] = {}  # digest -> (offset, size) in this file
         self._by_task: dict[str, list[str]] = {}  # task id -> its digests here
-        self._buf: list[tuple[JournalEntry, bytes, asyncio.Future[None]]] = []
+        self._buf: list[tuple[JournalEntry, bytes]] = []
+        self._buf_done: asyncio.Future[None] | None = None
+        """Done once the entries now in ``_buf`` are on disk: one future per flush, not per entry."""
         self._wake: asyncio.Event | None = None
         self._lock: asyncio.Lock | None = None
         self._flusher: asyncio.Task[None] | None = None
@@ -200,26 +202,35 @@ class JournalWriter:
         await self.append_nowait(entry)
 
     def append_nowait(self, entry: JournalEntry) -> asyncio.Future[None]:
-        """Queue ``entry`` for the next flush; the future is done once it is on disk."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        """Queue ``entry`` for the next flush; the future is done once it is on disk.
+        The future is shared by every entry of the same flush.
+        """
         if self.disabled:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             fut.set_result(None)
             return fut
         if self._flusher is None:
             self._start()
         assert self._wake is not None
-        self._buf.append((entry, encode(entry), fut))
+        if self._buf_done is None:
+            self._buf_done = asyncio.get_running_loop().create_future()
+        self._buf.append((entry, encode(entry)))
         self._wake.set()
-        return fut
+        return self._buf_done
+
+    def _take(self) -> tuple[list[tuple[JournalEntry, bytes]], asyncio.Future[None] | None]:
+        batch, done = self._buf, self._buf_done
+        self._buf, self._buf_done = [], None
+        return batch, done
 
     async def flush(self) -> None:
         """Wait until everything queued so far is on disk."""
-        queued = [fut for _, _, fut in self._buf]
+        queued = self._buf_done
         if self._lock is not None:
             async with self._lock:  # a flush in progress holds it: its batch is on disk after
                 pass
-        if queued:
-            await asyncio.gather(*queued)
+        if queued is not None:
+            await queued
 
     async def _flush_loop(self) -> None:
         assert self._wake is not None and self._lock is not None
@@ -230,12 +241,12 @@ class JournalWriter:
             self._wake.clear()
             last = time.monotonic()
             async with self._lock:
-                batch, self._buf = self._buf, []
+                batch, done = self._take()
                 if batch:
-                    await self._flush(batch)
+                    await self._flush(batch, done)
 
-    async def _flush(self, batch: list[tuple[JournalEntry, bytes, asyncio.Future[None]]]) -> None:
-        data = b"".join(b for _, b, _ in batch)
+    async def _flush(self, batch: list[tuple[JournalEntry, bytes]], done: asyncio.Future[None] | None) -> None:
+        data = b"".join(b for _, b in batch)
         if not self.disabled:
             try:
                 await asyncio.to_thread(self._write, data)
@@ -244,7 +255,7 @@ class JournalWriter:
                 log.warning("journal disabled, calls are no longer saved for replay: %s", self.disabled)
             else:
                 off = self._size
-                for entry, b, _ in batch:
+                for entry, b in batch:
                     self._own[entry.digest] = (off, len(b))
                     self._by_task.setdefault(entry.task_id, []).append(entry.digest)
                     off += len(b)
@@ -252,9 +263,8 @@ class JournalWriter:
                 self.entries += len(batch)
                 self.flushes += 1
                 self.bytes += len(data)
-        for _, _, fut in batch:
-            if not fut.done():
-                fut.set_result(None)
+        if done is not None and not done.done():
+            done.set_result(None)
 
     def _write(self, data: bytes) -> None:
         t = time.perf_counter()
@@ -328,9 +338,9 @@ class JournalWriter:
         """Flush what is queued and close the file."""
         if self._lock is not None:
             async with self._lock:
-                batch, self._buf = self._buf, []
+                batch, done = self._take()
                 if batch:
-                    await self._flush(batch)
+                    await self._flush(batch, done)
             assert self._flusher is not None
             self._flusher.cancel()
         os.close(self._fd)

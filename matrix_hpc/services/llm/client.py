@@ -8,6 +8,7 @@ connection errors with exponential backoff before raising :class:`LLMError`.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import random
@@ -29,6 +30,7 @@ Message = dict[str, str]  # {"role": ..., "content": ...}, the OpenAI wire shape
 
 _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 _RECHECK_S = 2.0  # how long an unreachable endpoint stays out of routing unless listed again
+_JSON = {"Content-Type": "application/json"}
 
 
 class LLMError(RuntimeError):
@@ -159,6 +161,8 @@ class ChatClient:
         ``tool_choice="auto"`` (OpenAI format); the calls come back in ``tool_calls``.
         """
         body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature, **extra}
+        # Encoded once for every attempt, and sent as bytes: aiohttp's ``json=`` builds a payload object per try.
+        payload = json.dumps(body).encode()
         deadline = time.monotonic() + (self.timeout.total or 120.0)
         last_url: str | None = None
         last_error = ""
@@ -175,7 +179,7 @@ class ChatClient:
             last_url, refused = url, False
             started = time.monotonic()
             try:
-                async with self._session_for(url).post(f"{url}/chat/completions", json=body) as resp:
+                async with self._session_for(url).post(f"{url}/chat/completions", data=payload, headers=_JSON) as resp:
                     if resp.status in _RETRY_STATUS:
                         self._error(url, "http_429" if resp.status == 429 else f"http_{resp.status // 100}xx")
                         last_error = f"HTTP {resp.status} from {url}: {(await resp.text())[:200]}"
@@ -186,7 +190,9 @@ class ChatClient:
                     if resp.status != 200:
                         self._error(url, f"http_{resp.status // 100}xx")
                         raise LLMError("llm_http", f"HTTP {resp.status} from {url}: {(await resp.text())[:200]}")
-                    data = await resp.json(content_type=None)
+                    # JSON is UTF-8 (json.loads detects the UTF encodings): no charset sniffing as resp.json() does.
+                    raw = await resp.read()
+                    data = json.loads(raw) if raw.strip() else None
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
                 last_error = f"cannot reach {url}: {exc.__class__.__name__}: {exc}"
                 # Leave the server out of routing for a while; the registry probes it now
