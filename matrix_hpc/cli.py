@@ -170,7 +170,7 @@ def _print_slurm(output: Path) -> None:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from .cluster.slurm import submit
-    from .cluster.slurm.submit import node_results
+    from .cluster.slurm.submitter import node_results
     from .config import load_config
     from .runtime.loader import check_workflow_code
     from .store.writable import check_output_writable

@@ -220,17 +220,28 @@ def run_job(
             raise aborted
         return summary
     except BaseException as exc:
-        _record_abort(root, info, exc, stopping=stop is not None and stop.is_set())
+        _record_abort(root, info, exc, stopping=_asked_to_stop(stop))
         raise
+
+
+def _asked_to_stop(stop: StopFlag | None, within_s: float = 2.0) -> bool:
+    """Whether this life was asked to stop, allowing ``within_s`` for the signal: a Slurm
+    requeue or preemption signals every node at once, and the driver may see its team fall
+    apart (a worker node's actors gone) a moment before its own TERM is handled."""
+    if stop is None:
+        return False
+    deadline = time.monotonic() + within_s
+    while not stop.is_set() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return stop.is_set()
 
 
 def _record_abort(root: Path, info: RunInfo, exc: BaseException, stopping: bool = False) -> None:
     """Say how this life ended, so ``status`` does not report a dead run as running.
 
     A life asked to stop (USR2/TERM on Slurm: its peers' nodes are going away too, so its
-    team may fall apart: a TeamError) that
-    then fails while winding down was interrupted, not failed: its committed rows are
-    durable either way, and the next life resumes from them."""
+    team may fall apart: a TeamError), before or just after it fails, was interrupted, not
+    failed: its committed rows are durable either way, and the next life resumes from them."""
     ended = "interrupted" if stopping and not isinstance(exc, KeyboardInterrupt) else "aborted" if isinstance(exc, KeyboardInterrupt) else "failed"
     info.life.finished_at, info.life.status = time.time(), ended
     info.status, info.finished_at, info.error = ended, time.time(), f"{type(exc).__name__}: {exc}"[:500]

@@ -352,7 +352,7 @@ def test_node_results_of_a_job_that_lost_a_node(cluster: SlurmCluster, tmp_path:
     reports that node as None and keeps node 0's status, the run's."""
     import submitit
 
-    from matrix_hpc.cluster.slurm.submit import node_results
+    from matrix_hpc.cluster.slurm.submitter import node_results
 
     def rank_1_dies() -> int:
         if submitit.JobEnvironment().global_rank == 1:

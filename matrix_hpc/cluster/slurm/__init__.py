@@ -11,7 +11,7 @@ __all__ = ["submit"]
 
 
 def submit(config: str, overrides: list[str] | None = None, executor: Any = None) -> Any:
-    """Submit the run in ``config`` through submitit (see :mod:`.submit`)."""
-    from .submit import submit as _submit
+    """Submit the run in ``config`` through submitit (see :mod:`.submitter`)."""
+    from .submitter import submit as _submit
 
     return _submit(config, overrides, executor)
