@@ -184,10 +184,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """``make test`` runs two pytest-xdist workers (``--dist loadgroup``): the suite mostly
-    waits (Slurm's requeue cycle, engine start-ups), so two halves overlap well on 2 cores.
-    Every Slurm and vLLM test goes to one worker, in file order: one test Slurm cluster at a
-    time, and never two vLLM start-ups at once."""
+    """With pytest-xdist (``-n 2 --dist loadgroup``), every Slurm and vLLM test goes to one
+    worker, in file order: one test Slurm cluster at a time, and never two vLLM start-ups
+    at once. ``make test`` itself runs serially."""
     for item in items:
         if item.get_closest_marker("slurm") or item.get_closest_marker("vllm"):
             item.add_marker(pytest.mark.xdist_group("heavy"))
