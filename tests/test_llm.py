@@ -264,3 +264,33 @@ def test_waits_for_endpoints_to_appear_and_sends_api_key(monkeypatch: pytest.Mon
         await runner.cleanup()
 
     asyncio.run(main())
+
+
+def test_a_restarted_registry_whose_start_failed_tries_again_on_the_next_call() -> None:
+    """A registry restarted by Ray starts its endpoints again on the first call; when that
+    start fails (e.g. placement timed out), the next call tries again instead of raising the
+    old failure for the rest of the run. The registry object is driven in-process: only its
+    ``start`` (which would place and start replicas) is replaced, to fail once."""
+    from matrix_hpc.services.llm.registry import EndpointRegistry
+
+    reg = object.__new__(EndpointRegistry.__ray_metadata__.modified_class)
+    reg.model_key, reg._restarted, reg._started, reg._restart_task = "m", True, False, None
+    starts: list[float] = []
+
+    async def start() -> list[Any]:
+        starts.append(time.monotonic())
+        reg._started = True
+        if len(starts) == 1:
+            raise RuntimeError("placement group not ready")
+        return []
+
+    reg.start = start
+
+    async def calls() -> None:
+        with pytest.raises(RuntimeError, match="placement group"):
+            await reg._resume()
+        await reg._resume()  # raised the first failure again before the fix
+        await reg._resume()
+
+    asyncio.run(calls())
+    assert len(starts) == 2

@@ -212,14 +212,19 @@ def full_disk_run(tmp_path: Path, disk: Path, run_factory: Any, n: int, **overri
 def test_full_disk_waits_and_completes_once_space_is_freed(tmp_path: Path, small_disk: Path, run_factory: Any) -> None:
     n = 3000
     run, _, filler, at_fill = full_disk_run(tmp_path, small_disk, run_factory, n)
+    reported = time.time()  # the driver logged the failing commits before this
     assert "No space left on device" in run.output, run.output
     time.sleep(3)
     assert run.proc.poll() is None and committed_rows(small_disk / "out") == at_fill  # waiting, not lost
+    freed = time.time()
     filler.unlink()
     assert run.wait(180) == 0, run.output
     assert "commits to the store succeed again" in run.output
     records = each_id_once(small_disk / "out", n)
     assert all(r["status"] == "ok" and r["attempt"] == 1 for r in records)  # nothing had to be redone
+    # No task starts while commits fail: the sink would hold its row in memory, unbounded.
+    started_while_full = [r["id"] for r in records if reported < r["created_at"] < freed]
+    assert not started_while_full, f"{len(started_while_full)} tasks started while the disk was full"
 
 
 def test_disk_full_past_the_limit_stops_the_run_and_a_rerun_completes(tmp_path: Path, small_disk: Path, run_factory: Any) -> None:
