@@ -109,20 +109,20 @@ def test_dead_instances_work_goes_to_the_role_peers(tmp_path: Path, run_factory:
     assert max(r["attempt"] for r in records) == 2  # the dead actors' tasks were redone once
 
 
-def test_role_with_no_instance_left_stops_the_run_and_a_rerun_resumes(tmp_path: Path, run_factory: Any) -> None:
-    n = 400
-    roles = {
-        "a": {"agent": f"{AGENTS}:Slow", "concurrency": 16, "params": {"sleep_s": 0.05, "next": "b"}},
-        "b": {"agent": f"{AGENTS}:Slow", "concurrency": 16, "params": {"sleep_s": 0.05}},
-    }
+def kill_for_good_then_rerun(tmp_path: Path, run_factory: Any, roles: dict[str, Any], suffix: str, error: str, n: int = 400) -> None:
+    """With ``run.max_actor_restarts=0``, SIGKILL the actor named ``*suffix`` after the first
+    commits: the run must stop with exit 1 and one ``matrix-hpc: error:`` line containing
+    ``error`` (no traceback), keep what it committed, and a re-run must complete with every
+    id once and nothing committed before redone."""
     out = tmp_path / "out"
     cfg = relay_config(tmp_path, n, roles, **{"run.max_actor_restarts": 0})
     run = run_factory(cfg)
     wait_for(lambda: committed_rows(out) >= 64 and "actors" in json.loads((out / "run.json").read_text()), 120, "first commits", run)
-    os.kill(actor_pid(out, "/b/0"), signal.SIGKILL)
+    os.kill(actor_pid(out, suffix), signal.SIGKILL)
     assert run.wait(120) == 1, run.output
     errors = [line for line in run.output.splitlines() if line.startswith("matrix-hpc: error:")]
-    assert len(errors) == 1 and "role 'b' has no live instance left" in errors[0], run.output
+    assert len(errors) == 1 and error in errors[0], run.output
+    assert "Traceback" not in run.output, run.output
     first = {r["id"]: r["finished_at"] for r in store_records(out)}
     assert 64 <= len(first) < n
     assert json.loads((out / "run.json").read_text())["status"] == "failed"
@@ -133,22 +133,17 @@ def test_role_with_no_instance_left_stops_the_run_and_a_rerun_resumes(tmp_path: 
     assert all(r["finished_at"] == first[r["id"]] for r in records if r["id"] in first)  # nothing redone
 
 
+def test_role_with_no_instance_left_stops_the_run_and_a_rerun_resumes(tmp_path: Path, run_factory: Any) -> None:
+    roles = {
+        "a": {"agent": f"{AGENTS}:Slow", "concurrency": 16, "params": {"sleep_s": 0.05, "next": "b"}},
+        "b": {"agent": f"{AGENTS}:Slow", "concurrency": 16, "params": {"sleep_s": 0.05}},
+    }
+    kill_for_good_then_rerun(tmp_path, run_factory, roles, "/b/0", "role 'b' has no live instance left")
+
 
 def test_sink_gone_for_good_stops_the_run_with_one_line_and_a_rerun_completes(tmp_path: Path, run_factory: Any) -> None:
-    n = 400
     roles = {"a": {"agent": f"{AGENTS}:Slow", "concurrency": 16, "params": {"sleep_s": 0.05}}}
-    out = tmp_path / "out"
-    cfg = relay_config(tmp_path, n, roles, **{"run.max_actor_restarts": 0})
-    run = run_factory(cfg)
-    wait_for(lambda: committed_rows(out) >= 64 and "actors" in json.loads((out / "run.json").read_text()), 120, "first commits", run)
-    os.kill(actor_pid(out, "/__sink__"), signal.SIGKILL)
-    assert run.wait(120) == 1, run.output
-    errors = [line for line in run.output.splitlines() if line.startswith("matrix-hpc: error:")]
-    assert len(errors) == 1 and "the sink is dead (restarts used up)" in errors[0], run.output
-    assert "Traceback" not in run.output, run.output
-    rerun = run_factory(cfg)
-    assert rerun.wait(180) == 0, rerun.output
-    each_id_once(out, n)
+    kill_for_good_then_rerun(tmp_path, run_factory, roles, "/__sink__", "the sink is dead (restarts used up)")
 
 
 def test_inline_agent_is_built_once_per_actor_and_closed_once(tmp_path: Path, run_factory: Any) -> None:
