@@ -2,7 +2,7 @@
 
     python -m benchmarks.throughput --workflow collab_reasoning --concurrency 100,1000
     python -m benchmarks.throughput --workflow web_reasoning --concurrency 100,1000 --json out.json
-    python -m benchmarks.throughput --schedulers ours --concurrency 100 --scale 50000,100000   # scale rows only
+    python -m benchmarks.throughput --concurrency '' --scale 50000,100000   # scale rows only
     python -m benchmarks.throughput --schedulers ours --replay compare   # the call journal's cost
 
 Every scheduler runs the same workflow agents against the same latency-model
@@ -14,9 +14,10 @@ machine's load made its steps late), the machine's load average, p50/p99
 task latency, CPU ms per agent hop and per LLM hop (all processes but the engine),
 peak RSS, and whether the store holds every id exactly once. ``ours-nometrics`` is
 ours with ``run.metrics=false`` (what the Prometheus metrics cost). The scale rows
-(``--scale``) run ours alone with as many tasks as in flight (50,000 and 100,000 by
-default) against a bigger engine batch, so that a cost growing with the number of
-waiting tasks shows as lost utilization.
+(``--scale``) run ours, then the central asyncio loop (``--scale-schedulers``), with as
+many tasks as in flight (50,000 and 100,000 by default) against a bigger engine batch, so
+that a cost growing with the number of waiting tasks shows as lost utilization, and the
+central loop shows what one process with no Ray reaches on the same machine.
 ``--replay compare`` runs ours with the call journal (``run.replay``) on and off
 ("ours/noreplay") and prints the difference.
 """
@@ -411,7 +412,8 @@ def main() -> None:
     ap.add_argument("--engine-nice", type=int, default=-10, help="CPU priority of the engine process: it stands in for a GPU, so the system under test must not slow it down (negative needs root)")
     ap.add_argument("--replay", choices=["on", "off", "compare"], default="on", help="our runtime's call journal (run.replay); compare runs both")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for our runtime (repeatable)")
-    ap.add_argument("--scale", default="50000,100000", help="scale rows: tasks (= tasks in flight) per run of ours, one run each ('' to skip)")
+    ap.add_argument("--scale", default="50000,100000", help="scale rows: tasks (= tasks in flight) per run, one run each ('' to skip)")
+    ap.add_argument("--scale-schedulers", default="ours,central", help="who runs the scale rows (comma-separated)")
     ap.add_argument("--scale-max-batch", type=int, default=256, help="engine max_batch for the scale rows")
     ap.add_argument("--scale-out-mean", type=float, default=16.0, help="engine out_mean for the scale rows (short answers: minutes, not hours)")
     for f, default in asdict(LatencyModel()).items():
@@ -450,9 +452,10 @@ def main() -> None:
         try:
             scale_rows = []
             for n in scale:
-                row = one_run("ours", args.workflow, n, n, url, {engine.pid}, big.peak_tokens_per_s)
-                print(f"  ours scale {n}: {row.tokens_per_s:.0f} tok/s, util {row.utilization:.1%}, fill {row.engine_fill:.1%}, load {row.load:.1f}, {row.cpu_ms_per_llm_hop:.3f} CPU ms/LLM hop, complete={row.complete}", file=sys.stderr, flush=True)
-                scale_rows.append(row)
+                for sched in (s for s in args.scale_schedulers.split(",") if s):
+                    row = one_run(sched, args.workflow, n, n, url, {engine.pid}, big.peak_tokens_per_s)
+                    print(f"  {sched} scale {n}: {row.tokens_per_s:.0f} tok/s, util {row.utilization:.1%}, fill {row.engine_fill:.1%}, load {row.load:.1f}, {row.cpu_ms_per_llm_hop:.3f} CPU ms/LLM hop, complete={row.complete}", file=sys.stderr, flush=True)
+                    scale_rows.append(row)
         finally:
             engine.terminate()
             engine.wait()
