@@ -16,6 +16,7 @@ import inspect
 import os
 import sys
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 from ..config import ConfigError, JobConfig
@@ -80,6 +81,19 @@ def _load(path: str, key: str, paths: list[str]) -> Any:
         raise ConfigError(f"{key}: {_describe(path, exc, paths)}") from None
 
 
+def role_problem(role: str, cls: object, agent: str, has_model: bool, inline: bool, models: Iterable[str]) -> str | None:
+    """What is wrong with role ``role``'s loaded agent class ``cls`` (``agent``: its path), as a
+    message naming the key; None when nothing is. Checked before Ray starts (from the config)
+    and again by :class:`~matrix_hpc.runtime.team.Team` (from a team spec built by hand)."""
+    if not (isinstance(cls, type) and issubclass(cls, Agent)):
+        return f"workflow.roles.{role}.agent: {agent} is not a subclass of matrix_hpc.agents.Agent"
+    if cls.uses_llm and not has_model:
+        return f"workflow.roles.{role}.model: the role calls an LLM; name one of the models ({', '.join(models)})"
+    if inline and cls.uses_llm:
+        return f"workflow.roles.{role}.inline: only roles that call no LLM (uses_llm = False) can run inline"
+    return None
+
+
 def check_workflow_code(config: JobConfig) -> None:
     """Import every role's agent class and the metrics function; raise :class:`ConfigError`
     naming the key of the first one that does not load or is not what it must be."""
@@ -88,13 +102,9 @@ def check_workflow_code(config: JobConfig) -> None:
     wf = config.workflow
     for role, rc in wf.roles.items():
         key = f"workflow.roles.{role}.agent"
-        cls = _load(rc.agent, key, paths)
-        if not (isinstance(cls, type) and issubclass(cls, Agent)):
-            raise ConfigError(f"{key}: {rc.agent} is not a subclass of matrix_hpc.agents.Agent")
-        if cls.uses_llm and config.role_model(role) is None:
-            raise ConfigError(f"workflow.roles.{role}.model: the role calls an LLM; name one of the models ({', '.join(config.models)})")
-        if rc.inline and cls.uses_llm:
-            raise ConfigError(f"workflow.roles.{role}.inline: only roles that call no LLM (uses_llm = False) can run inline")
+        problem = role_problem(role, _load(rc.agent, key, paths), rc.agent, config.role_model(role) is not None, rc.inline, config.models)
+        if problem:
+            raise ConfigError(problem)
     if wf.metrics:
         fn = _load(wf.metrics, "workflow.metrics", paths)
         if not callable(fn):

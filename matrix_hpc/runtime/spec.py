@@ -35,17 +35,14 @@ class ClientSpec:
     timeout_s: float = 120.0
     max_retries: int = 3
     retry_backoff_s: float = 1.0
-    max_connections: int | None = None
-    """As configured (None: derived per role, see :attr:`RoleSpec.max_connections`)."""
-    max_outstanding: int | None = None
     sticky: bool = True
+    # Connection and per-endpoint limits are per role (RoleSpec): derived from run.max_in_flight.
 
     @classmethod
     def from_model(cls, name: str, m: ModelConfig, urls: list[str], registry: str | None) -> ClientSpec:
         return cls(
             name=name, served_name=m.served_name, urls=list(urls), registry=registry, api_key_env=m.api_key_env,
-            timeout_s=m.timeout_s, max_retries=m.max_retries, retry_backoff_s=m.retry_backoff_s,
-            max_connections=m.max_connections, max_outstanding=m.max_outstanding_per_endpoint, sticky=m.sticky,
+            timeout_s=m.timeout_s, max_retries=m.max_retries, retry_backoff_s=m.retry_backoff_s, sticky=m.sticky,
         )  # fmt: skip
 
 

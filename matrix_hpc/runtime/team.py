@@ -12,8 +12,8 @@ from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 from ..labels import CPU_NODE, on_driver_node, placement
 from ..store.zarr_store import WriterOwner
 from .actor import AgentActor, actor_name, load_object, sink_name
-from .agent import Agent
 from .health import ActorPing
+from .loader import role_problem
 from .sink import SinkActor
 from .spec import TeamSpec
 from .task import Task
@@ -46,12 +46,9 @@ class Team:
                 cls = load_object(rs.agent)
             except ImportError as exc:
                 raise TeamError(f"workflow.roles.{role}.agent: {exc}") from None
-            if not (isinstance(cls, type) and issubclass(cls, Agent)):
-                raise TeamError(f"workflow.roles.{role}.agent: {rs.agent} is not a matrix_hpc.agents.Agent subclass")
-            if cls.uses_llm and rs.model is None:
-                raise TeamError(f"workflow.roles.{role}.model: the role calls an LLM; name one of the models ({', '.join(spec.models)})")
-            if rs.inline and cls.uses_llm:
-                raise TeamError(f"workflow.roles.{role}.inline: only roles that call no LLM (uses_llm = False) can run inline")
+            problem = role_problem(role, cls, rs.agent, rs.model is not None, rs.inline, spec.models)
+            if problem:
+                raise TeamError(problem)
         self.spec = spec
         self.entry = entry
         # Agents on CPU nodes when the cluster labels them, spread or packed; Ray re-creates a
