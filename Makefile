@@ -58,7 +58,7 @@ demo: $(VENV)/.local-installed
 	$(BIN)/matrix-hpc run workflows/collab_reasoning/config.yaml $(ARGS)
 
 test: $(VENV)/.vllm-installed deb-test
-	$(BIN)/python -m pytest -ra --durations=15 $(ARGS)
+	$(BIN)/python -m pytest -ra --durations=25 $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

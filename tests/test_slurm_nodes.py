@@ -103,7 +103,8 @@ def test_worker_node_death_mid_run_completes_every_id_once(cluster: SlurmCluster
 def test_head_node_death_requeues_and_next_life_completes(cluster: SlurmCluster, tmp_path: Path) -> None:
     """The first node (Ray head, driver, sink) crashes: Slurm requeues the job (--requeue, node
     failure) onto the nodes left, and the next life resumes from the store: every id once."""
-    cfg, rows = slurm_config(tmp_path, 40, "hd")
+    # The worker gives up on an unreachable head after head_lost_s (30 s by default) and requeues.
+    cfg, rows = slurm_config(tmp_path, 24, "hd", **{"cluster.slurm.head_lost_s": 10})
     out = tmp_path / "hd-out"
     job = sbatch(cluster, cfg)
     log = lambda: job_log(cfg, job)  # noqa: E731
