@@ -171,7 +171,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The namespaced 3-node test Slurm cluster (tests/slurm_cluster.py), started once for
     every Slurm test module (a test module may define its own). GraceTime 30 s: a
     preempted job gets USR2 and this long to save before TERM/KILL."""
-    from .slurm_cluster import TIMES, SlurmCluster
+    from .slurm_cluster import SlurmCluster
 
     c = SlurmCluster(tmp_path_factory.mktemp("slurm"), grace_time_s=30, shared=[tmp_path_factory.getbasetemp()])
     c.start()
@@ -179,8 +179,17 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         yield c
     finally:
         c.stop()
-        if TIMES:
-            print("\nslurm timings (s): " + "; ".join(f"{k}: {', '.join(f'{v:.1f}' for v in vs)}" for k, vs in TIMES.items()))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The Slurm tests' measured times (kill -> tasks flowing again, interruption -> next
+    life, ...) at the end of the run, where ``make test``'s output keeps them."""
+    mod = sys.modules.get("tests.slurm_cluster")
+    if mod is None or not mod.TIMES:
+        return
+    terminalreporter.write_sep("-", "slurm timings (s, or counts)")
+    for what, vals in mod.TIMES.items():
+        terminalreporter.write_line(f"{what}: {', '.join(f'{v:.1f}' for v in vals)}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

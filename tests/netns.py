@@ -2,10 +2,11 @@
 
 ``TestNet(owner_pid)`` creates, as root:
 
-* a bridge ``mhpc<pid>`` on this host with the address ``<subnet>.1/24``, where
-  ``<subnet>`` is a ``10.x.y`` /24 that no host interface or route uses;
-* per host name ``h``, a network namespace ``mhpc-<pid>-<h>`` whose ``eth0`` (a veth
-  whose other end ``mh<pid><h>`` is on the bridge) has the address ``<subnet>.<k>`` and
+* a bridge ``mhpc<pid>s<n>`` on this host with the address ``<subnet>.1/24``, where
+  ``<subnet>`` is a ``10.x.y`` /24 that no host interface or route uses and ``<n>`` counts
+  the networks this process made (a module's own cluster may run beside the session's);
+* per host name ``h``, a network namespace ``mhpc-<pid>-<n>-<h>`` whose ``eth0`` (a veth
+  whose other end ``mh<pid>s<n><h>`` is on the bridge) has the address ``<subnet>.<k>`` and
   whose only routes are the bridge's subnet and its own ``lo``.
 
 There is no default route in any namespace and IP forwarding is not touched: traffic
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import itertools
 import os
 import random
 import re
@@ -31,6 +33,8 @@ __all__ = ["TestNet", "clean_stale"]
 NETNS_DIR = Path("/run/netns")
 _NS_RE = re.compile(r"^mhpc-(\d+)-")
 _LINK_RE = re.compile(r"^mh(?:pc)?(\d+)")
+_SEQ = itertools.count()
+_SEQ_CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -111,14 +115,18 @@ class TestNet:
 
     def __init__(self, owner_pid: int | None = None) -> None:
         self.owner = owner_pid or os.getpid()
-        self.bridge = f"mhpc{self.owner}"
+        self.seq = _SEQ_CHARS[next(_SEQ) % len(_SEQ_CHARS)]  # interface names have 15 characters at most
+        self.bridge = f"mhpc{self.owner}s{self.seq}"
         self.subnet = _free_subnet()
         self.host_addr = f"{self.subnet}.1"
         self.addrs: dict[str, str] = {}
         self._up = False
 
     def ns_name(self, host: str) -> str:
-        return f"mhpc-{self.owner}-{host}"
+        return f"mhpc-{self.owner}-{self.seq}-{host}"
+
+    def _veth(self, host: str) -> str:
+        return f"mh{self.owner}s{self.seq}{host}"
 
     def ns_path(self, host: str) -> str:
         return str(NETNS_DIR / self.ns_name(host))
@@ -134,7 +142,7 @@ class TestNet:
     def add_host(self, host: str, index: int) -> str:
         """A namespace for ``host`` with the address ``<subnet>.<index>``; returns the address."""
         assert 1 < index < 255 and re.fullmatch(r"[a-z0-9]{1,3}", host), (host, index)
-        ns, veth, addr = self.ns_name(host), f"mh{self.owner}{host}", f"{self.subnet}.{index}"
+        ns, veth, addr = self.ns_name(host), self._veth(host), f"{self.subnet}.{index}"
         _ip("netns", "add", ns)
         _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
         _ip("link", "set", veth, "master", self.bridge, "up")
@@ -146,7 +154,7 @@ class TestNet:
 
     def set_link(self, host: str, up: bool) -> None:
         """Plug (``up``) or unplug ``host``'s cable: its bridge-side veth end."""
-        _ip("link", "set", f"mh{self.owner}{host}", "up" if up else "down")
+        _ip("link", "set", self._veth(host), "up" if up else "down")
 
     def remove(self) -> None:
         if not self._up:
@@ -156,7 +164,7 @@ class TestNet:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             _ip("netns", "del", self.ns_name(host), check=False)
-            _ip("link", "del", f"mh{self.owner}{host}", check=False)
+            _ip("link", "del", self._veth(host), check=False)
         _ip("link", "del", self.bridge, check=False)
         self.addrs.clear()
         self._up = False

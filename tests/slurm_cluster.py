@@ -3,9 +3,9 @@
 ``SlurmCluster(base, shared=[...])`` writes its configuration under ``base`` and
 starts, as children of this process and each tracked by pid:
 
-* a private network (``tests/netns.py``): a bridge ``mhpc<pid>`` on this host with
+* a private network (``tests/netns.py``): a bridge ``mhpc<pid>s<n>`` on this host with
   ``10.x.y.1/24`` (a /24 no host interface or route uses), and one network namespace
-  per host (``mhpc-<pid>-ctl``, ``mhpc-<pid>-n1`` ...) holding a veth on that bridge:
+  per host (``mhpc-<pid>-<n>-ctl``, ``mhpc-<pid>-<n>-n1`` ...) holding a veth on that bridge:
   ``ctl`` is ``10.x.y.2``, node ``nI`` is ``10.x.y.(10+I)``. No namespace has a default
   route and IP forwarding is untouched, so nothing is bound to or sent through the
   host's own interfaces; test clients (``sbatch``, ``sacct``, pytest itself) reach the
