@@ -97,7 +97,7 @@ def test_loop_lag_watcher_names_the_running_role_once_per_interval(caplog: pytes
         asyncio.run(main())
     warnings = watcher.take_warnings()
     assert len(warnings) == 1, warnings
-    assert "actor slow/0: event loop blocked for 0." in warnings[0] and "while running: role 'slow'." in warnings[0]
+    assert "actor slow/0: event loop blocked for 0." in warnings[0] and "while running: role 'slow' (" in warnings[0]
     assert "asyncio.to_thread" in warnings[0]
     assert watcher.worst_s >= 0.4
     assert [r.getMessage() for r in caplog.records] == list(warnings)
@@ -123,6 +123,48 @@ def test_loop_lag_watcher_is_quiet_for_a_well_behaved_loop() -> None:
 
     asyncio.run(main())
     assert watcher.take_warnings() == ()
+
+
+def test_loop_lag_split_names_the_largest_share() -> None:
+    """LoopClock.share splits a late interval; the cause is its largest part."""
+    from matrix_hpc.runtime.health import LoopClock
+
+    # (wall, on CPU, waiting for a CPU, gc) at both ends; 0.1 s of the interval was the expected sleep
+    gc_stall = LoopClock.share((0.0, 0.0, 0.0, 0.0), (2.1, 1.9, 0.1, 1.8), 0.1)
+    assert gc_stall.cause == "gc" and round(gc_stall.late_s, 6) == 2.0 and round(gc_stall.on_cpu_s, 6) == 0.1
+    starved = LoopClock.share((5.0, 1.0, 1.0, 3.0), (6.6, 1.2, 2.3, 3.0), 0.1)
+    assert starved.cause == "cpu_wait" and round(starved.off_cpu_s, 6) == 0.0
+    sleeping = LoopClock.share((0.0, 0.0, None, 0.0), (1.1, 0.01, None, 0.0), 0.1)
+    assert sleeping.cause == "off_cpu" and sleeping.cpu_wait_s is None and "waiting for a CPU" not in sleeping.describe()
+    busy = LoopClock.share((0.0, 0.0, 0.0, 0.0), (1.1, 0.9, 0.05, 0.0), 0.1)
+    assert busy.cause == "on_cpu"
+
+
+def test_loop_lag_watcher_does_not_blame_a_step_for_a_garbage_collection() -> None:
+    """A full collection over a big heap stalls the loop while steps are in flight (tens of
+    thousands of tasks per actor); the warning says so instead of calling a step blocking."""
+    import gc
+
+    watcher = LoopLagWatcher("actor big/0", threshold_s=0.1, probe_s=0.02, report_every_s=0.0)
+    heap = [[i] for i in range(4_000_000)]  # live container objects a full pass must walk
+
+    async def main() -> None:
+        watch = asyncio.create_task(watcher.run())
+        await asyncio.sleep(0.1)
+        watcher.started("role 'busy'")
+        try:
+            await asyncio.sleep(0.05)
+            gc.collect()  # what the actor's paced full collection (gcbudget) does
+            await asyncio.sleep(0.1)
+        finally:
+            watcher.ended("role 'busy'")
+        watch.cancel()
+
+    asyncio.run(main())
+    del heap
+    warnings = watcher.take_warnings()
+    assert len(warnings) == 1, warnings
+    assert "mostly in garbage collection" in warnings[0] and "asyncio.to_thread" not in warnings[0], warnings
 
 
 # --- the workflow's code is checked before Ray starts --------------------------------------

@@ -8,16 +8,27 @@ whose steps (or ``setup()``) were running, at most once per ``report_every_s``. 
 while nothing of the workflow ran (Ray's own work, an overloaded machine) is not the
 workflow's doing and is only logged at debug level. Reports reach the driver's terminal
 through the next ping.
+
+A stall is not always a blocking step: with tens of thousands of tasks in an actor, a
+full garbage collection over its live objects, or a machine whose CPUs are all taken,
+holds the loop as long. :class:`LoopClock` splits each late interval into garbage
+collection (``gc.callbacks``, any thread's: every Python thread waits for it), time
+waiting for a CPU and time on one (the loop thread's ``/proc`` schedstat), and the rest
+(off CPU: sleeping, waiting on I/O or a lock); the report names the largest share, and
+only a stall that is neither collection nor CPU starvation is blamed on the roles running.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["ActorPing", "LoopLagWatcher"]
+__all__ = ["ActorPing", "LoopClock", "LoopLagWatcher", "StallShare"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +45,78 @@ class ActorPing:
     """Steps taken (an agent) or rows committed (the sink) so far: the driver's stall clock."""
 
 
+@dataclass(frozen=True)
+class StallShare:
+    """Where one late probe interval went, in seconds (see :class:`LoopClock`)."""
+
+    late_s: float
+    gc_s: float
+    cpu_wait_s: float | None
+    """Runnable but not running (other processes had the CPUs); None where unknown."""
+    on_cpu_s: float
+    """The loop thread on a CPU, less garbage collection."""
+    off_cpu_s: float
+    """Neither: sleeping, waiting on I/O or on a lock (the GIL included)."""
+
+    @property
+    def cause(self) -> str:
+        shares = {"gc": self.gc_s, "cpu_wait": self.cpu_wait_s or 0.0, "on_cpu": self.on_cpu_s, "off_cpu": self.off_cpu_s}
+        return max(shares, key=lambda k: shares[k])
+
+    def describe(self) -> str:
+        parts = [f"garbage collection {self.gc_s:.1f}s"]
+        if self.cpu_wait_s is not None:
+            parts.append(f"waiting for a CPU {self.cpu_wait_s:.1f}s")
+        parts += [f"on CPU {self.on_cpu_s:.1f}s", f"off CPU {self.off_cpu_s:.1f}s"]
+        return ", ".join(parts)
+
+
+class LoopClock:
+    """Cumulative clocks of the thread that samples it: wall, on CPU, waiting for a CPU
+    (Linux ``/proc/thread-self/schedstat``; None elsewhere) and the process's garbage
+    collection time. :meth:`install` hooks ``gc.callbacks``; call :meth:`sample` from
+    the loop's thread."""
+
+    def __init__(self) -> None:
+        self.gc_s = 0.0
+        self._gc_started: float | None = None
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif self._gc_started is not None:
+            self.gc_s += time.perf_counter() - self._gc_started
+            self._gc_started = None
+
+    def install(self) -> None:
+        if self._on_gc not in gc.callbacks:
+            gc.callbacks.append(self._on_gc)
+
+    def uninstall(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+    def sample(self) -> tuple[float, float, float | None, float]:
+        """(wall, on CPU, waiting for a CPU or None, garbage collection), in seconds."""
+        wait: float | None = None
+        try:
+            with open("/proc/thread-self/schedstat", "rb") as f:
+                run_ns, wait_ns, _ = f.read().split()
+            cpu, wait = int(run_ns) / 1e9, int(wait_ns) / 1e9
+        except (OSError, ValueError):
+            cpu = time.thread_time()
+        return time.perf_counter(), cpu, wait, self.gc_s
+
+    @staticmethod
+    def share(before: tuple[float, float, float | None, float], after: tuple[float, float, float | None, float], idle_s: float) -> StallShare:
+        """Split the interval between two samples; ``idle_s`` of it was the loop's own expected wait."""
+        wall, cpu, gc_s = after[0] - before[0], after[1] - before[1], after[3] - before[3]
+        wait = after[2] - before[2] if after[2] is not None and before[2] is not None else None
+        on_cpu = max(0.0, cpu - gc_s)  # a collection on this thread is also CPU time of it
+        off_cpu = max(0.0, wall - idle_s - cpu - (wait or 0.0) - max(0.0, gc_s - cpu))
+        return StallShare(max(0.0, wall - idle_s), gc_s, wait, on_cpu, off_cpu)
+
+
 class LoopLagWatcher:
     """Measures event-loop lag with a timer; collects one warning per ``report_every_s`` at most."""
 
@@ -47,6 +130,7 @@ class LoopLagWatcher:
         self._running: Counter[str] = Counter()
         self._window: set[str] = set()  # what ran (e.g. "role 'x'") at some point since the last probe
         self._pending: list[str] = []
+        self.clock = LoopClock()
 
     def started(self, what: str) -> None:
         """``what`` (``role 'x'``, ``setup() of role 'x'``) runs on the loop until :meth:`ended`."""
@@ -64,30 +148,51 @@ class LoopLagWatcher:
         if self.threshold_s <= 0:
             return
         loop = asyncio.get_running_loop()
+        self.clock.install()
+        try:
+            await self._watch(loop)
+        finally:
+            self.clock.uninstall()
+
+    async def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
         last_report = float("-inf")
-        worst, stalls, roles = 0.0, 0, set()
+        worst: StallShare | None = None
+        stalls, roles = 0, set()
         while True:
-            t0 = loop.time()
+            before = self.clock.sample()
             await asyncio.sleep(self.probe_s)
-            lag = loop.time() - t0 - self.probe_s
-            if lag >= self.threshold_s and not self._window:
-                log.debug("%s: event loop stalled %.1fs with no step running", self.label, lag)
-            elif lag >= self.threshold_s:
-                worst, stalls = max(worst, lag), stalls + 1
-                roles |= self._window
-                self.worst_s = max(self.worst_s, lag)
+            share = LoopClock.share(before, self.clock.sample(), self.probe_s)
+            if share.late_s >= self.threshold_s:
+                if not self._window:
+                    log.debug("%s: event loop stalled %.1fs with no step running (%s)", self.label, share.late_s, share.describe())
+                else:
+                    worst = share if worst is None or share.late_s > worst.late_s else worst
+                    stalls += 1
+                    roles |= self._window
+                    self.worst_s = max(self.worst_s, share.late_s)
             self._window = {r for r, n in self._running.items() if n > 0}
-            if stalls and loop.time() - last_report >= self.report_every_s:
+            if worst is not None and loop.time() - last_report >= self.report_every_s:
                 self._report(worst, stalls, roles)
                 last_report = loop.time()
-                worst, stalls, roles = 0.0, 0, set()
+                worst, stalls, roles = None, 0, set()
 
-    def _report(self, worst: float, stalls: int, roles: set[str]) -> None:
+    def _report(self, worst: StallShare, stalls: int, roles: set[str]) -> None:
         times = f" ({stalls} stalls since the last warning)" if stalls > 1 else ""
-        msg = (
-            f"{self.label}: event loop blocked for {worst:.1f}s{times} while running: {', '.join(sorted(roles))}. "
-            "Blocking code stalls every task of the actor: run it with `await asyncio.to_thread(fn, ...)`"
-        )
+        if worst.cause == "gc":
+            msg = (
+                f"{self.label}: event loop late by {worst.late_s:.1f}s{times}, mostly in garbage collection ({worst.describe()}), "
+                "not in a step: many tasks in flight per actor; more instances of its roles split them"
+            )
+        elif worst.cause == "cpu_wait":
+            msg = (
+                f"{self.label}: event loop late by {worst.late_s:.1f}s{times}, mostly waiting for a CPU ({worst.describe()}), "
+                "not in a step: the node's CPUs are overcommitted"
+            )
+        else:
+            msg = (
+                f"{self.label}: event loop blocked for {worst.late_s:.1f}s{times} while running: {', '.join(sorted(roles))} "
+                f"({worst.describe()}). Blocking code stalls every task of the actor: run it with `await asyncio.to_thread(fn, ...)`"
+            )
         log.warning("%s", msg)
         self._pending.append(msg)
         del self._pending[:-20]  # a driver that stops pinging must not grow this forever
