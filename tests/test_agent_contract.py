@@ -167,6 +167,40 @@ def test_loop_lag_watcher_does_not_blame_a_step_for_a_garbage_collection() -> No
     assert "mostly in garbage collection" in warnings[0] and "asyncio.to_thread" not in warnings[0], warnings
 
 
+def test_closing_an_actor_with_many_idle_workers_costs_o1_per_worker() -> None:
+    """close() ends an actor's idle workers without a linear scan each: cancelling a task that
+    waits in asyncio.Queue.get removes its waiter from the queue's deque, O(workers) apiece,
+    which made close() of a 50,000-worker actor take over 30 s. Counted, not timed."""
+    import collections
+
+    from matrix_hpc.runtime.actor import AgentActor
+    from matrix_hpc.runtime.spec import RoleSpec, TeamSpec
+
+    class CountingDeque(collections.deque):  # type: ignore[type-arg]
+        removes = 0
+
+        def remove(self, value: object) -> None:
+            CountingDeque.removes += 1
+            super().remove(value)
+
+    workers = 5000
+    spec = TeamSpec("r", "ns", {"slow": RoleSpec("tests.fault_agents:Slow", 1, workers)}, metrics=False, loop_lag_warn_s=0)
+    actor = AgentActor.__ray_metadata__.modified_class(spec, "slow", 0)
+
+    async def main() -> None:
+        assert await actor.setup() is None
+        await asyncio.sleep(0.2)  # every worker now waits for a task
+        queue = actor._queue
+        assert queue is not None and len(queue._getters) == workers
+        queue._getters = CountingDeque(queue._getters)
+        await actor.close()
+        await asyncio.sleep(0)
+        assert all(t.done() for t in actor._loops)
+
+    asyncio.run(main())
+    assert CountingDeque.removes == 0, f"{CountingDeque.removes} waiters removed one by one"
+
+
 # --- the workflow's code is checked before Ray starts --------------------------------------
 
 AGENTS = '''
