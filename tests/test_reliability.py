@@ -94,12 +94,15 @@ def test_runtime_error_fails_the_task_and_the_worker_goes_on(tmp_path: Path, run
 def test_dead_instances_work_goes_to_the_role_peers(tmp_path: Path, run_factory: Any) -> None:
     n = 600
     roles = {
-        "a": {"agent": f"{AGENTS}:Slow", "instances": 2, "concurrency": 16, "params": {"sleep_s": 0.05, "next": "b"}},
-        "b": {"agent": f"{AGENTS}:Slow", "instances": 2, "concurrency": 16, "params": {"sleep_s": 0.05}},
+        # 0.2 s a step: ~160 tasks/s, so the kills land with most of the 600 still to do (at 0.05 s
+        # the run could be all but over before them, and no task of the dead actors was left to redo)
+        "a": {"agent": f"{AGENTS}:Slow", "instances": 2, "concurrency": 16, "params": {"sleep_s": 0.2, "next": "b"}},
+        "b": {"agent": f"{AGENTS}:Slow", "instances": 2, "concurrency": 16, "params": {"sleep_s": 0.2}},
     }
     out = tmp_path / "out"
     run = run_factory(relay_config(tmp_path, n, roles, **{"run.max_actor_restarts": 0, "run.stall_timeout_s": 15.0}))
     wait_for(lambda: committed_rows(out) >= 64 and "actors" in json.loads((out / "run.json").read_text()), 120, "first commits", run)
+    assert committed_rows(out) <= n - 128, "the run was nearly over before the kills: nothing left to redo"
     os.kill(actor_pid(out, "/a/1"), signal.SIGKILL)  # an entry actor: the driver's own dispatch meets it
     os.kill(actor_pid(out, "/b/1"), signal.SIGKILL)  # a peer actor: the a/0 outbox meets it
     assert run.wait(180) == 0, run.output

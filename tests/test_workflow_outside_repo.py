@@ -182,7 +182,7 @@ def test_blocking_step_is_reported_naming_the_role(contract_run: dict[str, Any])
     out = contract_run["output"]
     lines = [line for line in out.splitlines() if "actor sleeper/0: event loop blocked for" in line]
     assert lines, out[-3000:]
-    assert "while running: role 'sleeper'." in lines[0] and "asyncio.to_thread" in lines[0]
+    assert "while running: role 'sleeper' (" in lines[0] and "off CPU" in lines[0] and "asyncio.to_thread" in lines[0]
     blocked_s = float(lines[0].split("event loop blocked for ")[1].split("s")[0])
     assert 1.5 <= blocked_s < 10
     block = next(contract_run["records"][f"r{i}"] for i, k in enumerate(KINDS) if k == "block")
