@@ -199,3 +199,54 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("slurm") or item.get_closest_marker("vllm"):
             item.add_marker(pytest.mark.xdist_group("heavy"))
+
+
+# ------------------------------------------------------------------ a clean exit
+
+_SESSION: list[pytest.Session] = []
+# Native threads the interpreter does not own, by their kernel names (15 characters):
+# Ray's core worker keeps its gRPC threads after ray.shutdown() (gcs_client_io_service,
+# event_engine, grpc_global_timer, ...) and nothing in Python can stop them.
+_FOREIGN_THREADS = ("gcs_client_io_s", "event_engine", "grpc_global_tim", "timer_manager", "resolver-execut",
+                    "default-executo", "worker.io", "client.poll", "server.poll")  # fmt: skip
+
+
+def native_threads() -> list[str]:
+    names = []
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):
+            names.append(Path(f"/proc/self/task/{tid}/comm").read_text().strip())
+    return names
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Stop what in-process tests may have left running: an initialized Ray (a failed test's
+    fixture may not have shut it down) and zarr's I/O thread with its event loop."""
+    _SESSION.append(session)
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    if "zarr" in sys.modules:
+        with contextlib.suppress(Exception):
+            from zarr.core.sync import cleanup_resources
+
+            cleanup_resources()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Exit without the interpreter's finalization when native threads that Python cannot stop
+    are still running (Ray's gRPC threads after any in-process ``ray.init``): at exit they ran
+    on into the C++ static destructors of ``_raylet`` and the process died with SIGSEGV after
+    printing its summary (``make: *** [test] Segmentation fault``), failing CI however many
+    tests passed. Everything pytest writes is written by now; the exit status is kept."""
+    if hasattr(config, "workerinput") or not _SESSION:  # an xdist worker: execnet still has to talk
+        return
+    left = [n for n in native_threads() if n.startswith(_FOREIGN_THREADS)]
+    if left:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(_SESSION[-1].exitstatus))

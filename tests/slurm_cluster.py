@@ -20,10 +20,11 @@ starts, as children of this process and each tracked by pid:
   ``/etc/hosts`` (every host's name and bridge address), boot id, SysV IPC, PID namespace (a small init
   reaps orphans; killing it kills the whole node at once, see ``kill_node``), and
   private mounts: a fresh tmpfs on ``/tmp`` and on ``/dev/shm``. Shared, as on a real
-  cluster: every path outside ``/tmp`` (the checkout, the venv) and the ``shared``
-  directories (``base`` always; by default also ``base``'s parent, pytest's base temp
-  dir when ``base`` comes from ``tmp_path_factory.mktemp``: it holds the tests' job and
-  output dirs), bind-mounted back into the node's ``/tmp`` at the same path.
+  cluster: every path outside ``/tmp``, and, bind-mounted back into the node's ``/tmp``
+  at the same path, the checkout and the Python environment wherever they are (a clone
+  under ``/tmp`` too: ``node_shared_dirs``) and the ``shared`` directories (``base``
+  always; by default also ``base``'s parent, pytest's base temp dir when ``base`` comes
+  from ``tmp_path_factory.mktemp``: it holds the tests' job and output dirs).
 
 Each session removes what a dead earlier session left (namespaces and links are
 named after the owner's pid; live owners' are left alone), and ``stop()`` deletes
@@ -68,6 +69,19 @@ from .slurm_conf import write_configs
 from .slurm_procs import NODE_INIT, NODE_SETUP, Daemon, alive, mnt_ns, pids_in_mnt_ns, pids_in_pidns, tail, terminate
 
 TIMES: dict[str, list[float]] = {}
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def node_shared_dirs(extra: Iterable[str | os.PathLike[str]]) -> list[str]:
+    """The directories under ``/tmp`` that every node binds back into its private ``/tmp``:
+    ``extra``, and always the checkout and the Python environment the tests run from
+    (a clone or a venv under ``/tmp`` would otherwise be invisible on the nodes, whose
+    ``slurmd`` then fails with ``exec: <checkout>/.venv/bin/python: not found``). Outermost
+    directories only; paths outside ``/tmp`` are shared anyway."""
+    wanted = [*extra, REPO, sys.prefix, sys.base_prefix, Path(sys.executable).parent]
+    dirs = sorted({str(Path(d).resolve()) for d in wanted if str(Path(d).resolve()).startswith("/tmp/")})
+    return [d for d in dirs if not any(d.startswith(o + "/") for o in dirs)]
 """Durations the Slurm tests measured (printed when the session's cluster stops)."""
 
 
@@ -166,11 +180,8 @@ class SlurmCluster:
         self.net = TestNet()
         self.ctl_addr = f"{self.net.subnet}.2"
         self.node_addr = {n: f"{self.net.subnet}.{10 + i}" for i, n in enumerate(self.nodes, 1)}
-        # Directories under /tmp every node sees (all else outside /tmp is shared anyway).
         # Default: base's parent, which is pytest's base temp dir for a tmp_path_factory.mktemp base.
-        shared = [self.base.parent] if shared is None else shared
-        dirs = sorted({str(Path(d).resolve()) for d in [self.base, *shared] if str(Path(d).resolve()).startswith("/tmp/")})
-        self.shared = [d for d in dirs if not any(d.startswith(o + "/") for o in dirs)]
+        self.shared = node_shared_dirs([self.base, *([self.base.parent] if shared is None else shared)])
         self.cpus_per_node = cpus_per_node
         self.real_memory_mb = real_memory_mb
         self.proctrack = proctrack

@@ -167,6 +167,46 @@ def test_nodes_are_separate_hosts(cluster: SlurmCluster, tmp_path: Path) -> None
     assert cluster.node_addr["n1"] != cluster.node_addr["n2"] and not cluster.node_addr["n1"].startswith("127.")
 
 
+CHECKOUT_PROBE = r"""
+import sys
+from pathlib import Path
+from tests.slurm_cluster import SlurmCluster
+base, checkout = Path(sys.argv[1]), sys.argv[2]
+with SlurmCluster(base, n_nodes=1, shared=[]) as c:
+    print("SHARED", c.shared)
+    print("SEEN", c.node_exec("n1", ["ls", f"{checkout}/tests/slurm_cluster.py"], check=False).stdout.strip())
+"""
+
+
+def test_a_checkout_under_tmp_is_seen_by_the_nodes(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A clone under /tmp (``git clone`` into ``/tmp/x``, then ``make test``) is shared with the
+    nodes, whose /tmp is otherwise a fresh tmpfs (22 Slurm tests errored at setup with
+    ``exec: <checkout>/.venv/bin/python: not found``): a copy of the suite's cluster code under
+    /tmp, outside pytest's temp dir, starts a node that sees the copy."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    checkout = Path(tempfile.mkdtemp(prefix="mhpc-clone-", dir="/tmp"))
+    try:
+        shutil.copytree(Path(__file__).parent, checkout / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+        (checkout / "probe.py").write_text(CHECKOUT_PROBE)
+        base = tmp_path_factory.mktemp("slurm-clone")
+        r = subprocess.run([PY, "probe.py", str(base), str(checkout)], cwd=checkout, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"SEEN {checkout}/tests/slurm_cluster.py" in r.stdout, r.stdout + r.stderr
+    finally:
+        shutil.rmtree(checkout, ignore_errors=True)
+
+
+def test_node_shared_dirs_keeps_the_outermost_dirs_under_tmp() -> None:
+    from tests.slurm_cluster import REPO, node_shared_dirs
+
+    dirs = node_shared_dirs(["/tmp/a/b", "/tmp/a", "/tmp/ab", "/var/x"])
+    assert "/tmp/a" in dirs and "/tmp/ab" in dirs and "/tmp/a/b" not in dirs and "/var/x" not in dirs, dirs
+    assert (str(REPO) in dirs) == str(REPO).startswith("/tmp/"), dirs
+
+
 def test_a_dead_sessions_namespaces_and_processes_are_cleaned_up() -> None:
     """What a SIGKILLed session left (a namespace named after its dead pid, a process inside,
     its bridge) goes at the next start; a live session's namespaces stay."""
