@@ -32,7 +32,9 @@ JOURNAL_DIR = "journal"  # under the output folder
 def call_digest(task_id: str, seq: int, model: str, messages: list[Any], sampling: dict[str, Any]) -> str:
     """The identity of one LLM call (see the module docstring)."""
     key = json.dumps([task_id, seq, model, messages, sampling], sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
-    return hashlib.sha256(key.encode()).hexdigest()
+    # surrogatepass: a prompt holding a lone surrogate (from a row or an earlier reply) still has
+    # a digest, the same in every life; text that encodes gives the digest it always had.
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _payload(res: ChatResult, started_at: float) -> dict[str, Any]:

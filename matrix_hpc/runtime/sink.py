@@ -5,10 +5,12 @@ the sink buffers them and commits every ``flush_interval_s`` or full chunk. The
 driver learns what is durable by long-polling :meth:`SinkActor.poll`, which is
 one call per poll interval, not per task.
 
-A commit that fails (disk full, EIO, quota) keeps its rows, which still count as
-held by the sink, and is retried with backoff; past ``commit_retry_s`` of failing
-the sink reports ``gave_up`` and the driver stops the run. An id is reported
-committed only after its rows are durable.
+A commit that fails with an ``OSError`` (disk full, EIO, quota) keeps its rows,
+which still count as held by the sink, and is retried with backoff; past
+``commit_retry_s`` of failing the sink reports ``gave_up`` and the driver stops the
+run. A row the store cannot write fails alone (``bad_record``) and the rest of its
+batch commits; any other error is a bug, not a disk, and stops the run at once.
+An id is reported committed only after its rows are durable.
 """
 
 from __future__ import annotations
@@ -165,9 +167,14 @@ class SinkActor:
                 return
             started = time.monotonic()
             try:
+                # A row the store cannot write comes back replaced (in ``rows``) by its
+                # bad_record failure: it fails alone and the rest of the batch commits.
                 await asyncio.to_thread(self.writer.write, rows)
-            except Exception as exc:  # disk full, EIO, quota, a broken mount: keep the rows, retry
+            except OSError as exc:  # disk full, EIO, quota, a broken mount: keep the rows, retry
                 self._commit_failed(exc, len(rows))
+                return
+            except Exception as exc:  # not the disk, and no row to blame: a bug retries cannot fix
+                self._commit_broken(exc, len(rows))
                 return
             self._committing = []
             if self._failing_since is not None:
@@ -205,6 +212,18 @@ class SinkActor:
         if failing > self.commit_retry_s and self._stats.gave_up is None:
             self._stats.gave_up = f"commits to {self.writer.dir} failed for {failing:.0f}s (output.commit_retry_s={self.commit_retry_s:g}): {msg}"
             log.error("%s", self._stats.gave_up)
+
+    def _commit_broken(self, exc: Exception, n: int) -> None:
+        """Stop the run at once with one line (rows kept, still held): this is not a full
+        disk, so waiting ``commit_retry_s`` for it to pass would only hide it."""
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+        self._backoff_s = _MAX_BACKOFF_S
+        msg = f"{type(exc).__name__}: {exc}"
+        self._stats.commit_error = msg
+        if self._stats.gave_up is None:
+            self._stats.gave_up = f"commit of {n} rows to {self.writer.dir} failed with an error that is not the disk's (a bug: please report it): {msg}"
+            log.error("%s", self._stats.gave_up, exc_info=exc)
 
     async def poll(
         self, known_incarnation: str | None, received_from: int, committed_from: int, wait_s: float = 0.25

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
+from .textsafe import record_json
 from .zarr_store import StoreReader
 
 __all__ = ["ExportResult", "export_store"]
@@ -41,9 +42,9 @@ def export_store(root: str | Path, to: str | Path, fmt: Literal["jsonl", "parque
     to.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "jsonl":
         n = 0
-        with open(to, "w") as fh:
+        with open(to, "w", encoding="utf-8") as fh:  # UTF-8 whatever the locale says
             for rec in _records(reader, status):
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                fh.write(record_json(rec) + "\n")  # stored records encode; this makes sure
                 n += 1
         return ExportResult(n)
     if fmt == "parquet":

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .fsutil import fsync_path
+from .textsafe import json_bytes
 
 __all__ = ["JournalEntry", "JournalIndex", "JournalWriter", "compact_journal", "journal_size", "read_entries"]
 
@@ -51,7 +52,9 @@ class JournalEntry:
 
 
 def encode(entry: JournalEntry) -> bytes:
-    body = json.dumps({"d": entry.digest, "t": entry.task_id, "p": entry.payload}, ensure_ascii=False, separators=(",", ":")).encode()
+    # A reply holding text UTF-8 cannot encode (a lone surrogate) is written escaped and
+    # replays exactly as it came (see textsafe): a call that succeeded is never failed here.
+    body = json_bytes({"d": entry.digest, "t": entry.task_id, "p": entry.payload})
     return _HEAD.pack(MAGIC, len(body), zlib.crc32(body)) + body
 
 

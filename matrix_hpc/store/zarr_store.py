@@ -33,6 +33,7 @@ import numpy as np
 import zarr
 
 from .fsutil import LEASE_S, StoreLockedError, WriterLease, WriterLock, atomic_write_json, fsync_path, read_json
+from .textsafe import clean_text, record_json
 
 __all__ = ["RecordRow", "StoreWriter", "WriterOwner", "StoreReader", "StoreLockedError", "StoreError"]
 
@@ -69,17 +70,46 @@ class RecordRow:
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> "RecordRow":
+        """The row of ``record``; text UTF-8 cannot encode is replaced and the record says
+        so (``text_replaced``, see :mod:`.textsafe`), in the id column too."""
         err = record.get("error") or {}
         usage = record.get("usage") or {}
         return cls(
-            id=record["id"],
+            id=clean_text(record["id"])[0],
             status=record["status"],
-            error_kind=err.get("kind", ""),
-            record=json.dumps(record, ensure_ascii=False, default=str),
+            error_kind=clean_text(err.get("kind", ""))[0],
+            record=record_json(record),
             finished_at=float(record.get("finished_at") or time.time()),
             prompt_tokens=int(usage.get("prompt_tokens", 0)),
             completion_tokens=int(usage.get("completion_tokens", 0)),
         )
+
+
+    @classmethod
+    def bad_record(cls, row: "RecordRow", reason: str) -> "RecordRow":
+        """A failed record (``bad_record``) in place of ``row``, which the store cannot write."""
+        rid = clean_text(str(row.id))[0]
+        message = f"record {rid!r} cannot be written to the store: {reason}"
+        record = {"id": rid, "status": "failed", "error": {"kind": "bad_record", "message": message}, "finished_at": time.time()}
+        return cls(rid, "failed", "bad_record", record_json(record), record["finished_at"], 0, 0)
+
+    def problem(self) -> str | None:
+        """Why the store cannot write this row (None: it can): each column is converted as
+        :meth:`StoreWriter.write` does. Only asked after a write failed (not per row)."""
+        for name in _STR_COLUMNS:
+            value = getattr(self, name)
+            try:
+                if not isinstance(value, str):
+                    raise TypeError(f"{type(value).__name__} is not a str")
+                value.encode("utf-8")  # what zarr's variable-length string codec does
+            except (TypeError, ValueError) as exc:
+                return f"column {name}: {type(exc).__name__}: {exc}"
+        for name, dtype in _NUM_COLUMNS.items():
+            try:
+                np.array([getattr(self, name)], dtype=dtype)
+            except (TypeError, ValueError, OverflowError) as exc:
+                return f"column {name}: {type(exc).__name__}: {exc}"
+        return None
 
 
 def _part_dir(root: Path, part: int) -> Path:
@@ -223,7 +253,11 @@ class StoreWriter:
         return self.write(self.take_pending())
 
     def write(self, new: list[RecordRow]) -> int:
-        """Durably commit ``new`` (rows already accepted by :meth:`append`)."""
+        """Durably commit ``new`` (rows already accepted by :meth:`append`).
+
+        A row the store cannot write (see :meth:`RecordRow.problem`) is replaced *in*
+        ``new`` by its ``bad_record`` failure, and the rest commit: one row never holds
+        its batch back. An ``OSError`` (the disk) is raised as it is, rows untouched."""
         if not new:
             return 0
         if not self._lock.held:
@@ -239,10 +273,16 @@ class StoreWriter:
                 if arr.shape[0] < end:
                     arr.resize((new_cap,))
         touched = range(start // self.chunk_rows, (end - 1) // self.chunk_rows + 1)
-        for name, arr in self._arrays.items():
-            values = [getattr(r, name) for r in rows]
-            dtype = object if name in _STR_COLUMNS else _NUM_COLUMNS[name]
-            arr[start:end] = np.array(values, dtype=dtype)
+        try:
+            self._put(start, end, rows)
+        except OSError:
+            raise
+        except Exception as exc:  # not the disk: a row the store cannot hold (the tail's were written before)
+            if not self._replace_bad(new):
+                raise
+            log.warning("%s: wrote the rest of the batch after %s", self.dir, f"{type(exc).__name__}: {exc}")
+            rows = self._tail + new
+            self._put(start, end, rows)
         if self.fsync:
             self._fsync_chunks(touched, resized=end > capacity)
         # commit.json first: if it cannot be written, rows and tail stay as they were and the
@@ -251,6 +291,23 @@ class StoreWriter:
         self.rows = end
         self._tail = rows[len(rows) - (end % self.chunk_rows) :] if end % self.chunk_rows else []
         return len(new)
+
+    def _put(self, start: int, end: int, rows: list[RecordRow]) -> None:
+        for name, arr in self._arrays.items():
+            values = [getattr(r, name) for r in rows]
+            dtype = object if name in _STR_COLUMNS else _NUM_COLUMNS[name]
+            arr[start:end] = np.array(values, dtype=dtype)
+
+    def _replace_bad(self, new: list[RecordRow]) -> int:
+        """Replace each row of ``new`` the store cannot write by its ``bad_record``; how many."""
+        bad = 0
+        for i, row in enumerate(new):
+            problem = row.problem()
+            if problem is not None:
+                new[i] = RecordRow.bad_record(row, problem)
+                log.error("record %r cannot be written (%s): stored as a failed record (bad_record)", new[i].id, problem)
+                bad += 1
+        return bad
 
     def _fsync_chunks(self, chunks: range, resized: bool) -> None:
         for name in self._arrays:
