@@ -6,7 +6,9 @@ an actor of its next role, or, once finished, to the sink, through a batching
 :class:`Outbox`. Peers are found by name, so a restarted actor rejoins alone.
 The agents' ``setup()`` runs before the first step (the team calls ``setup`` on
 every actor before the first task; a restarted actor runs it on its own), their
-``close()`` when the team closes.
+``close()`` when the team closes. A restarted actor whose ``setup()`` fails takes no
+task: it tells the driver why and leaves routing for good (its role's other
+instances take its tasks), rather than fail every task sent to it.
 """
 
 from __future__ import annotations
@@ -77,6 +79,9 @@ class AgentActor:
         self.role = role
         self.index = index
         self.incarnation = uuid.uuid4().hex
+        self._restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        self._leaving: str | None = None  # why this instance leaves routing (told to the driver by ping)
+        self._told = asyncio.Event()  # the driver has read it
         metrics.configure(team.metrics)
         spec = team.roles[role]
         self._clients: dict[str, ChatClient] = {}
@@ -214,11 +219,34 @@ class AgentActor:
         self.lag.started(f"setup() of role {role!r}")
         try:
             await agent.setup()
+            return
         except Exception as exc:  # user code: report it with the role, do not kill the actor
             log.exception("setup() of role %s failed", role)
-            self._setup_errors[role] = f"workflow.roles.{role}: setup() failed: {type(exc).__name__}: {exc}"
+            why = f"workflow.roles.{role}: setup() failed: {type(exc).__name__}: {exc}"
         finally:
             self.lag.ended(f"setup() of role {role!r}")
+        if not self._restarted:  # at the team's start: the run stops with this line
+            self._setup_errors[role] = why
+            return
+        # A restarted actor: the run is under way and its peers can serve. Failing every
+        # task sent here as agent_error would make good tasks permanent failures.
+        await self._leave(f"{why} after a restart")
+
+    async def _leave(self, why: str, tell_within_s: float = 10.0) -> None:
+        """Leave routing for good, as an actor whose restarts are used up: Ray then fails
+        every call to it with ``ActorDiedError``, so the driver, the outboxes and dispatch
+        skip it and the driver re-sends what it held. Never returns (no worker starts)."""
+        name = actor_name(self.team.run_id, self.role, self.index)
+        log.error("%s: %s; this instance leaves routing, its role's other instances take its tasks", name, why)
+        self._leaving = f"{name.split('/', 1)[-1]} leaves routing: {why}; its role's other instances take its tasks"
+        try:  # the driver's next ping carries the reason (actors' logs do not reach its terminal)
+            await asyncio.wait_for(self._told.wait(), tell_within_s)
+        except asyncio.TimeoutError:
+            pass
+        me = _get_actor(name, self.team.namespace)
+        if me is not None:
+            await asyncio.to_thread(ray.kill, me, no_restart=True)
+        await asyncio.Event().wait()  # until the kill lands
 
     async def setup(self) -> str | None:
         """Run the agent's ``setup()`` now; returns the failure as one line, or None."""
@@ -328,7 +356,11 @@ class AgentActor:
 
     def ping(self) -> ActorPing:
         """Who this incarnation is; ``progress`` (steps taken) tells the driver whether tasks move."""
-        return ActorPing(self.incarnation, os.getpid(), socket.gethostname(), self.lag.take_warnings(), progress=self.steps)
+        warnings = self.lag.take_warnings()
+        if self._leaving is not None and not self._told.is_set():
+            warnings = (*warnings, self._leaving)
+            self._told.set()
+        return ActorPing(self.incarnation, os.getpid(), socket.gethostname(), warnings, progress=self.steps)
 
     def held_ids(self) -> list[str]:
         ids = list(self._running)

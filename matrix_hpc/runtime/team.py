@@ -27,6 +27,9 @@ class TeamError(RuntimeError):
     """The team cannot be built or cannot go on (e.g. every actor of a role is dead)."""
 
 
+_GONE = "restarts used up, or setup() failed after a restart"
+
+
 def _role_of(name: str) -> str:
     return name.split("/")[-2]
 
@@ -70,7 +73,7 @@ class Team:
         self.steps: dict[str, int] = {}
         """Steps taken (agents) or rows committed (sink) at the last check: a stall check's clock."""
         self.dead: set[str] = set()
-        """Actors gone for good (Ray's restarts used up)."""
+        """Actors gone for good (Ray's restarts used up, or one that left routing: its setup() failed after a restart)."""
 
     def _all(self) -> dict[str, Any]:
         named = {sink_name(self.spec.run_id): self.sink}
@@ -112,12 +115,12 @@ class Team:
         if name in self.dead:
             return
         self.dead.add(name)
-        log.warning("actor %s is gone for good (restarts used up); its role's other instances take its tasks", name)
+        log.warning("actor %s is gone for good (restarts used up, or it left routing); its role's other instances take its tasks", name)
         if name == sink_name(self.spec.run_id):
             raise TeamError("the sink is dead (restarts used up); committed work is kept, re-run to resume")
         role = _role_of(name)
         if all(actor_name(self.spec.run_id, role, i) in self.dead for i in range(len(self.actors[role]))):
-            raise TeamError(f"role {role!r} has no live instance left (restarts used up); committed work is kept, re-run to resume")
+            raise TeamError(f"role {role!r} has no live instance left ({_GONE}); committed work is kept, re-run to resume")
 
     async def close(self, timeout_s: float = 30.0) -> None:
         """Run every agent's ``close()`` (best effort: the run's results are committed)."""
@@ -185,7 +188,7 @@ class Team:
             names = [actor_name(self.spec.run_id, self.entry, i) for i in range(len(self.actors[self.entry]))]
             live = [(n, h) for n, h in zip(names, self.actors[self.entry]) if n not in self.dead]
             if not live:
-                raise TeamError(f"role {self.entry!r} has no live instance left (restarts used up); committed work is kept, re-run to resume")
+                raise TeamError(f"role {self.entry!r} has no live instance left ({_GONE}); committed work is kept, re-run to resume")
             sent = []
             for batch in pending:
                 name, handle = live[self._rr % len(live)]

@@ -1,0 +1,87 @@
+"""Runtime robustness (issue 20): a lost or frozen process never stalls a run, never
+turns good tasks into failures, and never makes a batch run twice.
+
+Each test runs the real ``matrix-hpc run`` on real Ray and real zarr with the small
+agents of ``tests/robustness_agents.py``, and brings the fault on for real: SIGKILL,
+SIGSTOP, SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import REPO, committed_rows, store_records, wait_for, write_config, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+AGENTS = "tests.robustness_agents"
+
+
+@pytest.fixture(autouse=True)
+def _repo_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver and Ray's workers import the test agents from the repository."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+
+
+def relay_config(tmp: Path, n: int, roles: dict[str, Any], entry: str = "a", **overrides: Any) -> Path:
+    """A job over ``n`` rows ``t0..t{n-1}`` with the given roles (an LLM only where overrides name one)."""
+    data = write_jsonl(tmp / "data.jsonl", [{"id": f"t{i}", "x": i} for i in range(n)])
+    cfg: dict[str, Any] = {
+        "workflow": {"name": "robust", "entry": entry, "roles": roles},
+        "dataset": {"path": str(data)},
+        "llm": {"engine": "external", "base_urls": ["http://127.0.0.1:9/v1"]},  # never called unless overridden
+        "output": {"path": str(tmp / "out"), "flush_interval_s": 0.2, "chunk_rows": 64},
+        "run": {"max_in_flight": 64, "progress": "log", "progress_interval_s": 1.0, "health_interval_s": 0.5, "batch_size": 16},
+    }
+    return write_config(tmp, cfg, overrides)
+
+
+def each_id_once(out: Path, n: int) -> list[dict[str, Any]]:
+    records = store_records(out)
+    counts = Counter(r["id"] for r in records)
+    assert not [i for i, c in counts.items() if c > 1], "duplicate ids in the store"
+    assert set(counts) == {f"t{i}" for i in range(n)}
+    return records
+
+
+def actor_pid(out: Path, suffix: str) -> int:
+    actors = json.loads((out / "run.json").read_text())["actors"]
+    (pid,) = [p for name, p in actors.items() if name.endswith(suffix)]
+    return pid
+
+
+def started(out: Path, rows: int) -> bool:
+    """The run has committed ``rows`` and written its actors' pids."""
+    try:
+        return committed_rows(out) >= rows and "actors" in json.loads((out / "run.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
+# --- item 5: a restarted actor whose setup() fails -----------------------------------
+
+
+def test_restarted_actor_whose_setup_fails_leaves_routing_and_its_peers_finish(tmp_path: Path, run_factory: Any) -> None:
+    """a/1 is SIGKILLed; Ray restarts it and its setup() fails there. It must leave
+    routing (as an actor gone for good) so a/0 finishes its tasks: every record ok.
+    Before the fix every task routed to the restarted a/1 was committed as agent_error."""
+    n, count = 300, tmp_path / "setups"
+    roles = {"a": {"agent": f"{AGENTS}:SetupFailsAfter", "instances": 2, "concurrency": 4, "params": {"count": str(count), "ok_setups": 2, "sleep_s": 0.3}}}
+    out = tmp_path / "out"
+    run = run_factory(relay_config(tmp_path, n, roles, **{"run.max_attempts": 6}))
+    wait_for(lambda: started(out, 16), 120, "first commits", run)
+    assert committed_rows(out) <= n - 100, "the run was nearly over before the kill: nothing left to route to a/1"
+    os.kill(actor_pid(out, "/a/1"), signal.SIGKILL)
+    assert run.wait(240) == 0, run.output
+    assert "a/1 leaves routing: workflow.roles.a: setup() failed: RuntimeError: cannot open the resource (setup #3) after a restart" in run.output, run.output
+    assert "is gone for good" in run.output, run.output
+    records = each_id_once(out, n)
+    assert all(r["status"] == "ok" for r in records), Counter((r["error"] or {}).get("kind") for r in records)
+    assert count.read_text().count("setup") == 3  # two at the start, one by the restarted a/1
