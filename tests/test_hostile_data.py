@@ -217,3 +217,70 @@ def test_run_with_a_lone_surrogate_in_a_row_finishes_and_records_the_replacement
 
     exported = check_exports(out, tmp_path, n)
     assert {r["id"]: r for r in exported}["t7"]["row"]["text"] == "half an emoji: \ufffd!"
+
+
+# --- hostile LLM replies -----------------------------------------------------------------
+
+# marker -> (status, error kind): what each reply makes of its task, and why
+EXPECTED = {
+    "[[lone-surrogate]]": ("ok", None),  # the text is usable: replaced and recorded
+    "[[invalid-utf8]]": ("ok", None),  # decoded as the source decodes input (surrogateescape), then replaced and recorded
+    "[[truncated]]": ("failed", "llm_bad_response"),  # no reply to use; a server bug, so not retried
+    "[[no-choices]]": ("failed", "llm_bad_response"),
+    "[[not-object]]": ("failed", "llm_bad_response"),
+    "[[null-content]]": ("ok", None),  # a valid OpenAI reply (tool-call replies have it): the text is "", the workflow decides
+    "[[huge]]": ("ok", None),  # a long answer is an answer
+    "[[http500]]": ("failed", "llm_unavailable"),  # retried (llm.max_retries), then given up
+    "[[bad-usage]]": ("ok", None),  # token counts that are not counts are 0: accounting, not the answer
+}
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("_repo_on_path")
+def test_hostile_llm_replies_end_their_own_tasks_and_the_run_goes_on(tmp_path: Path) -> None:
+    from .hostile_llm import HUGE_CHARS, HostileLLM
+
+    rows: list[dict[str, Any]] = [{"id": f"n{i}", "text": f"question {i}"} for i in range(16)]
+    rows.append({"id": "n-surrogate-prompt", "text": f"a prompt with {LONE} in it"})
+    for k, marker in enumerate(EXPECTED):
+        rows += [{"id": f"m{k}-{j}", "text": f"{marker} please"} for j in range(2)]
+    marker_of = {r["id"]: next((m for m in EXPECTED if m in r["text"]), None) for r in rows}
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with HostileLLM() as server:
+        cfg = write_config(tmp_path, {
+            "workflow": {"name": "hostile-llm", "entry": "ask", "roles": {"ask": {"agent": "tests.hostile_agents:Ask", "concurrency": 4}}},
+            "dataset": {"path": str(data)},
+            "llm": {"engine": "external", "base_urls": [server.url], "max_retries": 1, "retry_backoff_s": 0.05, "timeout_s": 60, "max_tokens": 16},
+            "output": {"path": str(tmp_path / "out"), "flush_interval_s": 0.2, "chunk_rows": 16},
+            "run": {"max_in_flight": 8, "progress": "log", "progress_interval_s": 1.0},
+        }, {})  # fmt: skip
+        res = _matrix("run", str(cfg))
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        http500_hits = server.hits["[[http500]]"]
+    out = tmp_path / "out"
+    records = store_records(out)
+    counts = Counter(r["id"] for r in records)
+    assert set(counts) == set(marker_of) and max(counts.values()) == 1
+    for r in records:
+        marker = marker_of[r["id"]]
+        status, kind = EXPECTED[marker] if marker else ("ok", None)
+        assert (r["status"], (r["error"] or {}).get("kind")) == (status, kind), (marker, r["error"])
+        if kind == "llm_bad_response":
+            assert "http://127.0.0.1" in r["error"]["message"], r["error"]
+    by_id = {r["id"]: r for r in records}
+    for rid in ("m0-0", "m1-0"):  # the lone surrogate and the invalid byte: replaced, and said so
+        assert "\ufffd" in by_id[rid]["turns"][0]["text"] and "turns[0].text" in by_id[rid][textsafe.FIELD]["at"], by_id[rid]
+    assert by_id["n-surrogate-prompt"]["turns"][0]["text"].startswith("a fine answer to: a prompt with \ufffd")
+    assert "http500" not in by_id["n0"]["turns"][0]["text"] and by_id["n0"]["turns"][0]["text"].startswith("a fine answer")
+    huge = by_id[f"m{list(EXPECTED).index('[[huge]]')}-0"]
+    assert huge["result"]["reply_chars"] == HUGE_CHARS
+    null = by_id[f"m{list(EXPECTED).index('[[null-content]]')}-0"]
+    assert null["result"]["reply_chars"] == 0
+    usage = by_id[f"m{list(EXPECTED).index('[[bad-usage]]')}-0"]["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (0, 0), usage
+    http500 = by_id[f"m{list(EXPECTED).index('[[http500]]')}-0"]["error"]["message"]
+    assert "HTTP 500" in http500, http500
+
+    assert http500_hits == 2 * 2  # each of its two tasks tried twice (max_retries 1)
+    check_exports(out, tmp_path, len(rows))

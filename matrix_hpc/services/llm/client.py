@@ -182,17 +182,15 @@ class ChatClient:
                 async with self._session_for(url).post(f"{url}/chat/completions", data=payload, headers=_JSON) as resp:
                     if resp.status in _RETRY_STATUS:
                         self._error(url, "http_429" if resp.status == 429 else f"http_{resp.status // 100}xx")
-                        last_error = f"HTTP {resp.status} from {url}: {(await resp.text())[:200]}"
+                        last_error = f"HTTP {resp.status} from {url}: {(await resp.text(errors='replace'))[:200]}"
                         if resp.status in (429, 503):  # overloaded: let it drain
                             self.slots.cool_until[url] = time.monotonic() + self.retry_backoff_s * 2**attempt
                         attempt += 1
                         continue
                     if resp.status != 200:
                         self._error(url, f"http_{resp.status // 100}xx")
-                        raise LLMError("llm_http", f"HTTP {resp.status} from {url}: {(await resp.text())[:200]}")
-                    # JSON is UTF-8 (json.loads detects the UTF encodings): no charset sniffing as resp.json() does.
+                        raise LLMError("llm_http", f"HTTP {resp.status} from {url}: {(await resp.text(errors='replace'))[:200]}")
                     raw = await resp.read()
-                    data = json.loads(raw) if raw.strip() else None
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
                 last_error = f"cannot reach {url}: {exc.__class__.__name__}: {exc}"
                 # Leave the server out of routing for a while; the registry probes it now
@@ -214,7 +212,7 @@ class ChatClient:
             finally:
                 self.slots.release(url)
             self.served[url] = self.served.get(url, 0) + 1
-            result = self._parse(data, url, time.monotonic() - started, self.model)
+            result = self._parse(_load(raw, url), url, time.monotonic() - started, self.model)
             if self.metric_tags is not None:
                 role, model = self.metric_tags
                 metrics.inc("llm_requests", 1, role, model, url)
@@ -225,25 +223,61 @@ class ChatClient:
         raise LLMError("llm_unavailable", f"{last_error} (gave up after {self.max_retries + 1} attempts)")
 
     @staticmethod
-    def _parse(data: dict[str, Any], url: str, latency: float, model: str) -> ChatResult:
+    def _parse(data: Any, url: str, latency: float, model: str) -> ChatResult:
+        """The reply's text and usage. A reply with no choice to read, or content that is
+        not text, is ``llm_bad_response``; ``content: null`` is text ``""`` (tool-call
+        replies have it); usage that is not a count reads as 0 (accounting, not the answer)."""
         try:
             choice = data["choices"][0]
             text = choice["message"].get("content") or ""
             tool_calls = choice["message"].get("tool_calls") or None
+            if not isinstance(text, str):
+                raise TypeError(f"content is {type(text).__name__}, not text")
         except (KeyError, IndexError, TypeError, AttributeError):
             raise LLMError("llm_bad_response", f"unexpected response from {url}: {str(data)[:200]}") from None
-        usage = data.get("usage") or {}
+        usage = data.get("usage")
+        usage = usage if isinstance(usage, dict) else {}
         return ChatResult(
             text=text,
-            prompt_tokens=int(usage.get("prompt_tokens", 0)),
-            completion_tokens=int(usage.get("completion_tokens", 0)),
+            prompt_tokens=_count(usage.get("prompt_tokens")),
+            completion_tokens=_count(usage.get("completion_tokens")),
             latency_s=latency,
             endpoint=url,
             model=str(data.get("model") or model),
-            finish_reason=choice.get("finish_reason"),
+            finish_reason=choice.get("finish_reason") if isinstance(choice.get("finish_reason"), str) else None,
             tool_calls=[c for c in tool_calls if isinstance(c, dict)] if isinstance(tool_calls, list) else None,
         )
 
     async def close(self) -> None:
         sessions, self._sessions = list(self._sessions.values()), {}
         await asyncio.gather(*(s.close() for s in sessions))
+
+
+def _load(raw: bytes, url: str) -> Any:
+    """The reply body as JSON. It is UTF-8 (json.loads detects the UTF encodings: no charset
+    sniffing as resp.json() does); invalid bytes are kept as the source keeps an input
+    line's (``surrogateescape``), so the record replaces and records them (store.textsafe).
+    A body that is not JSON (truncated, HTML) is ``llm_bad_response``, not retried."""
+    if not raw.strip():
+        return None
+    try:
+        try:
+            return json.loads(raw)
+        except UnicodeDecodeError:
+            return json.loads(raw.decode("utf-8", "surrogateescape"))
+    except ValueError as exc:
+        raise LLMError("llm_bad_response", f"reply from {url} is not JSON ({exc}; {len(raw)} bytes): {raw[:200].decode('utf-8', 'replace')!r}") from None
+    except RecursionError:
+        raise LLMError("llm_bad_response", f"reply from {url} is nested too deeply to read ({len(raw)} bytes)") from None
+
+
+_MAX_COUNT = 1 << 40
+
+
+def _count(value: Any) -> int:
+    """A token count from a reply's usage: a non-negative int (or integral float) below 2**40, else 0."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return value if isinstance(value, int) and 0 <= value < _MAX_COUNT else 0
