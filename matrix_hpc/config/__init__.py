@@ -3,7 +3,7 @@
 Every section is a dataclass built by the one builder (:mod:`.build`); a mistake is
 a :class:`ConfigError` naming the dotted key. Sections: :mod:`.job` (workflow, dataset,
 cluster, output, run), :mod:`.llm` (models and sampling), :mod:`.sandbox`;
-:mod:`.checks` holds the checks across sections.
+:mod:`.checks` holds the checks across sections, :mod:`.load` the loading pipeline.
 """
 
 from .build import ConfigError, parse_overrides
@@ -16,9 +16,8 @@ from .job import (
     RunConfig,
     SlurmConfig,
     WorkflowConfig,
-    load_config,
-    resolve_dataset_path,
 )
+from .load import load_config, resolve_dataset_path
 from .llm import EmbeddedEngineConfig, LLMConfig, ModelConfig, Sampling, SamplingConfig, VLLMConfig, resolve_sampling
 from .sandbox import PoolConfig
 
