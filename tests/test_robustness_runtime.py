@@ -8,9 +8,11 @@ SIGSTOP, SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -85,3 +87,49 @@ def test_restarted_actor_whose_setup_fails_leaves_routing_and_its_peers_finish(t
     records = each_id_once(out, n)
     assert all(r["status"] == "ok" for r in records), Counter((r["error"] or {}).get("kind") for r in records)
     assert count.read_text().count("setup") == 3  # two at the start, one by the restarted a/1
+
+
+# --- item 9: one re-send path, so a batch is never executed twice --------------------
+
+
+@pytest.fixture
+def counting_llm() -> Any:
+    from .counting_llm import CountingLLM
+
+    server = CountingLLM(delay_s=(0.3, 0.5)).start()  # slow enough that b/0 always has calls open
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_a_delivery_unanswered_for_long_is_not_executed_twice(tmp_path: Path, run_factory: Any, counting_llm: Any) -> None:
+    """b/0 is frozen (SIGSTOP, as a long GC pause or a wedged host would) for longer than
+    the outbox used to wait before re-sending a delivery (30 s), then thawed. Ray delivers
+    the original call once b/0 answers again; a second copy must not be sent as well: each
+    task's one LLM call is made exactly once. Before the fix the outbox re-sent every batch
+    unanswered for 30 s, and b/0 then ran the originals too (the store refused the copies,
+    but the LLM calls were paid twice)."""
+    n = 160
+    roles = {
+        "a": {"agent": f"{AGENTS}:Relay", "params": {"next": "b"}},
+        "b": {"agent": f"{AGENTS}:OneCall", "instances": 2, "model": "default", "sampling": {"max_tokens": 8}},
+    }
+    out = tmp_path / "out"
+    cfg = relay_config(tmp_path, n, roles, **{"llm.base_urls": [counting_llm.url], "run.replay": False, "run.max_in_flight": 32})
+    run = run_factory(cfg)
+    wait_for(lambda: started(out, 8), 120, "first commits", run)
+    b0 = actor_pid(out, "/b/0")
+    os.kill(b0, signal.SIGSTOP)
+    try:
+        frozen_at = committed_rows(out)
+        # Deliveries to b/0 pile up unanswered (b/1 finishes its share, then the window is full).
+        time.sleep(40)  # past the outbox's old 30 s re-send (not a timing assertion: the count is)
+        assert committed_rows(out) < n, f"the run finished while b/0 was frozen (from {frozen_at} rows): b/0 held nothing"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(b0, signal.SIGCONT)
+    assert run.wait(180) == 0, run.output
+    records = each_id_once(out, n)
+    assert all(r["status"] == "ok" for r in records), Counter((r["error"] or {}).get("kind") for r in records)
+    assert counting_llm.received == n, f"{counting_llm.received} LLM calls for {n} tasks of one call each"

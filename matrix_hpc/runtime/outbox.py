@@ -9,6 +9,13 @@ the tasks parked in the outbox to about ``PARKED_SHARE`` of those the actor hold
 many: batches grow and Ray calls per hop fall. Until the receiver has accepted a
 batch, its task ids count as held by the sender, so a task is always held by
 someone the run can ask (see :meth:`held_ids`).
+
+A batch has one re-send path: Ray's. ``receive`` is retried by Ray on the receiver's
+next incarnation (``max_task_retries=-1``) when the receiver crashes, and fails with
+``ActorDiedError`` once it is gone for good (restarts used up, or its node declared
+dead with nowhere to restart it), which the outbox then sends to the role's other
+instances. The outbox never re-sends a delivery that is merely slow (a long GC pause,
+a frozen host): Ray still delivers the original, and a copy would run the batch twice.
 """
 
 from __future__ import annotations
@@ -28,9 +35,9 @@ log = logging.getLogger(__name__)
 
 _REAP_S = 0.25  # how often delivery receipts are collected while messages flow
 _ERROR_PAUSE_S = 0.5  # after an unexpected error in the flush loop: no hot spin
-# ``receive`` only enqueues, so a delivery unanswered this long went to a receiver that
-# died without Ray failing the call: send the batch again (the store refuses copies).
-_STUCK_SEND_S = 30.0
+# ``receive`` only enqueues: a delivery unanswered this long is said once (the receiver is
+# frozen, or on a node Ray has not yet declared dead), never re-sent (see the module doc).
+_SLOW_SEND_S = 30.0
 PARKED_SHARE = 0.05  # tasks waiting in the outbox, as a share of the tasks the actor holds
 _RATE_HALF_LIFE_S = 1.0  # smoothing of the message rate the window is sized from
 
@@ -173,14 +180,15 @@ class Outbox:
             return
         refs = list(self._sending)
         ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
-        stuck_before = time.monotonic() - _STUCK_SEND_S
+        slow_before = time.monotonic() - _SLOW_SEND_S
         for ref in waiting:
-            if self._sent_at.get(ref, float("inf")) < stuck_before:
-                dest, index, batch = self._sending.pop(ref)
-                self._sent_at.pop(ref, None)
-                log.warning("delivery to %s instance %d unanswered for %.0fs; re-sending %d message(s)", dest, index, _STUCK_SEND_S, len(batch))
-                self._buf[dest].extend(batch)
-                self._wake.set()
+            if self._sent_at.get(ref, float("inf")) < slow_before:
+                dest, index, batch = self._sending[ref]
+                del self._sent_at[ref]  # said once per delivery
+                log.warning(
+                    "delivery of %d message(s) to %s instance %d unanswered for %.0fs (frozen, or its node is being declared dead); "
+                    "Ray delivers it when the receiver answers or restarts, or fails it if it is gone for good", len(batch), dest, index, _SLOW_SEND_S,
+                )  # fmt: skip
         for ref in ready:
             self._sent_at.pop(ref, None)
             dest, index, batch = self._sending.pop(ref)
