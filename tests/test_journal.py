@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import queue
 import random
 import signal
+import struct
 import subprocess
 import sys
+import threading
+import zlib
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from matrix_hpc.store.journal import JournalEntry, JournalIndex, JournalWriter, compact_journal, encode, journal_size, read_entries
 
@@ -170,3 +178,106 @@ def test_entries_of_one_flush_share_one_future(tmp_path: Path) -> None:
         await w.close()
 
     asyncio.run(main())
+
+
+def test_get_during_compaction_never_reads_a_closed_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compaction rewrites the file on a worker thread while the actor's chat calls go on
+    calling get() on the loop. The old code closed the old descriptor on that thread and
+    only then swapped the new one in: a get() in between failed with EBADF inside a chat
+    call. ``os.replace`` and ``os.close`` are wrapped to hold a worker thread right after
+    each call, and a get() runs in every such window (with the fix: after the new file
+    replaced the old one; the old code also stopped after closing the old descriptor)."""
+    held: queue.Queue[str] = queue.Queue()
+    go: queue.Queue[None] = queue.Queue()
+
+    def holding(name: str, real: Any) -> Any:
+        def call(*args: Any) -> Any:
+            out = real(*args)
+            if threading.current_thread() is not threading.main_thread():
+                held.put(name)
+                go.get(timeout=30)
+            return out
+
+        return call
+
+    async def main() -> list[str]:
+        w = JournalWriter(tmp_path / "w.jnl", fsync=False)
+        await asyncio.gather(*(w.append(entry(i, task=f"t{i % 2}")) for i in range(20)))
+        monkeypatch.setattr(os, "replace", holding("replace", os.replace))
+        monkeypatch.setattr(os, "close", holding("close", os.close))
+        compaction = asyncio.ensure_future(w.compact({"t0"}))
+        windows = []
+        async with asyncio.timeout(60):
+            while not compaction.done():
+                try:
+                    windows.append(held.get_nowait())
+                except queue.Empty:
+                    await asyncio.sleep(0.01)
+                    continue
+                try:
+                    got = w.get("d00001")  # a kept entry: from the old file or the new, never EBADF
+                    assert got is not None and got.payload["n"] == 1
+                finally:
+                    go.put(None)
+            assert await compaction == 10
+        monkeypatch.undo()
+        assert w.get("d00001").payload["n"] == 1 and w.get("d00000") is None  # type: ignore[union-attr]
+        await w.close()
+        return windows
+
+    assert asyncio.run(main()) == ["replace"]  # the one window the worker thread still has
+
+
+def _frame(body: bytes) -> bytes:
+    """A frame with a valid header and crc around any body (what a bit flip that kept the crc, or another program, leaves)."""
+    return struct.pack("<2sII", b"MJ", len(body), zlib.crc32(body)) + body
+
+
+def test_index_and_compaction_skip_a_corrupt_frame_and_report_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Whole frames whose body is not an entry (not JSON, not UTF-8, no digest) are skipped
+    and reported by every reader (the index an actor builds at start, life-start compaction,
+    a writer's own compaction), not raised: they used to stop the actor's start or the life."""
+    good = [encode(entry(i, task=f"t{i % 2}")) for i in range(4)]
+    data = good[0] + _frame(b'{"not": "an entry"}') + good[1] + _frame(b"\xff\xfe not json") + good[2] + _frame(b'[1, 2]') + good[3] + b"MJ\x05"
+    path = tmp_path / "r1-a.jnl"
+    path.write_bytes(data)
+    caplog.set_level(logging.WARNING, logger="matrix_hpc.store.journal")
+
+    assert [e.digest for _, _, e in read_entries(path)] == [f"d{i:05d}" for i in range(4)]
+    index = JournalIndex(tmp_path)
+    assert len(index) == 4 and all(index.get(f"d{i:05d}").payload["n"] == i for i in range(4))  # type: ignore[union-attr]
+    index.close()
+    assert "r1-a.jnl" in caplog.text and "not a journal entry" in caplog.text and f"byte {len(good[0])}" in caplog.text
+
+    async def own_compaction() -> None:
+        w = JournalWriter(tmp_path / "own.jnl", fsync=False)
+        (tmp_path / "own.jnl").write_bytes(data)  # its own file, corrupt frames included
+        await w.append(entry(100, task="t0"))
+        await w.compact({"t0"})
+        await w.close()
+
+    asyncio.run(own_compaction())
+    assert [e.digest for _, _, e in read_entries(tmp_path / "own.jnl")] == ["d00001", "d00003"]
+    (tmp_path / "own.jnl").unlink()
+
+    kept, _ = compact_journal(tmp_path, lambda t: True, "base-r2.jnl")
+    assert kept == 4 and [e.digest for _, _, e in read_entries(tmp_path / "base-r2.jnl")] == [f"d{i:05d}" for i in range(4)]
+
+
+def test_an_entry_too_large_to_read_back_is_not_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Readers take a frame longer than the entry limit for garbage and stop there: writing
+    one would hide every later entry of the file. It is left out (its call is not replayed)."""
+    from matrix_hpc.store import journal
+
+    monkeypatch.setattr(journal, "_MAX_ENTRY", 4096)
+
+    async def main() -> None:
+        w = JournalWriter(tmp_path / "big.jnl", fsync=False)
+        await w.append(entry(0))
+        await w.append(entry(1, size=8192))  # over the limit
+        await w.append(entry(2))
+        assert w.get("d00001") is None and w.get("d00002") is not None
+        await w.close()
+
+    asyncio.run(main())
+    assert [e.digest for _, _, e in read_entries(tmp_path / "big.jnl")] == ["d00000", "d00002"]

@@ -10,8 +10,10 @@ file has exactly one writer, which appends whole batches with one ``write`` + ``
 (group commit: :meth:`JournalWriter.append` returns once its entry is durable;
 :meth:`~JournalWriter.append_nowait` does not wait). A
 kill mid-write leaves a torn tail (short frame, bad crc, zeros): readers stop at the
-first bad frame, so every entry they return is whole. The store layer knows nothing
-of what an entry means: ``payload`` is opaque JSON for the caller (the runtime).
+first bad frame, so every entry they return is whole; a whole frame whose body is not
+an entry is skipped and reported (:func:`_entries`), never raised. The store layer
+knows nothing of what an entry means: ``payload`` is opaque JSON for the caller (the
+runtime).
 """
 
 from __future__ import annotations
@@ -60,22 +62,41 @@ def encode(entry: JournalEntry) -> bytes:
 
 def _decode(body: bytes) -> JournalEntry:
     obj = json.loads(body)
-    return JournalEntry(obj["d"], obj["t"], obj["p"])
+    entry = JournalEntry(obj["d"], obj["t"], obj["p"])
+    if not (isinstance(entry.digest, str) and isinstance(entry.task_id, str) and isinstance(entry.payload, dict)):
+        raise TypeError("digest, task id or payload of the wrong type")
+    return entry
 
 
-def _frames(data: bytes) -> Iterator[tuple[int, int, bytes]]:
-    """(offset, size, body) of each whole frame in ``data``, stopping at the first torn one."""
+def _frames(data: bytes, path: object = None) -> Iterator[tuple[int, int, bytes]]:
+    """(offset, size, body) of each whole frame in ``data``, stopping at the first torn one
+    (reported when ``path`` is given: a torn tail after a kill, or a damaged frame)."""
     pos, n = 0, len(data)
     while pos + _HEAD.size <= n:
         magic, length, crc = _HEAD.unpack_from(data, pos)
         end = pos + _HEAD.size + length
         if magic != MAGIC or length == 0 or length > _MAX_ENTRY or end > n:
-            return
+            break
         body = data[pos + _HEAD.size : end]
         if zlib.crc32(body) != crc:
-            return
+            break
         yield pos, end - pos, body
         pos = end
+    if path is not None and pos < n:
+        log.info("%s: torn or damaged frame at byte %d; its last %d bytes are ignored", path, pos, n - pos)
+
+
+def _entries(data: bytes, path: object) -> Iterator[tuple[int, int, JournalEntry]]:
+    """(offset, size, entry) of every whole entry in ``data`` (the contents of ``path``).
+    A whole frame (crc valid) whose body is not an entry is skipped and reported: its
+    boundaries are sound, so the entries after it are still read."""
+    for off, size, body in _frames(data, path):
+        try:
+            entry = _decode(body)
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            log.warning("%s: frame at byte %d is not a journal entry (%s: %s); skipped", path, off, type(exc).__name__, exc)
+            continue
+        yield off, size, entry
 
 
 def read_entries(path: str | os.PathLike[str]) -> Iterator[tuple[int, int, JournalEntry]]:
@@ -84,13 +105,7 @@ def read_entries(path: str | os.PathLike[str]) -> Iterator[tuple[int, int, Journ
         data = Path(path).read_bytes()
     except FileNotFoundError:
         return
-    for off, size, body in _frames(data):
-        try:
-            entry = _decode(body)
-        except (ValueError, KeyError, TypeError):  # crc-valid but not ours: stop like a torn tail
-            log.warning("%s: unreadable entry at byte %d; ignoring the rest of the file", path, off)
-            return
-        yield off, size, entry
+    yield from _entries(data, path)
 
 
 def _read_at(fd: int, offset: int, size: int, digest: str) -> JournalEntry | None:
@@ -99,7 +114,7 @@ def _read_at(fd: int, offset: int, size: int, digest: str) -> JournalEntry | Non
     for _, _, body in _frames(data):
         try:
             entry = _decode(body)
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             return None
         return entry if entry.digest == digest else None
     return None
@@ -139,10 +154,8 @@ class JournalIndex:
             except FileNotFoundError:
                 continue
             self._fds.append(fd)
-            data = _read_fd(fd)
-            for off, size, _body in _frames(data):
-                digest = json.loads(_body)["d"]
-                self._where[digest] = (fd, off, size)
+            for off, size, entry in _entries(_read_fd(fd), path):
+                self._where[entry.digest] = (fd, off, size)
 
     def __len__(self) -> int:
         return len(self._where)
@@ -215,9 +228,15 @@ class JournalWriter:
         if self._flusher is None:
             self._start()
         assert self._wake is not None
+        frame = encode(entry)
+        if len(frame) - _HEAD.size > _MAX_ENTRY:  # readers would stop at it and lose every later entry
+            log.warning("journal: the call %s of task %s is %d bytes, over the %d a reader accepts; not journaled (it is not replayed)", entry.digest[:12], entry.task_id, len(frame), _MAX_ENTRY)
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_result(None)
+            return fut
         if self._buf_done is None:
             self._buf_done = asyncio.get_running_loop().create_future()
-        self._buf.append((entry, encode(entry)))
+        self._buf.append((entry, frame))
         self._wake.set()
         return self._buf_done
 
@@ -299,27 +318,32 @@ class JournalWriter:
             if not gone:
                 return 0
             try:
-                dropped = await asyncio.to_thread(self._rewrite, set(gone))
+                fd, size, own, by_task, dropped = await asyncio.to_thread(self._rewrite, set(gone))
             except OSError as exc:
                 log.warning("journal compaction of %s failed (kept as is): %s", self.path, exc)
                 return 0
+            # Swapped and closed here, on the loop: get() runs on it too, so no get() can be
+            # reading the old descriptor when it closes (closed on the thread, one got EBADF).
+            old, self._fd, self._size, self._own, self._by_task = self._fd, fd, size, own, by_task
+            os.close(old)
             return dropped
 
-    def _rewrite(self, gone: set[str]) -> int:
+    def _rewrite(self, gone: set[str]) -> tuple[int, int, dict[str, tuple[int, int]], dict[str, list[str]], int]:
+        """Write the kept entries to a new file that replaces this one; returns its open
+        descriptor, size, index and the count dropped. Touches no state of ``self``
+        but reads its descriptor, which stays open until the caller swaps it."""
         data = _read_fd(self._fd)
         kept: list[bytes] = []
         own: dict[str, tuple[int, int]] = {}
         by_task: dict[str, list[str]] = {}
         off = dropped = 0
-        for _, size, body in _frames(data):
-            obj = json.loads(body)
-            if obj["t"] in gone:
+        for pos, size, entry in _entries(data, self.path):
+            if entry.task_id in gone:
                 dropped += 1
                 continue
-            frame = _HEAD.pack(MAGIC, len(body), zlib.crc32(body)) + body
-            kept.append(frame)
-            own[obj["d"]] = (off, size)
-            by_task.setdefault(obj["t"], []).append(obj["d"])
+            kept.append(data[pos : pos + size])
+            own[entry.digest] = (off, size)
+            by_task.setdefault(entry.task_id, []).append(entry.digest)
             off += size
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
@@ -333,9 +357,7 @@ class JournalWriter:
         except BaseException:
             os.close(fd)
             raise
-        os.close(self._fd)
-        self._fd, self._size, self._own, self._by_task = fd, off, own, by_task
-        return dropped
+        return fd, off, own, by_task, dropped
 
     async def close(self) -> None:
         """Flush what is queued and close the file."""
@@ -365,12 +387,12 @@ def compact_journal(directory: str | os.PathLike[str], keep: Callable[[str], boo
     seen: set[str] = set()
     kept: list[bytes] = []
     for path in sources:
-        for _, _, body in _frames(path.read_bytes()):
-            obj = json.loads(body)
-            if obj["d"] in seen or not keep(obj["t"]):
+        data = path.read_bytes()
+        for pos, size, entry in _entries(data, path):
+            if entry.digest in seen or not keep(entry.task_id):
                 continue
-            seen.add(obj["d"])
-            kept.append(_HEAD.pack(MAGIC, len(body), zlib.crc32(body)) + body)
+            seen.add(entry.digest)
+            kept.append(data[pos : pos + size])
     target = d / into
     if kept:
         tmp = d / f".{into}.tmp"
