@@ -27,7 +27,7 @@ class RoleLimits:
     concurrency: int
     """Tasks one actor of the role runs at once."""
     max_connections: int
-    """HTTP connections of one actor's LLM client."""
+    """HTTP connections of one actor's LLM client, over all its endpoints together."""
     max_outstanding_per_endpoint: int
     """Requests one actor keeps open against one endpoint."""
     reachable: int

@@ -61,8 +61,9 @@ class ChatClient:
     * least outstanding requests first, random among ties;
     * ``prefer``: a task's earlier endpoint is used again while it is routable and
       has room (sticky turns reuse that replica's prefix cache);
-    * at most ``max_outstanding_per_endpoint`` open requests per endpoint; callers
-      beyond that wait for a slot rather than pile onto an overloaded server;
+    * at most ``max_outstanding_per_endpoint`` open requests per endpoint, and at most
+      ``max_connections`` over all endpoints together (each endpoint keeps its own pool);
+      callers beyond that wait for a slot rather than pile onto an overloaded server;
     * an endpoint that answered 429/503 is avoided for the backoff time;
     * the endpoint set can change under it (:meth:`set_endpoints`, fed by the
       registry): with none routable, a call waits up to ``timeout_s`` for one.
@@ -92,7 +93,9 @@ class ChatClient:
         self.retry_backoff_s = retry_backoff_s
         self.max_connections = max_connections
         self.on_endpoint_error = on_endpoint_error
-        self.slots = Slots(max_outstanding_per_endpoint)
+        # max_connections caps the client's requests over all endpoints together (one actor's
+        # sockets, as runtime/limits.py sizes it), not each endpoint's pool: E endpoints opened E x it.
+        self.slots = Slots(max_outstanding_per_endpoint, total=max_connections)
         self.served: dict[str, int] = {}
         """Completed requests per endpoint (for reports)."""
         # One session (connection pool) per endpoint: dropping an endpoint closes its pool,

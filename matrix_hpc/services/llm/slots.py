@@ -4,7 +4,8 @@ A caller :meth:`Slots.acquire`\\ s an endpoint with room or joins a FIFO queue; 
 :meth:`Slots.release` (or endpoint change) hands freed room to the queue's head, so
 waiting costs O(1) per released slot however many callers wait. Invariant: callers
 wait only while no routable endpoint has room, so any waiter can take any freed slot
-(``prefer``/``exclude`` only rank endpoints that have room).
+(``prefer``/``exclude`` only rank endpoints that have room). ``total`` caps the slots
+taken over all endpoints together (the client's connections): at the cap no endpoint has room.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ class _Waiter:
 
 
 class Slots:
-    def __init__(self, per_endpoint: int) -> None:
+    def __init__(self, per_endpoint: int, total: int | None = None) -> None:
         self.per_endpoint = per_endpoint
+        self.total = total
+        """Requests open at once over every endpoint (the client's connection cap); None: no cap."""
+        self.in_use = 0
         self.base_urls: list[str] = []
         self.outstanding: dict[str, int] = {}
         self.cool_until: dict[str, float] = {}
@@ -64,6 +68,8 @@ class Slots:
     def pick(self, prefer: str | None, exclude: str | None) -> str | None:
         """An endpoint with room, or None. Cooling endpoints only when nothing else has room."""
         self.picks += 1
+        if self.total is not None and self.in_use >= self.total:
+            return None
         now = time.monotonic()
         room = [u for u in self.base_urls if self.outstanding[u] < self.per_endpoint and self.unreachable_until.get(u, 0.0) <= now]
         if prefer in room and self.cool_until.get(prefer, 0.0) <= now:  # type: ignore[operator]
@@ -93,6 +99,7 @@ class Slots:
             url = self.pick(prefer, exclude)
             if url is not None:
                 self.outstanding[url] += 1
+                self.in_use += 1
                 return url
         waiter = _Waiter(asyncio.get_running_loop().create_future(), prefer, exclude)
         self._waiters.append(waiter)
@@ -113,6 +120,7 @@ class Slots:
 
     def release(self, url: str) -> None:
         self.outstanding[url] -= 1
+        self.in_use -= 1
         if self._waiters:
             self._hand_over()
 
@@ -137,6 +145,7 @@ class Slots:
                 return
             self._waiters.popleft()
             self.outstanding[url] += 1
+            self.in_use += 1
             self.handoffs += 1
             head.fut.set_result(url)
 
