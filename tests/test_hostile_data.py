@@ -48,6 +48,16 @@ def test_record_json_replaces_and_records_where() -> None:
     assert textsafe.record_json(clean) == json.dumps(clean, ensure_ascii=False)  # no field when nothing replaced
 
 
+def test_clean_copies_only_what_it_changes() -> None:
+    msgs = [{"role": "user", "content": "fine"}, {"role": "user", "content": f"x{LONE}"}]
+    assert textsafe.clean(msgs[:1]) == (msgs[:1], 0, [])
+    same = msgs[:1]
+    assert textsafe.clean(same)[0] is same  # nothing replaced: no copy (cheap on a hot path)
+    out, n, at = textsafe.clean(msgs)
+    assert out[0] is msgs[0] and out[1] == {"role": "user", "content": "x\ufffd"} and (n, at) == (1, ["[1].content"])
+    assert msgs[1]["content"] == f"x{LONE}"  # the input is never changed
+
+
 def test_record_json_keeps_few_paths_but_the_whole_count() -> None:
     record = {"id": "t", "row": {f"f{i}": LONE for i in range(50)}}
     info = json.loads(textsafe.record_json(record))[textsafe.FIELD]

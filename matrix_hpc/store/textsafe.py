@@ -26,6 +26,7 @@ that is fine (all of it, nearly always) costs one ``isascii`` or one ``encode``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from typing import Any
@@ -73,30 +74,59 @@ class _Cleaner:
         return new
 
     def value(self, v: Any, where: str) -> Any:
+        """``v`` itself when nothing in it changes (no copy), else a cleaned copy."""
         if isinstance(v, str):
             return self.text(v, where)
         if isinstance(v, dict):
-            out = {}
-            for k, x in v.items():
+            out: dict[Any, Any] | None = None
+            for i, (k, x) in enumerate(v.items()):
+                key = k
                 if isinstance(k, str):
                     key, n = clean_text(k)
                     if n:  # the path names the cleaned key: ``at`` itself must encode
                         self.text(k, f"{where}.{key}" if where else key)
-                else:
-                    key = k
-                out[key] = self.value(x, f"{where}.{key}" if where else str(key))
-            return out
+                new = self.value(x, f"{where}.{key}" if where else str(key))
+                if out is None and (key is not k or new is not x):
+                    out = dict(itertools.islice(v.items(), i))
+                if out is not None:
+                    out[key] = new
+            return v if out is None else out
         if isinstance(v, (list, tuple)):
-            return [self.value(x, f"{where}[{i}]") for i, x in enumerate(v)]
+            items = [self.value(x, f"{where}[{i}]") for i, x in enumerate(v)]
+            return v if all(a is b for a, b in zip(items, v)) else items
         return v
 
 
 def clean(value: Any) -> tuple[Any, int, list[str]]:
-    """A copy of ``value`` (JSON-like: dicts, lists, strings) with unencodable text
-    replaced (keys included); the count and where (at most :data:`MAX_PATHS` paths)."""
+    """``value`` (JSON-like: dicts, lists, strings) with unencodable text replaced (keys
+    included), the count and where (at most :data:`MAX_PATHS` paths). Copy on write:
+    ``value`` itself comes back when nothing was replaced, and it is never changed."""
+    if _fine(value):  # the common case: one pass, no paths built, no copy
+        return value, 0, []
     c = _Cleaner()
     out = c.value(value, "")
     return out, c.count, c.at
+
+
+def _fine(v: Any) -> bool:
+    if type(v) is str:
+        return v.isascii() or encodable(v)
+    if isinstance(v, dict):
+        for k, x in v.items():
+            if type(k) is str and not (k.isascii() or encodable(k)):
+                return False
+            if type(x) is str:
+                if not (x.isascii() or encodable(x)):
+                    return False
+            elif not _fine(x):
+                return False
+        return True
+    if isinstance(v, (list, tuple)):
+        for x in v:
+            if not _fine(x):
+                return False
+        return True
+    return not isinstance(v, str) or encodable(v)  # a str subclass
 
 
 def record_json(record: dict[str, Any]) -> str:
@@ -107,6 +137,7 @@ def record_json(record: dict[str, Any]) -> str:
     if encodable(text):
         return text
     cleaned, count, at = clean(record)
+    cleaned = dict(cleaned)  # the caller's record is not changed, even when only str() values were to blame
     cleaned[FIELD] = {"count": count, "at": at}
     text = json.dumps(cleaned, ensure_ascii=False, default=str)
     if not encodable(text):  # in the str() of a value JSON cannot encode: replace it in the text
