@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections import Counter
@@ -117,7 +118,11 @@ class SinkActor:
         self._lock: asyncio.Lock | None = None
         self._committed: asyncio.Condition | None = None
         self._flusher: asyncio.Task[None] | None = None
-        self._next_lease = time.monotonic() + LEASE_S / 3
+        # The lease is renewed on its own thread: a commit slower than the lease (a slow or
+        # hung file system), or a busy event loop, must not let it expire under a live writer.
+        self._lease_stop = threading.Event()
+        self._lease_lock = threading.Lock()  # a renewal and the writer's close write one lease file
+        threading.Thread(target=self._renew_lease, name="sink-lease", daemon=True).start()
 
     def _ensure_loop(self) -> None:
         if self._flusher is None:
@@ -150,12 +155,26 @@ class SinkActor:
             await asyncio.sleep(self._backoff_s or self.flush_interval_s)
             try:
                 await self._commit()
-                if time.monotonic() >= self._next_lease:
-                    self._next_lease = time.monotonic() + LEASE_S / 3
-                    await asyncio.to_thread(self.writer.renew_lease)
             except Exception:  # this loop is the run's only committer: it must not die
                 log.exception("sink flush loop error (retrying)")
                 self._backoff_s = _MAX_BACKOFF_S
+
+    def _renew_lease(self, period_s: float = LEASE_S / 3) -> None:
+        """Tell other hosts this writer lives, every ``period_s``, until :meth:`close`."""
+        failing = False
+        while not self._lease_stop.wait(period_s):
+            try:
+                with self._lease_lock:
+                    if self._lease_stop.is_set():
+                        return
+                    self.writer.renew_lease()
+                if failing:
+                    log.warning("the lease %s is renewed again", self.writer.lease_path)
+                failing = False
+            except Exception as exc:  # a full disk: the lock still holds on this host; try again next period
+                if not failing:
+                    log.warning("cannot renew the lease %s (%s: %s); retrying every %.0fs", self.writer.lease_path, type(exc).__name__, exc, period_s)
+                failing = True
 
     async def _commit(self) -> None:
         assert self._lock is not None and self._committed is not None
@@ -283,8 +302,10 @@ class SinkActor:
             self._closed = True
             assert self._flusher is not None
             self._flusher.cancel()
+            self._lease_stop.set()
             try:
-                self.writer.close(commit=False)
+                with self._lease_lock:  # after any renewal under way: the released lease is the last word
+                    self.writer.close(commit=False)
             except OSError as exc:
                 log.warning("closing %s: %s", self.writer.dir, exc)
         metrics.flush()  # the metrics thread would miss the last second
