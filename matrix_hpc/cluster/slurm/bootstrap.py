@@ -8,7 +8,10 @@
 * rank 0 starts the Ray head on free ports with a per-job temp dir, publishes its
   address (MPI broadcast under MPI, else a file in the job directory), waits for
   every node, then drives the run itself;
-* every other rank joins the head and serves until rank 0 says the run is over;
+* every other rank joins the head, connects to rank 0's lifeline (``lifeline.py``) and
+  serves until rank 0 says the run is over on it: rank 0 tells every rank and waits for
+  their acknowledgements before its head stops, so no rank mistakes the end for a lost
+  head (a ``done`` file can stay hidden by NFS's lookup cache);
 * SIGUSR2 (time limit near, or preemption) on rank 0: stop intake, let tasks in
   flight finish for ``run.stop_grace_s`` (SIGTERM: abandon them at once, the KILL
   follows within KillWait), commit, and requeue the job at
@@ -18,7 +21,10 @@
   node-local) at the end of each life; one left by a killed life is removed when the
   job next starts there;
 * a worker node that cannot reach the head for ``cluster.slurm.head_lost_s`` before the
-  run is over requeues the job (the head node died; ``--no-kill`` keeps the job alive).
+  run is over requeues the job (the head node died; ``--no-kill`` keeps the job alive);
+  one whose lifeline closes with no ``done`` (the driver was SIGKILLed, OOM-killed,
+  crashed) requeues it at once. Past ``cluster.slurm.max_requeues`` it does not: the job
+  ends failed.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from ...config import ConfigError, load_config
 from ...labels import NODE_IP_ENV, node_resources
 from ...store.fsutil import atomic_write_json
 from .jobs import job_dir, record_job
+from .lifeline import DriverLink, Lifeline
 from .nodecheck import SharedPathError, cleanup_temp_dirs, node_local_locks, probe_shared_path
 from .ports import pick_ports
 from .raynode import RayNode
@@ -218,6 +225,78 @@ def node_gpus(configured: int) -> int | None:
     return configured or None
 
 
+def _requeue_or_fail(node: NodeEnv, max_requeues: int, say: Any, output: Path) -> int:
+    """This life cannot go on (rank 0's driver or node is gone): requeue the job so the next life
+    resumes from the store, or, with ``max_requeues`` used up, let it fail."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return 1
+    if node.restart >= max_requeues:
+        say(f"not requeued: restart {node.restart} reached cluster.slurm.max_requeues ({max_requeues}); the job ends failed")
+    elif _requeue(node.job_id):
+        say(f"requeued job {node.job_id}; it resumes from {output}")
+    return 1
+
+
+def _serve_worker(
+    node: NodeEnv, head: dict[str, Any], rdv: Rendezvous, ray_node: RayNode, num_gpus: int | None,
+    slurm: Any, stop_grace_s: float, signals: _Signals, say: Any, output: Path,
+) -> int:  # fmt: skip
+    """A rank other than 0: join the head, then serve until rank 0 says the run is over (its
+    lifeline, else the ``done`` file). The driver dead (its lifeline closed with no ``done``):
+    requeue at once. The head node unreachable for ``head_lost_s``: requeue."""
+    link: DriverLink | None = None
+    if head.get("lifeline"):
+        try:
+            link = DriverLink(head["lifeline"], node.rank)
+        except ConnectionRefusedError:  # rank 0 ended (or died) before this node joined: nothing to serve
+            say(f"rank 0 on {head.get('host', '?')} has ended before this node joined (see its log)")
+            return 1
+        except OSError as exc:  # its node does not answer: the head watch below decides
+            say(f"warning: rank 0's lifeline {head['lifeline']} unreachable ({exc}); watching the Ray head only")
+    ray_node.start(head["address"], num_gpus=num_gpus)
+    say(f"joined the Ray head at {head['address']} (rendezvous by {head['via']})")
+    give_up: float | None = None
+    head_watch = _HeadWatch(head["address"], slurm.head_lost_s)
+    joins = 1
+    state = "running"
+    try:
+        while not rdv.finished() and not head_watch.lost():
+            state = link.poll() if link is not None else "running"
+            if state in ("done", "dead"):
+                break
+            if not ray_node.alive():
+                # Ray gives a node 30 s to register; a loaded node misses it. Join again:
+                # the run needs this node to form, and takes it back if it formed already.
+                if signals.is_set() or joins >= _MAX_JOINS:
+                    break
+                say(f"Ray on this node exited (see {ray_node.log_path}); joining the head again")
+                ray_node.stop()
+                ray_node.start(head["address"], num_gpus=num_gpus)
+                joins += 1
+            if signals.is_set() and signals.reason != "SIGUSR2" and give_up is None:
+                give_up = time.monotonic() + stop_grace_s + 15  # let rank 0 save first
+            if give_up is not None and time.monotonic() > give_up:
+                break
+            time.sleep(0.5)
+    finally:
+        if link is not None:
+            link.close()
+    stopping = signals.is_set() and signals.reason != "SIGUSR2"  # Slurm is ending or requeueing the job itself
+    if state == "dead" and not stopping:
+        # SIGKILL, the OOM killer, a segfault: the Ray head may live on (it escapes the job's process
+        # tracking on some sites) and nothing else would ever end this life.
+        say(f"the driver on rank 0 ({head.get('host', '?')}) died before the run ended: its lifeline closed with no 'done'")
+        return _requeue_or_fail(node, slurm.max_requeues, say, output)
+    if state == "done" or give_up is not None or rdv.finished():
+        return 0
+    if head_watch.lost(wait=True):
+        # The head node died. Under --no-kill Slurm keeps the job running without it
+        # (and without its batch script): requeue it here so the next life resumes.
+        say(f"the head node {head.get('host', '?')} ({head['address']}) is unreachable for {slurm.head_lost_s:.0f}s: the run cannot go on")
+        return 1 if stopping else _requeue_or_fail(node, slurm.max_requeues, say, output)
+    return 0
+
+
 def run_node(config_path: str, overrides: list[str], node_type: str = "both") -> int:
     """Run this node's part of the job; returns the process exit status."""
     config = load_config(config_path, overrides)
@@ -240,6 +319,7 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
     say = lambda msg: print(f"[rank {node.rank} {node.hostname}] {msg}", file=sys.stderr, flush=True)
     output = Path(config.output.path).expanduser().resolve()
     probe: Path | None = None
+    lifeline: Lifeline | None = None
     try:
         probe = probe_shared_path(output, node.key, node.rank, node.size, node.hostname, slurm.fs_probe_timeout_s)
         local_locks = node_local_locks(output)
@@ -248,41 +328,16 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
                 "nothing stops a second run on another node from writing the same store")  # fmt: skip
         if node.rank != 0:
             head = rdv.exchange(None, slurm.join_timeout_s)
-            ray_node.start(head["address"], num_gpus=num_gpus)
-            say(f"joined the Ray head at {head['address']} (rendezvous by {head['via']})")
-            give_up: float | None = None
-            head_watch = _HeadWatch(head["address"], slurm.head_lost_s)
-            joins = 1
-            while not rdv.finished() and not head_watch.lost():
-                if not ray_node.alive():
-                    # Ray gives a node 30 s to register; a loaded node misses it. Join again:
-                    # the run needs this node to form, and takes it back if it formed already.
-                    if signals.is_set() or joins >= _MAX_JOINS:
-                        break
-                    say(f"Ray on this node exited (see {ray_node.log_path}); joining the head again")
-                    ray_node.stop()
-                    ray_node.start(head["address"], num_gpus=num_gpus)
-                    joins += 1
-                if signals.is_set() and signals.reason != "SIGUSR2" and give_up is None:
-                    give_up = time.monotonic() + config.run.stop_grace_s + 15  # let rank 0 save first
-                if give_up is not None and time.monotonic() > give_up:
-                    break
-                time.sleep(0.5)
-            if give_up is None and not rdv.finished() and head_watch.lost(wait=True):
-                # The head node died. Under --no-kill Slurm keeps the job running without it
-                # (and without its batch script): requeue it here so the next life resumes.
-                say(f"the head node {head.get('host', '?')} ({head['address']}) is unreachable for {slurm.head_lost_s:.0f}s: the run cannot go on")
-                if "SLURM_JOB_ID" in os.environ and node.restart < slurm.max_requeues and _requeue(node.job_id):
-                    say(f"requeued job {node.job_id}; it resumes from {output}")
-                return 1
-            return 0
+            return _serve_worker(node, head, rdv, ray_node, num_gpus, slurm, config.run.stop_grace_s, signals, say, output)
 
         t0 = time.time()
         if "SLURM_JOB_ID" in os.environ:
             record_job(config, node.job_id, "sbatch")
         ray_node.start(num_gpus=num_gpus)
         ray_node.wait_head_ready()
-        head = rdv.exchange({"address": ray_node.address, "host": node.hostname}, slurm.join_timeout_s)
+        lifeline = Lifeline(node.node_ip, node.size) if node.size > 1 else None
+        published = {"address": ray_node.address, "host": node.hostname, **({"lifeline": lifeline.address} if lifeline else {})}
+        head = rdv.exchange(published, slurm.join_timeout_s)
         nodes = _wait_for_nodes(ray_node.address, node.size, slurm.join_timeout_s)
         atomic_write_json(jdir / f"cluster-{node.key}.json", {"address": ray_node.address, "via": head["via"], "nodes": nodes, "formed_in_s": time.time() - t0}, durable=False)
         say(f"Ray cluster of {len(nodes)} node(s) at {ray_node.address} formed in {time.time() - t0:.1f}s (rendezvous by {head['via']})")
@@ -306,7 +361,12 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
         return 0 if signals.reason == "SIGUSR2" else 130
     finally:
         if node.rank == 0:
-            rdv.finish()
+            rdv.finish()  # for a rank still waiting for the head's address
+            if lifeline is not None:  # every rank is told before the head goes away
+                try:
+                    lifeline.end()
+                except Exception:  # never keep the head from stopping
+                    log.exception("lifeline: telling the ranks the run is over failed")
             if probe is not None:
                 shutil.rmtree(probe, ignore_errors=True)
         ray_node.stop()

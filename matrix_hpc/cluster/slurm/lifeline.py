@@ -1,0 +1,214 @@
+"""A TCP connection from every node to the driver on rank 0: the run's end, or the driver's death.
+
+Rank 0 listens (:class:`Lifeline`, a kernel-chosen port on its node address, published with the
+Ray head's address) and every other rank holds one connection to it for the whole life
+(:class:`DriverLink`). Two things travel on it that no file on a shared filesystem can carry
+reliably:
+
+* **The end of the run.** Rank 0 sends ``done`` to every rank and waits (bounded) for each
+  rank's ``ack`` before it stops its Ray head. A ``done`` file alone is not enough: NFS caches
+  a failed lookup for up to ``acdirmax`` (60 s), so a worker could miss a new ``done``, see the
+  head go away, and requeue a finished job.
+* **The driver's death.** A driver killed by SIGKILL, the OOM killer or a segfault sends no
+  ``done``; its kernel closes the connection, and a new connect is refused while its node is up.
+  So a worker knows within a poll that the driver is gone, whatever became of the Ray head
+  (it lives on where the job's process tracking lets it escape). Both facts come from the
+  driver's kernel, not from a thread of the driver, so a long pause in the driver does not
+  look like a death. A node that is down or cut off answers nothing: that is still the Ray
+  head watch's (``cluster.slurm.head_lost_s``).
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import threading
+import time
+from typing import Literal
+
+__all__ = ["ACK_TIMEOUT_S", "DriverLink", "Lifeline", "LinkState"]
+
+log = logging.getLogger(__name__)
+
+ACK_TIMEOUT_S = 10.0
+"""How long rank 0 waits, at the end of a life, for the ranks that have not acknowledged ``done``
+(only a rank whose node died or never joined makes it wait that long)."""
+
+_DONE, _ACK, _HELLO = b"done\n", b"ack\n", b"rank "
+_CONNECT_S = 5.0
+
+LinkState = Literal["running", "done", "dead", "unreachable"]
+"""``done``: rank 0 said the run is over. ``dead``: the driver process is gone (its connection
+closed without ``done`` and its node refuses a new one). ``unreachable``: its node does not answer."""
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+class Lifeline:
+    """Rank 0's side: accepts every rank's connection; :meth:`end` tells them the run is over."""
+
+    def __init__(self, host: str, ranks: int) -> None:
+        self._server = socket.create_server((host, 0), backlog=1024)  # not inheritable: dies with this process
+        self.address = f"{host}:{self._server.getsockname()[1]}"
+        self._waiting = set(range(1, ranks))
+        self._peers: dict[int, socket.socket] = {}
+        self._lock = threading.Lock()
+        self._done = False
+        self._thread = threading.Thread(target=self._accept_loop, name="lifeline-accept", daemon=True)
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, peer = self._server.accept()
+            except OSError:  # closed by end()
+                return
+            try:
+                self._register(conn)
+            except Exception as exc:  # one bad peer never ends the loop
+                log.warning("lifeline: connection from %s dropped: %s", peer, exc)
+                conn.close()
+
+    def _register(self, conn: socket.socket) -> None:
+        conn.settimeout(_CONNECT_S)
+        line = b""
+        while not line.endswith(b"\n") and len(line) < 64:
+            chunk = conn.recv(64 - len(line))
+            if not chunk:
+                raise ConnectionError("closed before its hello")
+            line += chunk
+        if not line.startswith(_HELLO):
+            raise ValueError(f"expected a hello, got {line[:32]!r}")
+        rank = int(line[len(_HELLO) :].strip())
+        with self._lock:
+            old = self._peers.pop(rank, None)
+            self._peers[rank] = conn
+            done = self._done
+        if old is not None:  # the rank reconnected (its first connection broke): keep the new one
+            old.close()
+        if done:  # it came after end() had begun: tell it too
+            conn.sendall(_DONE)
+        log.info("lifeline: rank %d connected", rank)
+
+    def end(self, timeout_s: float = ACK_TIMEOUT_S) -> list[int]:
+        """Send ``done`` to every rank and wait up to ``timeout_s`` for each rank's ``ack`` (a rank
+        whose connection closes counts as told); returns the ranks that never acknowledged."""
+        with self._lock:
+            self._done = True
+            peers = dict(self._peers)
+        for rank, conn in peers.items():
+            try:
+                conn.sendall(_DONE)
+            except OSError:
+                pass  # its connection is gone: nothing left there to tell
+        deadline = time.monotonic() + timeout_s
+        acked: set[int] = set()
+        sel = selectors.DefaultSelector()
+        try:
+            while True:
+                with self._lock:
+                    peers = dict(self._peers)
+                pending = self._waiting - acked
+                if not pending or time.monotonic() >= deadline:
+                    break
+                open_ = {r: c for r, c in peers.items() if r in pending}
+                for r, c in open_.items():
+                    try:
+                        sel.register(c, selectors.EVENT_READ, r)
+                    except (KeyError, ValueError):
+                        pass  # registered already, or closed
+                for key, _ in sel.select(timeout=min(0.2, max(0.0, deadline - time.monotonic()))):
+                    try:
+                        data = key.fileobj.recv(64)  # type: ignore[union-attr]
+                    except OSError:
+                        data = b""
+                    if not data or _ACK in data:
+                        acked.add(key.data)
+                        sel.unregister(key.fileobj)
+        finally:
+            sel.close()
+            self.close()
+        missing = sorted(self._waiting - acked)
+        if missing:
+            log.warning("lifeline: rank(s) %s did not acknowledge the end of the run in %.0fs", missing, timeout_s)
+        return missing
+
+    def close(self) -> None:
+        self._server.close()
+        with self._lock:
+            peers, self._peers = list(self._peers.values()), {}
+        for conn in peers:
+            conn.close()
+
+
+class DriverLink:
+    """A worker rank's side: one connection to rank 0's :class:`Lifeline`, polled without blocking."""
+
+    def __init__(self, address: str, rank: int, retry_s: float = 2.0) -> None:
+        self.address, self.rank, self.retry_s = address, rank, retry_s
+        self._buf = b""
+        self._retry_at = 0.0
+        self._sock = self._connect()
+        if self._sock is None:
+            raise ConnectionRefusedError(f"rank 0's lifeline {address} refused the connection: the driver has ended")
+
+    def _connect(self) -> socket.socket | None:
+        """A new connection, or None when refused (the driver process is gone); OSError when unreachable."""
+        try:
+            sock = socket.create_connection(_split(self.address), timeout=_CONNECT_S)
+        except ConnectionRefusedError:
+            return None
+        try:
+            sock.sendall(_HELLO + str(self.rank).encode() + b"\n")
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        return sock
+
+    def poll(self) -> LinkState:
+        """What the link says now. Blocks at most for one connect (``unreachable``: tried again
+        every ``retry_s``; deciding that the head node is lost is the Ray head watch's job)."""
+        while True:
+            if self._sock is None:
+                return self._reconnect()
+            try:
+                data = self._sock.recv(64)
+            except BlockingIOError:
+                return "running"
+            except OSError:
+                data = b""
+            if not data:  # closed with no ``done``: the driver died, unless a new connection is taken
+                self._sock.close()
+                self._sock = None
+                return self._reconnect()
+            self._buf += data
+            if _DONE in self._buf:
+                try:
+                    self._sock.sendall(_ACK)
+                except OSError:
+                    pass  # rank 0 stopped waiting: it knows the end was told
+                return "done"
+
+    def _reconnect(self) -> LinkState:
+        now = time.monotonic()
+        if now < self._retry_at:
+            return "unreachable"
+        self._retry_at = now + self.retry_s
+        try:
+            sock = self._connect()
+        except OSError:
+            return "unreachable"
+        if sock is None:
+            return "dead"
+        log.warning("lifeline: the connection to rank 0 broke but a new one was accepted; the driver is alive")
+        self._sock, self._buf = sock, b""
+        return "running"
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
