@@ -40,7 +40,7 @@ def test_bad_rows_become_failed_tasks_with_reasons(tmp_path: Path) -> None:
     assert by_id["c"].error.message == "line 3: row c is missing required field 'question'"
     assert by_id["d"].error.message.startswith("line 4: row d is 20") and "over dataset.max_row_bytes=1000" in by_id["d"].error.message
     assert len(json.dumps(by_id["d"].row)) < 1000  # a preview, not the whole over-long row
-    assert any(t.error and t.error.message == "line 5: expected a JSON object, got list" for t in tasks)
+    assert any(t.error and t.error.message == "line 5: expected a JSON object, got an array" for t in tasks)
     dup = by_id["a#dup@line7"]
     assert dup.error.message == "line 7: duplicate id 'a' (first at line 1)"
     hashed = [t for t in tasks if t.row.get("question") == "no id"]

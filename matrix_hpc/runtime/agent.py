@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 from .. import metrics
 from ..config import PoolConfig, Sampling
 from ..services.llm import ChatClient, ChatResult, LLMError, Message
+from ..store.textsafe import clean
 from .replay import Replay, call_digest
 from .task import Task, Turn
 
@@ -125,6 +126,9 @@ class Agent:
             raise RuntimeError(f"role {self.role!r} has no LLM client (uses_llm is False, or it names no model)")
         # The role's sampling, then what this call says: a bare chat() is what the config says.
         request = {**self.ctx.sampling.request_fields(), **kwargs}
+        # Text UTF-8 cannot encode (a row's invalid bytes, a lone surrogate in a reply) goes out
+        # replaced, as the record replaces it (store.textsafe): a server refuses it (HTTP 400).
+        messages = clean(messages)[0]
         model = self.ctx.model or self.ctx.llm.model  # the key in models; the served name for a bare client
         if self.ctx.sticky and "prefer" not in request:  # a task's earlier endpoint of this model
             request["prefer"] = next((t.endpoint for t in reversed(task.turns) if t.endpoint and t.model == model), None)

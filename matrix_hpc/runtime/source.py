@@ -1,26 +1,54 @@
 """The source: dataset rows → tasks, with stable ids and bad rows as failed tasks.
 
 Bad input is data, not a crash: a malformed JSONL line, a row that is not an
-object, a missing required field, an over-long row or a repeated id each become a
-task that is already failed with a reason naming the line and id; it goes to the
-store like any other result.
+object, a missing required field, an over-long or too deeply nested row, an
+unreadable Parquet cell or row group, or a repeated id each become a task that is
+already failed with a reason naming the line (``line 7: ...``, ``row 7: ...`` for
+Parquet) and the id; it goes to the store like any other result. Every non-blank
+line, and every Parquet row, ends as exactly one task.
+
+What a row may hold, as scrapers write it (README: Dataset rows):
+
+* JSONL is read as bytes and each line decoded as UTF-8 with ``surrogateescape``,
+  so invalid bytes do not fail the row: they travel as U+DC80..U+DCFF, and the
+  record encoder replaces them (:mod:`matrix_hpc.store.textsafe`). A Parquet string
+  cell holding invalid UTF-8 is read the same way.
+* A BOM at the start of a line is dropped (the first line, or files joined with
+  ``cat``); CRLF endings are dropped; raw control characters inside strings are
+  taken as the characters they are (Python's ``strict=False``): the record
+  re-encodes them as escapes, so the output is valid JSON.
+* ``NaN``/``Infinity`` (Python's JSON, not RFC 8259) stay floats, as they are in
+  Parquet: the row is kept as written.
+* Ids: a string, an int, or an integral float (pandas' int column with a gap) as
+  its int; a row whose id is missing, null, empty, a bool or another type gets a
+  hash of its content. Bytes UTF-8 cannot encode are written ``\\xe9`` (``\\ud83d``
+  for a lone surrogate) in the id, so the id the store keeps is the id resume
+  compares.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from .task import Task, content_id
 
-__all__ = ["DatasetError", "DatasetScan", "SourceOptions", "iter_tasks", "count_rows", "scan_dataset"]
+__all__ = ["DatasetError", "DatasetScan", "MAX_DEPTH", "SourceOptions", "iter_tasks", "count_rows", "scan_dataset"]
 
 log = logging.getLogger(__name__)
 
 _PREVIEW = 500  # characters of a bad row kept in its record
+MAX_DEPTH = 100
+"""Rows nested deeper fail (``bad_input``): Parquet readers refuse deeper schemas by
+default, and the runtime's pickling of a task fails at ~500 levels."""
+_HOLD_MAX = 1 << 24
+"""A JSONL line longer than this (or ``max_row_bytes``, if larger) is counted, not held
+in memory or parsed: it fails as over-long without its id (a content hash of its start)."""
+_BOM = b"\xef\xbb\xbf"
 
 
 class DatasetError(RuntimeError):
@@ -50,12 +78,60 @@ def _format(opts: SourceOptions) -> str:
     raise DatasetError(f"dataset.path: cannot tell the format of {opts.path.name} (set dataset.format to jsonl or parquet)")
 
 
+@dataclass(frozen=True, slots=True)
+class _Unread:
+    """A row the source could not read whole: a JSONL line too long to hold, or a
+    Parquet row with a cell (or a row group) that cannot be read."""
+
+    row: dict[str, Any]
+    """What could be read, kept in its record."""
+    reason: str
+    key: str
+    """Stable content for its id when ``row`` has none."""
+
+
+def _jsonl_lines(opts: SourceOptions) -> Iterator[tuple[int, bytes | _Unread]]:
+    """(line number, line without its ending or BOM) for each non-blank line; a line too
+    long to hold (:data:`_HOLD_MAX`) comes as :class:`_Unread`. ``scan_dataset`` and the
+    tasks both count lines here, so the run's total is what the source yields."""
+    hold_max = max(_HOLD_MAX, opts.max_row_bytes)
+    with open(opts.path, "rb") as fh:
+        lineno = 0
+        while line := fh.readline(hold_max + 1):
+            lineno += 1
+            if len(line) > hold_max and not line.endswith(b"\n"):
+                head, size = line[:_PREVIEW], len(line)
+                while more := fh.readline(1 << 20):  # skip the rest, holding 1 MiB at most
+                    size += len(more)
+                    if more.endswith(b"\n"):
+                        size -= 1
+                        break
+                preview = head.decode("utf-8", "replace")
+                reason = f"line is {size} bytes, over dataset.max_row_bytes={opts.max_row_bytes}"
+                yield lineno, _Unread({"_raw": preview, "_bytes": size}, reason, f"{size}:{preview}")
+                continue
+            line = line.rstrip(b"\r\n")
+            if line.startswith(_BOM):  # a BOM opens a file, or a file joined with cat
+                line = line[len(_BOM) :]
+            if line.strip():
+                yield lineno, line
+
+
 @dataclass(frozen=True)
 class DatasetScan:
     rows: int
     """Rows the source will yield (non-blank lines for JSONL), honouring ``limit``."""
     missing_id: int
     """Rows without ``id_field`` (they get a content hash as their id)."""
+
+
+def _parquet(path: Path) -> Any:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except Exception as exc:  # not Parquet, truncated, a schema too deep for the reader: the file as a whole
+        raise DatasetError(f"dataset.path: cannot read {path} as Parquet ({type(exc).__name__}: {exc})") from None
 
 
 def scan_dataset(opts: SourceOptions) -> DatasetScan:
@@ -69,29 +145,28 @@ def scan_dataset(opts: SourceOptions) -> DatasetScan:
     limit = opts.limit if opts.limit is not None else float("inf")
     n = missing = 0
     if _format(opts) == "parquet":
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(opts.path)
+        pf = _parquet(opts.path)
         n = int(min(pf.metadata.num_rows, limit))
         if opts.id_field is not None and opts.id_field not in pf.schema_arrow.names:
             missing = n
         elif opts.id_field is not None:
             seen = 0
-            for batch in pf.iter_batches(batch_size=65536, columns=[opts.id_field]):
-                col = batch.column(0)[: max(0, n - seen)]
-                missing += col.null_count
-                seen += len(col)
-                if seen >= n:
-                    break
+            try:
+                for batch in pf.iter_batches(batch_size=65536, columns=[opts.id_field]):
+                    col = batch.column(0)[: max(0, n - seen)]
+                    missing += col.null_count
+                    seen += len(col)
+                    if seen >= n:
+                        break
+            except Exception as exc:  # an unreadable row group: its rows fail in the run, one by one
+                log.warning("%s: cannot read column %r past row %d (%s)", opts.path, opts.id_field, seen, exc)
     else:
         needle = json.dumps(opts.id_field).encode() if opts.id_field is not None else None
-        with open(opts.path, "rb") as fh:
-            for line in fh:
-                if n >= limit:
-                    break
-                if line.strip():
-                    n += 1
-                    missing += needle is not None and needle not in line
+        for _, line in _jsonl_lines(opts):
+            if n >= limit:
+                break
+            n += 1
+            missing += needle is not None and (isinstance(line, _Unread) or needle not in line)
     return DatasetScan(rows=n, missing_id=missing)
 
 
@@ -100,23 +175,67 @@ def count_rows(opts: SourceOptions) -> int:
     return scan_dataset(opts).rows
 
 
-def _raw_rows(opts: SourceOptions) -> Iterator[tuple[str, bytes | dict[str, Any]]]:
-    """(where, raw line or row dict) for each row, ``where`` naming it for errors."""
+_AS_BINARY = {"string": "binary", "large_string": "large_binary", "string_view": "binary_view"}
+
+
+def _parquet_rows(batch: Any) -> list[dict[str, Any] | _Unread]:
+    """The batch's rows as dicts. A cell that does not convert (a string of invalid
+    UTF-8, a timestamp out of Python's range) is found cell by cell: a string is
+    decoded with ``surrogateescape`` (as JSONL is), anything else fails its row."""
+    try:
+        return batch.to_pylist()
+    except Exception:
+        pass
+    import pyarrow as pa
+
+    out: list[dict[str, Any] | _Unread] = []
+    names = batch.schema.names
+    for i in range(batch.num_rows):
+        row: dict[str, Any] = {}
+        bad: list[str] = []
+        for name, col in zip(names, batch.columns):
+            try:
+                row[name] = col[i].as_py()
+                continue
+            except Exception as exc:
+                error = exc
+            binary = _AS_BINARY.get(str(col.type))
+            if binary is not None:
+                raw = col.view(getattr(pa, binary)())[i].as_py()
+                row[name] = raw.decode("utf-8", "surrogateescape")
+            else:
+                bad.append(f"column {name!r} ({type(error).__name__}: {error})")
+        if bad:
+            key = json.dumps(row, sort_keys=True, default=str)
+            out.append(_Unread(row, "cannot read " + ", ".join(bad), key))
+        else:
+            out.append(row)
+    return out
+
+
+def _raw_rows(opts: SourceOptions) -> Iterator[tuple[str, bytes | dict[str, Any] | _Unread]]:
+    """(where, raw line or row) for each row, ``where`` naming it for errors."""
     if not opts.path.is_file():
         raise DatasetError(f"dataset.path: no such file {opts.path}")
     if _format(opts) == "parquet":
-        import pyarrow.parquet as pq
-
+        pf = _parquet(opts.path)
         n = 0
-        for batch in pq.ParquetFile(opts.path).iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
-                n += 1
-                yield f"row {n}", row
+        for group in range(pf.metadata.num_row_groups):
+            size, got = pf.metadata.row_group(group).num_rows, 0
+            try:
+                for batch in pf.iter_batches(batch_size=1024, row_groups=[group]):
+                    for row in _parquet_rows(batch):
+                        n, got = n + 1, got + 1
+                        yield f"row {n}", row
+            except Exception as exc:  # a corrupt page: each row not read yet fails alone
+                reason = f"unreadable row group {group} ({type(exc).__name__}: {exc})"[:_PREVIEW]
+                log.warning("%s: %s; its %d row(s) are recorded as failed", opts.path, reason, size - got)
+                for _ in range(size - got):
+                    n += 1
+                    yield f"row {n}", _Unread({}, reason, f"{opts.path.name} row {n}")
     else:
-        with open(opts.path, "rb") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if line.strip():
-                    yield f"line {lineno}", line.rstrip(b"\r\n")
+        for lineno, line in _jsonl_lines(opts):
+            yield f"line {lineno}", line
 
 
 def _failed(tid: str, where: str, row: dict[str, Any], kind: str, message: str) -> Task:
@@ -125,24 +244,80 @@ def _failed(tid: str, where: str, row: dict[str, Any], kind: str, message: str) 
     return task
 
 
-def _to_task(opts: SourceOptions, where: str, raw: bytes | dict[str, Any]) -> Task:
+def _safe_id(text: str) -> str:
+    """``text`` as an id UTF-8 can encode: an invalid byte (held as U+DC80..U+DCFF) is
+    written ``\\xe9``, a lone surrogate ``\\ud83d``. The same text always gives the same id,
+    and the store keeps it as it is, so a resume finds it."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return "".join(
+            c if not 0xD800 <= ord(c) <= 0xDFFF else f"\\x{ord(c) - 0xDC00:02x}" if ord(c) >= 0xDC80 else f"\\u{ord(c):04x}"
+            for c in text
+        )
+
+
+def _row_id(opts: SourceOptions, row: dict[str, Any]) -> str | None:
+    """The row's own id, or None (it gets a content hash)."""
+    rid = row.get(opts.id_field) if opts.id_field is not None else None
+    if isinstance(rid, bool):
+        return None
+    if isinstance(rid, str):
+        return _safe_id(rid) if rid else None
+    if isinstance(rid, int):
+        return str(rid)
+    if isinstance(rid, float) and math.isfinite(rid):
+        return str(int(rid)) if rid.is_integer() else repr(rid)
+    return None
+
+
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean", type(None): "null"}
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests more than ``limit`` levels (an object is 1), found without recursion."""
+    stack = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if d > limit:
+            return True
+        children = v.values() if isinstance(v, dict) else v
+        stack.extend((c, d + 1) for c in children if isinstance(c, (dict, list, tuple)))
+    return False
+
+
+def _to_task(opts: SourceOptions, where: str, raw: bytes | dict[str, Any] | _Unread) -> Task:
+    if isinstance(raw, _Unread):
+        return _failed(_row_id(opts, raw.row) or content_id(raw.key), where, raw.row, "bad_input", raw.reason)
     if isinstance(raw, bytes):
         size = len(raw)
         try:
-            row = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            text = raw.decode(errors="replace")
-            return _failed(content_id(raw), where, {"_raw": text[:_PREVIEW]}, "bad_input", f"invalid JSON ({exc})")
+            # Invalid bytes travel as surrogate escapes (module docstring); strict=False:
+            # a raw tab or NUL inside a string is that character.
+            row = json.loads(raw.decode("utf-8", "surrogateescape"), strict=False)
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than json can parse
+            text = raw.decode("utf-8", "replace")  # a preview of bytes that are not a row
+            reason = f"nested too deep to parse (more than {MAX_DEPTH} levels)" if isinstance(exc, RecursionError) else f"invalid JSON ({exc})"
+            return _failed(content_id(raw), where, {"_raw": text[:_PREVIEW]}, "bad_input", reason)
+        brackets = raw.count(b"[") + raw.count(b"{")
     else:
         row = raw
-        size = len(json.dumps(row, default=str).encode())
+        text = json.dumps(row, ensure_ascii=False, default=str)
+        size = len(text.encode("utf-8", "surrogatepass"))
+        brackets = text.count("[") + text.count("{")
     if not isinstance(row, dict):
-        return _failed(content_id(json.dumps(row, default=str)), where, {"_raw": json.dumps(row, default=str)[:_PREVIEW]}, "bad_input", f"expected a JSON object, got {type(row).__name__}")
-    rid = row.get(opts.id_field) if opts.id_field is not None else None
-    tid = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid) else content_id(json.dumps(row, sort_keys=True, default=str))
+        dumped = json.dumps(row, default=str)
+        return _failed(content_id(dumped), where, {"_raw": dumped[:_PREVIEW]}, "bad_input", f"expected a JSON object, got {_JSON_TYPES.get(type(row), type(row).__name__)}")
+    tid = _row_id(opts, row) or content_id(json.dumps(row, sort_keys=True, default=str))
     if size > opts.max_row_bytes:
         preview = {"_raw": json.dumps(row, default=str)[:_PREVIEW], "_bytes": size}
         return _failed(tid, where, preview, "bad_input", f"row {tid} is {size} bytes, over dataset.max_row_bytes={opts.max_row_bytes}")
+    if brackets > MAX_DEPTH and _deeper_than(row, MAX_DEPTH):  # only a row with that many brackets can be
+        preview = {"_raw": json.dumps(row, default=str)[:_PREVIEW]}
+        return _failed(tid, where, preview, "bad_input", f"row {tid} is nested more than {MAX_DEPTH} levels deep")
     missing = [f for f in opts.required_fields if row.get(f) in (None, "")]
     if missing:
         return _failed(tid, where, row, "bad_input", f"row {tid} is missing required field {missing[0]!r}")
@@ -167,10 +342,17 @@ def iter_tasks(opts: SourceOptions, done: set[str] | None = None, counts: dict[s
         kind, _, num = where.partition(" ")
         if task.id in seen:
             first = f"{kind} {seen[task.id]}"
-            # Keep the row, under an id of its own, so nothing is silently dropped.
-            task = _failed(f"{task.id}#dup@{where.replace(' ', '')}", where, task.row, "bad_input", f"duplicate id {task.id!r} (first at {first})")
-        else:
-            seen[task.id] = int(num)
+            # Keep the row, under an id of its own, so nothing is silently dropped; a row
+            # already failed keeps its own reason first.
+            tid = f"{task.id}#dup@{where.replace(' ', '')}"
+            while tid in seen:  # a row's own id may look like one made here
+                tid += "+"
+            note = f"duplicate id {task.id!r} (first at {first})"
+            if task.error is not None:
+                task = _failed(tid, where, task.row, task.error.kind, f"{task.error.message.removeprefix(where + ': ')}; {note}")
+            else:
+                task = _failed(tid, where, task.row, "bad_input", note)
+        seen[task.id] = int(num)
         if task.id in done:
             counts["skipped"] += 1
         else:
