@@ -99,10 +99,15 @@ class EndpointRegistry:
             await asyncio.shield(self._restart_task)
 
     async def start(self) -> list[EndpointStatus]:
-        """Start every managed replica (in parallel), then supervise all endpoints."""
+        """Start every managed replica (in parallel), then supervise all endpoints.
+
+        A replica that fails to start is reported (logged once, ``down`` in the status with
+        its error) and restarted by its watch like one that died; the others are served.
+        Only a first start with no endpoint up at all fails (a restarted registry keeps
+        trying: its clients keep their last endpoints meanwhile)."""
         self._started = True
         await self.place()
-        urls = await asyncio.gather(*(r.start.remote() for r in self.replicas))
+        started = await asyncio.gather(*(r.start.remote() for r in self.replicas), return_exceptions=True)
         self._session = aiohttp.ClientSession(timeout=self.probe_timeout, headers=self._headers)
         # An external endpoint is "up" only once it answered a probe (a managed replica's
         # start already waited for a real generation); until then it is not routed to.
@@ -113,13 +118,29 @@ class EndpointRegistry:
                 st.last_ok_at = time.time()
             else:
                 st.state, st.failures, st.last_error = "down", 1, error
-        for i, url in enumerate(urls):
-            self.states[f"replica-{i}"] = EndpointStatus(self.model_key, url, i, last_ok_at=time.time(), served_model=self.model)
+        for i, url in enumerate(started):
+            if isinstance(url, BaseException):
+                self.states[f"replica-{i}"] = await self._failed_start(i, url)
+            else:
+                self.states[f"replica-{i}"] = EndpointStatus(self.model_key, url, i, last_ok_at=time.time(), served_model=self.model)
+        failed = [e for e in started if isinstance(e, BaseException)]
+        if failed and not self._restarted and not self._routable():
+            raise failed[0]  # nothing to serve at the run's start: say why (the driver stops the run)
         for key in self.states:
             self._wake[key] = asyncio.Event()
             asyncio.get_running_loop().create_task(self._watch(key))
         self._bump()
         return await self.status()
+
+    async def _failed_start(self, i: int, exc: BaseException) -> EndpointStatus:
+        """The status of replica ``i`` whose start raised ``exc``: down, with why (said once here)."""
+        why = f"start failed: {_last_line(exc)}"
+        log.error("model %s: replica %d did not start (%s); the model's other endpoints are served and its watch restarts it", self.model_key, i, why)
+        try:  # the URL it was to serve (its port is chosen when it starts)
+            url = (await asyncio.wait_for(self.replicas[i].info.remote(), 10.0))["url"] or ""
+        except (RayError, asyncio.TimeoutError):
+            url = ""
+        return EndpointStatus(self.model_key, url or f"(replica {i} not started)", i, state="down", failures=1, last_error=why, served_model=self.model)
 
     async def place(self, timeout_s: float = 120.0) -> list[str]:
         """Create the replica actors and wait until Ray has placed each (holding its GPUs); their hosts.
@@ -290,6 +311,12 @@ class EndpointRegistry:
         await asyncio.gather(*(r.stop.remote() for r in self.replicas), return_exceptions=True)
         if self._session is not None:
             await self._session.close()
+
+
+def _last_line(exc: BaseException) -> str:
+    """The innermost cause's last line (a RayTaskError carries the remote traceback)."""
+    cause = getattr(exc, "cause", None) or exc
+    return (str(cause).strip().splitlines() or [type(cause).__name__])[-1]
 
 
 async def follow_registry(client: ChatClient, registry: Any, wait_s: float = 10.0) -> None:
