@@ -169,7 +169,7 @@ class SlurmCluster:
         cpus_per_node: int = 4,
         real_memory_mb: int = 4000,
         proctrack: str = "proctrack/cgroup",
-        cred_expire_s: int = 10,
+        cred_expire_s: int = 5,  # Slurm's minimum: a requeued job may start again ~6 s later (10: ~11 s)
         grace_time_s: int = 0,
         name: str | None = None,
         extra_conf: str = "",
