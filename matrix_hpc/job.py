@@ -7,6 +7,7 @@ already committed in the output store are skipped by the source.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import shutil
@@ -167,6 +168,21 @@ def run_job(
         store=prev.store, usage=prev.usage, summary_upto=prev.summary_upto,  # kept if this life crashes: the next one adds to them
     )  # fmt: skip
     _write_run_info(root, info, claim=True)
+    # The source is read up to its first task before anything starts: a re-run of a
+    # finished job (every row in the store) ends here, without Ray or an engine (~40 s).
+    tasks = iter_tasks(opts, done, progress.source_counts)
+    first = next(tasks, None)
+    if first is None:
+        say(f"nothing to do: every row of the dataset is already in {root}")
+        progress.finished = True
+        try:
+            if on_saved is not None:
+                on_saved(progress)
+            return _finish(root, info, progress, metrics_fn, journal, {}, started, log_dir, prev, start_mark)
+        except BaseException as exc:
+            _record_abort(root, info, exc, stopping=_asked_to_stop(stop))
+            raise
+    tasks = itertools.chain([first], tasks)
 
     cluster = None
     services: LLMServices | None = None
@@ -194,7 +210,6 @@ def run_job(
             info.llm, info.llm_state_at, info.actors, info.actor_hosts = _safe_status(services), "start", team.pids, team.hosts
             _write_run_info(root, info)
             progress.started_at = time.monotonic()
-            tasks = iter_tasks(opts, done, progress.source_counts)
             try:
                 asyncio.run(drive(team, tasks, progress, run.max_in_flight, run.batch_size, run.max_attempts, run.health_interval_s, on_progress, stop, run.stop_grace_s, run.stall_timeout_s))
             except TeamError as exc:  # save what is finished, then say why in one line

@@ -88,9 +88,13 @@ def test_status_and_export_commands(full_run: dict[str, Any]) -> None:
 
 def test_rerun_of_finished_job_does_nothing(full_run: dict[str, Any]) -> None:
     before = {r["id"]: r["finished_at"] for r in store_records(full_run["out"])}
+    engines = sorted((full_run["out"] / "logs").glob("embedded-engine-*.log"))
     res = subprocess.run([str(BIN / "matrix-hpc"), "run", str(full_run["cfg"])], capture_output=True, text=True, timeout=300, start_new_session=True)
     assert res.returncode == 0, res.stderr
     assert "0 ok, 0 failed, 15 skipped" in res.stdout
+    # Known finished before anything starts: no Ray, no engine (it used to take ~40 s to do nothing).
+    assert f"nothing to do: every row of the dataset is already in {full_run['out']}" in res.stderr, res.stderr
+    assert sorted((full_run["out"] / "logs").glob("embedded-engine-*.log")) == engines
     assert {r["id"]: r["finished_at"] for r in store_records(full_run["out"])} == before
 
 
