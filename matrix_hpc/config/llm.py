@@ -35,7 +35,7 @@ class EmbeddedEngineConfig:
     ctx_per_slot: int = 1024
     """Context tokens per slot."""
     threads: int | None = None
-    """Compute threads (default: all cores)."""
+    """Compute threads (default: the usable cores less one, which the run's own processes need)."""
     startup_timeout_s: float = 60.0
 
 
