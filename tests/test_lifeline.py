@@ -8,14 +8,17 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
+
+import pytest
 
 from matrix_hpc.cluster.slurm.lifeline import DriverLink, Lifeline
 
 DRIVER = """
 import sys, time
 from matrix_hpc.cluster.slurm.lifeline import Lifeline
-line = Lifeline("127.0.0.1", 2)
+line = Lifeline("127.0.0.1")
 print(line.address, flush=True)
 time.sleep(600)
 """
@@ -34,12 +37,10 @@ def _poll_until(link: DriverLink, want: str, timeout: float = 30) -> list[str]:
 
 
 def test_end_reaches_every_rank_and_waits_for_their_acks() -> None:
-    line = Lifeline("127.0.0.1", 3)
+    line = Lifeline("127.0.0.1")
     a, b = DriverLink(line.address, 1), DriverLink(line.address, 2)
     assert a.poll() == "running" and b.poll() == "running"
     acks: list[list[int]] = []
-    import threading
-
     ender = threading.Thread(target=lambda: acks.append(line.end(timeout_s=30)))
     ender.start()
     _poll_until(a, "done")
@@ -51,12 +52,14 @@ def test_end_reaches_every_rank_and_waits_for_their_acks() -> None:
 
 
 def test_a_rank_that_never_acknowledges_is_waited_for_only_as_long_as_the_bound() -> None:
-    line = Lifeline("127.0.0.1", 3)
+    line = Lifeline("127.0.0.1")
     a = DriverLink(line.address, 1)
     t0 = time.monotonic()
     missing = line.end(timeout_s=1.0)
-    assert missing == [1, 2] and time.monotonic() - t0 < 20
+    assert missing == [1] and time.monotonic() - t0 < 20
     assert a.poll() == "done"  # told even though rank 0 stopped waiting
+    with pytest.raises(ConnectionRefusedError):  # a rank that comes after the end: it never saw a driver
+        DriverLink(line.address, 2)
 
 
 def test_sigkilled_driver_is_dead_to_its_links_at_once() -> None:
@@ -73,3 +76,23 @@ def test_sigkilled_driver_is_dead_to_its_links_at_once() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_broken_connection_to_a_live_driver_is_taken_again_not_called_a_death() -> None:
+    line = Lifeline("127.0.0.1")
+    link = DriverLink(line.address, 1)
+    first = line._peers[1]
+    first.close()  # the connection breaks (rank 0's side); the driver lives on
+    seen = []
+    deadline = time.monotonic() + 30
+    while line._peers.get(1) is first and time.monotonic() < deadline:
+        seen.append(link.poll())
+        time.sleep(0.05)
+    assert line._peers.get(1) is not first, seen  # the link connected again
+    assert "dead" not in seen and link.poll() == "running"
+    acks: list[list[int]] = []
+    ender = threading.Thread(target=lambda: acks.append(line.end(timeout_s=30)))
+    ender.start()
+    _poll_until(link, "done")  # the new connection is told the end
+    ender.join(30)
+    assert acks == [[]]

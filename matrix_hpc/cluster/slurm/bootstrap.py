@@ -310,8 +310,10 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
     rdv = Rendezvous(jdir / "rendezvous" / node.key, node.rank, node.size, slurm.rendezvous)
     kinds = ({"gpu", "cpu"} if node_type == "both" else {node_type}) | ({"head"} if node.rank == 0 else set())
     cleanup_temp_dirs(node.job_id, node.restart, keep_current=True)
+    # Rank 0's lifeline port is taken first, so the Ray worker ports picked next avoid it.
+    lifeline = Lifeline(node.node_ip) if node.rank == 0 and node.size > 1 else None
     ray_node = RayNode(
-        node.node_ip, pick_ports(node.node_ip), node_resources(kinds), f"/tmp/mhpc-{node.key}",
+        node.node_ip, pick_ports(node.node_ip, avoid={lifeline.port} if lifeline else set()), node_resources(kinds), f"/tmp/mhpc-{node.key}",
         jdir / "logs" / f"ray-{node.key}-rank{node.rank}.log",
     )  # fmt: skip
     num_gpus = node_gpus(slurm.gpus_per_node) if "gpu" in kinds else None
@@ -319,7 +321,6 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
     say = lambda msg: print(f"[rank {node.rank} {node.hostname}] {msg}", file=sys.stderr, flush=True)
     output = Path(config.output.path).expanduser().resolve()
     probe: Path | None = None
-    lifeline: Lifeline | None = None
     try:
         probe = probe_shared_path(output, node.key, node.rank, node.size, node.hostname, slurm.fs_probe_timeout_s)
         local_locks = node_local_locks(output)
@@ -335,7 +336,6 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
             record_job(config, node.job_id, "sbatch")
         ray_node.start(num_gpus=num_gpus)
         ray_node.wait_head_ready()
-        lifeline = Lifeline(node.node_ip, node.size) if node.size > 1 else None
         published = {"address": ray_node.address, "host": node.hostname, **({"lifeline": lifeline.address} if lifeline else {})}
         head = rdv.exchange(published, slurm.join_timeout_s)
         nodes = _wait_for_nodes(ray_node.address, node.size, slurm.join_timeout_s)

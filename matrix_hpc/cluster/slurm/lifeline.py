@@ -35,8 +35,8 @@ ACK_TIMEOUT_S = 10.0
 """How long rank 0 waits, at the end of a life, for the ranks that have not acknowledged ``done``
 (only a rank whose node died or never joined makes it wait that long)."""
 
-_DONE, _ACK, _HELLO = b"done\n", b"ack\n", b"rank "
-_CONNECT_S = 5.0
+_DONE, _ACK, _HELLO, _OK = b"done\n", b"ack\n", b"rank ", b"ok\n"
+_CONNECT_S = 10.0
 
 LinkState = Literal["running", "done", "dead", "unreachable"]
 """``done``: rank 0 said the run is over. ``dead``: the driver process is gone (its connection
@@ -51,10 +51,13 @@ def _split(address: str) -> tuple[str, int]:
 class Lifeline:
     """Rank 0's side: accepts every rank's connection; :meth:`end` tells them the run is over."""
 
-    def __init__(self, host: str, ranks: int) -> None:
+    def __init__(self, host: str) -> None:
         self._server = socket.create_server((host, 0), backlog=1024)  # not inheritable: dies with this process
-        self.address = f"{host}:{self._server.getsockname()[1]}"
-        self._waiting = set(range(1, ranks))
+        self.port: int = self._server.getsockname()[1]
+        self.address = f"{host}:{self.port}"
+        self._joined: set[int] = set()
+        """Ranks that connected: each is told the end and waited for. One that never connected
+        finds the lifeline closed, and ends without requeueing (see :class:`DriverLink`)."""
         self._peers: dict[int, socket.socket] = {}
         self._lock = threading.Lock()
         self._done = False
@@ -87,16 +90,17 @@ class Lifeline:
         with self._lock:
             old = self._peers.pop(rank, None)
             self._peers[rank] = conn
+            self._joined.add(rank)
             done = self._done
         if old is not None:  # the rank reconnected (its first connection broke): keep the new one
             old.close()
-        if done:  # it came after end() had begun: tell it too
-            conn.sendall(_DONE)
+        conn.sendall(_DONE if done else _OK)  # done: it came after end() had begun
         log.info("lifeline: rank %d connected", rank)
 
     def end(self, timeout_s: float = ACK_TIMEOUT_S) -> list[int]:
-        """Send ``done`` to every rank and wait up to ``timeout_s`` for each rank's ``ack`` (a rank
-        whose connection closes counts as told); returns the ranks that never acknowledged."""
+        """Send ``done`` to every rank that connected and wait up to ``timeout_s`` for each one's
+        ``ack`` (one whose connection closes counts as told); returns the ranks that never
+        acknowledged. Closes the lifeline."""
         with self._lock:
             self._done = True
             peers = dict(self._peers)
@@ -112,7 +116,7 @@ class Lifeline:
             while True:
                 with self._lock:
                     peers = dict(self._peers)
-                pending = self._waiting - acked
+                    pending = self._joined - acked
                 if not pending or time.monotonic() >= deadline:
                     break
                 open_ = {r: c for r, c in peers.items() if r in pending}
@@ -132,12 +136,17 @@ class Lifeline:
         finally:
             sel.close()
             self.close()
-        missing = sorted(self._waiting - acked)
+        with self._lock:
+            missing = sorted(self._joined - acked)
         if missing:
             log.warning("lifeline: rank(s) %s did not acknowledge the end of the run in %.0fs", missing, timeout_s)
         return missing
 
     def close(self) -> None:
+        try:
+            self._server.shutdown(socket.SHUT_RDWR)  # wakes the accept loop (close alone does not)
+        except OSError:
+            pass
         self._server.close()
         with self._lock:
             peers, self._peers = list(self._peers.values()), {}
@@ -149,24 +158,39 @@ class DriverLink:
     """A worker rank's side: one connection to rank 0's :class:`Lifeline`, polled without blocking."""
 
     def __init__(self, address: str, rank: int, retry_s: float = 2.0) -> None:
+        """Returns once rank 0 has registered this rank (so it waits for this rank's ``ack`` at the
+        end); ConnectionRefusedError when rank 0 has ended (or died) before: this rank never saw a
+        live driver and so cannot tell a death from an end."""
         self.address, self.rank, self.retry_s = address, rank, retry_s
         self._buf = b""
         self._retry_at = 0.0
         self._sock = self._connect()
         if self._sock is None:
-            raise ConnectionRefusedError(f"rank 0's lifeline {address} refused the connection: the driver has ended")
+            raise ConnectionRefusedError(f"rank 0's lifeline {address} is closed: the driver has ended")
 
     def _connect(self) -> socket.socket | None:
-        """A new connection, or None when refused (the driver process is gone); OSError when unreachable."""
+        """A connection rank 0 has registered (it answered ``ok``, or ``done``: kept for :meth:`poll`),
+        or None when refused or closed first (the driver has ended or died); OSError when unreachable."""
         try:
             sock = socket.create_connection(_split(self.address), timeout=_CONNECT_S)
         except ConnectionRefusedError:
             return None
         try:
             sock.sendall(_HELLO + str(self.rank).encode() + b"\n")
+            reply = b""
+            while not reply.endswith(b"\n"):
+                chunk = sock.recv(16)
+                if not chunk:
+                    sock.close()
+                    return None
+                reply += chunk
+        except (ConnectionResetError, BrokenPipeError):
+            sock.close()
+            return None
         except OSError:
             sock.close()
             raise
+        self._buf = _DONE if reply == _DONE else b""
         sock.setblocking(False)
         return sock
 
@@ -175,7 +199,16 @@ class DriverLink:
         every ``retry_s``; deciding that the head node is lost is the Ray head watch's job)."""
         while True:
             if self._sock is None:
-                return self._reconnect()
+                state = self._reconnect()
+                if state != "running":
+                    return state
+            assert self._sock is not None
+            if _DONE in self._buf:
+                try:
+                    self._sock.sendall(_ACK)
+                except OSError:
+                    pass  # rank 0 stopped waiting: it knows the end was told
+                return "done"
             try:
                 data = self._sock.recv(64)
             except BlockingIOError:
@@ -185,14 +218,8 @@ class DriverLink:
             if not data:  # closed with no ``done``: the driver died, unless a new connection is taken
                 self._sock.close()
                 self._sock = None
-                return self._reconnect()
+                continue
             self._buf += data
-            if _DONE in self._buf:
-                try:
-                    self._sock.sendall(_ACK)
-                except OSError:
-                    pass  # rank 0 stopped waiting: it knows the end was told
-                return "done"
 
     def _reconnect(self) -> LinkState:
         now = time.monotonic()
@@ -206,7 +233,7 @@ class DriverLink:
         if sock is None:
             return "dead"
         log.warning("lifeline: the connection to rank 0 broke but a new one was accepted; the driver is alive")
-        self._sock, self._buf = sock, b""
+        self._sock = sock
         return "running"
 
     def close(self) -> None:

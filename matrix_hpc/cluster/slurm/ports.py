@@ -52,15 +52,16 @@ def _free(host: str, port: int) -> bool:
             return False
 
 
-def pick_ports(host: str, workers: int = 64) -> RayPorts:
-    """Distinct free ports on ``host`` (held together while picked, so none repeats)."""
+def pick_ports(host: str, workers: int = 64, avoid: set[int] | None = None) -> RayPorts:
+    """Distinct free ports on ``host`` (held together while picked, so none repeats), none in ``avoid``
+    (ports this process holds already)."""
     with ExitStack() as stack:
         singles = []
         for _ in _SINGLE:
             s = stack.enter_context(socket.socket())
             s.bind((host, 0))
             singles.append(s.getsockname()[1])
-    taken = set(singles)
+    taken = set(singles) | (avoid or set())
     for _ in range(200):
         lo = random.randrange(20000, 60000 - workers)
         block = range(lo, lo + workers)
