@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import ray
@@ -28,6 +29,8 @@ class TeamError(RuntimeError):
 
 
 _GONE = "restarts used up, or setup() failed after a restart"
+DISPATCH_WAIT_S = 2.0
+"""How long :meth:`Team.dispatch` waits for the entry actors to accept a batch before the driver goes on."""
 
 
 def _role_of(name: str) -> str:
@@ -72,6 +75,8 @@ class Team:
         self.hosts: dict[str, str] = {}
         self.steps: dict[str, int] = {}
         """Steps taken (agents) or rows committed (sink) at the last check: a stall check's clock."""
+        self._sending: dict[asyncio.Future[Any], tuple[str, list[Task]]] = {}
+        """Entry batches the driver sent that their actor has not accepted yet (held by the driver)."""
         self.dead: set[str] = set()
         """Actors gone for good (Ray's restarts used up, or one that left routing: its setup() failed after a restart)."""
 
@@ -151,18 +156,27 @@ class Team:
             self._note(name, reply)
         return restarted, unreachable
 
-    async def held_by(self, timeout_s: float = 10.0) -> dict[str, list[str]]:
-        """Ids each live actor holds (queued, running, in an outbox, or pending commit).
-        An actor found dead for good holds nothing; one that does not answer in time
-        raises (it may be restarting: ask again later)."""
+    async def held_by(self, timeout_s: float = 10.0, silent: list[str] | None = None) -> dict[str, list[str]]:
+        """Ids each live actor holds (queued, running, in an outbox, or pending commit), and
+        the driver's entry batches not yet accepted. An actor found dead for good holds
+        nothing; one that does not answer in time raises (it may be restarting: ask again
+        later), or, given a ``silent`` list, is named there instead."""
         items = list(self._live().items())
-        replies = await asyncio.wait_for(asyncio.gather(*(h.held_ids.remote() for _, h in items), return_exceptions=True), timeout_s)
+
+        async def one(handle: Any) -> Any:
+            return await asyncio.wait_for(handle.held_ids.remote(), timeout_s)
+
+        replies = await asyncio.gather(*(one(h) for _, h in items), return_exceptions=True)
         out: dict[str, list[str]] = {}
+        for name, batch in self._sending.values():  # sent by the driver, not yet accepted: the driver holds them
+            out.setdefault(f"{self.spec.run_id}/driver (sending to {name.split('/', 1)[-1]})", []).extend(t.id for t in batch)
         for (name, _), reply in zip(items, replies):
             if isinstance(reply, ActorDiedError):
                 self._mark_dead(name)
             elif isinstance(reply, BaseException):
-                raise reply
+                if silent is None or not isinstance(reply, (asyncio.TimeoutError, RayActorError)):
+                    raise reply
+                silent.append(name)
             else:
                 out[name] = reply
         return out
@@ -180,28 +194,50 @@ class Team:
             return []
         return [s for s in stats if isinstance(s, dict)]
 
-    async def dispatch(self, tasks: list[Task], batch_size: int) -> None:
-        """Send new tasks to the entry role's live actors, round-robin in batches;
-        returns once accepted. A batch refused by a dead actor goes to another."""
-        pending = [tasks[lo : lo + batch_size] for lo in range(0, len(tasks), batch_size)]
-        while pending:
-            names = [actor_name(self.spec.run_id, self.entry, i) for i in range(len(self.actors[self.entry]))]
-            live = [(n, h) for n, h in zip(names, self.actors[self.entry]) if n not in self.dead]
-            if not live:
-                raise TeamError(f"role {self.entry!r} has no live instance left ({_GONE}); committed work is kept, re-run to resume")
-            sent = []
-            for batch in pending:
-                name, handle = live[self._rr % len(live)]
-                self._rr += 1
-                sent.append((name, batch, handle.receive.remote(batch)))
-            replies = await asyncio.gather(*(ref for _, _, ref in sent), return_exceptions=True)
-            pending = []
-            for (name, batch, _), reply in zip(sent, replies):
-                if isinstance(reply, ActorDiedError):
-                    self._mark_dead(name)
-                    pending.append(batch)
-                elif isinstance(reply, BaseException):
-                    raise reply
+    async def dispatch(self, tasks: list[Task], batch_size: int, wait_s: float = DISPATCH_WAIT_S) -> None:
+        """Send new tasks to the entry role's live actors, round-robin in batches, and wait
+        up to ``wait_s`` for them to be accepted. A batch refused by a dead actor goes to
+        another; one not accepted in time (its actor frozen, or restarting where Ray cannot
+        place it) stays held by the driver (see :meth:`held_by`) and is settled by a later
+        call: the driver's loop never waits on an actor without a bound."""
+        waiting = self._send([tasks[lo : lo + batch_size] for lo in range(0, len(tasks), batch_size)])
+        deadline = time.monotonic() + wait_s
+        while True:
+            left = deadline - time.monotonic()
+            if waiting and left > 0:
+                await asyncio.wait(waiting, timeout=left)
+            waiting = self._settle()  # a batch a dead actor refused went to another: wait for it too
+            if not waiting or time.monotonic() >= deadline:
+                return
+
+    def _send(self, batches: list[list[Task]]) -> list[asyncio.Future[Any]]:
+        if not batches:
+            return []
+        names = [actor_name(self.spec.run_id, self.entry, i) for i in range(len(self.actors[self.entry]))]
+        live = [(n, h) for n, h in zip(names, self.actors[self.entry]) if n not in self.dead]
+        if not live:
+            raise TeamError(f"role {self.entry!r} has no live instance left ({_GONE}); committed work is kept, re-run to resume")
+        sent = []
+        for batch in batches:
+            name, handle = live[self._rr % len(live)]
+            self._rr += 1
+            fut = asyncio.ensure_future(handle.receive.remote(batch))
+            self._sending[fut] = (name, batch)
+            sent.append(fut)
+        return sent
+
+    def _settle(self) -> list[asyncio.Future[Any]]:
+        """Take the answers of the entry batches in flight; re-send what dead actors refused."""
+        again = []
+        for fut in [f for f in self._sending if f.done()]:
+            name, batch = self._sending.pop(fut)
+            exc = fut.exception()
+            if isinstance(exc, ActorDiedError):
+                self._mark_dead(name)
+                again.append(batch)
+            elif exc is not None:
+                raise exc
+        return self._send(again)
 
     def stop_agents(self) -> None:
         """Kill the agent actors (first, so nothing reaches the sink after it closes)."""
