@@ -133,11 +133,12 @@ def run_job(
 ) -> RunSummary:
     """Run (or resume) the job in ``config``; returns when every task is committed.
 
-    Shutdown order: agents, then the sink (which commits and releases the store),
-    then ``on_saved`` (a Slurm job requeues itself here, before any slow work), then
-    the LLM services and the summaries. A run that cannot go on (stalled, a role
-    gone, commits failing) saves what is finished the same way, then raises
-    :class:`~matrix_hpc.runtime.team.TeamError` with one line."""
+    Shutdown order: the sink's commit of everything finished, then the agents (their
+    journal stats and ``close()``, which may be slow), then the sink (which commits what
+    arrived meanwhile and releases the store), then ``on_saved`` (a Slurm job requeues
+    itself here, before any slow work), then the LLM services and the summaries. A run
+    that cannot go on (stalled, a role gone, commits failing) saves what is finished the
+    same way, then raises :class:`~matrix_hpc.runtime.team.TeamError` with one line."""
     say = on_event or (lambda msg: (log.warning if msg.startswith("warning: ") else log.info)("%s", msg))
     check_workflow_code(config)  # a typo in an agent's name fails here, before Ray or an engine starts
     root = check_output_writable(config.output.path)  # before anything starts: one clear line
@@ -215,6 +216,9 @@ def run_job(
             except TeamError as exc:  # save what is finished, then say why in one line
                 aborted = exc
                 say(f"stopping: {exc}")
+            # The final commit first: after a TERM the KILL may come within seconds, and the
+            # clean-up below (journal stats, the agents' close()) can take much longer.
+            asyncio.run(_flush_sink(team))
             journal_costs = asyncio.run(_journal_costs(team)) if journal else {}
             asyncio.run(team.close())
             team.stop_agents()  # before the sink closes: nothing reaches it afterwards
@@ -352,6 +356,17 @@ async def _journal_costs(team: Team) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 total[k] = total.get(k, 0) + v
     return total
+
+
+async def _flush_sink(team: Team, timeout_s: float = 120.0) -> None:
+    """Commit what the sink holds now (the run's finished work), bounded: a sink that cannot
+    answer is closed (or found gone) later, and its rows are redone by a re-run."""
+    from ray.exceptions import RayError
+
+    try:
+        await asyncio.wait_for(team.sink.flush.remote(), timeout_s)
+    except (RayError, asyncio.TimeoutError) as exc:
+        log.warning("the final commit did not finish (%s); the sink is closed next", type(exc).__name__)
 
 
 async def _close_sink(team: Team) -> None:

@@ -176,3 +176,28 @@ def test_a_frozen_entry_actor_does_not_freeze_the_driver(tmp_path: Path, run_fac
     records = store_records(out)
     assert len({r["id"] for r in records}) == len(records) >= before  # what was committed stays, once
     assert all(r["status"] == "ok" for r in records)
+
+
+# --- item 8: on TERM the final commit comes before slow clean-up ---------------------
+
+
+def test_term_commits_finished_work_before_the_agents_slow_close(tmp_path: Path, run_factory: Any) -> None:
+    """20 tasks finish and wait in the sink (commits only every 10 minutes here); 20 more
+    hang. On TERM the sink must commit them before the agents' close(), which is slow: the
+    test SIGKILLs the whole run as close() starts (Slurm's KILL after KillWait), and every
+    finished task is in the store. Before the fix the final commit came after close()."""
+    n, done = 40, 20
+    finished, closing = tmp_path / "finished", tmp_path / "closing"
+    roles = {"a": {"agent": f"{AGENTS}:FinishOrHang", "params": {"finish_below": done, "finished": str(finished), "closing": str(closing)}}}
+    out = tmp_path / "out"
+    cfg = relay_config(tmp_path, n, roles, **{"output.flush_interval_s": 600.0, "output.chunk_rows": 1024, "run.stop_grace_s": 0.5})
+    run = run_factory(cfg)
+    # Every finished task is at the sink (in flight counts those it has not received), none committed.
+    wait_for(lambda: f"done 0/{n} | failed 0 | in flight {n - done} |" in run.output, 120, "the finished tasks at the sink", run)
+    assert committed_rows(out) == 0
+    run.proc.send_signal(signal.SIGTERM)
+    wait_for(closing.exists, 120, "the agents' close()", run)
+    run.cleanup()  # SIGKILL to the run's whole process group: nothing after this point happens
+    ids = set(finished.read_text().split())
+    assert len(ids) == done
+    assert {r["id"] for r in store_records(out)} == ids, "finished tasks lost on TERM"
