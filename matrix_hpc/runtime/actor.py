@@ -79,7 +79,8 @@ class AgentActor:
         self.role = role
         self.index = index
         self.incarnation = uuid.uuid4().hex
-        self._restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        # Only inside a Ray actor (a unit test builds the class directly: Ray would assert).
+        self._restarted = ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
         self._leaving: str | None = None  # why this instance leaves routing (told to the driver by ping)
         self._told = asyncio.Event()  # the driver has read it
         metrics.configure(team.metrics)
