@@ -109,7 +109,7 @@ def test_worker_that_cannot_see_done_yet_ends_with_the_run_and_never_requeues(cl
     ends the run and stops its head meanwhile; with head_lost_s 5 the worker would requeue the
     finished job. It does not: rank 0 tells it the run is over on its lifeline and waits for its
     acknowledgement before the head goes away. The job completes in its first life."""
-    cfg, rows = slurm_config(tmp_path, 8, "nd", **{"cluster.slurm.head_lost_s": 5})
+    cfg, rows = slurm_config(tmp_path, 6, "nd", **{"cluster.slurm.head_lost_s": 5})
     out = tmp_path / "nd-out"
     job = sbatch(cluster, cfg, "-w", "n1,n2")
     log = lambda: job_log(cfg, job)  # noqa: E731

@@ -44,7 +44,9 @@ from pathlib import Path
 from typing import Any
 
 from ...config import ConfigError, load_config
+from ...credentials import remove_secret, wait_secret
 from ...labels import NODE_IP_ENV, node_resources
+from ..auth import RayAuth, new_ray_token, ray_token_file
 from ...store.fsutil import atomic_write_json
 from .jobs import job_dir, record_job
 from .lifeline import DriverLink, Lifeline
@@ -196,6 +198,8 @@ class _Signals:
         self.at: float | None = None
         """``time.monotonic()`` of the first signal."""
         self.grace_s = float("inf")
+        self.terminating = False
+        """A TERM or INT came (even after a USR2): Slurm is ending or requeueing the job itself."""
         for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on)
 
@@ -205,7 +209,7 @@ class _Signals:
     def _on(self, signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
         if signum != signal.SIGUSR2:
-            self.grace_s = 0.0
+            self.grace_s, self.terminating = 0.0, True
         if not self._event.is_set():
             self.reason, self.at = name, time.monotonic()
             what = "finishing what is in flight" if signum == signal.SIGUSR2 else "abandoning what is in flight"
@@ -273,7 +277,7 @@ def _serve_worker(
                 ray_node.stop()
                 ray_node.start(head["address"], num_gpus=num_gpus)
                 joins += 1
-            if signals.is_set() and signals.reason != "SIGUSR2" and give_up is None:
+            if signals.terminating and give_up is None:
                 give_up = time.monotonic() + stop_grace_s + 15  # let rank 0 save first
             if give_up is not None and time.monotonic() > give_up:
                 break
@@ -281,14 +285,14 @@ def _serve_worker(
     finally:
         if link is not None:
             link.close()
-    stopping = signals.is_set() and signals.reason != "SIGUSR2"  # Slurm is ending or requeueing the job itself
-    if state == "dead" and not stopping:
+    stopping = signals.terminating  # Slurm is ending or requeueing the job itself: no requeue from here
+    if state == "done" or give_up is not None or rdv.finished() or (state == "dead" and stopping):
+        return 0
+    if state == "dead":
         # SIGKILL, the OOM killer, a segfault: the Ray head may live on (it escapes the job's process
         # tracking on some sites) and nothing else would ever end this life.
         say(f"the driver on rank 0 ({head.get('host', '?')}) died before the run ended: its lifeline closed with no 'done'")
         return _requeue_or_fail(node, slurm.max_requeues, say, output)
-    if state == "done" or give_up is not None or rdv.finished():
-        return 0
     if head_watch.lost(wait=True):
         # The head node died. Under --no-kill Slurm keeps the job running without it
         # (and without its batch script): requeue it here so the next life resumes.
@@ -304,9 +308,12 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
 
     check_workflow_code(config)  # on every node: a typo ends the job here, before any Ray node starts
     slurm = config.cluster.slurm
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # as the nodes started it (raynode.py)
     node = NodeEnv.detect(slurm.rendezvous)
     jdir = job_dir(config)
+    # Ray's token for this life: a 0600 file in the job's directory, written by rank 0 before its
+    # head starts; every node's Ray and this process (rank 0's driver) read it (cluster/auth.py).
+    token_file = ray_token_file(jdir, node.key)
+    RayAuth(token_path=token_file)
     rdv = Rendezvous(jdir / "rendezvous" / node.key, node.rank, node.size, slurm.rendezvous)
     kinds = ({"gpu", "cpu"} if node_type == "both" else {node_type}) | ({"head"} if node.rank == 0 else set())
     cleanup_temp_dirs(node.job_id, node.restart, keep_current=True)
@@ -329,11 +336,13 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
                 "nothing stops a second run on another node from writing the same store")  # fmt: skip
         if node.rank != 0:
             head = rdv.exchange(None, slurm.join_timeout_s)
+            wait_secret(token_file, slurm.fs_probe_timeout_s)  # Ray aborts on a token file it cannot read
             return _serve_worker(node, head, rdv, ray_node, num_gpus, slurm, config.run.stop_grace_s, signals, say, output)
 
         t0 = time.time()
         if "SLURM_JOB_ID" in os.environ:
             record_job(config, node.job_id, "sbatch")
+        new_ray_token(token_file, node.job_id)
         ray_node.start(num_gpus=num_gpus)
         ray_node.wait_head_ready()
         published = {"address": ray_node.address, "host": node.hostname, **({"lifeline": lifeline.address} if lifeline else {})}
@@ -371,6 +380,8 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
                 shutil.rmtree(probe, ignore_errors=True)
         ray_node.stop()
         cleanup_temp_dirs(node.job_id, node.restart, keep_current=False)
+        if node.rank == 0:
+            remove_secret(token_file)
 
 
 def main(argv: list[str] | None = None) -> int:
