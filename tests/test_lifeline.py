@@ -19,7 +19,7 @@ DRIVER = """
 import sys, time
 from matrix_hpc.cluster.slurm.lifeline import Lifeline
 line = Lifeline("127.0.0.1")
-print(line.address, flush=True)
+print(line.address, line.token, flush=True)
 time.sleep(600)
 """
 
@@ -38,7 +38,7 @@ def _poll_until(link: DriverLink, want: str, timeout: float = 30) -> list[str]:
 
 def test_end_reaches_every_rank_and_waits_for_their_acks() -> None:
     line = Lifeline("127.0.0.1")
-    a, b = DriverLink(line.address, 1), DriverLink(line.address, 2)
+    a, b = DriverLink(line.address, line.token, 1), DriverLink(line.address, line.token, 2)
     assert a.poll() == "running" and b.poll() == "running"
     acks: list[list[int]] = []
     ender = threading.Thread(target=lambda: acks.append(line.end(timeout_s=30)))
@@ -53,20 +53,20 @@ def test_end_reaches_every_rank_and_waits_for_their_acks() -> None:
 
 def test_a_rank_that_never_acknowledges_is_waited_for_only_as_long_as_the_bound() -> None:
     line = Lifeline("127.0.0.1")
-    a = DriverLink(line.address, 1)
+    a = DriverLink(line.address, line.token, 1)
     t0 = time.monotonic()
     missing = line.end(timeout_s=1.0)
     assert missing == [1] and time.monotonic() - t0 < 20
     assert a.poll() == "done"  # told even though rank 0 stopped waiting
     with pytest.raises(ConnectionRefusedError):  # a rank that comes after the end: it never saw a driver
-        DriverLink(line.address, 2)
+        DriverLink(line.address, line.token, 2)
 
 
 def test_sigkilled_driver_is_dead_to_its_links_at_once() -> None:
     proc = subprocess.Popen([sys.executable, "-c", DRIVER], stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        address = proc.stdout.readline().strip()  # type: ignore[union-attr]
-        link = DriverLink(address, 1)
+        address, token = proc.stdout.readline().split()  # type: ignore[union-attr]
+        link = DriverLink(address, token, 1)
         assert link.poll() == "running"
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
@@ -80,7 +80,7 @@ def test_sigkilled_driver_is_dead_to_its_links_at_once() -> None:
 
 def test_a_broken_connection_to_a_live_driver_is_taken_again_not_called_a_death() -> None:
     line = Lifeline("127.0.0.1")
-    link = DriverLink(line.address, 1)
+    link = DriverLink(line.address, line.token, 1)
     first = line._peers[1]
     first.close()  # the connection breaks (rank 0's side); the driver lives on
     seen = []
@@ -94,5 +94,19 @@ def test_a_broken_connection_to_a_live_driver_is_taken_again_not_called_a_death(
     ender = threading.Thread(target=lambda: acks.append(line.end(timeout_s=30)))
     ender.start()
     _poll_until(link, "done")  # the new connection is told the end
+    ender.join(30)
+    assert acks == [[]]
+
+
+def test_a_hello_without_the_token_is_dropped_and_the_rank_keeps_its_place() -> None:
+    line = Lifeline("127.0.0.1")
+    link = DriverLink(line.address, line.token, 1)
+    with pytest.raises(ConnectionRefusedError):  # closed before any ok: not taken for rank 1
+        DriverLink(line.address, "not-the-token", 1)
+    assert link.poll() == "running"
+    acks: list[list[int]] = []
+    ender = threading.Thread(target=lambda: acks.append(line.end(timeout_s=30)))
+    ender.start()
+    _poll_until(link, "done")
     ender.join(30)
     assert acks == [[]]

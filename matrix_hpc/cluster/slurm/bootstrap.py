@@ -251,7 +251,7 @@ def _serve_worker(
     link: DriverLink | None = None
     if head.get("lifeline"):
         try:
-            link = DriverLink(head["lifeline"], node.rank)
+            link = DriverLink(head["lifeline"], head.get("lifeline_token", ""), node.rank)
         except ConnectionRefusedError:  # rank 0 ended (or died) before this node joined: nothing to serve
             say(f"rank 0 on {head.get('host', '?')} has ended before this node joined (see its log)")
             return 1
@@ -345,7 +345,7 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
         new_ray_token(token_file, node.job_id)
         ray_node.start(num_gpus=num_gpus)
         ray_node.wait_head_ready()
-        published = {"address": ray_node.address, "host": node.hostname, **({"lifeline": lifeline.address} if lifeline else {})}
+        published = {"address": ray_node.address, "host": node.hostname, **({"lifeline": lifeline.address, "lifeline_token": lifeline.token} if lifeline else {})}
         head = rdv.exchange(published, slurm.join_timeout_s)
         nodes = _wait_for_nodes(ray_node.address, node.size, slurm.join_timeout_s)
         atomic_write_json(jdir / f"cluster-{node.key}.json", {"address": ray_node.address, "via": head["via"], "nodes": nodes, "formed_in_s": time.time() - t0}, durable=False)

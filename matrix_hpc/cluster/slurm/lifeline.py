@@ -1,8 +1,8 @@
 """A TCP connection from every node to the driver on rank 0: the run's end, or the driver's death.
 
 Rank 0 listens (:class:`Lifeline`, a kernel-chosen port on its node address, published with the
-Ray head's address) and every other rank holds one connection to it for the whole life
-(:class:`DriverLink`). Two things travel on it that no file on a shared filesystem can carry
+Ray head's address and a random token every rank's hello must carry) and every other rank holds
+one connection to it for the whole life (:class:`DriverLink`). Two things travel on it that no file on a shared filesystem can carry
 reliably:
 
 * **The end of the run.** Rank 0 sends ``done`` to every rank and waits (bounded) for each
@@ -20,7 +20,9 @@ reliably:
 
 from __future__ import annotations
 
+import hmac
 import logging
+import secrets
 import selectors
 import socket
 import threading
@@ -55,6 +57,9 @@ class Lifeline:
         self._server = socket.create_server((host, 0), backlog=1024)  # not inheritable: dies with this process
         self.port: int = self._server.getsockname()[1]
         self.address = f"{host}:{self.port}"
+        self.token = secrets.token_hex(16)
+        """Published with the address (the rendezvous): a hello without it is dropped, so no other
+        process on the network can take a rank's place and keep the end from reaching it."""
         self._joined: set[int] = set()
         """Ranks that connected: each is told the end and waited for. One that never connected
         finds the lifeline closed, and ends without requeueing (see :class:`DriverLink`)."""
@@ -79,14 +84,17 @@ class Lifeline:
     def _register(self, conn: socket.socket) -> None:
         conn.settimeout(_CONNECT_S)
         line = b""
-        while not line.endswith(b"\n") and len(line) < 64:
-            chunk = conn.recv(64 - len(line))
+        while not line.endswith(b"\n") and len(line) < 128:
+            chunk = conn.recv(128 - len(line))
             if not chunk:
                 raise ConnectionError("closed before its hello")
             line += chunk
         if not line.startswith(_HELLO):
             raise ValueError(f"expected a hello, got {line[:32]!r}")
-        rank = int(line[len(_HELLO) :].strip())
+        rank_s, _, token = line[len(_HELLO) :].strip().decode(errors="replace").partition(" ")
+        if not hmac.compare_digest(token, self.token):
+            raise ValueError("a hello with a wrong token")
+        rank = int(rank_s)
         with self._lock:
             old = self._peers.pop(rank, None)
             self._peers[rank] = conn
@@ -157,11 +165,11 @@ class Lifeline:
 class DriverLink:
     """A worker rank's side: one connection to rank 0's :class:`Lifeline`, polled without blocking."""
 
-    def __init__(self, address: str, rank: int, retry_s: float = 2.0) -> None:
+    def __init__(self, address: str, token: str, rank: int, retry_s: float = 2.0) -> None:
         """Returns once rank 0 has registered this rank (so it waits for this rank's ``ack`` at the
         end); ConnectionRefusedError when rank 0 has ended (or died) before: this rank never saw a
         live driver and so cannot tell a death from an end."""
-        self.address, self.rank, self.retry_s = address, rank, retry_s
+        self.address, self.token, self.rank, self.retry_s = address, token, rank, retry_s
         self._buf = b""
         self._retry_at = 0.0
         self._sock = self._connect()
@@ -176,7 +184,7 @@ class DriverLink:
         except ConnectionRefusedError:
             return None
         try:
-            sock.sendall(_HELLO + str(self.rank).encode() + b"\n")
+            sock.sendall(_HELLO + f"{self.rank} {self.token}\n".encode())
             reply = b""
             while not reply.endswith(b"\n"):
                 chunk = sock.recv(16)
