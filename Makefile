@@ -8,8 +8,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 ARGS   ?=
-# Debian packages the tests use: real sandboxes, and a real 3-node Slurm cluster with accounting.
-DEB_TEST := bubblewrap slurmctld slurmd slurm-client munge slurmdbd mariadb-server
+# Debian packages the tests use: real sandboxes, a real 3-node Slurm cluster with accounting,
+# and a real browser for matrix-hpc view's page (driven through chromium-driver by selenium).
+DEB_TEST := bubblewrap slurmctld slurmd slurm-client munge slurmdbd mariadb-server chromium chromium-driver
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test bench venv vllm clean deb-test

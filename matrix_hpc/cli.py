@@ -221,6 +221,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_view(args: argparse.Namespace) -> int:
+    from .view import serve_view
+
+    return serve_view(args.output, args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="matrix-hpc", description="Multi-agent synthetic data generation on Ray and Slurm.")
     ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -242,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--to", required=True, help="file to write")
     ex.add_argument("--status", choices=["ok", "failed"], help="only records with this status")
     ex.set_defaults(func=cmd_export)
+
+    vw = sub.add_parser("view", help="browse a run's records in a local web page (live while the run writes)", description="Serve a web page of the run's records on 127.0.0.1 and print its URL (with a random token; without it every request gets 403). It reads only committed records and never blocks the writer, so it can watch a running job's store on a shared file system.")
+    vw.add_argument("output", help="output folder (output.path of the run)")
+    vw.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
+    vw.set_defaults(func=cmd_view)
 
     sb = sub.add_parser("submit", help="submit a run to Slurm (submitit; cluster.slurm.* sets the allocation)", description="Submit the workflow as a Slurm job: one Ray cluster over cluster.slurm.nodes nodes; on USR2 (time limit, preemption) it saves its work and requeues itself. Re-submitting resumes.")
     sb.add_argument("config", help="job YAML")
