@@ -143,7 +143,7 @@ def test_a_frozen_entry_actor_does_not_freeze_the_driver(tmp_path: Path, run_fac
     """The entry actor a/0 is frozen (SIGSTOP: as one Ray cannot place while it restarts)
     while b still finishes what it holds, so room opens and the driver sends a/0 new tasks
     that it never accepts. The driver's loop must go on: the stall watchdog stops the run
-    with its one line, or a SIGINT stops it with the finished work committed. Before the
+    with its one line, or a SIGTERM stops it with the finished work committed. Before the
     fix the driver awaited that dispatch forever: neither happened."""
     n = 400
     roles = {
@@ -159,9 +159,10 @@ def test_a_frozen_entry_actor_does_not_freeze_the_driver(tmp_path: Path, run_fac
     try:
         before = committed_rows(out)
         wait_for(lambda: committed_rows(out) > before, 60, "b's tasks committed after the freeze (room for new ones)", run)
-        if how == "stop":
-            time.sleep(3)  # the driver is now sending to the frozen a/0
-            run.proc.send_signal(signal.SIGINT)
+        if how == "stop":  # the driver's loop comes round (a progress line each second) while a/0 is frozen
+            lines = run.output.count("] done ")
+            wait_for(lambda: run.output.count("] done ") >= lines + 3, 60, "the driver's loop to come round", run)
+            run.proc.send_signal(signal.SIGTERM)
         code = run.wait(150)  # before the fix: hung here
     finally:
         with contextlib.suppress(ProcessLookupError):
