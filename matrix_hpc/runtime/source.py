@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from .shards import DatasetError, Shard, resolve_shards
 from .task import Task, content_id
 
 __all__ = ["DatasetError", "DatasetScan", "MAX_DEPTH", "SourceOptions", "iter_tasks", "count_rows", "scan_dataset"]
@@ -51,10 +52,6 @@ in memory or parsed: it fails as over-long without its id (a content hash of its
 _BOM = b"\xef\xbb\xbf"
 
 
-class DatasetError(RuntimeError):
-    """The dataset as a whole cannot be read (missing file, unknown format)."""
-
-
 @dataclass(frozen=True)
 class SourceOptions:
     path: Path
@@ -65,17 +62,45 @@ class SourceOptions:
     required_fields: tuple[str, ...] = ()
     max_row_bytes: int = 65536
     limit: int | None = None
+    split: str | None = None
+    columns: tuple[tuple[str, str], ...] | None = None
+    """(column read, field of the row) pairs: only these columns, renamed; ``None``: all."""
+    raw_path: str | None = None
+    """``dataset.path`` as written (a Hugging Face dataset name is not a path)."""
+
+    def shards(self) -> list[Shard]:
+        return resolve_shards(self.path, self.format, self.split, self.raw_path)
 
 
-def _format(opts: SourceOptions) -> str:
-    if opts.format != "auto":
-        return opts.format
-    suffix = opts.path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson", ".json"):
-        return "jsonl"
-    if suffix in (".parquet", ".pq"):
-        return "parquet"
-    raise DatasetError(f"dataset.path: cannot tell the format of {opts.path.name} (set dataset.format to jsonl or parquet)")
+def columns_option(columns: list[str] | dict[str, str] | None) -> tuple[tuple[str, str], ...] | None:
+    """``dataset.columns`` (a list keeps columns, a mapping keeps and renames them) as pairs."""
+    if columns is None:
+        return None
+    if isinstance(columns, dict):
+        return tuple((str(k), str(v)) for k, v in columns.items())
+    return tuple((c, c) for c in columns)
+
+
+def _read_columns(opts: SourceOptions, names: list[str], shard: Shard) -> list[str] | None:
+    """The columns to read from a columnar shard (the id column too, so ids stay stable)."""
+    if opts.columns is None:
+        return None
+    wanted = [src for src, _ in opts.columns]
+    missing = [c for c in wanted if c not in names]
+    if missing:
+        raise DatasetError(f"dataset.columns: no column {missing[0]!r} in {shard.label} (it has {', '.join(names)})")
+    if opts.id_field is not None and opts.id_field in names and opts.id_field not in wanted:
+        wanted.append(opts.id_field)
+    return wanted
+
+
+def _project(opts: SourceOptions, row: dict[str, Any]) -> dict[str, Any]:
+    if opts.columns is None:
+        return row
+    out = {dst: row[src] for src, dst in opts.columns if src in row}
+    if opts.id_field is not None and opts.id_field in row and opts.id_field not in out:
+        out[opts.id_field] = row[opts.id_field]
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,12 +115,12 @@ class _Unread:
     """Stable content for its id when ``row`` has none."""
 
 
-def _jsonl_lines(opts: SourceOptions) -> Iterator[tuple[int, bytes | _Unread]]:
+def _jsonl_lines(opts: SourceOptions, path: Path) -> Iterator[tuple[int, bytes | _Unread]]:
     """(line number, line without its ending or BOM) for each non-blank line; a line too
     long to hold (:data:`_HOLD_MAX`) comes as :class:`_Unread`. ``scan_dataset`` and the
     tasks both count lines here, so the run's total is what the source yields."""
     hold_max = max(_HOLD_MAX, opts.max_row_bytes)
-    with open(opts.path, "rb") as fh:
+    with open(path, "rb") as fh:
         lineno = 0
         while line := fh.readline(hold_max + 1):
             lineno += 1
@@ -138,36 +163,70 @@ def scan_dataset(opts: SourceOptions) -> DatasetScan:
     """Count the rows, and those that lack ``id_field``, in one pass before the run.
 
     For JSONL a line lacks the field when its text does not contain ``"FIELD"`` (cheap,
-    no JSON parsing; a nested key of that name can only make the count too low).
+    no JSON parsing; a nested key of that name can only make the count too low). A
+    columnar shard reads its id column only (Parquet's row count is in its footer).
     """
-    if not opts.path.is_file():
-        raise DatasetError(f"dataset.path: no such file {opts.path}")
     limit = opts.limit if opts.limit is not None else float("inf")
     n = missing = 0
-    if _format(opts) == "parquet":
-        pf = _parquet(opts.path)
-        n = int(min(pf.metadata.num_rows, limit))
-        if opts.id_field is not None and opts.id_field not in pf.schema_arrow.names:
-            missing = n
-        elif opts.id_field is not None:
-            seen = 0
-            try:
-                for batch in pf.iter_batches(batch_size=65536, columns=[opts.id_field]):
-                    col = batch.column(0)[: max(0, n - seen)]
-                    missing += col.null_count
-                    seen += len(col)
-                    if seen >= n:
-                        break
-            except Exception as exc:  # an unreadable row group: its rows fail in the run, one by one
-                log.warning("%s: cannot read column %r past row %d (%s)", opts.path, opts.id_field, seen, exc)
-    else:
+    for shard in opts.shards():
+        if n >= limit:
+            break
+        rows, miss = _scan_shard(opts, shard, limit - n)
+        n += rows
+        missing += miss
+    return DatasetScan(rows=int(n), missing_id=int(missing))
+
+
+def _scan_shard(opts: SourceOptions, shard: Shard, limit: float) -> tuple[int, int]:
+    n = missing = 0
+    if shard.format == "jsonl":
         needle = json.dumps(opts.id_field).encode() if opts.id_field is not None else None
-        for _, line in _jsonl_lines(opts):
+        for _, line in _jsonl_lines(opts, shard.path):
             if n >= limit:
                 break
             n += 1
             missing += needle is not None and (isinstance(line, _Unread) or needle not in line)
-    return DatasetScan(rows=n, missing_id=missing)
+        return n, missing
+    if shard.format == "parquet":
+        pf = _parquet(shard.path)
+        names = pf.schema_arrow.names
+        _read_columns(opts, names, shard)  # a missing column fails here, before the run
+        n = int(min(pf.metadata.num_rows, limit))
+        batches = lambda: pf.iter_batches(batch_size=65536, columns=[opts.id_field])  # noqa: E731
+    else:
+        reader = _arrow_reader(shard)
+        names = reader.schema.names
+        _read_columns(opts, names, shard)
+        n = int(min(_arrow_rows(shard), limit))
+        batches = lambda: (b.select([opts.id_field]) for b in _arrow_reader(shard))  # noqa: E731
+    if opts.id_field is not None and opts.id_field not in names:
+        return n, n
+    if opts.id_field is not None:
+        seen = 0
+        try:
+            for batch in batches():
+                col = batch.column(0)[: max(0, n - seen)]
+                missing += col.null_count
+                seen += len(col)
+                if seen >= n:
+                    break
+        except Exception as exc:  # an unreadable row group: its rows fail in the run, one by one
+            log.warning("%s: cannot read column %r past row %d (%s)", shard.path, opts.id_field, seen, exc)
+    return n, missing
+
+
+def _arrow_reader(shard: Shard) -> Any:
+    """A batch reader over an Arrow file ``datasets`` wrote (IPC stream), memory-mapped."""
+    import pyarrow as pa
+
+    try:
+        return pa.ipc.open_stream(pa.memory_map(str(shard.path)))
+    except Exception as exc:
+        raise DatasetError(f"dataset.path: cannot read {shard.path} as Arrow ({type(exc).__name__}: {exc})") from None
+
+
+def _arrow_rows(shard: Shard) -> int:
+    return sum(b.num_rows for b in _arrow_reader(shard))  # memory-mapped: no row is copied
 
 
 def count_rows(opts: SourceOptions) -> int:
@@ -214,28 +273,49 @@ def _parquet_rows(batch: Any) -> list[dict[str, Any] | _Unread]:
 
 
 def _raw_rows(opts: SourceOptions) -> Iterator[tuple[str, bytes | dict[str, Any] | _Unread]]:
-    """(where, raw line or row) for each row, ``where`` naming it for errors."""
-    if not opts.path.is_file():
-        raise DatasetError(f"dataset.path: no such file {opts.path}")
-    if _format(opts) == "parquet":
-        pf = _parquet(opts.path)
-        n = 0
-        for group in range(pf.metadata.num_row_groups):
-            size, got = pf.metadata.row_group(group).num_rows, 0
-            try:
-                for batch in pf.iter_batches(batch_size=1024, row_groups=[group]):
-                    for row in _parquet_rows(batch):
-                        n, got = n + 1, got + 1
-                        yield f"row {n}", row
-            except Exception as exc:  # a corrupt page: each row not read yet fails alone
-                reason = f"unreadable row group {group} ({type(exc).__name__}: {exc})"[:_PREVIEW]
-                log.warning("%s: %s; its %d row(s) are recorded as failed", opts.path, reason, size - got)
-                for _ in range(size - got):
-                    n += 1
-                    yield f"row {n}", _Unread({}, reason, f"{opts.path.name} row {n}")
-    else:
-        for lineno, line in _jsonl_lines(opts):
+    """(where, raw line or row) for each row, ``where`` naming it for errors: ``line 7``
+    (``row 7`` for a columnar file) for one file, ``SHARD line 7`` for several."""
+    shards = opts.shards()
+    for shard in shards:
+        prefix = f"{shard.label} " if len(shards) > 1 else ""
+        for where, raw in _shard_rows(opts, shard):
+            if isinstance(raw, dict):
+                raw = _project(opts, raw)
+            yield prefix + where, raw
+
+
+def _shard_rows(opts: SourceOptions, shard: Shard) -> Iterator[tuple[str, bytes | dict[str, Any] | _Unread]]:
+    if shard.format == "jsonl":
+        for lineno, line in _jsonl_lines(opts, shard.path):
             yield f"line {lineno}", line
+        return
+    if shard.format == "arrow":
+        reader = _arrow_reader(shard)
+        columns = _read_columns(opts, reader.schema.names, shard)
+        n = 0
+        for big in reader:
+            big = big.select(columns) if columns is not None else big
+            for start in range(0, big.num_rows, 1024):  # a batch of datasets' can be large: convert 1024 rows at a time
+                for row in _parquet_rows(big.slice(start, 1024)):
+                    n += 1
+                    yield f"row {n}", row
+        return
+    pf = _parquet(shard.path)
+    columns = _read_columns(opts, pf.schema_arrow.names, shard)
+    n = 0
+    for group in range(pf.metadata.num_row_groups):
+        size, got = pf.metadata.row_group(group).num_rows, 0
+        try:
+            for batch in pf.iter_batches(batch_size=1024, row_groups=[group], columns=columns):
+                for row in _parquet_rows(batch):
+                    n, got = n + 1, got + 1
+                    yield f"row {n}", row
+        except Exception as exc:  # a corrupt page: each row not read yet fails alone
+            reason = f"unreadable row group {group} ({type(exc).__name__}: {exc})"[:_PREVIEW]
+            log.warning("%s: %s; its %d row(s) are recorded as failed", shard.path, reason, size - got)
+            for _ in range(size - got):
+                n += 1
+                yield f"row {n}", _Unread({}, reason, f"{shard.path.name} row {n}")
 
 
 def _failed(tid: str, where: str, row: dict[str, Any], kind: str, message: str) -> Task:
@@ -303,6 +383,11 @@ def _to_task(opts: SourceOptions, where: str, raw: bytes | dict[str, Any] | _Unr
             reason = f"nested too deep to parse (more than {MAX_DEPTH} levels)" if isinstance(exc, RecursionError) else f"invalid JSON ({exc})"
             return _failed(content_id(raw), where, {"_raw": text[:_PREVIEW]}, "bad_input", reason)
         brackets = raw.count(b"[") + raw.count(b"{")
+        if opts.columns is not None and isinstance(row, dict):  # the row is what is kept of the line
+            row = _project(opts, row)
+            text = json.dumps(row, ensure_ascii=False, default=str)
+            size = len(text.encode("utf-8", "surrogatepass"))
+            brackets = text.count("[") + text.count("{")
     else:
         row = raw
         text = json.dumps(row, ensure_ascii=False, default=str)
@@ -334,14 +419,21 @@ def iter_tasks(opts: SourceOptions, done: set[str] | None = None, counts: dict[s
     counts.setdefault("skipped", 0)
     # id -> number of its first row ("line 7" keeps 7): an int per row, not a string, as
     # this map holds every id of the dataset for the whole run.
+    # With several shards the int also says which: (index of "SHARD line") << 40 | 7.
     seen: dict[str, int] = {}
+    heads: dict[str, int] = {}
+    head_of: list[str] = []
     for n, (where, raw) in enumerate(_raw_rows(opts)):
         if opts.limit is not None and n >= opts.limit:
             return
         task = _to_task(opts, where, raw)
-        kind, _, num = where.partition(" ")
+        head, _, num = where.rpartition(" ")
+        if head not in heads:
+            heads[head] = len(head_of)
+            head_of.append(head)
         if task.id in seen:
-            first = f"{kind} {seen[task.id]}"
+            first_at = seen[task.id]
+            first = f"{head_of[first_at >> 40]} {first_at & ((1 << 40) - 1)}"
             # Keep the row, under an id of its own, so nothing is silently dropped; a row
             # already failed keeps its own reason first.
             tid = f"{task.id}#dup@{where.replace(' ', '')}"
@@ -352,7 +444,7 @@ def iter_tasks(opts: SourceOptions, done: set[str] | None = None, counts: dict[s
                 task = _failed(tid, where, task.row, task.error.kind, f"{task.error.message.removeprefix(where + ': ')}; {note}")
             else:
                 task = _failed(tid, where, task.row, "bad_input", note)
-        seen[task.id] = int(num)
+        seen[task.id] = heads[head] << 40 | int(num)
         if task.id in done:
             counts["skipped"] += 1
         else:
