@@ -30,6 +30,7 @@ from .runtime.usage import ReplaySummary, UsageSummary, replay_summary
 from .cluster import start_ray
 from .config import JobConfig, resolve_dataset_path
 from .config.checks import model_key
+from .credentials import llm_key_file, remove_secret
 from .metrics import prometheus_targets
 from .services.llm.service import LLMServices
 from .services.llm.status import EndpointStatus
@@ -191,15 +192,20 @@ def run_job(
     services: LLMServices | None = None
     team: Team | None = None
     aborted: TeamError | None = None
+    key_file: Path | None = None
     try:  # any way out but a return records how this life ended (see _record_abort)
         try:
+            key_file = llm_key_file(root, run_id) if any(m.engine != "external" for m in config.models.values()) else None
             cluster = start_ray(config.cluster, namespace, import_paths(config))
             t0 = time.monotonic()
             keys = {name: model_key(config, name) for name in config.models}
-            services = LLMServices(config.models, run_id, namespace, log_dir, keys)
+            services = LLMServices(config.models, run_id, namespace, log_dir, keys, str(key_file) if key_file else None)
             services.start()
             _say_endpoints(say, config, services.endpoints, time.monotonic() - t0)
-            spec = team_spec(config, run_id, namespace, services.client_endpoints(), str(journal) if journal else None, warn=lambda msg: say(f"warning: {msg}"), log_dir=str(log_dir))
+            spec = team_spec(
+                config, run_id, namespace, services.client_endpoints(), str(journal) if journal else None, warn=lambda msg: say(f"warning: {msg}"),
+                log_dir=str(log_dir), api_key_file=str(key_file) if key_file else None,
+            )  # fmt: skip
             out, run = config.output, config.run
             owner = WriterOwner(run_id, socket.gethostname(), os.getpid())
             team = Team(
@@ -236,6 +242,7 @@ def run_job(
                 services.stop()
             if cluster is not None:
                 cluster.shutdown()
+            remove_secret(key_file)  # its servers are gone
         summary = _finish(root, info, progress, metrics_fn, journal, journal_costs, started, log_dir, prev, start_mark)
         if aborted is not None:
             raise aborted

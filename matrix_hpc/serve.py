@@ -2,7 +2,8 @@
 
 Starts Ray and the run's endpoint registry with its replicas exactly as ``run``
 would, prints the endpoints, writes them to ``OUTPUT/services.json`` (what
-``check-health`` reads) and keeps them supervised until SIGINT/SIGTERM.
+``check-health`` reads) and keeps them supervised until SIGINT/SIGTERM. Managed servers
+take a fresh API key: ``serve`` prints the path of its 0600 file, never the key.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from .cluster import start_ray
 from .config import load_config
 from .config.checks import model_key
+from .credentials import llm_key_file, remove_secret
 from .services.llm.service import LLMServices
 from .services.llm.status import EndpointStatus
 from .store.fsutil import atomic_write_json
@@ -43,8 +45,11 @@ def serve(config_path: str, overrides: list[str], until: threading.Event | None 
     run_id = f"serve-{uuid.uuid4().hex[:8]}"
     cluster = start_ray(config.cluster, f"matrix-hpc-{run_id}")
     services: LLMServices | None = None
+    key_file = None
     try:
-        services = LLMServices(config.models, run_id, cluster.namespace, out / "logs", {n: model_key(config, n) for n in config.models})
+        key_file = llm_key_file(out, run_id) if any(m.engine != "external" for m in config.models.values()) else None
+        keys = {n: model_key(config, n) for n in config.models}
+        services = LLMServices(config.models, run_id, cluster.namespace, out / "logs", keys, str(key_file) if key_file else None)
         t0 = time.monotonic()
         services.start()
         status_file = out / "services.json"
@@ -52,6 +57,9 @@ def serve(config_path: str, overrides: list[str], until: threading.Event | None 
         print(f"LLM services ready in {time.monotonic() - t0:.1f}s: models {', '.join(repr(n) for n in config.models)}")
         for e in services.endpoints:
             print(f"  {e.model}: {e.url}  pid {e.pid}  log {e.log or '-'}")
+        if key_file is not None:
+            print(f"API key of the managed endpoints: in {key_file} (readable by you only); send it as "
+                  f'-H "Authorization: Bearer $(cat {key_file})"')  # fmt: skip
         print(f"endpoints written to {status_file}; Ctrl-C stops the service", flush=True)
         last: list[tuple[str, str]] = []
         interval = min(m.health_interval_s for m in config.models.values())
@@ -67,5 +75,6 @@ def serve(config_path: str, overrides: list[str], until: threading.Event | None 
         if services is not None:
             services.stop()
         cluster.shutdown()
+        remove_secret(key_file)
     sys.stdout.write("service stopped\n")
     return 0

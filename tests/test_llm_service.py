@@ -91,6 +91,13 @@ def test_serve_prints_endpoints_and_check_health_probes_them(tmp_path: Path, run
 
     ok = subprocess.run([str(BIN / "matrix-hpc"), "check-health", str(out)], capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and "2/2 endpoints generate" in ok.stdout, ok.stdout + ok.stderr
+    # The endpoints take the run's key: serve says where it is (a 0600 file), never what it is;
+    # check-health reads it from there; a probe without it is refused.
+    key_file = Path(endpoints[0]["api_key_file"])
+    assert all(e["api_key_file"] == str(key_file) for e in endpoints) and key_file.stat().st_mode & 0o777 == 0o600
+    assert f"in {key_file} (readable by you only)" in serve.output and key_file.read_text().strip() not in serve.output
+    keyless = subprocess.run([str(BIN / "matrix-hpc"), "check-health", "--url", endpoints[0]["url"], "--timeout", "30"], capture_output=True, text=True, timeout=60)
+    assert keyless.returncode == 1 and f"FAIL  {endpoints[0]['url']}" in keyless.stdout, keyless.stdout + keyless.stderr
     dead = f"http://127.0.0.1:{free_port()}/v1"
     bad = subprocess.run([str(BIN / "matrix-hpc"), "check-health", "--url", dead, "--timeout", "5"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and f"FAIL  {dead}" in bad.stdout, bad.stdout + bad.stderr
@@ -98,7 +105,7 @@ def test_serve_prints_endpoints_and_check_health_probes_them(tmp_path: Path, run
     serve.proc.send_signal(signal.SIGINT)
     assert serve.wait(60) == 0, serve.output
     assert "service stopped" in serve.output
-    assert not any(pid_alive(e["pid"]) for e in endpoints)
+    assert not any(pid_alive(e["pid"]) for e in endpoints) and not key_file.exists()
 
 
 def test_external_endpoint_down_leaves_routing_and_key_is_never_saved(tmp_path: Path, run_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,6 +22,7 @@ import yaml
 
 from .conftest import BIN, REPO, committed_rows, questions, store_records, write_jsonl
 from .slurm_cluster import SlurmCluster, missing_binaries, note_time, wait_until
+from .slurm_outsider import probe_running_job
 
 pytestmark = [
     pytest.mark.slurm,
@@ -253,9 +254,13 @@ def test_two_runs_on_the_same_nodes_do_not_collide(cluster: SlurmCluster, tmp_pa
     (cfg_a, rows_a), (cfg_b, rows_b) = slurm_config(tmp_path, 4, "a"), slurm_config(tmp_path, 4, "b")
     jobs = [sbatch(cluster, cfg, "-w", "n1,n2") for cfg in (cfg_a, cfg_b)]
     wait_until(lambda: all(cluster.state(j) == "RUNNING" for j in jobs), 120, "both running")
+    # n3 is another user's host on the same network: run a's token, key and ports admit it nowhere.
+    token, key = probe_running_job(cluster, cfg_a, tmp_path / "a-out", tmp_path / "a-out" / "slurm", ("n1", "n2"), "n3")
     for cfg, job in zip((cfg_a, cfg_b), jobs):
         info = cluster.wait_job(job, DONE, 400)
         assert info["JobState"] == "COMPLETED", job_log(cfg, job)[-4000:]
+    leaked = [str(f) for f in tmp_path.rglob("*") if f.is_file() and (token.encode() in f.read_bytes() or key.encode() in f.read_bytes())]
+    assert not leaked, leaked  # the job logs, run.json, the store; the token and key files are removed at the end
     a, b = cluster_info(cfg_a, jobs[0]), cluster_info(cfg_b, jobs[1])
     assert a["address"] != b["address"]  # each run its own Ray head port on n1
     assert {n["ip"] for n in a["nodes"]} == {n["ip"] for n in b["nodes"]} == {cluster.node_addr["n1"], cluster.node_addr["n2"]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -11,7 +12,9 @@ from typing import Any
 import ray
 
 from ..config import ClusterConfig
+from ..credentials import new_secret
 from ..labels import node_resources
+from .auth import RayAuth, loopback_only
 
 __all__ = ["RayCluster", "start_ray"]
 
@@ -25,10 +28,15 @@ class RayCluster:
     started_here: bool
     session_dir: str | None = None
     """Ray's folder for this cluster: ``logs/`` holds every actor's output."""
+    auth: RayAuth | None = None
+    """The token this process put in its environment for a cluster it started (restored at shutdown)."""
 
     def shutdown(self) -> None:
         if ray.is_initialized():
             ray.shutdown()
+        if self.auth is not None:
+            self.auth.restore()
+            self.auth = None
 
 
 def start_ray(cfg: ClusterConfig, namespace: str, python_path: list[str] | None = None) -> RayCluster:
@@ -37,14 +45,32 @@ def start_ray(cfg: ClusterConfig, namespace: str, python_path: list[str] | None 
     ``python_path`` folders go on the import path of every worker on every node (they
     must be on a filesystem every node sees, as a workflow folder on a cluster is).
     """
-    # A private local cluster is reachable only from this machine; Ray's token auth
-    # adds nothing there and prints a warning on every start.
-    if cfg.address is None:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # A local cluster is reachable by every user of this machine (loopback included): a fresh
+    # token, in the environment of this process and so of every Ray process it starts (never
+    # in a file), and every server on loopback. Joining ``cluster.address``: Ray reads the
+    # cluster's token as it always does (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token).
+    auth = RayAuth(token=new_secret()) if cfg.address is None else None
     # ray.init installs its own SIGTERM handler (which exits at once); keep the
     # caller's, so SIGTERM still means "stop intake and save finished work".
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    ctx = ray.init(
+    try:
+        with loopback_only() if cfg.address is None else contextlib.nullcontext():
+            ctx = _init(cfg, namespace, python_path)
+    except BaseException:
+        if auth is not None:
+            auth.restore()
+        raise
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)
+    address = ctx.address_info.get("address") or ctx.address_info.get("gcs_address") or ""
+    log.info("ray %s at %s (namespace %s)", "started" if cfg.address is None else "joined", address, namespace)
+    session_dir = ctx.address_info.get("session_dir")
+    return RayCluster(namespace=namespace, address=address, started_here=cfg.address is None, session_dir=session_dir, auth=auth)
+
+
+def _init(cfg: ClusterConfig, namespace: str, python_path: list[str] | None) -> Any:
+    return ray.init(
         # "local": a private cluster even when RAY_ADDRESS is set or another `ray start`
         # cluster runs on this machine (ray.init would otherwise join that one).
         address=cfg.address if cfg.address is not None else "local",
@@ -57,13 +83,6 @@ def start_ray(cfg: ClusterConfig, namespace: str, python_path: list[str] | None 
         configure_logging=True,
         runtime_env=_runtime_env(python_path or []),
     )
-    for sig, handler in handlers.items():
-        if handler is not None:
-            signal.signal(sig, handler)
-    address = ctx.address_info.get("address") or ctx.address_info.get("gcs_address") or ""
-    log.info("ray %s at %s (namespace %s)", "started" if cfg.address is None else "joined", address, namespace)
-    session_dir = ctx.address_info.get("session_dir")
-    return RayCluster(namespace=namespace, address=address, started_here=cfg.address is None, session_dir=session_dir)
 
 
 def _runtime_env(python_path: list[str]) -> dict[str, Any] | None:

@@ -24,6 +24,7 @@ from typing import Any
 import ray
 
 from .. import metrics
+from ..credentials import read_secret
 from ..services.llm import ChatClient
 from ..services.llm.registry import follow_registry
 from ..store import RecordRow
@@ -137,7 +138,7 @@ class AgentActor:
             client = ChatClient(
                 cs.urls, cs.served_name, cs.api_key_env, cs.timeout_s, cs.max_retries, cs.retry_backoff_s,
                 own.max_connections, own.max_outstanding, lambda url, cs=cs: self._report_endpoint_error(cs, url),
-                (self.role, cs.name) if self.team.metrics else None,
+                (self.role, cs.name) if self.team.metrics else None, read_secret(cs.api_key_file) if cs.api_key_file else None,
             )  # fmt: skip
             self._clients[cs.name] = client
             if self._queue is not None:  # built after start (a new inline role): follow its registry now

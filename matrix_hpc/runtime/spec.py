@@ -32,6 +32,8 @@ class ClientSpec:
     registry: str | None = None
     """Name of the model's :class:`EndpointRegistry` actor; clients follow its routable set."""
     api_key_env: str | None = None
+    api_key_file: str | None = None
+    """The run's key for its managed servers: a 0600 file each actor reads (the path travels, never the key)."""
     timeout_s: float = 120.0
     max_retries: int = 3
     retry_backoff_s: float = 1.0
@@ -39,9 +41,10 @@ class ClientSpec:
     # Connection and per-endpoint limits are per role (RoleSpec): derived from run.max_in_flight.
 
     @classmethod
-    def from_model(cls, name: str, m: ModelConfig, urls: list[str], registry: str | None) -> ClientSpec:
+    def from_model(cls, name: str, m: ModelConfig, urls: list[str], registry: str | None, api_key_file: str | None = None) -> ClientSpec:
         return cls(
             name=name, served_name=m.served_name, urls=list(urls), registry=registry, api_key_env=m.api_key_env,
+            api_key_file=api_key_file if m.engine != "external" else None,
             timeout_s=m.timeout_s, max_retries=m.max_retries, retry_backoff_s=m.retry_backoff_s, sticky=m.sticky,
         )  # fmt: skip
 
@@ -104,9 +107,11 @@ def team_spec(
     journal_dir: str | None = None,
     warn: Callable[[str], None] | None = None,
     log_dir: str | None = None,
+    api_key_file: str | None = None,
 ) -> TeamSpec:
     """The team of ``config``; ``endpoints``: per model key, its URLs at start and its registry's name;
-    ``journal_dir``: the run's call journal when ``run.replay`` is on.
+    ``journal_dir``: the run's call journal when ``run.replay`` is on; ``api_key_file``: the key
+    of the run's managed LLM servers.
 
     ``warn`` hears, once per role, which explicit limit keeps ``run.max_in_flight`` out of reach.
     """
@@ -128,7 +133,7 @@ def team_spec(
             model=model, sampling=resolve_sampling(m, r.sampling),
             max_connections=lim.max_connections, max_outstanding=lim.max_outstanding_per_endpoint,
         )  # fmt: skip
-    models = {name: ClientSpec.from_model(name, m, *endpoints.get(name, ([], None))) for name, m in config.models.items()}
+    models = {name: ClientSpec.from_model(name, m, *endpoints.get(name, ([], None)), api_key_file) for name, m in config.models.items()}
     return TeamSpec(
         run_id=run_id, namespace=namespace, roles=roles, models=models, batch_size=config.run.batch_size,
         batch_wait_s=config.run.batch_wait_ms / 1000.0, sandbox=config.sandbox, metrics=config.run.metrics,

@@ -45,9 +45,9 @@ class RayNode:
             cmd.append(f"--num-cpus={num_cpus}")
         if num_gpus is not None:
             cmd.append(f"--num-gpus={num_gpus}")
-        # Servers started by actors on this node bind to this address (see labels.NODE_IP_ENV);
-        # the cluster is private to the job's nodes, so Ray's token auth stays off.
-        env = {**os.environ, NODE_IP_ENV: self.node_ip, "RAY_AUTH_MODE": "disabled"}
+        # Servers started by actors on this node bind to this address (see labels.NODE_IP_ENV). Ray's
+        # token (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH) comes with the environment: bootstrap sets it.
+        env = {**os.environ, NODE_IP_ENV: self.node_ip}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)

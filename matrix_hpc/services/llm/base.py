@@ -43,6 +43,8 @@ class LLMServer(abc.ABC):
     model: str = "default"
     host: str = "127.0.0.1"
     port: int = 0
+    api_key: str | None = None
+    """The key requests must carry (``Authorization: Bearer``); None: the server takes none."""
     _proc: "subprocess.Popen[bytes] | None" = None
 
     @property
@@ -68,14 +70,14 @@ class LLMServer(abc.ABC):
         """True while the server process runs."""
 
     def health(self, timeout_s: float = 10.0) -> bool:
-        return self.alive() and probe_generation(self.base_url, self.model, timeout_s)
+        return self.alive() and probe_generation(self.base_url, self.model, timeout_s, self.api_key)
 
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not self.alive():
                 raise ServerStartError(f"{self} exited during start-up; see {self.log_path}")
-            if probe_generation(self.base_url, self.model, timeout_s=5.0):
+            if probe_generation(self.base_url, self.model, timeout_s=5.0, api_key=self.api_key):
                 log.info("%s ready at %s", self, self.base_url)
                 return
             time.sleep(0.2)

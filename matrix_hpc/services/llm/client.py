@@ -81,11 +81,14 @@ class ChatClient:
         max_outstanding_per_endpoint: int = 64,
         on_endpoint_error: Callable[[str], None] | None = None,
         metric_tags: tuple[str, str] | None = None,
+        api_key: str | None = None,
     ) -> None:
+        """``api_key``: the key itself (the run's own servers'); else ``api_key_env`` names the
+        variable that holds it (an external endpoint's)."""
         self.model = model
         self.metric_tags = metric_tags
         """(role, model) for this client's metrics (see matrix_hpc.metrics); None: not recorded."""
-        self._api_key = os.environ.get(api_key_env) if api_key_env else None
+        self._api_key = api_key or (os.environ.get(api_key_env) if api_key_env else None)
         if api_key_env and not self._api_key:
             log.warning("environment variable %s (llm.api_key_env) is not set", api_key_env)
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)

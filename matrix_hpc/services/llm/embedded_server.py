@@ -1,12 +1,14 @@
 """Process entry point of the embedded CPU engine (xllamacpp's in-process llama.cpp server).
 
 Run by :class:`~matrix_hpc.services.llm.embedded.EmbeddedEngine`; serves the OpenAI
-API on 127.0.0.1 until it receives SIGTERM/SIGINT.
+API on 127.0.0.1 until it receives SIGTERM/SIGINT. With a key in ``MATRIX_HPC_ENGINE_API_KEY``
+every path but ``/health`` answers 401 to a request without it (llama.cpp's ``api_keys``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -33,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.served_model_name:
         params.model_alias = {args.served_model_name}
     params.n_ctx = args.n_parallel * args.ctx_per_slot
+    api_key = os.environ.pop("MATRIX_HPC_ENGINE_API_KEY", "")  # see embedded.API_KEY_ENV
+    if api_key:
+        params.api_keys = [api_key]
     params.endpoint_metrics = True  # /metrics: the engine's own token counts (run.json's engine_stats)
     if args.threads:
         params.cpuparams.n_threads = args.threads

@@ -12,6 +12,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ...credentials import read_secret
 from .base import probe_generation
 from .status import EndpointStatus
 
@@ -20,21 +21,25 @@ __all__ = ["check_health", "find_endpoints"]
 log = logging.getLogger(__name__)
 
 
-def _from_output(folder: Path) -> list[tuple[str, str]]:
-    """(url, served model) recorded by ``run`` (run.json) or ``serve`` (services.json), newest file first."""
+Endpoint = tuple[str, str, str | None]
+"""(url, served model, the file holding its key: the run's managed servers take one)."""
+
+
+def _from_output(folder: Path) -> list[Endpoint]:
+    """Endpoints recorded by ``run`` (run.json) or ``serve`` (services.json), newest file first."""
     files = [f for f in (folder / "services.json", folder / "run.json") if f.is_file()]
     for f in sorted(files, key=lambda f: f.stat().st_mtime, reverse=True):
         data = json.loads(f.read_text())
         found = [EndpointStatus.from_dict(e) for e in data.get("llm") or []]
-        pairs = [(e.url, e.served_model or e.model) for e in found if e.url]
+        pairs = [(e.url, e.served_model or e.model, e.api_key_file) for e in found if e.url]
         if pairs:
             return pairs
     return []
 
 
-def find_endpoints(target: str | None) -> list[tuple[str, str]]:
-    """(url, served model) of every endpoint named by an output folder or a job YAML (its
-    external models' URLs, and its output's record of the managed ones)."""
+def find_endpoints(target: str | None) -> list[Endpoint]:
+    """Every endpoint named by an output folder or a job YAML (its external models' URLs, and
+    its output's record of the managed ones)."""
     if not target:
         return []
     path = Path(target)
@@ -43,9 +48,20 @@ def find_endpoints(target: str | None) -> list[tuple[str, str]]:
     from ...config import load_config
 
     config = load_config(path)
-    external = [(u.rstrip("/"), m.served_name) for m in config.models.values() if m.engine == "external" for u in m.base_urls]
-    managed = [(u, m) for u, m in _from_output(Path(config.output.path).expanduser()) if u not in {e for e, _ in external}]
+    external: list[Endpoint] = [(u.rstrip("/"), m.served_name, None) for m in config.models.values() if m.engine == "external" for u in m.base_urls]
+    managed = [e for e in _from_output(Path(config.output.path).expanduser()) if e[0] not in {u for u, _, _ in external}]
     return external + managed
+
+
+def _key(key_file: str | None, default: str | None) -> str | None:
+    """The key in ``key_file`` (a managed endpoint's), else ``default`` (``--api-key-env``'s).
+    A key file that is gone (its run ended) gives no key: the probe then says 401."""
+    if key_file:
+        try:
+            return read_secret(key_file)
+        except (OSError, ValueError) as exc:
+            log.warning("API key file %s: %s", key_file, exc)
+    return default
 
 
 def served_models(base_url: str, timeout_s: float, api_key: str | None = None) -> list[str] | None:
@@ -66,19 +82,20 @@ def check_health(target: str | None, urls: list[str], model: str | None, timeout
     """Print one line per endpoint; 0 when every endpoint generates, else 1."""
     api_key = os.environ.get(api_key_env) if api_key_env else None
     found = find_endpoints(target)
-    pairs = [(u.rstrip("/"), model or "default") for u in urls] + [(u, model or m) for u, m in found]
+    pairs: list[Endpoint] = [(u.rstrip("/"), model or "default", None) for u in urls] + [(u, model or m, f) for u, m, f in found]
     if not pairs:
         print("matrix-hpc: no endpoints to probe (give an output folder of a run or serve, a config, or --url)", file=sys.stderr)
         return 1
 
-    def probe(pair: tuple[str, str]) -> tuple[str, str, bool, float, str]:
-        url, name = pair
+    def probe(pair: Endpoint) -> tuple[str, str, bool, float, str]:
+        url, name, key_file = pair
+        key = _key(key_file, api_key)
         t0 = time.monotonic()
-        served = served_models(url, timeout_s, api_key)
+        served = served_models(url, timeout_s, key)
         if served is not None and name not in served:
             # Some servers (llama.cpp) answer for any model name: the listing is the truth.
             return url, name, False, time.monotonic() - t0, f"; model {name} is not served here (it serves: {', '.join(served) or 'nothing'})"
-        return url, name, probe_generation(url, name, timeout_s, api_key), time.monotonic() - t0, ""
+        return url, name, probe_generation(url, name, timeout_s, key), time.monotonic() - t0, ""
 
     with ThreadPoolExecutor(max_workers=min(16, len(pairs))) as pool:
         results = list(pool.map(probe, pairs))

@@ -28,6 +28,7 @@ import ray
 from ray.exceptions import RayError
 
 from ... import metrics
+from ...credentials import read_secret
 from .client import ChatClient
 from .replica import LLMReplica, ReplicaSpec, replica_options
 from .status import EndpointStatus
@@ -63,11 +64,15 @@ class EndpointRegistry:
         health_failures: int = 2,
         max_restarts: int = 10,
         probe_timeout_s: float = 60.0,
+        api_key_file: str | None = None,
     ) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.run_id, self.namespace, self.specs, self.model = run_id, namespace, specs, model
         self.model_key = model_key
-        key = os.environ.get(api_key_env) if api_key_env else None
+        # The run's key for its managed servers (a file: see matrix_hpc.credentials), else an
+        # external endpoint's from its environment variable. Kept in the session's headers only.
+        self.api_key_file = api_key_file
+        key = read_secret(api_key_file) if api_key_file else os.environ.get(api_key_env) if api_key_env else None
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.interval, self.max_failures, self.max_restarts = health_interval_s, health_failures, max_restarts
         self.probe_timeout = aiohttp.ClientTimeout(total=probe_timeout_s)
@@ -122,7 +127,7 @@ class EndpointRegistry:
             if isinstance(url, BaseException):
                 self.states[f"replica-{i}"] = await self._failed_start(i, url)
             else:
-                self.states[f"replica-{i}"] = EndpointStatus(self.model_key, url, i, last_ok_at=time.time(), served_model=self.model)
+                self.states[f"replica-{i}"] = EndpointStatus(self.model_key, url, i, last_ok_at=time.time(), served_model=self.model, api_key_file=self.api_key_file)
         failed = [e for e in started if isinstance(e, BaseException)]
         if failed and not self._restarted and not self._routable():
             raise failed[0]  # nothing to serve at the run's start: say why (the driver stops the run)
@@ -140,7 +145,9 @@ class EndpointRegistry:
             url = (await asyncio.wait_for(self.replicas[i].info.remote(), 10.0))["url"] or ""
         except (RayError, asyncio.TimeoutError):
             url = ""
-        return EndpointStatus(self.model_key, url or f"(replica {i} not started)", i, state="down", failures=1, last_error=why, served_model=self.model)
+        return EndpointStatus(
+            self.model_key, url or f"(replica {i} not started)", i, state="down", failures=1, last_error=why, served_model=self.model, api_key_file=self.api_key_file,
+        )  # fmt: skip
 
     async def place(self, timeout_s: float = 120.0) -> list[str]:
         """Create the replica actors and wait until Ray has placed each (holding its GPUs); their hosts.

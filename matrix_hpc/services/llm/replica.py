@@ -21,6 +21,7 @@ from typing import Any, Literal
 import ray
 
 from ...config import EmbeddedEngineConfig, VLLMConfig
+from ...credentials import read_secret
 from ...labels import GPU_NODE, node_host, placement
 from .base import LLMServer
 
@@ -44,14 +45,18 @@ class ReplicaSpec:
     """The model's key in ``models`` (names the replica's actor and log)."""
     gpus: int = 0
     """GPUs one replica claims from Ray (``ModelConfig.replica_gpus``): Ray places it where they are."""
+    api_key_file: str | None = None
+    """The run's API key for its servers (a 0600 file every node reads; the path travels, never
+    the key: see matrix_hpc.credentials). None: the server takes requests without a key."""
 
 
 def make_server(spec: ReplicaSpec, host: str, port: int | None = None) -> LLMServer:
     s = spec.settings
+    api_key = read_secret(spec.api_key_file) if spec.api_key_file else None
     if isinstance(s, EmbeddedEngineConfig):
         from .embedded import EmbeddedEngine
 
-        return EmbeddedEngine(s.model_path, s.n_parallel, s.ctx_per_slot, s.threads, spec.log_dir, host, port, spec.model)
+        return EmbeddedEngine(s.model_path, s.n_parallel, s.ctx_per_slot, s.threads, spec.log_dir, host, port, spec.model, api_key)
     from .vllm import VLLMServer
 
     assert s.model is not None  # checked when the config loads
@@ -63,7 +68,7 @@ def make_server(spec: ReplicaSpec, host: str, port: int | None = None) -> LLMSer
     pipeline = ["--distributed-executor-backend", "ray"] if s.pipeline_parallel_size > 1 else []
     return VLLMServer(
         s.model, spec.model, env=dict(s.env), log_dir=spec.log_dir, host=host, port=port,
-        python=s.python or sys.executable, extra_args=[*pipeline, *s.extra_args], **kwargs,
+        python=s.python or sys.executable, extra_args=[*pipeline, *s.extra_args], api_key=api_key, **kwargs,
     )  # fmt: skip
 
 

@@ -3,8 +3,9 @@
 Each model has its own registry, replicas, health checks and restarts, so a
 failing model never takes another's endpoints out of routing. ``embedded`` and
 ``vllm`` models start ``replicas`` managed replicas; ``external`` ones register
-``base_urls`` (probed, never restarted). API keys are read from ``api_key_env``
-where they are used and never written anywhere.
+``base_urls`` (probed, never restarted). External endpoints' API keys are read from
+``api_key_env`` where they are used and never written anywhere; managed servers take the
+run's own key, which travels as the path of a 0600 file (``api_key_file``).
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ __all__ = ["LLMService", "LLMServices", "replica_specs"]
 log = logging.getLogger(__name__)
 
 
-def replica_specs(name: str, m: ModelConfig, log_dir: str | Path) -> list[ReplicaSpec]:
+def replica_specs(name: str, m: ModelConfig, log_dir: str | Path, api_key_file: str | None = None) -> list[ReplicaSpec]:
     if m.engine == "external":
         return []
     settings = m.embedded if m.engine == "embedded" else m.vllm
     return [
-        ReplicaSpec(m.engine, m.served_name, str(log_dir), settings, settings.startup_timeout_s, model_key=name, gpus=m.replica_gpus)
+        ReplicaSpec(m.engine, m.served_name, str(log_dir), settings, settings.startup_timeout_s, model_key=name, gpus=m.replica_gpus, api_key_file=api_key_file)
         for _ in range(m.replicas)
     ]
 
@@ -45,8 +46,12 @@ def _cause(exc: RayError) -> str:
 class LLMService:
     """One model's registry (which starts and supervises its replicas)."""
 
-    def __init__(self, name: str, m: ModelConfig, run_id: str, namespace: str, log_dir: str | Path, key: str = "llm") -> None:
+    def __init__(
+        self, name: str, m: ModelConfig, run_id: str, namespace: str, log_dir: str | Path, key: str = "llm", api_key_file: str | None = None,
+    ) -> None:  # fmt: skip
+        """``api_key_file``: the run's key for managed servers (an external model keeps its ``api_key_env``)."""
         self.name, self.config, self.key = name, m, key
+        api_key_file = api_key_file if m.engine != "external" else None
         self.registry_name = registry_name(run_id, name)
         if m.engine == "vllm":
             from .vllm import validate_vllm_args
@@ -58,8 +63,8 @@ class LLMService:
         # On the driver's node: a worker node's death must not take the registry (and with it
         # the replacement of that node's replicas) along.
         self.registry = EndpointRegistry.options(name=self.registry_name, namespace=namespace, max_concurrency=1000, **on_driver_node()).remote(
-            run_id, namespace, name, replica_specs(name, m, log_dir), list(m.base_urls), m.served_name, m.api_key_env,
-            m.health_interval_s, m.health_failures, m.max_restarts, m.health_timeout_s or max(m.timeout_s, 10.0),
+            run_id, namespace, name, replica_specs(name, m, log_dir, api_key_file), list(m.base_urls), m.served_name, m.api_key_env,
+            m.health_interval_s, m.health_failures, m.max_restarts, m.health_timeout_s or max(m.timeout_s, 10.0), api_key_file,
         )  # fmt: skip
         self.endpoints: list[EndpointStatus] = []
 
@@ -71,10 +76,13 @@ class LLMService:
 class LLMServices:
     """Every model of a run: started together, inspected and stopped together."""
 
-    def __init__(self, models: dict[str, ModelConfig], run_id: str, namespace: str, log_dir: str | Path, keys: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, models: dict[str, ModelConfig], run_id: str, namespace: str, log_dir: str | Path, keys: dict[str, str] | None = None,
+        api_key_file: str | None = None,
+    ) -> None:  # fmt: skip
         self.services: dict[str, LLMService] = {}
         for name, m in models.items():
-            self.services[name] = LLMService(name, m, run_id, namespace, log_dir, (keys or {}).get(name, f"models.{name}"))
+            self.services[name] = LLMService(name, m, run_id, namespace, log_dir, (keys or {}).get(name, f"models.{name}"), api_key_file)
 
     def place(self, timeout_s: float = 120.0) -> None:
         """Place every managed replica, models with bigger replicas first.

@@ -32,6 +32,9 @@ class EndpointStatus:
     """When the registry last heard of a completion here (busy but alive: see the registry)."""
     served_model: str | None = None
     """What requests ask this endpoint for."""
+    api_key_file: str | None = None
+    """Where the key this endpoint takes is (a 0600 file; ``check-health`` reads it); None: no key
+    of the run's (an external endpoint's key comes from its ``api_key_env``)."""
     # Of a managed replica (from its actor; None for an external endpoint or an unreachable actor):
     kind: str | None = None
     pid: int | None = None

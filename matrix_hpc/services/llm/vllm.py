@@ -53,9 +53,11 @@ models); vLLM's CPU backend runs bf16 (``auto`` keeps an fp16/fp32 checkpoint's 
 _QUIET_ENV: Mapping[str, str] = {"VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1"}
 """No usage reports from compute nodes (they have no network, and the data is ours)."""
 
-_MANAGED_FLAGS = ("--model", "--served-model-name", "--host", "--port")
+_MANAGED_FLAGS = ("--model", "--served-model-name", "--host", "--port", "--api-key")
 """Set by ``VLLMServer`` itself; in ``extra_args`` they would silently win (argparse
-keeps the last value) and the framework would probe the wrong server."""
+keeps the last value) and the framework would probe the wrong server (``--api-key``:
+the run's own key, given in the environment; a key on the command line is readable
+by every user of the node in ``/proc/PID/cmdline``, and is written to the server's log)."""
 
 _SHM = "/dev/shm/"
 
@@ -94,6 +96,7 @@ class VLLMServer(LLMServer):
         host: str = "127.0.0.1",
         port: int | None = None,
         python: str | None = None,
+        api_key: str | None = None,
     ) -> None:
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device: expected auto, cpu or cuda, got {device!r}")
@@ -107,6 +110,7 @@ class VLLMServer(LLMServer):
         self.extra_args = [str(a) for a in extra_args]
         self.env = dict(env or {})
         self.python = python or sys.executable
+        self.api_key = api_key
         self.host = host
         self.port = port or free_port(host)
         self.log_path = str(Path(log_dir or ".") / f"vllm-{self.port}.log")
@@ -136,9 +140,10 @@ class VLLMServer(LLMServer):
         return cmd + self.extra_args
 
     def environment(self) -> dict[str, str]:
-        """The server's environment: ours as defaults, then the caller's, then ``env``."""
+        """The server's environment: ours as defaults, then the caller's, then ``env``; the key
+        last (``VLLM_API_KEY``: what ``--api-key`` sets, kept off the command line)."""
         defaults = {**_QUIET_ENV, **(CPU_ENV if self.device == "cpu" else {})}
-        return {**defaults, **os.environ, **self.env}
+        return {**defaults, **os.environ, **self.env, **({"VLLM_API_KEY": self.api_key} if self.api_key else {})}
 
     def start(self) -> None:
         Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
@@ -342,7 +347,7 @@ def validate_vllm_args(args: Sequence[str], python: str | None = None, timeout_s
     args = [str(a) for a in args]
     for arg in args:
         if arg.startswith("--") and _flag_name(arg) in _MANAGED_FLAGS:
-            raise ValueError(f"{arg}: set by matrix-hpc itself (llm.model, the model path, host and port); remove it")
+            raise ValueError(f"{arg}: set by matrix-hpc itself (llm.model, the model path, host, port and API key); remove it")
     if args:
         _check_with_vllm(tuple(args), python or sys.executable, timeout_s)
 
