@@ -214,6 +214,14 @@ def cmd_check_health(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .store import export_store
 
+    if args.format == "hf":
+        from .store.hf_export import export_hf
+
+        hf = export_hf(args.output, args.to, args.status)
+        print(f"wrote {hf.records} records to {Path(args.to).resolve()} ({len(hf.shards)} Parquet shard(s) in data/, dataset card README.md)")
+        if hf.json_columns:
+            print(f"note: column(s) {', '.join(hf.json_columns)} written as JSON text: their values do not fit one Parquet type")
+        return 0
     res = export_store(args.output, args.to, args.format, args.status)
     print(f"wrote {res.records} records to {Path(args.to).resolve()}")
     if res.json_columns:
@@ -242,10 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print JSON")
     st.set_defaults(func=cmd_status)
 
-    ex = sub.add_parser("export", help="write an output store's records to JSONL or Parquet")
+    ex = sub.add_parser("export", help="write an output store's records to JSONL, Parquet, or a Hugging Face dataset folder")
     ex.add_argument("output", help="output folder (output.path of the run)")
-    ex.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
-    ex.add_argument("--to", required=True, help="file to write")
+    ex.add_argument("--format", choices=["jsonl", "parquet", "hf"], default="jsonl", help="hf: a folder of Parquet shards (data/train-*.parquet) with a dataset card, for datasets.load_dataset")
+    ex.add_argument("--to", required=True, help="file to write (a folder for --format hf)")
     ex.add_argument("--status", choices=["ok", "failed"], help="only records with this status")
     ex.set_defaults(func=cmd_export)
 

@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 from .textsafe import record_json
 from .zarr_store import StoreReader
@@ -69,11 +69,15 @@ def _flat(rec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _batches(reader: StoreReader, status: str | None) -> Iterator[list[dict[str, Any]]]:
+def _batches(reader: StoreReader, status: str | None, extra: Callable[[dict[str, Any]], dict[str, Any]] | None = None, size: int = ROW_GROUP) -> Iterator[list[dict[str, Any]]]:
+    """Flat records in row groups; ``extra(record)``: more columns for each (the hf export's messages)."""
     batch: list[dict[str, Any]] = []
     for rec in _records(reader, status):
-        batch.append(_flat(rec))
-        if len(batch) >= ROW_GROUP:
+        flat = _flat(rec)
+        if extra is not None:
+            flat.update(extra(rec))
+        batch.append(flat)
+        if len(batch) >= size:
             yield batch
             batch = []
     if batch:
@@ -91,13 +95,29 @@ def _writable(tp: Any) -> bool:
     return True
 
 
-def _infer_types(reader: StoreReader, status: str | None, json_cols: set[str]) -> tuple[list[str], dict[str, Any]]:
+MAX_SCHEMA_DEPTH = 90
+"""Parquet schema levels a column may take (a list takes 2, a struct 1): Parquet readers
+refuse a file whose schema nests past 100 (pyarrow reads back what it wrote only up to
+there), so a deeper column is written as JSON text."""
+
+
+def _schema_depth(tp: Any) -> int:
+    import pyarrow as pa
+
+    if pa.types.is_struct(tp):
+        return 1 + max((_schema_depth(tp.field(i).type) for i in range(tp.num_fields)), default=0)
+    if pa.types.is_list(tp) or pa.types.is_large_list(tp):
+        return 2 + _schema_depth(tp.value_type)
+    return 1
+
+
+def _infer_types(batches: Callable[[], Iterator[list[dict[str, Any]]]], json_cols: set[str]) -> tuple[list[str], dict[str, Any]]:
     """First pass: every column's name, in order, and one Arrow type all its values fit."""
     import pyarrow as pa
 
     names: dict[str, None] = dict.fromkeys(_FIRST)
     types: dict[str, Any] = {}
-    for batch in _batches(reader, status):
+    for batch in batches():
         for rec in batch:
             names.update(dict.fromkeys(rec))
         for name in names:
@@ -113,7 +133,10 @@ def _infer_types(reader: StoreReader, status: str | None, json_cols: set[str]) -
                 continue
             types[name] = tp
     for name in list(types):
-        if not _writable(types[name]):
+        if _schema_depth(types[name]) > MAX_SCHEMA_DEPTH:
+            json_cols.add(name)  # nested too deep for Parquet readers
+            del types[name]
+        elif not _writable(types[name]):
             # Only empty objects so far: nothing to lose as text.
             json_cols.add(name)
             del types[name]
@@ -126,7 +149,7 @@ def _write_parquet(reader: StoreReader, to: Path, status: str | None) -> ExportR
 
     json_cols: set[str] = set()
     while True:  # a column that fails to convert in the second pass is retried as JSON text
-        names, types = _infer_types(reader, status, json_cols)
+        names, types = _infer_types(lambda: _batches(reader, status), json_cols)
         schema = pa.schema([(n, pa.string() if n in json_cols else types.get(n, pa.null())) for n in names])
         tmp = to.with_name(f".{to.name}.partial")
         n = 0

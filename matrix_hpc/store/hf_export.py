@@ -1,0 +1,212 @@
+"""``export --format hf``: a folder the Hugging Face ecosystem reads with no glue.
+
+``DIR/data/train-00000-of-0000N.parquet`` (the Hub's own shard names, so
+``datasets.load_dataset("parquet", data_dir=DIR)`` and ``load_dataset(DIR)`` both find
+them) and ``DIR/README.md``, a dataset card whose YAML says what made the data: the
+workflow, each role's model and sampling, counts by status and failure kind, token
+statistics per role and model, the run's config and the code version. The columns are
+the Parquet export's (:mod:`.export`) plus ``messages`` (:mod:`.messages`).
+
+Shards close at about :data:`MAX_SHARD_BYTES` (the Hub's Parquet conversion and
+``push_to_hub`` keep shards under 500 MB); rows stream through in row groups.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .export import ROW_GROUP, _batches, _infer_types, _Misfit
+from .messages import record_messages
+from .zarr_store import StoreReader
+
+__all__ = ["HFExportResult", "MAX_SHARD_BYTES", "export_hf"]
+
+log = logging.getLogger(__name__)
+
+MAX_SHARD_BYTES = 500 * 1024 * 1024
+SPLIT = "train"
+
+
+@dataclass
+class HFExportResult:
+    records: int
+    shards: list[Path] = field(default_factory=list)
+    json_columns: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Stats:
+    by_status: Counter = field(default_factory=Counter)
+    failed_by_kind: Counter = field(default_factory=Counter)
+    tokens: dict[tuple[str, str], dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "max_completion_tokens": 0}))
+
+    def add(self, rec: dict[str, Any]) -> None:
+        self.by_status[rec.get("status")] += 1
+        if rec.get("error_kind"):
+            self.failed_by_kind[rec["error_kind"]] += 1
+        for t in rec.get("turns") or []:
+            if not isinstance(t, dict) or t.get("model") is None:
+                continue  # a step that called no LLM
+            s = self.tokens[(str(t.get("role")), str(t.get("model")))]
+            s["calls"] += 1
+            s["prompt_tokens"] += int(t.get("prompt_tokens") or 0)
+            s["completion_tokens"] += int(t.get("completion_tokens") or 0)
+            s["max_completion_tokens"] = max(s["max_completion_tokens"], int(t.get("completion_tokens") or 0))
+
+
+def _messages_type() -> Any:
+    import pyarrow as pa
+
+    return pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
+
+def export_hf(root: str | Path, to: str | Path, status: str | None = None, max_shard_bytes: int = MAX_SHARD_BYTES, row_group: int = ROW_GROUP) -> HFExportResult:
+    """Write the committed records (optionally only ``status``) as a Hugging Face dataset folder."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    reader = StoreReader(root)
+    to = Path(to)
+    to.mkdir(parents=True, exist_ok=True)
+    extra = lambda rec: {"messages": record_messages(rec)}  # noqa: E731
+    json_cols: set[str] = set()
+    while True:  # a column that fails to convert in the second pass is retried as JSON text
+        names, types = _infer_types(lambda: _batches(reader, status, extra, row_group), json_cols)
+        types["messages"] = _messages_type()
+        schema = pa.schema([(n, pa.string() if n in json_cols else types.get(n, pa.null())) for n in names])
+        tmp = Path(f"{to}/.partial-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        stats, shards, n = _Stats(), [], 0
+        writer = None
+        try:
+            for batch in _batches(reader, status, extra, row_group):
+                cols = []
+                for f in schema:
+                    values = [r.get(f.name) for r in batch]
+                    if f.name in json_cols:
+                        values = [None if v is None else json.dumps(v, ensure_ascii=False) for v in values]
+                    try:
+                        cols.append(pa.array(values, type=f.type))
+                    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
+                        raise _Misfit(f.name) from exc
+                if writer is None:
+                    shards.append(tmp / f"{len(shards)}.parquet")
+                    writer = pq.ParquetWriter(shards[-1], schema)
+                writer.write_table(pa.Table.from_arrays(cols, schema=schema), row_group_size=row_group)
+                for r in batch:
+                    stats.add(r)
+                n += len(batch)
+                if shards[-1].stat().st_size >= max_shard_bytes:  # a row group is on disk once written
+                    writer.close()
+                    writer = None
+            if writer is None and not shards:  # no record: one empty shard keeps the schema
+                shards.append(tmp / "0.parquet")
+                writer = pq.ParquetWriter(shards[-1], schema)
+            if writer is not None:
+                writer.close()
+        except _Misfit as exc:
+            if writer is not None:
+                writer.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+            json_cols.add(exc.column)
+            continue
+        break
+    data = to / "data"
+    data.mkdir(exist_ok=True)
+    for old in data.glob(f"{SPLIT}-*-of-*.parquet"):  # an earlier export's shards
+        old.unlink()
+    final = [data / f"{SPLIT}-{i:05d}-of-{len(shards):05d}.parquet" for i in range(len(shards))]
+    for src, dst in zip(shards, final):
+        src.replace(dst)
+    shutil.rmtree(tmp, ignore_errors=True)
+    (to / "README.md").write_text(dataset_card(reader.run_info(), stats, n, sorted(json_cols), len(final), status), encoding="utf-8")
+    if json_cols:
+        log.info("export: columns %s written as JSON text", sorted(json_cols))
+    return HFExportResult(n, final, sorted(json_cols))
+
+
+def code_version() -> str:
+    """``git describe`` of the checkout this package runs from, else the package's version."""
+    here = Path(__file__).resolve().parent
+    try:
+        res = subprocess.run(["git", "-C", str(here), "describe", "--tags", "--always", "--dirty"], capture_output=True, text=True, timeout=10)
+        if res.returncode == 0 and res.stdout.strip():
+            return f"git {res.stdout.strip()}"
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"matrix-hpc {version('matrix-hpc')}"
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _roles(config: dict[str, Any]) -> dict[str, Any]:
+    """Each role's model (its key, engine and name) and sampling (the role's own keys over the model's defaults)."""
+    models = config.get("models") or {}
+    out: dict[str, Any] = {}
+    for name, role in ((config.get("workflow") or {}).get("roles") or {}).items():
+        key = role.get("model") or (next(iter(models)) if len(models) == 1 else None)
+        model = models.get(key) or {}
+        sampling = {k: model.get(k) for k in ("max_tokens", "temperature") if model.get(k) is not None}
+        sampling.update({k: v for k, v in (role.get("sampling") or {}).items() if v not in (None, {}, [])})
+        out[name] = {"agent": role.get("agent"), "model": key, "engine": model.get("engine"), "served_model": model.get("model"), "sampling": sampling} if key else {"agent": role.get("agent"), "model": None}
+    return out
+
+
+def dataset_card(run: dict[str, Any], stats: _Stats, n: int, json_cols: list[str], shards: int, status: str | None) -> str:
+    import yaml
+
+    config = run.get("config") or {}
+    workflow = (config.get("workflow") or {}).get("name")
+    tokens = defaultdict(dict)
+    for (role, model), s in sorted(stats.tokens.items()):
+        tokens[role][model] = {**s, "mean_completion_tokens": round(s["completion_tokens"] / s["calls"], 2) if s["calls"] else 0}
+    meta = {
+        "configs": [{"config_name": "default", "data_files": [{"split": SPLIT, "path": f"data/{SPLIT}-*"}]}],
+        "tags": ["synthetic", "matrix-hpc"] + ([workflow] if workflow else []),
+        "size_categories": [_size_category(n)],
+        "matrix_hpc": {
+            "workflow": workflow,
+            "code_version": code_version(),
+            "run_id": run.get("run_id"),
+            "records": n,
+            "exported_status": status or "all",
+            "by_status": dict(stats.by_status.most_common()),
+            "failed_by_kind": dict(stats.failed_by_kind.most_common()),
+            "roles": _roles(config),
+            "tokens": dict(tokens),
+            "json_columns": json_cols,
+            "config": config,
+        },
+    }
+    head = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000)
+    body = (
+        f"# {workflow or 'matrix-hpc'} synthetic data\n\n"
+        f"{n} records made by the `{workflow}` workflow of matrix-hpc ({meta['matrix_hpc']['code_version']}), "
+        f"in {shards} Parquet shard(s) under `data/`.\n\n"
+        "```python\nimport datasets\nds = datasets.load_dataset(\"parquet\", data_dir=\"THIS_FOLDER\", split=\"train\")\n```\n\n"
+        "`messages` holds each dialogue as `[{role, content}]` (the row's prompt as `user`, the role that spoke last as "
+        "`assistant`, the other roles as `user`); the other columns are the records as the run stored them. "
+        "The YAML above (`matrix_hpc`) holds the config that made the data, each role's model and sampling, "
+        "counts by status and failure kind, and token statistics per role and model.\n"
+    )
+    return f"---\n{head}---\n\n{body}"
+
+
+def _size_category(n: int) -> str:
+    for bound, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M")):
+        if n < bound:
+            return name
+    return "10M<n<100M"
