@@ -171,3 +171,24 @@ def test_busy_replica_whose_probes_time_out_is_not_restarted(tmp_path: Path, run
     assert endpoint["slow_probes"] >= 2, endpoint  # the probes did time out behind the queue
     assert endpoint["completed"] >= len(rows), endpoint
     assert "was restarted" not in run.output
+
+
+def test_completion_pace_widens_the_busy_window_boundedly() -> None:
+    """A server completing one request every 4 s (one slot on a loaded machine) stays 'busy'
+    for twice that after its last completion; a steady fast server adds little; the slack is
+    bounded so a hung server is still restarted."""
+    from matrix_hpc.services.llm.registry import CompletionPace
+
+    slow = CompletionPace()
+    for t in (0.0, 4.0, 8.0, 12.0):
+        slow.observe(t)
+    assert slow.slack_s() == 8.0
+    fast = CompletionPace()
+    for t in (0.0, 0.1, 0.2, 0.3):
+        fast.observe(t)
+    assert fast.slack_s() < 0.25
+    hung_after_slow = CompletionPace()
+    hung_after_slow.observe(0.0)
+    hung_after_slow.observe(1000.0)
+    assert hung_after_slow.slack_s() == CompletionPace.MAX_SLACK_S
+    assert CompletionPace().slack_s() == 0.0

@@ -33,11 +33,35 @@ from .client import ChatClient
 from .replica import LLMReplica, ReplicaSpec, replica_options
 from .status import EndpointStatus
 
-__all__ = ["REPORT_S", "EndpointRegistry", "follow_registry", "registry_name"]
+__all__ = ["REPORT_S", "CompletionPace", "EndpointRegistry", "follow_registry", "registry_name"]
 
 log = logging.getLogger(__name__)
 
 REPORT_S = 1.0
+
+
+class CompletionPace:
+    """How far apart an endpoint's completions are reported: a smoothed gap. A busy server on a
+    loaded machine (one slot, a long queue, CPUs shared) may complete a request only every
+    several seconds; its probes time out behind the queue, and a fixed window after the last
+    completion then took it for dead and restarted it. The slack is bounded, so a server that
+    hangs after completing slowly is still restarted, later by at most ``MAX_SLACK_S``."""
+
+    MAX_SLACK_S = 60.0
+
+    def __init__(self) -> None:
+        self.last: float | None = None
+        self.gap_s: float | None = None
+
+    def observe(self, now: float) -> None:
+        if self.last is not None:
+            gap = now - self.last
+            self.gap_s = gap if self.gap_s is None else 0.5 * self.gap_s + 0.5 * gap
+        self.last = now
+
+    def slack_s(self) -> float:
+        """Extra time to wait for the next completion: twice the usual gap, bounded."""
+        return min(2 * (self.gap_s or 0.0), self.MAX_SLACK_S)
 """How often a client reports its completed requests per endpoint (only when it has some)."""
 
 
@@ -83,6 +107,7 @@ class EndpointRegistry:
         self.version = 0
         self._changed = asyncio.Event()
         self._wake: dict[str, asyncio.Event] = {}
+        self._pace: dict[str, CompletionPace] = {}  # by URL: how far apart its completions come
         self._session: aiohttp.ClientSession | None = None
         self._started = False
         self._restarted = ray.get_runtime_context().was_current_actor_reconstructed
@@ -203,10 +228,13 @@ class EndpointRegistry:
             if n:
                 st.completed += n
                 st.last_completed_at = now
+                self._pace.setdefault(st.url, CompletionPace()).observe(now)
 
     def _busy(self, st: EndpointStatus) -> bool:
-        """Completions were reported while the probe waited (allowing for the report period)."""
-        window = (self.probe_timeout.total or 0.0) + 2 * REPORT_S
+        """Completions were reported while the probe waited (allowing for the report period
+        and for the endpoint's own pace between completions)."""
+        pace = self._pace.get(st.url)
+        window = (self.probe_timeout.total or 0.0) + 2 * REPORT_S + (pace.slack_s() if pace else 0.0)
         return st.last_completed_at is not None and time.time() - st.last_completed_at <= window
 
     async def status(self) -> list[EndpointStatus]:
@@ -301,6 +329,7 @@ class EndpointRegistry:
             return
         st.state, st.restarts = "restarting", st.restarts + 1
         st.last_completed_at = None  # the old process's completions do not vouch for the new one
+        self._pace.pop(st.url, None)
         metrics.inc("llm_replica_restarts", 1, self.model_key, st.url)
         log.warning("restarting replica %d (%s), restart %d", st.replica, st.url, st.restarts)
         try:
