@@ -197,3 +197,15 @@ def test_without_datasets_one_line_names_the_extra(tmp_path: Path) -> None:
     )
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert res.stdout.strip() == "dataset.path: this source needs the Hugging Face `datasets` library: pip install 'matrix-hpc[hf]'", res.stderr
+
+
+def test_duplicates_found_across_the_id_index_growing(tmp_path: Path) -> None:
+    """The compact id index (a hashed numpy table that doubles as it fills) finds every
+    repeat, and where its first row was, across many growths."""
+    n = 20_000
+    lines: list[dict[str, Any] | str] = [{"id": f"k{i}", "question": "q"} for i in range(n)]
+    lines += [{"id": f"k{i}", "question": "again"} for i in range(0, n, 997)]
+    tasks = list(iter_tasks(opts(write_jsonl(tmp_path / "d.jsonl", lines))))
+    dups = [t for t in tasks if t.error is not None]
+    assert len(tasks) == len(lines) and [t.id for t in tasks[:n]] == [f"k{i}" for i in range(n)]
+    assert [t.error.message for t in dups] == [f"line {n + j + 1}: duplicate id 'k{i}' (first at line {i + 1})" for j, i in enumerate(range(0, n, 997))]

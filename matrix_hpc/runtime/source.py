@@ -28,6 +28,7 @@ What a row may hold, as scrapers write it (README: Dataset rows):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -409,6 +410,75 @@ def _to_task(opts: SourceOptions, where: str, raw: bytes | dict[str, Any] | _Unr
     return Task(id=tid, row=row, next_role=opts.entry_role)
 
 
+class _SeenIds:
+    """Every id seen so far -> where its first row is, in ~32 bytes a row: a 64-bit hash of
+    the id in an open-addressing numpy table, at most half full. (A dict of the ids took
+    ~170 bytes a row, 1.7 GB at 10M rows: benchmarks/dataset_scale.py.) Two ids with one
+    hash, odds ~n²/2⁶⁵ (3e-4 at 100M rows), read as a duplicate: the second row is still
+    recorded, failed, naming the first; nothing is dropped."""
+
+    def __init__(self, capacity: int = 1 << 12) -> None:
+        import numpy as np
+
+        self._np = np
+        self._keys = np.zeros(capacity, np.uint64)
+        self._vals = np.zeros(capacity, np.int64)
+        self._n = 0
+
+    @staticmethod
+    def _hash(tid: str) -> int:
+        h = int.from_bytes(hashlib.blake2b(tid.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+        return h or 1  # 0 marks an empty slot
+
+    def _slot(self, h: int) -> int:
+        keys, mask = self._keys, len(self._keys) - 1
+        i = h & mask
+        while True:
+            k = keys.item(i)
+            if k == h or k == 0:
+                return i
+            i = (i + 1) & mask
+
+    def get(self, tid: str) -> int | None:
+        i = self._slot(self._hash(tid))
+        return self._vals.item(i) if self._keys.item(i) else None
+
+    def __contains__(self, tid: str) -> bool:
+        return self.get(tid) is not None
+
+    def put(self, tid: str, where: int) -> None:
+        h = self._hash(tid)
+        i = self._slot(h)
+        if not self._keys.item(i):
+            self._n += 1
+        self._keys[i], self._vals[i] = h, where
+        if self._n * 2 > len(self._keys):
+            self._grow()
+
+    def _grow(self) -> None:
+        """Double the table, re-inserting in numpy rounds (a Python loop over millions of
+        entries would be slow and hold them all as Python ints): each round every entry
+        not placed yet takes its slot if free and no earlier one wants it, else moves on."""
+        np = self._np
+        full = self._keys != 0
+        old_k, old_v = self._keys[full], self._vals[full]
+        keys, vals = np.zeros(len(self._keys) * 2, np.uint64), np.zeros(len(self._keys) * 2, np.int64)
+        mask = np.uint64(len(keys) - 1)
+        pos = old_k & mask
+        pending = np.arange(len(old_k))
+        while pending.size:
+            p = pos[pending]
+            free = keys[p] == 0
+            _, first = np.unique(p[free], return_index=True)
+            won = pending[free][first]
+            keys[pos[won]], vals[pos[won]] = old_k[won], old_v[won]
+            placed = np.zeros(len(old_k), bool)
+            placed[won] = True
+            pending = pending[~placed[pending]]
+            pos[pending] = (pos[pending] + np.uint64(1)) & mask
+        self._keys, self._vals = keys, vals
+
+
 def iter_tasks(opts: SourceOptions, done: set[str] | None = None, counts: dict[str, int] | None = None) -> Iterator[Task]:
     """Tasks for every row not in ``done``; bad rows come out already failed.
 
@@ -417,10 +487,10 @@ def iter_tasks(opts: SourceOptions, done: set[str] | None = None, counts: dict[s
     done = done or set()
     counts = counts if counts is not None else {}
     counts.setdefault("skipped", 0)
-    # id -> number of its first row ("line 7" keeps 7): an int per row, not a string, as
-    # this map holds every id of the dataset for the whole run.
-    # With several shards the int also says which: (index of "SHARD line") << 40 | 7.
-    seen: dict[str, int] = {}
+    # id -> number of its first row ("line 7" keeps 7), compactly: this map holds every id
+    # of the dataset for the whole run. With several shards the int also says which:
+    # (index of "SHARD line") << 40 | 7.
+    seen = _SeenIds()
     heads: dict[str, int] = {}
     head_of: list[str] = []
     for n, (where, raw) in enumerate(_raw_rows(opts)):
@@ -431,8 +501,8 @@ def iter_tasks(opts: SourceOptions, done: set[str] | None = None, counts: dict[s
         if head not in heads:
             heads[head] = len(head_of)
             head_of.append(head)
-        if task.id in seen:
-            first_at = seen[task.id]
+        first_at = seen.get(task.id)
+        if first_at is not None:
             first = f"{head_of[first_at >> 40]} {first_at & ((1 << 40) - 1)}"
             # Keep the row, under an id of its own, so nothing is silently dropped; a row
             # already failed keeps its own reason first.
@@ -444,7 +514,7 @@ def iter_tasks(opts: SourceOptions, done: set[str] | None = None, counts: dict[s
                 task = _failed(tid, where, task.row, task.error.kind, f"{task.error.message.removeprefix(where + ': ')}; {note}")
             else:
                 task = _failed(tid, where, task.row, "bad_input", note)
-        seen[task.id] = heads[head] << 40 | int(num)
+        seen.put(task.id, heads[head] << 40 | int(num))
         if task.id in done:
             counts["skipped"] += 1
         else:
