@@ -91,6 +91,9 @@ class View:
 # --- a store written by the real writer: two parts, small chunks ------------------------
 
 
+XSS = """<img src=x onerror="document.title='pwned'"><script>document.title='pwned'</script>"""
+
+
 def _synthetic_record(i: int) -> dict[str, Any]:
     failed = i % 7 == 3
     roles = ["a", "b"] if i % 3 else ["a"]
@@ -107,6 +110,8 @@ def _synthetic_record(i: int) -> dict[str, Any]:
         "result": None if failed else {"n": i}, "turns": turns, "attempt": 1, "hops": len(turns), "created_at": 1000.0 + i, "finished_at": 2000.0 + i,
         "usage": {"prompt_tokens": sum(t["prompt_tokens"] for t in turns), "completion_tokens": sum(t["completion_tokens"] for t in turns)},
     }  # fmt: skip
+    if i == 9:  # model output is text, never markup
+        turns[0]["text"] = XSS
     if i == 7:  # the shape of workflows/tool_use's records: tool calls, sandbox runs, reward
         rec["result"] = {
             "reward": 1.0, "termination": "user_stop",
@@ -284,6 +289,38 @@ def test_chunk_reader_reads_what_zarr_reads(synthetic_store: Path) -> None:
                 assert col.read(lo, hi).tolist() == group[name][lo:hi].tolist(), (part, name, lo, hi)
 
 
+def test_index_follows_a_store_rewritten_under_it(tmp_path: Path) -> None:
+    """A store deleted and written again while a viewer watches it (fewer rows than it had
+    read) is read again from the start, not mixed with what the viewer had."""
+    from matrix_hpc.view.index import StoreIndex
+    from matrix_hpc.view.query import LazyCache, Query, run_query
+
+    out = tmp_path / "out"
+    for n in (60, 20):
+        if out.exists():
+            shutil.rmtree(out)
+        w = StoreWriter(out, chunk_rows=16, fsync=False)
+        w.append([RecordRow.from_record({**r, "id": f"{r['id']}-{n}"}) for r in SYNTH[:n]])
+        w.commit()
+        w.close()
+        if n == 60:
+            ix = StoreIndex(out)
+            ix.refresh()
+            while ix.facet_step(16):
+                pass
+    ix.refresh()
+    assert ix.n == 20 and ix.faceted == 0
+    page = run_query(ix, Query(limit=100), LazyCache())
+    assert _ids(page) == [f"{r['id']}-20" for r in SYNTH[:20]]
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, synthetic_store: Path, synthetic_view: View) -> None:
+    res = subprocess.run([str(BIN / "matrix-hpc"), "view", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and res.stderr.strip() == f"matrix-hpc: error: {tmp_path}: not a matrix-hpc output folder (no store.json)"
+    res = subprocess.run([str(BIN / "matrix-hpc"), "view", str(synthetic_store), "--port", str(synthetic_view.port)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and res.stderr.startswith(f"matrix-hpc: error: cannot listen on 127.0.0.1:{synthetic_view.port}: "), res.stderr
+
+
 # --- the page, in a real browser, on a real run -----------------------------------------------
 
 
@@ -445,6 +482,10 @@ def test_page_shows_tool_calls_sandbox_output_and_reward(synthetic_view: View, b
     text = _text(d, "#record")
     assert "reward 1" in text and 'cancel_order({"order_id": 5})' in text and "cancelled from the sandbox" in text
     d.save_screenshot(str(tmp_path / "tool-record.png"))
+    # A reply holding markup shows as text and runs nothing.
+    d.get(f"{synthetic_view.url}#/record/r009")
+    _wait(d, lambda d: d.find_elements("css selector", "#turns .turn"), "record r009")
+    assert XSS in _text(d, "#turns") and not d.find_elements("css selector", "#record img, #record script") and d.title != "pwned"
     # The whole table: 220 records over two parts, paged by 50.
     d.get(f"{synthetic_view.url}#/?offset=200")
     _wait(d, lambda d: _text(d, "#page-info") == "201–220 of 220", "the last page")

@@ -29,7 +29,7 @@ __all__ = ["Codes", "Part", "StoreIndex"]
 log = logging.getLogger(__name__)
 
 _BLOCK_CHUNKS = 64  # chunks read per step when loading small columns: bounded transient memory
-_RECORD_CACHE = 16  # decoded record chunks kept (a page touches one or two)
+_RECORD_CACHE_ROWS = 8192  # decoded record chunks kept, in rows (a page touches one or two chunks)
 _NUMERIC = {"finished_at": np.float64, "prompt_tokens": np.int64, "completion_tokens": np.int64}
 
 
@@ -241,7 +241,7 @@ class StoreIndex:
         data = part.column("record").chunk(k)
         self._records[key] = (data, part.n)
         self._records.move_to_end(key)
-        while len(self._records) > _RECORD_CACHE:
+        while len(self._records) > 1 and sum(len(v[0]) for v in self._records.values()) > _RECORD_CACHE_ROWS:
             self._records.popitem(last=False)
         return data
 

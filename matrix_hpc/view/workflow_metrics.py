@@ -16,6 +16,7 @@ __all__ = ["WorkflowMetrics", "load_metrics_fn"]
 log = logging.getLogger(__name__)
 
 MetricsFn = Callable[[Any], dict[str, Any]]
+_MAX_POINTS = 400
 
 
 def load_metrics_fn(run: dict[str, Any]) -> tuple[MetricsFn | None, str | None]:
@@ -60,6 +61,9 @@ class WorkflowMetrics:
             if point is not None:
                 self.points.append(point)
             self._batch = []
+            if len(self.points) >= _MAX_POINTS:  # a run far larger than at start: fewer, wider windows from here
+                self.points = self.points[1::2]
+                self.window *= 2
 
     def _point(self) -> dict[str, Any] | None:
         if self.fn is None or not self._batch:
