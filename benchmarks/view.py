@@ -182,7 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         build_store(root, n)
         runs = []
         for _ in range(args.repeat):
-            res = subprocess.run([sys.executable, "-m", "benchmarks.view", "--measure", str(root)], capture_output=True, text=True, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            res = subprocess.run(
+                [sys.executable, "-m", "benchmarks.view", "--measure", str(root)],
+                capture_output=True,
+                text=True,
+                check=False,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
             if res.returncode != 0:
                 print(res.stderr, file=sys.stderr)
                 return 1

@@ -257,7 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--status", choices=["ok", "failed"], help="only records with this status")
     ex.set_defaults(func=cmd_export)
 
-    vw = sub.add_parser("view", help="browse a run's records in a local web page (live while the run writes)", description="Serve a web page of the run's records on 127.0.0.1 and print its URL (with a random token; without it every request gets 403). It reads only committed records and never blocks the writer, so it can watch a running job's store on a shared file system.")
+    vw = sub.add_parser(
+        "view",
+        help="browse a run's records in a local web page (live while the run writes)",
+        description="Serve a web page of the run's records on 127.0.0.1 and print its URL (with a random token; without it every request gets 403). It reads only committed records and never blocks the writer, so it can watch a running job's store on a shared file system.",
+    )
     vw.add_argument("output", help="output folder (output.path of the run)")
     vw.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
     vw.set_defaults(func=cmd_view)

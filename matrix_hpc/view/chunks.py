@@ -16,8 +16,8 @@ rows always exists and reads whole (old or new version: both hold those rows).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import zarr

@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import logging
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -136,15 +137,30 @@ class StoreIndex:
         self.models = Vocab()
         self.aggregates = Aggregates()
         self.version = 0
-        """Bumped whenever rows are added (caches of derived arrays key on it)."""
+        """Bumped whenever rows are added (caches of derived arrays key on it, with ``generation``)."""
+        self.generation = 0
+        """Bumped when the store was replaced and everything is read again."""
         self._on_record = on_record
         self._records: OrderedDict[tuple[int, int], tuple[np.ndarray, int]] = OrderedDict()
         self._concat: tuple[tuple[int, int], dict[str, np.ndarray]] | None = None
+        self._stamp: Any = None
+        """store.json's creation time when the index was started (a store made again has another)."""
 
     # -- loading --------------------------------------------------------------
 
+    def _store_stamp(self) -> Any:
+        try:
+            return (read_json(self.root / "store.json", {}) or {}).get("created_at")
+        except (OSError, ValueError):
+            return self._stamp
+
     def refresh(self) -> int:
         """Index rows committed since the last call; returns how many were added."""
+        stamp = self._store_stamp()
+        if self._stamp is not None and stamp != self._stamp:  # deleted and made again: nothing read holds
+            log.warning("%s was made again (store.json changed); reading it from the start", self.root)
+            self._reset()
+        self._stamp = stamp
         known = {p.name for p in self.parts}
         for d in sorted(self.root.glob("part-*")):
             if d.name not in known and (d / "data.zarr" / "zarr.json").exists():
@@ -165,7 +181,10 @@ class StoreIndex:
         return added
 
     def _reset(self) -> None:
+        """Forget everything read (the store was replaced)."""
+        generation = self.generation + 1
         self.__init__(self.root, self._on_record)  # type: ignore[misc]
+        self.generation = generation
 
     def _load(self, part: Part, rows: int) -> int:
         """Status and failure kind of rows ``[part.n, rows)``: what counts and the first page need."""

@@ -106,13 +106,13 @@ class _Lazy:
 
 
 class LazyCache:
-    """The lazy answers of the last few queries, by (search, role, model)."""
+    """The lazy answers of the last few queries, by (index generation, search, role, model)."""
 
     def __init__(self, size: int = 8) -> None:
         self.size = size
-        self._items: OrderedDict[tuple[str, str, str], _Lazy] = OrderedDict()
+        self._items: OrderedDict[tuple[int, str, str, str], _Lazy] = OrderedDict()
 
-    def get(self, key: tuple[str, str, str], layout: list[int]) -> _Lazy:
+    def get(self, key: tuple[int, str, str, str], layout: list[int]) -> _Lazy:
         item = self._items.get(key)
         # Rows are only ever added at the end of a part: the answers kept stay where they are
         # only if no part but the last grew (in practice a store has one part).
@@ -216,7 +216,7 @@ def run_query(ix: StoreIndex, q: Query, cache: LazyCache, budget_s: float = 1.0,
         page, total, complete, scanned = order[q.offset : want], len(order), True, 1.0
     else:
         offsets = ix.offsets()
-        state = cache.get(q.lazy_key, [p.n for p in ix.parts]).state
+        state = cache.get((ix.generation, *q.lazy_key), [p.n for p in ix.parts]).state
         # Commit order: walk the page's order, and stop once the rows before the first one
         # still open hold the page (the first page is exact at once). Any other order: walk
         # in storage order (chunk after chunk); the page is exact once every row is decided.

@@ -71,7 +71,9 @@ def _timeline(finished: np.ndarray) -> list[list[float]]:
 
 
 def _counts(ix: StoreIndex, arrays: dict[str, np.ndarray], numeric: bool) -> dict[str, Any]:
-    status = np.bincount(arrays["status"].astype(np.int64), minlength=len(ix.status.names)) if len(arrays["status"]) else np.zeros(len(ix.status.names), np.int64)
+    status = (
+        np.bincount(arrays["status"].astype(np.int64), minlength=len(ix.status.names)) if len(arrays["status"]) else np.zeros(len(ix.status.names), np.int64)
+    )
     by_status = {name: int(status[i]) for i, name in enumerate(ix.status.names) if status[i]}
     failed = ix.status.code("failed")
     kinds: dict[str, int] = {}
@@ -98,9 +100,9 @@ def run_summary(ix: StoreIndex, run_file: RunFile, metrics: WorkflowMetrics, cac
     state = run_state(info, active) if info else ("running now" if active else "unknown (no run.json)")
     arrays = ix.arrays()
     numeric = ix.numeric_ready  # else tokens and times are still loading (a moment after new rows)
-    if numeric and cache.get("timeline_version") != ix.version:
+    if numeric and cache.get("timeline_version") != (ix.generation, ix.version):
         cache["timeline"] = _timeline(arrays["finished_at"])
-        cache["timeline_version"] = ix.version
+        cache["timeline_version"] = (ix.generation, ix.version)
     faceted = arrays["faceted"]
     turns = np.bincount(arrays["turns"][faceted].astype(np.int64)).tolist() if faceted.any() else []
     run = {k: raw.get(k) for k in ("run_id", "status", "dataset", "input_rows", "started_at", "finished_at", "host", "config_file")}

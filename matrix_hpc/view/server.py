@@ -23,9 +23,10 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -123,8 +124,11 @@ class Viewer:
         while True:
             deadline = time.monotonic() + self.refresh_s
             try:
+                generation = self.ix.generation
                 await self.call(self.ix.refresh)
                 self._loaded.set()
+                if self.ix.generation != generation:  # the store was made again: so are its metric windows
+                    metrics_loaded = False
                 await self.call(self.ix.load_numeric)
                 if not metrics_loaded:
                     await self.call(self._load_metrics)

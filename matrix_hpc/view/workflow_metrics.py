@@ -8,8 +8,9 @@ windows; the run page shows the last life's value from ``run.json`` next to them
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["WorkflowMetrics", "load_metrics_fn"]
 
@@ -22,7 +23,7 @@ _MAX_POINTS = 400
 def load_metrics_fn(run: dict[str, Any]) -> tuple[MetricsFn | None, str | None]:
     """The metrics function ``run.json``'s config names, imported as the run imported it
     (``workflow.python_path`` from the config file's folder); (None, why) if it cannot be."""
-    wf = ((run.get("config") or {}).get("workflow") or {})
+    wf = (run.get("config") or {}).get("workflow") or {}
     path = wf.get("metrics")
     if not path:
         return None, None
