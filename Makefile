@@ -59,6 +59,8 @@ demo: $(VENV)/.local-installed
 	$(BIN)/matrix-hpc run workflows/collab_reasoning/config.yaml $(ARGS)
 
 test: $(VENV)/.vllm-installed deb-test
+	$(BIN)/ruff format --check --quiet . || { echo 'make test: ruff format would change the files above (run: $(BIN)/ruff format .)'; exit 1; }
+	$(BIN)/ruff check --quiet .
 	$(BIN)/python -m pytest -ra --durations=25 $(ARGS)
 
 clean:

@@ -21,9 +21,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from matrix_hpc.agents import Agent, AgentContext, Task
-from matrix_hpc.runtime.agent import run_step
-from matrix_hpc.runtime.actor import load_object
 from matrix_hpc.config import JobConfig, resolve_sampling
+from matrix_hpc.runtime.actor import load_object
+from matrix_hpc.runtime.agent import run_step
 from matrix_hpc.services.llm import ChatClient
 
 __all__ = ["build_agents", "run_batch_sync", "run_central", "run_ray_data"]
@@ -112,6 +112,7 @@ class _Stage:
         tasks = [pickle.loads(b) for b in batch["task"]]
         done_at = list(batch["done_at"])
         mine = [t for t in tasks if t.next_role == self.role]
+
         async def run_batch() -> None:  # Ray Data calls from a worker thread: gather inside our loop
             await asyncio.gather(*(_step(self.agents, t) for t in mine))
 

@@ -34,7 +34,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 _CHILD = r"""
@@ -91,7 +90,9 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="where to write the datasets (default: a temporary folder)")
     args = ap.parse_args()
     tmp = Path(args.dir or tempfile.mkdtemp(prefix="dataset_scale-"))
-    print(f"{'rows':>11} {'shards':>6} {'on disk':>8} | {'scan s':>7} {'scan MB':>8} | {'streamed':>9} {'cols s':>7} {'cols MB':>8} {'all s':>7} {'all MB':>7} {'MB/M rows':>9}")
+    print(
+        f"{'rows':>11} {'shards':>6} {'on disk':>8} | {'scan s':>7} {'scan MB':>8} | {'streamed':>9} {'cols s':>7} {'cols MB':>8} {'all s':>7} {'all MB':>7} {'MB/M rows':>9}"
+    )
     try:
         for rows in args.rows:
             root = tmp / f"r{rows}"

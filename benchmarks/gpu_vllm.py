@@ -112,14 +112,18 @@ def run_workflow(url: str, args: argparse.Namespace, tmp: Path) -> Measure:
     data = make_dataset(WORKFLOW, args.tasks, tmp / "data.jsonl")
     out = tmp / f"wf-{time.monotonic_ns()}"
     job = job_yaml(WORKFLOW, data, out, url, args.concurrency, tmp)
-    config = load_config(job, [f"llm.model={SERVED_NAME}", f"llm.max_tokens={args.max_tokens}", f"workflow.params.max_turns={args.max_turns}", f"llm.api_key_env={KEY_ENV}"])
+    config = load_config(
+        job, [f"llm.model={SERVED_NAME}", f"llm.max_tokens={args.max_tokens}", f"workflow.params.max_turns={args.max_turns}", f"llm.api_key_env={KEY_ENV}"]
+    )
     summary = run_job(config)
     turns = [t for r in StoreReader(out).iter_records() for t in r["turns"] if t.get("completion_tokens")]
     if not turns:
         raise SystemExit(f"the workflow made no LLM calls; see {out}")
     completion = sum(t["completion_tokens"] for t in turns)
     elapsed = summary.progress.elapsed_s
-    return Measure("workflow (matrix-hpc)", len(turns), statistics.mean(t["prompt_tokens"] for t in turns), completion / len(turns), completion / elapsed, elapsed)
+    return Measure(
+        "workflow (matrix-hpc)", len(turns), statistics.mean(t["prompt_tokens"] for t in turns), completion / len(turns), completion / elapsed, elapsed
+    )
 
 
 def run_bench_client(url: str, like: Measure, args: argparse.Namespace, tmp: Path) -> Measure:
@@ -139,7 +143,9 @@ def run_bench_client(url: str, like: Measure, args: argparse.Namespace, tmp: Pat
         raise SystemExit(f"vLLM's benchmark client failed:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
     r = json.loads(result.read_text())
     done = int(r["completed"])
-    return Measure("vLLM bench client", done, r["total_input_tokens"] / done, r["total_output_tokens"] / done, float(r["output_throughput"]), float(r["duration"]))
+    return Measure(
+        "vLLM bench client", done, r["total_input_tokens"] / done, r["total_output_tokens"] / done, float(r["output_throughput"]), float(r["duration"])
+    )
 
 
 def median(ms: list[Measure]) -> Measure:
@@ -169,7 +175,9 @@ def main() -> None:
     ap.add_argument("--max-turns", type=int, default=4, help="workflow.params.max_turns")
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--vllm-arg", action="append", default=[], metavar="ARG", help="extra vllm serve flag (repeatable), e.g. --vllm-arg=--enable-prefix-caching")
+    ap.add_argument(
+        "--vllm-arg", action="append", default=[], metavar="ARG", help="extra vllm serve flag (repeatable), e.g. --vllm-arg=--enable-prefix-caching"
+    )
     ap.add_argument("--startup-timeout-s", type=float, default=1200.0)
     args = ap.parse_args()
     if Path(args.model).exists():  # a local folder: absolute, since the clients run elsewhere
@@ -184,7 +192,9 @@ def main() -> None:
             for rep in range(args.repeats):
                 wf.append(run_workflow(url, args, tmp))
                 bench.append(run_bench_client(url, wf[-1], args, tmp))
-                print(f"  repeat {rep + 1}: workflow {wf[-1].output_tok_s:.0f} tok/s, vLLM client {bench[-1].output_tok_s:.0f} tok/s", file=sys.stderr, flush=True)
+                print(
+                    f"  repeat {rep + 1}: workflow {wf[-1].output_tok_s:.0f} tok/s, vLLM client {bench[-1].output_tok_s:.0f} tok/s", file=sys.stderr, flush=True
+                )
         finally:
             stop_service(proc)
     print_table([median(wf), median(bench)], args, args.repeats)

@@ -56,7 +56,10 @@ def main() -> None:
     for name, ov in cases:
         tasks = args.tasks if not ov else max(1000, args.tasks // 10)  # the unbatched baseline is slow
         runs = [one(tasks, args.hops, args.in_flight, ov) for _ in range(args.repeats)]
-        print(f"{name:42} {statistics.median(r[0] for r in runs):9.0f} {statistics.median(r[1] for r in runs):11.3f} {str(all(r[2] for r in runs)):>9}", flush=True)
+        print(
+            f"{name:42} {statistics.median(r[0] for r in runs):9.0f} {statistics.median(r[1] for r in runs):11.3f} {str(all(r[2] for r in runs)):>9}",
+            flush=True,
+        )
     print(f"({args.hops} hops per task, {args.in_flight} in flight, medians of {args.repeats}; baseline on a tenth of the tasks)")
 
 

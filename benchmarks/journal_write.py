@@ -99,7 +99,9 @@ def main() -> None:
     print(f"digest cost: {1e6 * (base.cpu_s - bare.cpu_s) / base.calls:.1f} µs CPU per call ({args.messages_bytes} bytes of messages)")
     print(f"journal cost: {1e6 * extra_cpu:.1f} µs CPU per call ({100 * extra_cpu * args.rate:.1f}% of one core at {args.rate} calls/s)")
     print(f"append latency (until durable): p50 {1e3 * q[49]:.2f} ms, p99 {1e3 * q[98]:.2f} ms")
-    print(f"flushes: {on.flushes} ({on.flushes / on.wall_s:.0f}/s, {on.calls / max(on.flushes, 1):.1f} calls each); write+fsync {1e3 * on.write_s / max(on.flushes, 1):.2f} ms per flush")
+    print(
+        f"flushes: {on.flushes} ({on.flushes / on.wall_s:.0f}/s, {on.calls / max(on.flushes, 1):.1f} calls each); write+fsync {1e3 * on.write_s / max(on.flushes, 1):.2f} ms per flush"
+    )
     print(f"size: {on.bytes / on.calls:.0f} bytes per call; file {size / 2**20:.2f} MiB for {on.calls} calls (before compaction)")
 
 

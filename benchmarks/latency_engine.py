@@ -25,8 +25,9 @@ import math
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -177,7 +178,18 @@ class LatencyEngine:
             self.running = still
 
     def stats(self) -> dict[str, Any]:
-        return {"steps": self.steps, "tokens": self.tokens, "model_s": self.model_s, "busy_slot_s": self.busy_slot_s, "idle_s": self.idle_s + (time.monotonic() - self._idle_from if self._idle_from is not None else 0.0), "requests": self.requests, "waiting": len(self.waiting), "running": len(self.running), "model": asdict(self.model), "peak_tokens_per_s": self.model.peak_tokens_per_s}
+        return {
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "model_s": self.model_s,
+            "busy_slot_s": self.busy_slot_s,
+            "idle_s": self.idle_s + (time.monotonic() - self._idle_from if self._idle_from is not None else 0.0),
+            "requests": self.requests,
+            "waiting": len(self.waiting),
+            "running": len(self.running),
+            "model": asdict(self.model),
+            "peak_tokens_per_s": self.model.peak_tokens_per_s,
+        }
 
 
 _LOOP_TASK = web.AppKey("loop_task", asyncio.Task)

@@ -59,7 +59,9 @@ def main() -> None:
         log = open(tmp / "run.log", "wb")
         bin_dir = Path(sys.executable).parent
         t0 = time.monotonic()
-        proc = subprocess.Popen([str(bin_dir / "matrix-hpc"), "run", str(cfg_path)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+        proc = subprocess.Popen(
+            [str(bin_dir / "matrix-hpc"), "run", str(cfg_path)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO
+        )
         sink_pid: int | None = None
         peak = {"driver": 0.0, "sink": 0.0}
         next_mark = 0.1

@@ -34,7 +34,18 @@ def build_store(out: Path, n: int) -> None:
     for lo in range(0, n, 20000):
         batch = []
         for i in range(lo, min(n, lo + 20000)):
-            rec = {"id": f"t{i}", "status": "ok", "error": None, "row": {"id": f"t{i}"}, "result": {"hops": 1}, "turns": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1, "by_role": {}, "by_model": {}}, "attempt": 1, "hops": 1, "finished_at": time.time()}
+            rec = {
+                "id": f"t{i}",
+                "status": "ok",
+                "error": None,
+                "row": {"id": f"t{i}"},
+                "result": {"hops": 1},
+                "turns": [],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "by_role": {}, "by_model": {}},
+                "attempt": 1,
+                "hops": 1,
+                "finished_at": time.time(),
+            }
             batch.append(RecordRow.from_record(rec))
         w.append(batch)
         w.commit()
@@ -49,7 +60,12 @@ def one(n: int, extra: int, tmp: Path) -> dict[str, float]:
         for i in range(n + extra):
             fh.write(json.dumps({"id": f"t{i}"}) + "\n")
     cfg = {
-        "workflow": {"name": "relay", "entry": "a", "metrics": "benchmarks.requeue_latency:count_metric", "roles": {"a": {"agent": "benchmarks.relay.agents:Relay", "concurrency": 64, "params": {"hops": 1, "sleep_s": 0.05}}}},
+        "workflow": {
+            "name": "relay",
+            "entry": "a",
+            "metrics": "benchmarks.requeue_latency:count_metric",
+            "roles": {"a": {"agent": "benchmarks.relay.agents:Relay", "concurrency": 64, "params": {"hops": 1, "sleep_s": 0.05}}},
+        },
         "dataset": {"path": str(data)},
         "llm": {"engine": "external", "base_urls": ["http://127.0.0.1:9/v1"]},
         "output": {"path": str(out), "chunk_rows": 1024, "flush_interval_s": 0.2},
@@ -63,12 +79,21 @@ def one(n: int, extra: int, tmp: Path) -> dict[str, float]:
     calls = tmp / f"scontrol-{n}.log"
     shim = shim_dir / "scontrol"
     # It also notes run.json's status at that moment: "running" means no summary was written yet.
-    shim.write_text(f"#!/bin/sh\n{sys.executable} -c 'import json, sys, time; print(time.time(), json.load(open(sys.argv[1])).get(\"status\"))' {out / 'run.json'} >> {calls}\n")
+    shim.write_text(
+        f"#!/bin/sh\n{sys.executable} -c 'import json, sys, time; print(time.time(), json.load(open(sys.argv[1])).get(\"status\"))' {out / 'run.json'} >> {calls}\n"
+    )
     shim.chmod(0o755)
     env = {**os.environ, "PATH": f"{shim_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": f"bench{n}", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "RAY_AUTH_MODE": "disabled",
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}  # fmt: skip
     log = open(tmp / f"bootstrap-{n}.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "matrix_hpc.cluster.slurm.bootstrap", str(cfg_path)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "matrix_hpc.cluster.slurm.bootstrap", str(cfg_path)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=REPO,
+    )
     try:
         commit = out / "part-000" / "commit.json"
         deadline = time.monotonic() + 300
@@ -87,7 +112,16 @@ def one(n: int, extra: int, tmp: Path) -> dict[str, float]:
             pass
     lines = calls.read_text().splitlines() if calls.exists() else []
     requeue_at, status = (float(lines[0].split()[0]), lines[0].split()[1]) if lines else (float("nan"), None)
-    return {"records": n, "usr2_to_requeue_s": requeue_at - t_usr2, "usr2_to_exit_s": t_exit - t_usr2, "rc": rc, "requeues": len(lines), "status_at_requeue": status, "log": (tmp / f"bootstrap-{n}.log").read_text(errors="replace"), "out": str(out)}
+    return {
+        "records": n,
+        "usr2_to_requeue_s": requeue_at - t_usr2,
+        "usr2_to_exit_s": t_exit - t_usr2,
+        "rc": rc,
+        "requeues": len(lines),
+        "status_at_requeue": status,
+        "log": (tmp / f"bootstrap-{n}.log").read_text(errors="replace"),
+        "out": str(out),
+    }
 
 
 def count_metric(records: object) -> dict[str, int]:

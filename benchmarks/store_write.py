@@ -13,8 +13,8 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import zarr
@@ -76,7 +76,9 @@ def main() -> None:
     for name, fn in cases:
         rate = base if fn is None else measure(fn, rows, args.repeats)
         print(f"{name:52} {rate:10.0f} {rate / base:10.1f}x")
-    print(f"({args.records} records of ~{RECORD_BYTES} B, baseline on {args.baseline_records}; medians of {args.repeats}; numpy {np.__version__}, zarr {zarr.__version__})")
+    print(
+        f"({args.records} records of ~{RECORD_BYTES} B, baseline on {args.baseline_records}; medians of {args.repeats}; numpy {np.__version__}, zarr {zarr.__version__})"
+    )
 
 
 if __name__ == "__main__":

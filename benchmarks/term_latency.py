@@ -78,7 +78,11 @@ def one(in_flight: int, rate: float, close_s: float, flush_s: float, settle_s: f
             fh.write(json.dumps({"id": f"t{i}"}) + "\n")
     out = tmp / "out"
     cfg = {
-        "workflow": {"name": "term", "entry": "a", "roles": {"a": {"agent": "benchmarks.term_latency:SlowCloseRelay", "instances": 2, "params": {"sleep_s": in_flight / rate, "close_s": close_s}}}},
+        "workflow": {
+            "name": "term",
+            "entry": "a",
+            "roles": {"a": {"agent": "benchmarks.term_latency:SlowCloseRelay", "instances": 2, "params": {"sleep_s": in_flight / rate, "close_s": close_s}}},
+        },
         "dataset": {"path": str(data)},
         "llm": {"engine": "external", "base_urls": ["http://127.0.0.1:9/v1"]},
         "output": {"path": str(out), "chunk_rows": 1024, "flush_interval_s": flush_s},
@@ -89,7 +93,9 @@ def one(in_flight: int, rate: float, close_s: float, flush_s: float, settle_s: f
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": os.pathsep.join(p for p in (str(repo), str(REPO), os.environ.get("PYTHONPATH")) if p)}
     log_path = tmp / "run.log"
     log = open(log_path, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "matrix_hpc.cli", "run", str(cfg_path)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=repo)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "matrix_hpc.cli", "run", str(cfg_path)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=repo
+    )
     seen: list[tuple[int, float]] = []
     stop = threading.Event()
     watcher = threading.Thread(target=_watch_commits, args=(out / "part-000" / "commit.json", stop, seen), daemon=True)

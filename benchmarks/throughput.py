@@ -34,17 +34,18 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 import yaml
 
 from benchmarks.baselines import Finished, run_batch_sync, run_central, run_ray_data
 from benchmarks.latency_engine import LatencyModel
-from matrix_hpc.runtime.source import SourceOptions, iter_tasks
 from matrix_hpc.config import load_config, resolve_dataset_path
+from matrix_hpc.runtime.source import SourceOptions, iter_tasks
 from matrix_hpc.services.llm import probe_generation
 from matrix_hpc.services.llm.embedded import free_port
 from matrix_hpc.store import RecordRow, StoreReader, StoreWriter
@@ -124,7 +125,7 @@ class TreeSampler:
             self.sample()
         self.own_cpu_s = time.thread_time() - started
 
-    def __enter__(self) -> "TreeSampler":
+    def __enter__(self) -> TreeSampler:
         self.sample()
         self._start = dict(self._cpu)
         self._thread.start()
@@ -380,7 +381,9 @@ def print_table(rows: list[Row], peak: float, title: str = "medians of repeats")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r.scheduler:14} {r.workflow:16} {r.concurrency:6d} {r.tasks:6d} {r.tasks_per_s:8.1f} {r.tokens_per_s:8.0f} {r.utilization:6.1%} {r.engine_fill:6.1%} {r.load:5.1f} {r.p50_s:7.2f} {r.p99_s:7.2f} {r.cpu_ms_per_hop:10.3f} {r.cpu_ms_per_llm_hop:8.3f} {r.peak_rss_mb:7.0f} {str(r.complete):>8} {r.ray_warnings:8d}")
+        print(
+            f"{r.scheduler:14} {r.workflow:16} {r.concurrency:6d} {r.tasks:6d} {r.tasks_per_s:8.1f} {r.tokens_per_s:8.0f} {r.utilization:6.1%} {r.engine_fill:6.1%} {r.load:5.1f} {r.p50_s:7.2f} {r.p99_s:7.2f} {r.cpu_ms_per_hop:10.3f} {r.cpu_ms_per_llm_hop:8.3f} {r.peak_rss_mb:7.0f} {str(r.complete):>8} {r.ray_warnings:8d}"
+        )
     for r in rows:
         if r.cpu_by_kind:
             parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r.cpu_by_kind.items(), key=lambda kv: -kv[1]) if v >= 0.005)
@@ -389,7 +392,9 @@ def print_table(rows: list[Row], peak: float, title: str = "medians of repeats")
     for (wf, conc, sched), r in sorted(by.items()):
         if sched == "ours" and (wf, conc, "ours-nometrics") in by:
             off = by[(wf, conc, "ours-nometrics")]
-            print(f"  {wf} @ {conc}: metrics cost {r.cpu_ms_per_hop - off.cpu_ms_per_hop:+.3f} CPU ms/hop ({r.cpu_ms_per_hop:.3f} with, {off.cpu_ms_per_hop:.3f} without), utilization {r.utilization - off.utilization:+.1%}")
+            print(
+                f"  {wf} @ {conc}: metrics cost {r.cpu_ms_per_hop - off.cpu_ms_per_hop:+.3f} CPU ms/hop ({r.cpu_ms_per_hop:.3f} with, {off.cpu_ms_per_hop:.3f} without), utilization {r.utilization - off.utilization:+.1%}"
+            )
         off = by.get((wf, conc, "ours/noreplay"))
         if sched == "ours" and off is not None:
             print(f"  {wf} @ {conc}: replay on / off = {r.tokens_per_s / max(off.tokens_per_s, 1e-9):.3f}x tokens/s, "
@@ -409,7 +414,12 @@ def main() -> None:
     ap.add_argument("--schedulers", default=",".join(SCHEDULERS))
     ap.add_argument("--json", type=Path, help="also write the rows as a JSON list")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--engine-nice", type=int, default=-10, help="CPU priority of the engine process: it stands in for a GPU, so the system under test must not slow it down (negative needs root)")
+    ap.add_argument(
+        "--engine-nice",
+        type=int,
+        default=-10,
+        help="CPU priority of the engine process: it stands in for a GPU, so the system under test must not slow it down (negative needs root)",
+    )
     ap.add_argument("--replay", choices=["on", "off", "compare"], default="on", help="our runtime's call journal (run.replay); compare runs both")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for our runtime (repeatable)")
     ap.add_argument("--scale", default="50000,100000", help="scale rows: tasks (= tasks in flight) per run, one run each ('' to skip)")
@@ -437,7 +447,11 @@ def main() -> None:
             for rep in range(args.repeats):  # schedulers take turns: a load change on the machine hits all alike
                 for sched in scheds:
                     row = one_run(sched, args.workflow, conc, n, url, {engine.pid}, model.peak_tokens_per_s)
-                    print(f"  {sched} conc={conc} run {rep + 1}: {row.tokens_per_s:.0f} tok/s, util {row.utilization:.1%}, fill {row.engine_fill:.1%}, load {row.load:.1f}, {row.cpu_ms_per_llm_hop:.3f} CPU ms/LLM hop, complete={row.complete}", file=sys.stderr, flush=True)
+                    print(
+                        f"  {sched} conc={conc} run {rep + 1}: {row.tokens_per_s:.0f} tok/s, util {row.utilization:.1%}, fill {row.engine_fill:.1%}, load {row.load:.1f}, {row.cpu_ms_per_llm_hop:.3f} CPU ms/LLM hop, complete={row.complete}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     reps[sched].append(row)
             rows.extend(median_row(r) for r in reps.values())
     finally:
@@ -454,15 +468,38 @@ def main() -> None:
             for n in scale:
                 for sched in (s for s in args.scale_schedulers.split(",") if s):
                     row = one_run(sched, args.workflow, n, n, url, {engine.pid}, big.peak_tokens_per_s)
-                    print(f"  {sched} scale {n}: {row.tokens_per_s:.0f} tok/s, util {row.utilization:.1%}, fill {row.engine_fill:.1%}, load {row.load:.1f}, {row.cpu_ms_per_llm_hop:.3f} CPU ms/LLM hop, complete={row.complete}", file=sys.stderr, flush=True)
+                    print(
+                        f"  {sched} scale {n}: {row.tokens_per_s:.0f} tok/s, util {row.utilization:.1%}, fill {row.engine_fill:.1%}, load {row.load:.1f}, {row.cpu_ms_per_llm_hop:.3f} CPU ms/LLM hop, complete={row.complete}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     scale_rows.append(row)
         finally:
             engine.terminate()
             engine.wait()
-        print_table(scale_rows, big.peak_tokens_per_s, f"scale rows (max_batch {big.max_batch}, out_mean {big.out_mean:g}), one run each, every task in flight at once")
+        print_table(
+            scale_rows, big.peak_tokens_per_s, f"scale rows (max_batch {big.max_batch}, out_mean {big.out_mean:g}), one run each, every task in flight at once"
+        )
         rows += scale_rows
     if args.json:
-        keys = ("scheduler", "workflow", "concurrency", "tasks", "tasks_per_s", "tokens_per_s", "utilization", "engine_fill", "load", "p50_s", "p99_s", "cpu_ms_per_hop", "cpu_ms_per_llm_hop", "peak_rss_mb", "complete", "cpu_by_kind")
+        keys = (
+            "scheduler",
+            "workflow",
+            "concurrency",
+            "tasks",
+            "tasks_per_s",
+            "tokens_per_s",
+            "utilization",
+            "engine_fill",
+            "load",
+            "p50_s",
+            "p99_s",
+            "cpu_ms_per_hop",
+            "cpu_ms_per_llm_hop",
+            "peak_rss_mb",
+            "complete",
+            "cpu_by_kind",
+        )
         args.json.write_text(json.dumps([{k: getattr(r, k) for k in keys} for r in rows], indent=1))
 
 

@@ -30,7 +30,9 @@ def _print_summary(summary: Any) -> None:
     w(f"\nrun {state} in {p.elapsed_s:.1f}s\n")
     resent = f", {p.resent} re-sent after crashes" if p.resent else ""
     w(f"  this run:  {p.ok} ok, {p.failed} failed, {p.skipped} skipped (already in the store){resent}\n")
-    w(f"  this run:  {summary.tasks_per_s:.2f} tasks/s, {summary.tokens_per_s:.0f} output tok/s, {p.prompt_tokens} prompt + {p.completion_tokens} completion tokens\n")
+    w(
+        f"  this run:  {summary.tasks_per_s:.2f} tasks/s, {summary.tokens_per_s:.0f} output tok/s, {p.prompt_tokens} prompt + {p.completion_tokens} completion tokens\n"
+    )
     for kind, n in sorted(p.failed_by_kind.items(), key=lambda kv: -kv[1]):
         sample = summary.failure_samples.get(kind)
         w(f"  this run:  failed {kind}: {n}" + (f", e.g. {sample}" if sample else "") + "\n")
@@ -55,7 +57,9 @@ def _print_usage(usage: Any, write: Any) -> None:
     for section, label in (("by_role", "role"), ("by_model", "model")):
         for name, u in sorted(getattr(usage, section).items()):
             errors = f", {u.errors} failed" if u.errors else ""
-            write(f"    {label} {name}: {u.calls} calls{errors}, {u.prompt_tokens} prompt + {u.completion_tokens} completion tokens, {u.mean_latency_s:.2f}s mean latency\n")
+            write(
+                f"    {label} {name}: {u.calls} calls{errors}, {u.prompt_tokens} prompt + {u.completion_tokens} completion tokens, {u.mean_latency_s:.2f}s mean latency\n"
+            )
 
 
 def _replay_line(r: Any) -> str:
@@ -114,7 +118,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         run = {k: raw.get(k) for k in ("run_id", "status", "dataset", "started_at", "finished_at")}
         extra = {"usage": info.usage.to_dict(), "llm": [e.to_dict() for e in info.llm], "replay": raw.get("replay")} if info else {}
-        print(json.dumps({"output": str(reader.root), **counts, "input_rows": total, "writer_active": reader.writer_active(), "state": state, "run": run, **extra}, indent=1))
+        print(
+            json.dumps(
+                {"output": str(reader.root), **counts, "input_rows": total, "writer_active": reader.writer_active(), "state": state, "run": run, **extra},
+                indent=1,
+            )
+        )
         return 0
     print(f"output:    {reader.root}")
     if info:
@@ -252,7 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="write an output store's records to JSONL, Parquet, or a Hugging Face dataset folder")
     ex.add_argument("output", help="output folder (output.path of the run)")
-    ex.add_argument("--format", choices=["jsonl", "parquet", "hf"], default="jsonl", help="hf: a folder of Parquet shards (data/train-*.parquet) with a dataset card, for datasets.load_dataset")
+    ex.add_argument(
+        "--format",
+        choices=["jsonl", "parquet", "hf"],
+        default="jsonl",
+        help="hf: a folder of Parquet shards (data/train-*.parquet) with a dataset card, for datasets.load_dataset",
+    )
     ex.add_argument("--to", required=True, help="file to write (a folder for --format hf)")
     ex.add_argument("--status", choices=["ok", "failed"], help="only records with this status")
     ex.set_defaults(func=cmd_export)
@@ -266,7 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     vw.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
     vw.set_defaults(func=cmd_view)
 
-    sb = sub.add_parser("submit", help="submit a run to Slurm (submitit; cluster.slurm.* sets the allocation)", description="Submit the workflow as a Slurm job: one Ray cluster over cluster.slurm.nodes nodes; on USR2 (time limit, preemption) it saves its work and requeues itself. Re-submitting resumes.")
+    sb = sub.add_parser(
+        "submit",
+        help="submit a run to Slurm (submitit; cluster.slurm.* sets the allocation)",
+        description="Submit the workflow as a Slurm job: one Ray cluster over cluster.slurm.nodes nodes; on USR2 (time limit, preemption) it saves its work and requeues itself. Re-submitting resumes.",
+    )
     sb.add_argument("config", help="job YAML")
     sb.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. cluster.slurm.nodes=4 cluster.slurm.partition=gpu")
     sb.add_argument("--wait", action="store_true", help="wait for the job to end (through requeues); exit with node 0's status, the driver's")
@@ -276,15 +294,26 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("output", help="output folder of the run (or its cluster.slurm.job_dir)")
     cc.set_defaults(func=cmd_cancel)
 
-    sv = sub.add_parser("serve", help="start just the LLM services of a config and print their endpoints", description="Start the config's LLM services (Ray, one registry and its replicas per model), print the endpoints and keep them healthy until Ctrl-C. The endpoints are also written to OUTPUT/services.json for check-health.")
+    sv = sub.add_parser(
+        "serve",
+        help="start just the LLM services of a config and print their endpoints",
+        description="Start the config's LLM services (Ray, one registry and its replicas per model), print the endpoints and keep them healthy until Ctrl-C. The endpoints are also written to OUTPUT/services.json for check-health.",
+    )
     sv.add_argument("config", help="job YAML")
     sv.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. llm.replicas=2")
     sv.set_defaults(func=cmd_serve)
 
-    ch = sub.add_parser("check-health", help="probe LLM endpoints with a real one-token generation", description="Probe each endpoint with a one-token chat completion (a live /health alone does not prove a working engine). Exit 0 when all answer.")
+    ch = sub.add_parser(
+        "check-health",
+        help="probe LLM endpoints with a real one-token generation",
+        description="Probe each endpoint with a one-token chat completion (a live /health alone does not prove a working engine). Exit 0 when all answer.",
+    )
     ch.add_argument("target", nargs="?", help="an output folder (of a run or a serve) or a job YAML; its endpoints are probed")
     ch.add_argument("--url", action="append", default=[], help="an endpoint to probe, e.g. http://host:8000/v1 (repeatable)")
-    ch.add_argument("--model", help="model name for the probe (default: each endpoint's served model, from the config or the output's record); where the server lists /v1/models, it must be listed")
+    ch.add_argument(
+        "--model",
+        help="model name for the probe (default: each endpoint's served model, from the config or the output's record); where the server lists /v1/models, it must be listed",
+    )
     ch.add_argument("--timeout", type=float, default=30.0, help="seconds per probe (default 30)")
     ch.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the endpoints' API key")
     ch.set_defaults(func=cmd_check_health)
@@ -292,9 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
     from .runtime.source import DatasetError
     from .runtime.team import TeamError
-    from .config import ConfigError
     from .services.llm import ServerStartError
     from .store import StoreError, StoreLockedError
     from .store.writable import OutputPathError

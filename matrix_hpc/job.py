@@ -19,19 +19,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .runinfo import LifeRecord, RunInfo
-from .runtime.loader import check_workflow_code, import_paths, load_object
-from .runtime.runner import RunProgress, StopFlag, drive
-from .runtime.source import DatasetError, SourceOptions, columns_option, iter_tasks, scan_dataset
-from .runtime.spec import team_spec
-from .runtime.team import Team, TeamError
-from .runtime.replay import JOURNAL_DIR
-from .runtime.usage import ReplaySummary, UsageSummary, replay_summary
 from .cluster import start_ray
 from .config import JobConfig, resolve_dataset_path
 from .config.checks import model_key
 from .credentials import llm_key_file, remove_secret
 from .metrics import prometheus_targets
+from .runinfo import LifeRecord, RunInfo
+from .runtime.loader import check_workflow_code, import_paths, load_object
+from .runtime.replay import JOURNAL_DIR
+from .runtime.runner import RunProgress, StopFlag, drive
+from .runtime.source import DatasetError, SourceOptions, columns_option, iter_tasks, scan_dataset
+from .runtime.spec import team_spec
+from .runtime.team import Team, TeamError
+from .runtime.usage import ReplaySummary, UsageSummary, replay_summary
 from .services.llm.service import LLMServices
 from .services.llm.status import EndpointStatus
 from .store import StoreReader
@@ -220,7 +220,21 @@ def run_job(
             _write_run_info(root, info)
             progress.started_at = time.monotonic()
             try:
-                asyncio.run(drive(team, tasks, progress, run.max_in_flight, run.batch_size, run.max_attempts, run.health_interval_s, on_progress, stop, run.stop_grace_s, run.stall_timeout_s))
+                asyncio.run(
+                    drive(
+                        team,
+                        tasks,
+                        progress,
+                        run.max_in_flight,
+                        run.batch_size,
+                        run.max_attempts,
+                        run.health_interval_s,
+                        on_progress,
+                        stop,
+                        run.stop_grace_s,
+                        run.stall_timeout_s,
+                    )
+                )
             except TeamError as exc:  # save what is finished, then say why in one line
                 aborted = exc
                 say(f"stopping: {exc}")
@@ -374,7 +388,7 @@ async def _flush_sink(team: Team, timeout_s: float = 120.0) -> None:
 
     try:
         await asyncio.wait_for(team.sink.flush.remote(), timeout_s)
-    except (RayError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, RayError) as exc:
         log.warning("the final commit did not finish (%s); the sink is closed next", type(exc).__name__)
 
 
@@ -385,5 +399,5 @@ async def _close_sink(team: Team, timeout_s: float = 300.0) -> None:
         await asyncio.wait_for(team.sink.close.remote(), timeout_s)
     except ActorDiedError:  # gone for good (the run stops saying so): what it committed stays
         log.warning("the sink is gone; its committed rows are kept, the rest is redone by a re-run")
-    except asyncio.TimeoutError:  # frozen: the shutdown must not wait on it forever (commits are crash-safe)
+    except TimeoutError:  # frozen: the shutdown must not wait on it forever (commits are crash-safe)
         log.warning("the sink did not close within %.0fs; its committed rows are kept, the rest is redone by a re-run", timeout_s)

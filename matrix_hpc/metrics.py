@@ -48,7 +48,9 @@ METRICS: dict[str, MetricDef] = {
     "tasks_finished": MetricDef("counter", "Tasks committed to the store, by status and failure kind (ok: kind='').", ("status", "kind")),
     # LLM client (per agent actor) and service
     "llm_requests": MetricDef("counter", "LLM requests answered.", ("role", "model", "endpoint")),
-    "llm_errors": MetricDef("counter", "LLM request attempts that failed, by kind (http_429, http_5xx, timeout, connect, ...).", ("role", "model", "endpoint", "kind")),
+    "llm_errors": MetricDef(
+        "counter", "LLM request attempts that failed, by kind (http_429, http_5xx, timeout, connect, ...).", ("role", "model", "endpoint", "kind")
+    ),
     "llm_latency_seconds": MetricDef("histogram", "Latency of one answered LLM request.", ("role", "model"), tuple(_LATENCY)),
     "llm_tokens": MetricDef("counter", "Tokens in (prompt) and out (completion).", ("role", "model", "direction")),
     "llm_outstanding": MetricDef("gauge", "Requests open against an endpoint from one actor.", ("role", "model", "endpoint")),

@@ -9,9 +9,10 @@ The workflow's metrics (not additive in general) are over this life's new rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .runtime.usage import Usage, UsageSummary, usage_summary
 from .store import StoreReader
@@ -30,7 +31,14 @@ class StoreSummary:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def summarize(root: Path, prev_upto: dict[str, int] | None, prev_store: dict[str, Any], prev_usage: UsageSummary, start_mark: dict[str, int], metrics_fn: Callable[..., dict[str, Any]] | None) -> StoreSummary:
+def summarize(
+    root: Path,
+    prev_upto: dict[str, int] | None,
+    prev_store: dict[str, Any],
+    prev_usage: UsageSummary,
+    start_mark: dict[str, int],
+    metrics_fn: Callable[..., dict[str, Any]] | None,
+) -> StoreSummary:
     reader = StoreReader(root)
     upto = reader.committed()
     since = prev_upto if prev_upto and prev_store else None

@@ -86,7 +86,7 @@ class CountingLLM:
         self._ready.set()
         loop.run_forever()
 
-    def start(self) -> "CountingLLM":
+    def start(self) -> CountingLLM:
         self._thread.start()
         self._ready.wait(10)
         return self

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +90,15 @@ class _Lines:
             self.rows += 1
         return where
 
-    def ok(self, row: dict[str, Any], rid: str | None, raw: bytes | None = None, ending: bytes = b"\n", replaced: bool = False, as_row: dict[str, Any] | None = None) -> None:
+    def ok(
+        self,
+        row: dict[str, Any],
+        rid: str | None,
+        raw: bytes | None = None,
+        ending: bytes = b"\n",
+        replaced: bool = False,
+        as_row: dict[str, Any] | None = None,
+    ) -> None:
         where = self.add(raw if raw is not None else json.dumps(row, ensure_ascii=False).encode(), ending)
         self.cases.append(Case(where, "ok", rid, row=row if as_row is None else as_row, replaced=replaced))
 
@@ -170,7 +178,17 @@ def hostile_parquet(path: Path) -> Hostile:
     cases: list[Case] = []
 
     def add(tag: str, rid: Any, status: str, case_id: str | None, reason: str | None = None, replaced: bool = False, **cells: Any) -> None:
-        row = {"id": rid, "tag": tag, "question": f"Is {tag} a fine row?", "choices": ["yes", "no"], "answer": "A", "score": 0.5, "nest": None, "ts": 0, **cells}
+        row = {
+            "id": rid,
+            "tag": tag,
+            "question": f"Is {tag} a fine row?",
+            "choices": ["yes", "no"],
+            "answer": "A",
+            "score": 0.5,
+            "nest": None,
+            "ts": 0,
+            **cells,
+        }
         rows.append(row)
         where = f"row {len(rows)}"
         expect = None
@@ -240,8 +258,6 @@ def odd_id_parquet(path: Path) -> Hostile:
         Case("row 6", "ok", None, row=rows[5]),
     ]
     return Hostile(path, len(rows), cases)
-
-
 
 
 def _list_type(depth: int) -> pa.DataType:

@@ -22,7 +22,12 @@ HUGE_CHARS = 4 << 20  # several megabytes of content
 
 def _reply(content: Any, usage: Any = None, **choice: Any) -> dict[str, Any]:
     usage = {"prompt_tokens": 7, "completion_tokens": 3} if usage is None else usage
-    return {"object": "chat.completion", "model": "default", "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop", **choice}], "usage": usage}
+    return {
+        "object": "chat.completion",
+        "model": "default",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop", **choice}],
+        "usage": usage,
+    }
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:
@@ -36,7 +41,9 @@ def _raw(body: bytes, status: int = 200) -> web.Response:
 
 MARKERS: dict[str, Any] = {
     "[[lone-surrogate]]": lambda: _json(_reply("half an emoji \ud83d here")),
-    "[[invalid-utf8]]": lambda: _raw(b'{"choices":[{"message":{"role":"assistant","content":"bad byte \xff here"},"finish_reason":"stop"}],"usage":{"prompt_tokens":7,"completion_tokens":3}}'),
+    "[[invalid-utf8]]": lambda: _raw(
+        b'{"choices":[{"message":{"role":"assistant","content":"bad byte \xff here"},"finish_reason":"stop"}],"usage":{"prompt_tokens":7,"completion_tokens":3}}'
+    ),
     "[[truncated]]": lambda: _raw(b'{"object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"cut of'),
     "[[no-choices]]": lambda: _json({"object": "chat.completion", "choices": [], "usage": {}}),
     "[[null-content]]": lambda: _json(_reply(None)),
@@ -82,7 +89,7 @@ class HostileLLM:
         self._ready.set()
         loop.run_forever()
 
-    def __enter__(self) -> "HostileLLM":
+    def __enter__(self) -> HostileLLM:
         self._thread.start()
         if not self._ready.wait(10):
             raise RuntimeError("the hostile LLM server did not start")

@@ -48,7 +48,9 @@ class PeakServer:
                 await asyncio.sleep(self.delay_s)
         finally:
             self.in_flight -= 1
-        return web.json_response({"choices": [{"message": {"content": "The answer is (A)."}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 5, "completion_tokens": 5}})
+        return web.json_response(
+            {"choices": [{"message": {"content": "The answer is (A)."}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 5, "completion_tokens": 5}}
+        )
 
     async def _start(self) -> None:
         app = web.Application()
@@ -57,7 +59,7 @@ class PeakServer:
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port, backlog=4096).start()
 
-    def __enter__(self) -> "PeakServer":
+    def __enter__(self) -> PeakServer:
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
         return self

@@ -82,11 +82,14 @@ def node_shared_dirs(extra: Iterable[str | os.PathLike[str]]) -> list[str]:
     wanted = [*extra, REPO, sys.prefix, sys.base_prefix, Path(sys.executable).parent]
     dirs = sorted({str(Path(d).resolve()) for d in wanted if str(Path(d).resolve()).startswith("/tmp/")})
     return [d for d in dirs if not any(d.startswith(o + "/") for o in dirs)]
+
+
 """Durations the Slurm tests measured (printed when the session's cluster stops)."""
 
 
 def note_time(what: str, seconds: float) -> None:
     TIMES.setdefault(what, []).append(seconds)
+
 
 # binary -> the Debian package that ships it
 BINARIES = {
@@ -216,9 +219,7 @@ class SlurmCluster:
         missing = missing_binaries()
         if missing:
             pkgs = sorted(set(missing.values()))
-            raise SlurmClusterError(
-                f"missing {', '.join(sorted(missing))}: apt-get install --no-install-recommends {' '.join(pkgs)}"
-            )
+            raise SlurmClusterError(f"missing {', '.join(sorted(missing))}: apt-get install --no-install-recommends {' '.join(pkgs)}")
         self._check_plugins()
         t0 = time.monotonic()
         for d in (self.etc, self.log_dir, self.run_dir, self.base / "munge", self.base / "state", self.base / "spool"):
@@ -299,9 +300,7 @@ class SlurmCluster:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def run(
-        self, cmd: str | Sequence[str], check: bool = True, timeout: float = 60, **kw: Any
-    ) -> subprocess.CompletedProcess:
+    def run(self, cmd: str | Sequence[str], check: bool = True, timeout: float = 60, **kw: Any) -> subprocess.CompletedProcess:
         """Run a (Slurm client) command with the cluster's environment; text output captured."""
         args = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
         res = subprocess.run(args, env=kw.pop("env", self.env), capture_output=True, text=True, timeout=timeout, check=False, **kw)
@@ -373,9 +372,7 @@ class SlurmCluster:
                 if all(states.get(n) == "idle" for n in self.nodes):
                     return
             time.sleep(0.2)
-        raise SlurmClusterError(
-            f"nodes not idle after {timeout}s: {states}\n" + self._tails("slurmctld", *[f"slurmd-{n}" for n in self.nodes])
-        )
+        raise SlurmClusterError(f"nodes not idle after {timeout}s: {states}\n" + self._tails("slurmctld", *[f"slurmd-{n}" for n in self.nodes]))
 
     def logs(self) -> str:
         return "\n".join(d.tails() for d in self._daemons)

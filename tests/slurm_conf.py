@@ -26,7 +26,7 @@ def write_configs(self: SlurmCluster) -> None:
 ClusterName={self.name}
 FirstJobId={self.first_job_id}
 SlurmctldHost=ctl({self.ctl_addr})
-SlurmctldPort={self.ports['ctld']}
+SlurmctldPort={self.ports["ctld"]}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -46,7 +46,7 @@ TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost={self.ctl_addr}
-AccountingStoragePort={self.ports['dbd']}
+AccountingStoragePort={self.ports["dbd"]}
 AccountingStoragePass={self.munge_socket}
 JobCompType=jobcomp/none
 MpiDefault=none
@@ -76,7 +76,7 @@ AuthType=auth/munge
 AuthInfo=socket={self.munge_socket}
 DbdHost=localhost
 DbdAddr={self.ctl_addr}
-DbdPort={self.ports['dbd']}
+DbdPort={self.ports["dbd"]}
 SlurmUser=root
 PidFile={b}/run/slurmdbd.pid
 LogFile={b}/log/slurmdbd.log

@@ -51,6 +51,7 @@ def _cmdline(pid: int) -> str:
 
 def _job_pids(cluster: SlurmCluster, node: str, cfg: Path) -> list[int]:
     """Host pids of the job's processes on ``node``: its bootstrap (found by its config file) and all below."""
+
     def bootstrap(pid: int) -> bool:  # the task itself, not srun's command line that names it (srun is Slurm's)
         argv = _cmdline(pid).split()
         return bool(argv) and Path(argv[0]).name.startswith("python") and "matrix_hpc.cluster.slurm.bootstrap" in argv and str(cfg) in argv
@@ -79,7 +80,9 @@ def _unreadable_by_nobody(path: Path) -> bool:
         link = folder / path.name
         os.link(path, link)
         res = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", str(link)], capture_output=True, text=True, timeout=30)
-        opened = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", str(folder / "probe")], capture_output=True, text=True, timeout=30, input="")
+        opened = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", str(folder / "probe")], capture_output=True, text=True, timeout=30, input=""
+        )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     # The folder itself is open to nobody (its ancestors too, or the probe file's error would say so).
@@ -89,6 +92,7 @@ def _unreadable_by_nobody(path: Path) -> bool:
 def probe_running_job(cluster: SlurmCluster, cfg: Path, out: Path, job_dir: Path, nodes: tuple[str, str], outsider: str) -> tuple[str, str]:
     """Hold the job's driver once its run is running (its cluster and engines keep serving), try
     everything as the outsider, let it go; returns the job's Ray token and API key."""
+
     def running() -> dict[str, Any] | None:
         try:
             info = json.loads((out / "run.json").read_text())
@@ -169,4 +173,3 @@ def _probe(cluster: SlurmCluster, info: dict[str, Any], cfg: Path, job_dir: Path
     # What the metrics endpoints tell anyone holds neither secret.
     assert not [m for m in answered_metrics if token in m or key in m]
     return token, key
-

@@ -7,8 +7,8 @@ import asyncio
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import yaml
@@ -203,7 +203,7 @@ def test_closing_an_actor_with_many_idle_workers_costs_o1_per_worker() -> None:
 
 # --- the workflow's code is checked before Ray starts --------------------------------------
 
-AGENTS = '''
+AGENTS = """
 from matrix_hpc.agents import Agent, Task
 
 class Teacher(Agent):
@@ -214,7 +214,7 @@ def metrics(records):
     return {"n": len(list(records))}
 
 not_a_function = 3
-'''
+"""
 
 
 @pytest.fixture(autouse=True)

@@ -73,7 +73,15 @@ def test_metrics() -> None:
         {"status": "ok", "usage": {"prompt_tokens": 10, "completion_tokens": 5}, "result": {"turns": 4, "agreed": False, "correct": False}},
         {"status": "failed", "usage": {"prompt_tokens": 0, "completion_tokens": 0}, "result": None},
     ]
-    assert metrics(recs) == {"dialogues": 2, "failed": 1, "agreement_rate": 0.5, "agreement_correctness": 1.0, "mean_turns": 3.0, "prompt_tokens": 20, "completion_tokens": 10}
+    assert metrics(recs) == {
+        "dialogues": 2,
+        "failed": 1,
+        "agreement_rate": 0.5,
+        "agreement_correctness": 1.0,
+        "mean_turns": 3.0,
+        "prompt_tokens": 20,
+        "completion_tokens": 10,
+    }
 
 
 def test_inline_roles_must_not_call_an_llm() -> None:

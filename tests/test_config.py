@@ -74,7 +74,12 @@ def test_cli_prints_one_line_and_exits_2(args: list[str], expected: str) -> None
 
 
 def test_cli_missing_dataset_is_one_line(tmp_path: Path) -> None:
-    res = subprocess.run([str(BIN / "matrix-hpc"), "run", str(CONFIG), "dataset.path=/nonexistent.jsonl", f"output.path={tmp_path}/o"], capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [str(BIN / "matrix-hpc"), "run", str(CONFIG), "dataset.path=/nonexistent.jsonl", f"output.path={tmp_path}/o"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 1
     assert res.stderr.strip() == "matrix-hpc: error: dataset.path: no such file /nonexistent.jsonl"
 
@@ -83,9 +88,15 @@ def test_cli_missing_dataset_is_one_line(tmp_path: Path) -> None:
 
 MODELS = [
     "~llm",  # drop the shorthand (see _multi)
-    "models.big.engine=vllm", "models.big.vllm.model=/models/big", "models.big.vllm.tensor_parallel_size=4", "models.big.replicas=2",
-    "models.small.engine=external", "models.small.base_urls=[http://127.0.0.1:9/v1]", "models.small.api_key_env=SMALL_KEY",
-    "workflow.roles.teacher.model=big", "workflow.roles.student.model=small",
+    "models.big.engine=vllm",
+    "models.big.vllm.model=/models/big",
+    "models.big.vllm.tensor_parallel_size=4",
+    "models.big.replicas=2",
+    "models.small.engine=external",
+    "models.small.base_urls=[http://127.0.0.1:9/v1]",
+    "models.small.api_key_env=SMALL_KEY",
+    "workflow.roles.teacher.model=big",
+    "workflow.roles.student.model=small",
 ]
 
 
@@ -133,10 +144,14 @@ def test_models_roles_and_sampling_load(tmp_path: Path) -> None:
         (["llm.engine=embedded"], "llm: give either llm (one model) or models (several), not both"),
         (["models.small.base_urls=[]"], "models.small.base_urls: required when models.small.engine is 'external'"),
         (["models.small.api_key_env=sk-abc123"], "models.small.api_key_env: expected the name of an environment variable, not a key"),
-        (["cluster.kind=slurm", "cluster.slurm.gpu_nodes=1", "cluster.slurm.gpus_per_node=4"],
-         "models: 8 GPUs asked (big 8; replicas x tensor x pipeline), the allocation has 4 (cluster.slurm gpu nodes x gpus_per_node)"),
-        (["cluster.kind=slurm", "cluster.slurm.gpu_nodes=1", "cluster.slurm.gpus_per_node=2"],
-         "models.big.vllm.tensor_parallel_size: a replica needs 4 GPUs on one node, cluster.slurm.gpus_per_node is 2"),
+        (
+            ["cluster.kind=slurm", "cluster.slurm.gpu_nodes=1", "cluster.slurm.gpus_per_node=4"],
+            "models: 8 GPUs asked (big 8; replicas x tensor x pipeline), the allocation has 4 (cluster.slurm gpu nodes x gpus_per_node)",
+        ),
+        (
+            ["cluster.kind=slurm", "cluster.slurm.gpu_nodes=1", "cluster.slurm.gpus_per_node=2"],
+            "models.big.vllm.tensor_parallel_size: a replica needs 4 GPUs on one node, cluster.slurm.gpus_per_node is 2",
+        ),
         (["workflow.params.sandbox={size: 2}"], "workflow.params.sandbox: the sandbox settings moved to the top-level sandbox section"),
         (["sandbox.size=0"], "sandbox.size: must be >= 1, got 0"),
         (["sandbox.limits.wall_s=soon"], "sandbox.limits.wall_s: expected float, got 'soon'"),
@@ -168,7 +183,10 @@ def test_a_model_no_role_uses_is_a_warning(tmp_path: Path, caplog: pytest.LogCap
     "extra, expected",
     [
         (["workflow.roles.teacher.model=huge"], "matrix-hpc: config error: workflow.roles.teacher.model: unknown model 'huge' (models: big, small)"),
-        (["workflow.roles.student.sampling.temperature=hot"], "matrix-hpc: config error: workflow.roles.student.sampling.temperature: expected float, got 'hot'"),
+        (
+            ["workflow.roles.student.sampling.temperature=hot"],
+            "matrix-hpc: config error: workflow.roles.student.sampling.temperature: expected float, got 'hot'",
+        ),
         (["cluster.kind=slurm", "cluster.slurm.gpu_nodes=1", "cluster.slurm.gpus_per_node=4"], "matrix-hpc: config error: models: 8 GPUs asked"),
     ],
 )

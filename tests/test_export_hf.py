@@ -161,7 +161,9 @@ def test_export_hf_shards_and_status(store: Path, tmp_path: Path) -> None:
 def test_parquet_export_writes_too_deep_values_as_json_text(store: Path, tmp_path: Path) -> None:
     """The plain Parquet export (the same type inference): a value nested past Parquet's
     schema limit goes as JSON text, so the file reads back."""
-    res = subprocess.run([str(BIN / "matrix-hpc"), "export", str(store), "--format", "parquet", "--to", str(tmp_path / "x.parquet")], capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [str(BIN / "matrix-hpc"), "export", str(store), "--format", "parquet", "--to", str(tmp_path / "x.parquet")], capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     table = pq.read_table(tmp_path / "x.parquet")
     deep = [json.loads(v) for i, v in zip(table["id"].to_pylist(), table["result"].to_pylist()) if i == "r012"][0]

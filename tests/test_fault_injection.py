@@ -81,12 +81,31 @@ def dataset(tmp: Path, n: int) -> Path:
 def config(tmp: Path, out: Path, port: int) -> Path:
     cfg = yaml.safe_load((REPO / "workflows" / "collab_reasoning" / "config.yaml").read_text())
     cfg["dataset"] = {"path": str(dataset(tmp, N)), "required_fields": ["question", "choices", "answer"]}
-    cfg["llm"] = {"engine": "external", "base_urls": [f"http://127.0.0.1:{port}/v1"], "max_tokens": 16, "timeout_s": 10.0, "max_retries": 8, "retry_backoff_s": 0.2, "health_interval_s": 0.5, "max_outstanding_per_endpoint": 512}
+    cfg["llm"] = {
+        "engine": "external",
+        "base_urls": [f"http://127.0.0.1:{port}/v1"],
+        "max_tokens": 16,
+        "timeout_s": 10.0,
+        "max_retries": 8,
+        "retry_backoff_s": 0.2,
+        "health_interval_s": 0.5,
+        "max_outstanding_per_endpoint": 512,
+    }
     cfg["workflow"]["params"]["max_turns"] = 2
     for role in ("teacher", "student"):
         cfg["workflow"]["roles"][role].update(instances=2, concurrency=256)
     cfg["output"] = {"path": str(out), "flush_interval_s": 0.5, "chunk_rows": 1024, "fsync": False}
-    cfg["run"] = {"max_in_flight": 1024, "batch_size": 128, "max_attempts": 20, "health_interval_s": 0.5, "stall_timeout_s": 60.0, "max_actor_restarts": 1000, "stop_grace_s": 1.0, "progress": "log", "progress_interval_s": 5.0}
+    cfg["run"] = {
+        "max_in_flight": 1024,
+        "batch_size": 128,
+        "max_attempts": 20,
+        "health_interval_s": 0.5,
+        "stall_timeout_s": 60.0,
+        "max_actor_restarts": 1000,
+        "stop_grace_s": 1.0,
+        "progress": "log",
+        "progress_interval_s": 5.0,
+    }
     path = tmp / "job.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -151,7 +170,12 @@ def test_many_sigkills_and_a_full_disk_lose_and_duplicate_nothing(tmp_path: Path
                 break
             run = runs[-1]
             # Faults are spread over the run: each waits for some progress (a hang fails here).
-            wait_for(lambda: committed_rows(out) >= progress_mark + step or run.proc.poll() is not None, LIFE_S, f"progress before fault {sum(done.values())} ({what})", run if run.proc.poll() is None else None)
+            wait_for(
+                lambda: committed_rows(out) >= progress_mark + step or run.proc.poll() is not None,
+                LIFE_S,
+                f"progress before fault {sum(done.values())} ({what})",
+                run if run.proc.poll() is None else None,
+            )
             progress_mark = committed_rows(out)
             time.sleep(rng.uniform(0.0, 1.0))
             if run.proc.poll() is not None:
@@ -202,5 +226,7 @@ def test_many_sigkills_and_a_full_disk_lose_and_duplicate_nothing(tmp_path: Path
     history = run_info(out)["history"]
     resent = sum(r["attempt"] - 1 for r in records)  # lost with a killed actor or sink, re-sent within a life
     cut = done["driver"]  # each driver kill abandons what was in flight; the next life does it again
-    print(f"{N} tasks, {len(history)} lives, {kills} SIGKILLs + 1 full disk in {time.monotonic() - t0:.0f}s; tasks redone: "
-          f"{resent} re-sent within a life, and at most {cut} x run.max_in_flight started again after the {cut} driver kills")
+    print(
+        f"{N} tasks, {len(history)} lives, {kills} SIGKILLs + 1 full disk in {time.monotonic() - t0:.0f}s; tasks redone: "
+        f"{resent} re-sent within a life, and at most {cut} x run.max_in_flight started again after the {cut} driver kills"
+    )

@@ -115,8 +115,7 @@ def test_base_urls_with_a_managed_engine_is_refused() -> None:
     res = cli("run", str(CONFIG), "llm.base_urls=[http://127.0.0.1:9/v1]")
     assert res.returncode == 2
     assert one_line(res) == (
-        "matrix-hpc: config error: llm.base_urls: only used with llm.engine: external "
-        "(this model's engine is 'embedded'); remove it or set llm.engine=external"
+        "matrix-hpc: config error: llm.base_urls: only used with llm.engine: external (this model's engine is 'embedded'); remove it or set llm.engine=external"
     )
 
 
@@ -141,7 +140,12 @@ def user_job(tmp: Path, n: int = 60, sleep_s: float = 0.3) -> Path:
     data = write_jsonl(tmp / "rows.jsonl", rows)
     cfg = {
         # The agent module lives in this repo's tests/ package: the repo is on the workflow's import path.
-        "workflow": {"name": "mine", "entry": "answer", "python_path": [str(REPO)], "roles": {"answer": {"agent": "tests.first_hour_agents:Answerer", "params": {"sleep_s": sleep_s}}}},
+        "workflow": {
+            "name": "mine",
+            "entry": "answer",
+            "python_path": [str(REPO)],
+            "roles": {"answer": {"agent": "tests.first_hour_agents:Answerer", "params": {"sleep_s": sleep_s}}},
+        },
         "dataset": {"path": str(data)},
         "llm": {"engine": "external", "base_urls": [UNUSED_URL]},
         "output": {"path": str(tmp / "out"), "flush_interval_s": 0.2},
@@ -202,7 +206,7 @@ def test_interrupt_resume_and_what_the_user_reads(tmp_path: Path, run_factory: A
     assert "IndexError: list index out of range" in log_text and "in parse_answer" in log_text
     failed = [r for r in store_records(out) if r["status"] == "failed"]
     assert len(failed) == 12 and all(r["error"]["kind"] == "agent_error" for r in failed)
-    assert failed[0]["error"]["traceback"][-1] == f"{AGENTS}:{BUG_LINE} in parse_answer: return text.split(\":\")[1].strip()"
+    assert failed[0]["error"]["traceback"][-1] == f'{AGENTS}:{BUG_LINE} in parse_answer: return text.split(":")[1].strip()'
     assert "(finished)" in status(out)
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -33,7 +34,11 @@ def quoted_blocks() -> list[tuple[str, str]]:
 
 def test_guide_quotes_the_example_verbatim() -> None:
     blocks = quoted_blocks()
-    assert {p for p, _ in blocks} >= {"docs/examples/guide_workflow/config.yaml", "docs/examples/guide_workflow/guide_agents.py", "tests/test_guide_workflow.py"}
+    assert {p for p, _ in blocks} >= {
+        "docs/examples/guide_workflow/config.yaml",
+        "docs/examples/guide_workflow/guide_agents.py",
+        "tests/test_guide_workflow.py",
+    }
     for path, code in blocks:
         assert code in (REPO / path).read_text(), f"the guide's quote of {path} is not in that file:\n{code}"
 
@@ -58,6 +63,8 @@ def test_checker_sends_a_short_explanation_back_then_gives_up(guide_agents: Any)
     task.state.update(tries=2)
     asyncio.run(checker.step(task))
     assert task.done and task.result["accepted"] is False
+
+
 # --- end of quote ---
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from matrix_hpc.store import RecordRow, StoreReader, StoreWriter, export_store, textsafe
+from matrix_hpc.store import RecordRow, StoreReader, StoreWriter, textsafe
 from matrix_hpc.store.journal import JournalEntry, JournalWriter, read_entries
 
 from .conftest import BIN, REPO, store_records, write_config

@@ -238,7 +238,7 @@ def test_index_and_compaction_skip_a_corrupt_frame_and_report_it(tmp_path: Path,
     and reported by every reader (the index an actor builds at start, life-start compaction,
     a writer's own compaction), not raised: they used to stop the actor's start or the life."""
     good = [encode(entry(i, task=f"t{i % 2}")) for i in range(4)]
-    data = good[0] + _frame(b'{"not": "an entry"}') + good[1] + _frame(b"\xff\xfe not json") + good[2] + _frame(b'[1, 2]') + good[3] + b"MJ\x05"
+    data = good[0] + _frame(b'{"not": "an entry"}') + good[1] + _frame(b"\xff\xfe not json") + good[2] + _frame(b"[1, 2]") + good[3] + b"MJ\x05"
     path = tmp_path / "r1-a.jnl"
     path.write_bytes(data)
     caplog.set_level(logging.WARNING, logger="matrix_hpc.store.journal")

@@ -4,16 +4,18 @@ requests in flight (checked against a real local server that reports its peak)."
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
+from matrix_hpc.config import load_config
+from matrix_hpc.runtime.limits import role_limits
+from matrix_hpc.runtime.spec import team_spec
+
 from .conftest import BIN, job_config, questions, store_records, write_jsonl
 from .llm_server import PeakServer
-from matrix_hpc.config import load_config
-from matrix_hpc.runtime.spec import team_spec
-from matrix_hpc.runtime.limits import role_limits
 
 
 def test_unset_limits_follow_max_in_flight_and_instances() -> None:

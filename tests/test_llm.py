@@ -32,7 +32,12 @@ async def _flaky_server(fail_first: int, status: int, port: int | None = None) -
         if seen["n"] <= fail_first:
             return web.Response(status=status, text="busy")
         body = await request.json()
-        return web.json_response({"choices": [{"message": {"content": f"echo {body['messages'][-1]['content']}"}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 5, "completion_tokens": 2}})
+        return web.json_response(
+            {
+                "choices": [{"message": {"content": f"echo {body['messages'][-1]['content']}"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 2},
+            }
+        )
 
     runner, url = await _serve(chat, port)
     return runner, url, seen

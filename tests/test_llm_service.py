@@ -19,11 +19,12 @@ from typing import Any
 
 import pytest
 
-from .conftest import BIN, committed_rows, job_config, questions, store_records, wait_for, write_jsonl
-from .llm_server import PeakServer
 from matrix_hpc.procs import pid_alive
 from matrix_hpc.services.llm import EmbeddedEngine
 from matrix_hpc.services.llm.embedded import free_port
+
+from .conftest import BIN, committed_rows, job_config, questions, store_records, wait_for, write_jsonl
+from .llm_server import PeakServer
 
 pytestmark = pytest.mark.slow
 
@@ -96,7 +97,9 @@ def test_serve_prints_endpoints_and_check_health_probes_them(tmp_path: Path, run
     key_file = Path(endpoints[0]["api_key_file"])
     assert all(e["api_key_file"] == str(key_file) for e in endpoints) and key_file.stat().st_mode & 0o777 == 0o600
     assert f"in {key_file} (readable by you only)" in serve.output and key_file.read_text().strip() not in serve.output
-    keyless = subprocess.run([str(BIN / "matrix-hpc"), "check-health", "--url", endpoints[0]["url"], "--timeout", "30"], capture_output=True, text=True, timeout=60)
+    keyless = subprocess.run(
+        [str(BIN / "matrix-hpc"), "check-health", "--url", endpoints[0]["url"], "--timeout", "30"], capture_output=True, text=True, timeout=60
+    )
     assert keyless.returncode == 1 and f"FAIL  {endpoints[0]['url']}" in keyless.stdout, keyless.stdout + keyless.stderr
     dead = f"http://127.0.0.1:{free_port()}/v1"
     bad = subprocess.run([str(BIN / "matrix-hpc"), "check-health", "--url", dead, "--timeout", "5"], capture_output=True, text=True, timeout=60)

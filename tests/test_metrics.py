@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 
-from .conftest import job_config, questions, store_records, write_jsonl
-from .llm_server import PeakServer
 from matrix_hpc import metrics
 from matrix_hpc.config import load_config
+
+from .conftest import job_config, questions, store_records, write_jsonl
+from .llm_server import PeakServer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -77,7 +78,9 @@ def test_metrics_are_scraped_during_a_run_and_match_the_store(tmp_path: Path, mo
         seen.update(samples=samples, done=p.done)
 
     with PeakServer(delay_s=0.05) as server:
-        cfg = job_config(tmp_path, write_jsonl(tmp_path / "data.jsonl", rows), **{"llm.engine": "external", "llm.base_urls": [server.url], "run.progress": "off"})
+        cfg = job_config(
+            tmp_path, write_jsonl(tmp_path / "data.jsonl", rows), **{"llm.engine": "external", "llm.base_urls": [server.url], "run.progress": "off"}
+        )
         summary = run_job(load_config(cfg), on_progress=on_progress)
     assert summary.progress.finished and "samples" in seen
     samples = seen["samples"]

@@ -24,8 +24,9 @@ import pytest
 import yaml
 from aiohttp import web
 
-from .conftest import BIN, REPO, job_config, questions, store_records, write_jsonl
 from matrix_hpc.services.llm import EmbeddedEngine
+
+from .conftest import BIN, REPO, job_config, questions, store_records, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -190,7 +191,13 @@ def test_per_role_sampling_reaches_the_server_and_is_recorded(
     assert set(auth) == {("served-teacher", f"Bearer {secret}"), ("student", None)}, auth  # each model its own key
     for body in by_model["served-teacher"]:
         assert {k: body.get(k) for k in ("max_tokens", "temperature", "top_p", "stop", "seed", "top_k")} == {
-            "max_tokens": 7, "temperature": 0.1, "top_p": 0.5, "stop": ["\n\n", "Student:"], "seed": 3, "top_k": 5}
+            "max_tokens": 7,
+            "temperature": 0.1,
+            "top_p": 0.5,
+            "stop": ["\n\n", "Student:"],
+            "seed": 3,
+            "top_k": 5,
+        }
     for body in by_model["student"]:  # no role sampling: the model's defaults, nothing else sent
         assert (body["max_tokens"], body["temperature"]) == (256, 0.9) and not {"top_p", "stop", "seed", "top_k"} & set(body), body
 
@@ -198,7 +205,9 @@ def test_per_role_sampling_reaches_the_server_and_is_recorded(
     assert len(records) == len(rows)
     turns = [t for r in records for t in r["turns"] if t["model"]]
     assert {(t["role"], t["model"], t["served_model"], t["max_tokens"], t["temperature"]) for t in turns} == {
-        ("teacher", "teacher", "served-teacher", 7, 0.1), ("student", "student", "student", 256, 0.9)}
+        ("teacher", "teacher", "served-teacher", 7, 0.1),
+        ("student", "student", "student", 256, 0.9),
+    }
     assert len(turns) == len(agent_calls)
     leaked = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert not leaked
@@ -224,7 +233,13 @@ def test_tool_use_with_user_simulator_and_assistant_on_different_models(tmp_path
         del cfg["llm"]
         cfg["models"] = {
             "simulator": {"engine": "embedded", "max_tokens": 24, "embedded": {"n_parallel": 4, "threads": 1, "ctx_per_slot": 2048}},
-            "assistant": {"engine": "external", "base_urls": [external.base_url], "model": "assistant-llm", "api_key_env": "ASSISTANT_API_KEY", "max_tokens": 32},
+            "assistant": {
+                "engine": "external",
+                "base_urls": [external.base_url],
+                "model": "assistant-llm",
+                "api_key_env": "ASSISTANT_API_KEY",
+                "max_tokens": 32,
+            },
         }
         cfg["workflow"]["roles"]["user"]["model"] = "simulator"
         cfg["workflow"]["roles"]["assistant"]["model"] = "assistant"

@@ -38,7 +38,7 @@ def test_probe_passes_when_every_rank_sees_the_same_directory(tmp_path: Path) ->
     def rank(r: int) -> None:
         try:
             probe_shared_path(tmp_path / "out", "7.0", r, 3, f"n{r + 1}", timeout_s=20)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(3)]

@@ -64,7 +64,10 @@ def actor_pid(out: Path, suffix: str) -> int:
 
 def test_unpicklable_task_fails_alone_as_bad_state(tmp_path: Path, run_factory: Any) -> None:
     n = 60
-    roles = {"a": {"agent": f"{AGENTS}:Unpicklable", "concurrency": 8, "params": {"next": "b", "every": 5}}, "b": {"agent": f"{AGENTS}:Slow", "params": {"sleep_s": 0.01}}}
+    roles = {
+        "a": {"agent": f"{AGENTS}:Unpicklable", "concurrency": 8, "params": {"next": "b", "every": 5}},
+        "b": {"agent": f"{AGENTS}:Slow", "params": {"sleep_s": 0.01}},
+    }
     run = run_factory(relay_config(tmp_path, n, roles))
     assert run.wait(120) == 0, run.output
     records = each_id_once(tmp_path / "out", n)
@@ -165,6 +168,7 @@ def test_inline_agent_is_built_once_per_actor_and_closed_once(tmp_path: Path, ru
     setups = Counter(pid for what, pid, _ in lines if what == "setup")
     assert set(setups.values()) == {1} and len(setups) == 3, lines  # b's own actor and each a actor's inline b
     assert sorted((pid, obj) for what, pid, obj in lines if what == "close") == sorted((pid, obj) for what, pid, obj in lines if what == "setup"), lines
+
 
 # --- 3. no silent stall ---------------------------------------------------------
 

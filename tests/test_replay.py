@@ -5,8 +5,9 @@ fresh :class:`Replay` (a new actor incarnation) over the same journal folder."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -59,12 +60,21 @@ def test_a_resumed_dialogue_replays_its_calls_and_continues(server: CountingLLM,
     counted: list[tuple[Any, ...]] = []
     monkeypatch.setattr(metrics, "inc", lambda name, value=1.0, *tags: counted.append((name, value, *tags)))
     second = life(server, journal, "life2", 6)  # resumed: three replayed, three new
-    assert [c for c in counted if c[0] == "replayed_calls"] == [("replayed_calls", 1, "teacher", "m1"), ("replayed_calls", 1, "student", "m1"), ("replayed_calls", 1, "teacher", "m1")]
+    assert [c for c in counted if c[0] == "replayed_calls"] == [
+        ("replayed_calls", 1, "teacher", "m1"),
+        ("replayed_calls", 1, "student", "m1"),
+        ("replayed_calls", 1, "teacher", "m1"),
+    ]
     assert server.received == 6, "a journaled call was paid for twice"
     assert [t.replayed for t in second.turns] == [True] * 3 + [False] * 3
     assert texts(second)[:3] == texts(first)
     for old, new in zip(first.turns, second.turns):  # the original usage and latency
-        assert (new.prompt_tokens, new.completion_tokens, new.latency_s, new.started_at) == (old.prompt_tokens, old.completion_tokens, old.latency_s, old.started_at)
+        assert (new.prompt_tokens, new.completion_tokens, new.latency_s, new.started_at) == (
+            old.prompt_tokens,
+            old.completion_tokens,
+            old.latency_s,
+            old.started_at,
+        )
     reference = life(server, tmp_path / "other-journal", "ref", 6)  # an uninterrupted run
     assert texts(second) == texts(reference)
 

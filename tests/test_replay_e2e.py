@@ -16,8 +16,9 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -53,7 +54,9 @@ def reference(server: CountingLLM, tmp_path_factory: pytest.TempPathFactory) -> 
     """The uninterrupted run: (LLM requests it made, its dialogues by id)."""
     tmp = tmp_path_factory.mktemp("reference")
     before = server.received
-    res = subprocess.run([str(BIN / "matrix-hpc"), "run", str(replay_config(tmp, server.url))], capture_output=True, text=True, timeout=300, start_new_session=True)
+    res = subprocess.run(
+        [str(BIN / "matrix-hpc"), "run", str(replay_config(tmp, server.url))], capture_output=True, text=True, timeout=300, start_new_session=True
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     dialogues_ = dialogues(tmp / "out")
     assert Counter(len(d) for d in dialogues_.values())[8] >= 12, "dialogues should mostly be long"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from typing import Any
 
 from aiohttp import web
 
@@ -38,7 +37,9 @@ class Servers:
             await request.read()
             await asyncio.sleep(random.uniform(*self.delay_s))
             self.served += 1
-            return web.json_response({"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+            return web.json_response(
+                {"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+            )
         finally:
             self.busy -= 1
 

@@ -82,7 +82,12 @@ def test_status_and_export_commands(full_run: dict[str, Any]) -> None:
     ex = subprocess.run([str(BIN / "matrix-hpc"), "export", str(out), "--to", str(tmp / "x.jsonl")], capture_output=True, text=True, timeout=60)
     assert ex.returncode == 0 and "wrote 15 records" in ex.stdout
     assert len((tmp / "x.jsonl").read_text().splitlines()) == 15
-    ex = subprocess.run([str(BIN / "matrix-hpc"), "export", str(out), "--format", "parquet", "--status", "ok", "--to", str(tmp / "x.parquet")], capture_output=True, text=True, timeout=60)
+    ex = subprocess.run(
+        [str(BIN / "matrix-hpc"), "export", str(out), "--format", "parquet", "--status", "ok", "--to", str(tmp / "x.parquet")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert ex.returncode == 0 and "wrote 12 records" in ex.stdout
 
 
@@ -151,7 +156,11 @@ def test_killed_agent_actor_is_restarted_and_its_tasks_resent(tmp_path: Path, ru
 
 def test_killed_engine_is_restarted_and_no_task_is_lost(tmp_path: Path, run_factory: Any) -> None:
     rows = questions(40)
-    cfg = job_config(tmp_path, write_jsonl(tmp_path / "data.jsonl", rows), **{"llm.max_retries": 2, "llm.retry_backoff_s": 0.2, "llm.timeout_s": 30.0, "llm.health_interval_s": 0.5})
+    cfg = job_config(
+        tmp_path,
+        write_jsonl(tmp_path / "data.jsonl", rows),
+        **{"llm.max_retries": 2, "llm.retry_backoff_s": 0.2, "llm.timeout_s": 30.0, "llm.health_interval_s": 0.5},
+    )
     out = tmp_path / "out"
     run = run_factory(cfg)
     wait_for(lambda: committed_rows(out) >= 3 and json.loads((out / "run.json").read_text()).get("llm"), 240, "first commits", run)

@@ -236,7 +236,9 @@ def test_next_lease_sees_nothing_of_the_previous_one(make_pool: Any) -> None:
     ray.get(pool.release.remote(lease))
 
     lease = ray.get(pool.acquire.remote("second"))  # the same (only) sandbox slot
-    look = ray.get(pool.exec.remote(lease, "find /sandbox /tmp /dev/shm /var/tmp $HOME -mindepth 1 2>/dev/null; echo HOME=$HOME; touch /sandbox/mine && echo wrote"))
+    look = ray.get(
+        pool.exec.remote(lease, "find /sandbox /tmp /dev/shm /var/tmp $HOME -mindepth 1 2>/dev/null; echo HOME=$HOME; touch /sandbox/mine && echo wrote")
+    )
     assert look.stdout == "HOME=/sandbox\nwrote\n", look
     assert not [pid for pid in pids if Path(f"/proc/{pid}").exists() and marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()]
     ray.get(pool.release.remote(lease))

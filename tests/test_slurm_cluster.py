@@ -25,8 +25,7 @@ pytestmark = [
     pytest.mark.slurm,
     pytest.mark.skipif(
         bool(missing_binaries()),
-        reason="Slurm not installed: apt-get install --no-install-recommends "
-        + " ".join(sorted(set(missing_binaries().values()))),
+        reason="Slurm not installed: apt-get install --no-install-recommends " + " ".join(sorted(set(missing_binaries().values()))),
     ),
     pytest.mark.skipif(os.geteuid() != 0, reason="the test Slurm cluster runs slurmd as root"),
 ]
@@ -120,10 +119,7 @@ def test_steps_see_their_node_and_reach_each_other(cluster: SlurmCluster, tmp_pa
         port = s.getsockname()[1]
     probe = tmp_path / "probe.py"
     probe.write_text(TCP_PROBE)
-    script = (
-        f"srun -N1 -n1 -w n1 {PY} {probe} server {port} & "
-        f"srun -N1 -n1 -w n2 {PY} {probe} client {port} {cluster.node_addr['n1']}; wait"
-    )
+    script = f"srun -N1 -n1 -w n1 {PY} {probe} server {port} & srun -N1 -n1 -w n2 {PY} {probe} client {port} {cluster.node_addr['n1']}; wait"
     t0 = time.monotonic()
     job = cluster.sbatch("-N2", "-w", "n1,n2", "-o", str(tmp_path / "%j.out"), "--wrap", script)
     info = wait_done(cluster, job)

@@ -15,11 +15,10 @@ from pathlib import Path
 import yaml
 
 from .slurm_cluster import SlurmCluster
-from .test_slurm_run import _empty_cluster, pytestmark  # noqa: F401 (the Slurm tests' reset and marks; `cluster` is conftest's)
-from .test_slurm_run import DONE, assert_each_id_once, job_log, sbatch, slurm_config
+from .test_slurm_run import DONE, _empty_cluster, assert_each_id_once, job_log, pytestmark, sbatch, slurm_config  # noqa: F401 (the Slurm tests' reset and marks; `cluster` is conftest's)
 
 
-def test_two_models_with_different_gpu_needs_are_placed_where_their_gpus_are(cluster: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811
+def test_two_models_with_different_gpu_needs_are_placed_where_their_gpus_are(cluster: SlurmCluster, tmp_path: Path) -> None:
     cfg, rows = slurm_config(tmp_path, 6, "gpus", **{"cluster.slurm.gpus_per_node": 2})
     data = yaml.safe_load(cfg.read_text())
     engine = {"engine": "embedded", "max_tokens": 16, "health_interval_s": 30.0, "embedded": {"n_parallel": 2, "threads": 1}}

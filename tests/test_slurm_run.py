@@ -14,8 +14,9 @@ import os
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -150,7 +151,12 @@ def test_preempted_and_requeued_runs_resume_without_redoing_work(cluster: SlurmC
             wait_until(lambda: committed_rows(out) >= base + 2, 300, f"progress before interruption {i}", log)
             t_int = time.time()
             if how == "preempt":  # a job on the high partition needs every node
-                subprocess.run(["sbatch", "-p", "high", "-N3", "--exclusive", "--wrap", "sleep 2", "-o", "/dev/null"], env=env_for(cluster), check=True, capture_output=True)
+                subprocess.run(
+                    ["sbatch", "-p", "high", "-N3", "--exclusive", "--wrap", "sleep 2", "-o", "/dev/null"],
+                    env=env_for(cluster),
+                    check=True,
+                    capture_output=True,
+                )
             else:
                 subprocess.run(["scontrol", "requeue", job], env=env_for(cluster), check=True)
             wait_until(lambda: cluster.job(job).get("Restarts") == str(i + 1), 120, f"requeue {i}", log)

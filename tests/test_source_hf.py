@@ -23,7 +23,7 @@ import pytest
 
 from matrix_hpc.runtime.source import DatasetError, SourceOptions, columns_option, count_rows, iter_tasks, scan_dataset
 
-from .conftest import BIN, REPO, committed_rows, store_records, wait_for, write_config, write_jsonl
+from .conftest import REPO, committed_rows, store_records, wait_for, write_config, write_jsonl
 
 datasets = pytest.importorskip("datasets")
 

@@ -19,7 +19,7 @@ from matrix_hpc.store.writer_check import wait_for_previous_writer
 
 
 def rows(lo: int, hi: int) -> list[RecordRow]:
-    return [RecordRow(f"r{i}", "ok", "", '{"id": "r%d"}' % i, float(i), 1, 2) for i in range(lo, hi)]
+    return [RecordRow(f"r{i}", "ok", "", f'{{"id": "r{i}"}}', float(i), 1, 2) for i in range(lo, hi)]
 
 
 def test_closed_writer_refuses_to_write(tmp_path: Path) -> None:
@@ -72,7 +72,15 @@ def test_failed_commit_json_write_then_retry_writes_each_row_once(tmp_path: Path
 
 def _lease(part: Path, host: str, renewed_ago: float, lease_s: float, **kw: object) -> WriterLease:
     now = time.time() - renewed_ago
-    lease = WriterLease(host=host, pid=4242, run_id="r1", driver_host=str(kw.get("driver_host", "node-a")), driver_pid=int(kw.get("driver_pid", 77)), renewed_at=now, expires_at=now + lease_s)
+    lease = WriterLease(
+        host=host,
+        pid=4242,
+        run_id="r1",
+        driver_host=str(kw.get("driver_host", "node-a")),
+        driver_pid=int(kw.get("driver_pid", 77)),
+        renewed_at=now,
+        expires_at=now + lease_s,
+    )
     part.mkdir(parents=True, exist_ok=True)
     lease.write(WriterLease.path_for(part / "writer.lock"))
     return lease

@@ -14,7 +14,9 @@ from matrix_hpc.runtime.task import Task, Turn
 def _task(turns: int) -> Task:
     t = Task(id="q-1", row={"id": "q-1", "question": "why?"}, next_role="student", state={"answers": {"teacher": ["B"]}})
     for i in range(turns):
-        t.turns.append(Turn(role="teacher", text=f"turn {i}", prompt_tokens=10, completion_tokens=5, endpoint="http://e/v1", model="m", max_tokens=64, temperature=0.5))
+        t.turns.append(
+            Turn(role="teacher", text=f"turn {i}", prompt_tokens=10, completion_tokens=5, endpoint="http://e/v1", model="m", max_tokens=64, temperature=0.5)
+        )
     return t
 
 

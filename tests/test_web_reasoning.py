@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from matrix_hpc.agents import Agent, AgentContext, Task
-from matrix_hpc.runtime.actor import load_object
 from matrix_hpc.config import Sampling, load_config, resolve_dataset_path
+from matrix_hpc.runtime.actor import load_object
 from workflows.web_reasoning.agents import (
     EXAMPLE_JUNK,
     EXAMPLE_QA,

@@ -17,8 +17,8 @@ from .job import (
     SlurmConfig,
     WorkflowConfig,
 )
-from .load import load_config, resolve_dataset_path
 from .llm import EmbeddedEngineConfig, LLMConfig, ModelConfig, Sampling, SamplingConfig, VLLMConfig, resolve_sampling
+from .load import load_config, resolve_dataset_path
 from .sandbox import PoolConfig
 
 __all__ = [

@@ -40,7 +40,9 @@ def _check_model(config: JobConfig, name: str) -> None:
         raise ConfigError(f"{key}.base_urls: required when {key}.engine is 'external'")
     if m.engine != "external" and m.base_urls:
         # A managed engine serves its own endpoints; extra URLs would be routed to unprobed.
-        raise ConfigError(f"{key}.base_urls: only used with {key}.engine: external (this model's engine is {m.engine!r}); remove it or set {key}.engine=external")
+        raise ConfigError(
+            f"{key}.base_urls: only used with {key}.engine: external (this model's engine is {m.engine!r}); remove it or set {key}.engine=external"
+        )
     if m.engine == "vllm" and not m.vllm.model:
         raise ConfigError(f"{key}.vllm.model: required when {key}.engine is 'vllm'")
     if m.api_key_env is not None and not _ENV_NAME.match(m.api_key_env):
@@ -91,10 +93,11 @@ def _check_gpus(config: JobConfig) -> None:
         per = asked[name] // max(m.replicas, 1)
         if m.engine == "vllm" and m.vllm.pipeline_parallel_size == 1 and per > s.gpus_per_node:
             raise ConfigError(
-                f"{model_key(config, name)}.vllm.tensor_parallel_size: a replica needs {per} GPUs on one node, "
-                f"cluster.slurm.gpus_per_node is {s.gpus_per_node}"
+                f"{model_key(config, name)}.vllm.tensor_parallel_size: a replica needs {per} GPUs on one node, cluster.slurm.gpus_per_node is {s.gpus_per_node}"
             )
     total = sum(asked.values())
     if total > have:
         detail = ", ".join(f"{n} {g}" for n, g in asked.items() if g)
-        raise ConfigError(f"models: {total} GPUs asked ({detail}; replicas x tensor x pipeline), the allocation has {have} (cluster.slurm gpu nodes x gpus_per_node)")
+        raise ConfigError(
+            f"models: {total} GPUs asked ({detail}; replicas x tensor x pipeline), the allocation has {have} (cluster.slurm gpu nodes x gpus_per_node)"
+        )

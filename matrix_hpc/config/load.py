@@ -77,7 +77,11 @@ def _given(data: dict[str, Any], key: str) -> bool:
 
 
 def _hub_name(value: str) -> bool:
-    return bool(re.match(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$", value)) and not value.startswith(".") and Path(value).suffix.lower() not in (".jsonl", ".json", ".ndjson", ".parquet", ".pq")
+    return (
+        bool(re.match(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$", value))
+        and not value.startswith(".")
+        and Path(value).suffix.lower() not in (".jsonl", ".json", ".ndjson", ".parquet", ".pq")
+    )
 
 
 def _resolve_paths(config: JobConfig, file_data: dict[str, Any], override_data: dict[str, Any], config_dir: Path) -> None:

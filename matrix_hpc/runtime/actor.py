@@ -243,7 +243,7 @@ class AgentActor:
         self._leaving = f"{name.split('/', 1)[-1]} leaves routing: {why}; its role's other instances take its tasks"
         try:  # the driver's next ping carries the reason (actors' logs do not reach its terminal)
             await asyncio.wait_for(self._told.wait(), tell_within_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         me = _get_actor(name, self.team.namespace)
         if me is not None:

@@ -173,7 +173,9 @@ class Agent:
 
 def frames(exc: BaseException, n: int = TRACEBACK_FRAMES) -> list[str]:
     """The innermost ``n`` frames of ``exc``'s traceback, one line each."""
-    return [f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}" for f in traceback.extract_tb(exc.__traceback__.tb_next)[-n:]]  # tb_next: not run_step itself
+    return [
+        f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}" for f in traceback.extract_tb(exc.__traceback__.tb_next)[-n:]
+    ]  # tb_next: not run_step itself
 
 
 async def run_step(agent: Agent, task: Task, role: str, roles: Container[str]) -> None:

@@ -62,7 +62,13 @@ def role_limits(
     caps = [(conc, f"workflow.roles.{role}.concurrency={conc}", concurrency is not None)]
     if uses_llm and (max_connections is not None or conns == conc):  # the socket cap is by design
         caps.append((conns, f"{model_key}.max_connections={conns}", max_connections is not None))
-        caps.append((per_ep * max(1, endpoints), f"{model_key}.max_outstanding_per_endpoint={per_ep} × {endpoints} endpoint(s)", max_outstanding_per_endpoint is not None))
+        caps.append(
+            (
+                per_ep * max(1, endpoints),
+                f"{model_key}.max_outstanding_per_endpoint={per_ep} × {endpoints} endpoint(s)",
+                max_outstanding_per_endpoint is not None,
+            )
+        )
     per_actor, what, _ = min(caps, key=lambda c: c[0])
     reachable = per_actor * instances
     warning = None

@@ -15,8 +15,8 @@ import importlib
 import inspect
 import os
 import sys
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, JobConfig

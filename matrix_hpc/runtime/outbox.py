@@ -24,7 +24,8 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ray
 from ray.exceptions import ActorDiedError
@@ -202,4 +203,3 @@ class Outbox:
                     log.warning("delivery to %s failed (%s); re-sending %d message(s)", dest, type(exc).__name__, len(batch))
                 self._buf[dest].extend(batch)
                 self._wake.set()
-

@@ -28,8 +28,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 from ray.exceptions import ActorDiedError, RayError
 
@@ -151,7 +152,7 @@ async def drive(
         """A call whose answer the loop need not wait for: past the bound, say so and go on."""
         try:
             await to_sink(call)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("the sink did not answer %s within %.0fs; going on (Ray still delivers it)", what, SINK_CALL_S)
 
     async def resend(lost: list[str]) -> None:
@@ -181,7 +182,7 @@ async def drive(
         silent: list[str] = []  # actors that did not answer (frozen, or restarting)
         try:
             held = await team.held_by(silent=silent)
-        except (asyncio.TimeoutError, RayError) as exc:
+        except (TimeoutError, RayError) as exc:
             held = {}
             log.warning("stall: cannot ask the actors what they hold (%s)", exc.__class__.__name__)
         where = {name: sum(1 for i in ids if i in inflight) for name, ids in held.items()}
@@ -209,7 +210,7 @@ async def drive(
             await asyncio.sleep(0.2)  # a second look covers tasks caught in a hand-over
             held |= await team.held_ids()
             committed = set(await to_sink(team.sink.committed.remote(list(inflight))))  # bounded: a TimeoutError postpones
-        except (asyncio.TimeoutError, RayError) as exc:  # an actor still restarting
+        except (TimeoutError, RayError) as exc:  # an actor still restarting
             log.info("recovery postponed: %s", exc.__class__.__name__)
             return False
         for tid in committed:
@@ -264,7 +265,7 @@ async def drive(
             doing = "the sink (poll)"
             try:
                 inc, received, committed, now = await to_sink(team.sink.poll.remote(incarnation, received_off, committed_off, 0.25))
-            except asyncio.TimeoutError:  # no news this round; the checks below still run
+            except TimeoutError:  # no news this round; the checks below still run
                 if not sink_silent:
                     log.warning("the sink did not answer a poll within %.0fs; health and stall checks go on", SINK_CALL_S)
                 sink_silent = True

@@ -260,7 +260,7 @@ class SinkActor:
             async with self._committed:
                 try:
                     await asyncio.wait_for(self._committed.wait(), wait_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         return self.incarnation, self._received.since(received_from), self._log.since(committed_from), self.stats()
 

@@ -32,9 +32,10 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .shards import DatasetError, Shard, resolve_shards
 from .task import Task, content_id
@@ -335,10 +336,7 @@ def _safe_id(text: str) -> str:
         text.encode("utf-8")
         return text
     except UnicodeEncodeError:
-        return "".join(
-            c if not 0xD800 <= ord(c) <= 0xDFFF else f"\\x{ord(c) - 0xDC00:02x}" if ord(c) >= 0xDC80 else f"\\u{ord(c):04x}"
-            for c in text
-        )
+        return "".join(c if not 0xD800 <= ord(c) <= 0xDFFF else f"\\x{ord(c) - 0xDC00:02x}" if ord(c) >= 0xDC80 else f"\\u{ord(c):04x}" for c in text)
 
 
 def _row_id(opts: SourceOptions, row: dict[str, Any]) -> str | None:
@@ -396,7 +394,9 @@ def _to_task(opts: SourceOptions, where: str, raw: bytes | dict[str, Any] | _Unr
         brackets = text.count("[") + text.count("{")
     if not isinstance(row, dict):
         dumped = json.dumps(row, default=str)
-        return _failed(content_id(dumped), where, {"_raw": dumped[:_PREVIEW]}, "bad_input", f"expected a JSON object, got {_JSON_TYPES.get(type(row), type(row).__name__)}")
+        return _failed(
+            content_id(dumped), where, {"_raw": dumped[:_PREVIEW]}, "bad_input", f"expected a JSON object, got {_JSON_TYPES.get(type(row), type(row).__name__)}"
+        )
     tid = _row_id(opts, row) or content_id(json.dumps(row, sort_keys=True, default=str))
     if size > opts.max_row_bytes:
         preview = {"_raw": json.dumps(row, default=str)[:_PREVIEW], "_bytes": size}

@@ -97,14 +97,14 @@ class Team:
             replies = await asyncio.wait_for(asyncio.gather(*(h.ping.remote() for h in self._all().values())), timeout_s)
         except RayActorError as exc:
             raise TeamError(f"an actor failed to start: {exc}") from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise TeamError(f"the run's actors did not all answer within {timeout_s:.0f}s of their start (too few CPUs for them?)") from None
         for name, reply in zip(names, replies):
             self._note(name, reply)
         agents = [h for handles in self.actors.values() for h in handles]
         try:
             errors = await asyncio.wait_for(asyncio.gather(*(h.setup.remote() for h in agents)), setup_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise TeamError(f"agents' setup() did not finish in {setup_timeout_s:.0f}s") from None
         failed = sorted({e for e in errors if e})
         if failed:
@@ -132,7 +132,7 @@ class Team:
         agents = [h for name, h in self._live().items() if h is not self.sink]
         try:
             await asyncio.wait_for(asyncio.gather(*(h.close.remote() for h in agents), return_exceptions=True), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("agents' close() did not finish in %.0fs", timeout_s)
 
     async def check(self, timeout_s: float = 5.0) -> tuple[list[str], list[str]]:
@@ -190,7 +190,7 @@ class Team:
         handles = [h for hs in self.actors.values() for h in hs]
         try:
             stats = await asyncio.wait_for(asyncio.gather(*(h.replay_stats.remote() for h in handles), return_exceptions=True), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return []
         return [s for s in stats if isinstance(s, dict)]
 
@@ -241,7 +241,7 @@ class Team:
 
     def stop_agents(self) -> None:
         """Kill the agent actors (first, so nothing reaches the sink after it closes)."""
-        for name, handle in self._all().items():
+        for handle in self._all().values():
             if handle is not self.sink:
                 _kill(handle)
 

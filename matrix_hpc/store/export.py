@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Literal
 
 from .textsafe import record_json
 from .zarr_store import StoreReader
@@ -69,7 +70,9 @@ def _flat(rec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _batches(reader: StoreReader, status: str | None, extra: Callable[[dict[str, Any]], dict[str, Any]] | None = None, size: int = ROW_GROUP) -> Iterator[list[dict[str, Any]]]:
+def _batches(
+    reader: StoreReader, status: str | None, extra: Callable[[dict[str, Any]], dict[str, Any]] | None = None, size: int = ROW_GROUP
+) -> Iterator[list[dict[str, Any]]]:
     """Flat records in row groups; ``extra(record)``: more columns for each (the hf export's messages)."""
     batch: list[dict[str, Any]] = []
     for rec in _records(reader, status):

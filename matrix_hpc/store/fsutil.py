@@ -134,7 +134,7 @@ class WriterLease:
         return lock.with_name("writer.lease")
 
     @classmethod
-    def read(cls, path: Path) -> "WriterLease | None":
+    def read(cls, path: Path) -> WriterLease | None:
         try:
             data = read_json(path)
             return cls(**data) if isinstance(data, dict) else None

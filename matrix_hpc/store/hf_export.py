@@ -45,7 +45,9 @@ class HFExportResult:
 class _Stats:
     by_status: Counter = field(default_factory=Counter)
     failed_by_kind: Counter = field(default_factory=Counter)
-    tokens: dict[tuple[str, str], dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "max_completion_tokens": 0}))
+    tokens: dict[tuple[str, str], dict[str, int]] = field(
+        default_factory=lambda: defaultdict(lambda: {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "max_completion_tokens": 0})
+    )
 
     def add(self, rec: dict[str, Any]) -> None:
         self.by_status[rec.get("status")] += 1
@@ -67,7 +69,9 @@ def _messages_type() -> Any:
     return pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
 
-def export_hf(root: str | Path, to: str | Path, status: str | None = None, max_shard_bytes: int = MAX_SHARD_BYTES, row_group: int = ROW_GROUP) -> HFExportResult:
+def export_hf(
+    root: str | Path, to: str | Path, status: str | None = None, max_shard_bytes: int = MAX_SHARD_BYTES, row_group: int = ROW_GROUP
+) -> HFExportResult:
     """Write the committed records (optionally only ``status``) as a Hugging Face dataset folder."""
     import json
 
@@ -161,7 +165,11 @@ def _roles(config: dict[str, Any]) -> dict[str, Any]:
         model = models.get(key) or {}
         sampling = {k: model.get(k) for k in ("max_tokens", "temperature") if model.get(k) is not None}
         sampling.update({k: v for k, v in (role.get("sampling") or {}).items() if v not in (None, {}, [])})
-        out[name] = {"agent": role.get("agent"), "model": key, "engine": model.get("engine"), "served_model": model.get("model"), "sampling": sampling} if key else {"agent": role.get("agent"), "model": None}
+        out[name] = (
+            {"agent": role.get("agent"), "model": key, "engine": model.get("engine"), "served_model": model.get("model"), "sampling": sampling}
+            if key
+            else {"agent": role.get("agent"), "model": None}
+        )
     return out
 
 
@@ -196,7 +204,7 @@ def dataset_card(run: dict[str, Any], stats: _Stats, n: int, json_cols: list[str
         f"# {workflow or 'matrix-hpc'} synthetic data\n\n"
         f"{n} records made by the `{workflow}` workflow of matrix-hpc ({meta['matrix_hpc']['code_version']}), "
         f"in {shards} Parquet shard(s) under `data/`.\n\n"
-        "```python\nimport datasets\nds = datasets.load_dataset(\"parquet\", data_dir=\"THIS_FOLDER\", split=\"train\")\n```\n\n"
+        '```python\nimport datasets\nds = datasets.load_dataset("parquet", data_dir="THIS_FOLDER", split="train")\n```\n\n'
         "`messages` holds each dialogue as `[{role, content}]` (the row's prompt as `user`, the role that spoke last as "
         "`assistant`, the other roles as `user`); the other columns are the records as the run stored them. "
         "The YAML above (`matrix_hpc`) holds the config that made the data, each role's model and sampling, "

@@ -230,7 +230,13 @@ class JournalWriter:
         assert self._wake is not None
         frame = encode(entry)
         if len(frame) - _HEAD.size > _MAX_ENTRY:  # readers would stop at it and lose every later entry
-            log.warning("journal: the call %s of task %s is %d bytes, over the %d a reader accepts; not journaled (it is not replayed)", entry.digest[:12], entry.task_id, len(frame), _MAX_ENTRY)
+            log.warning(
+                "journal: the call %s of task %s is %d bytes, over the %d a reader accepts; not journaled (it is not replayed)",
+                entry.digest[:12],
+                entry.task_id,
+                len(frame),
+                _MAX_ENTRY,
+            )
             fut = asyncio.get_running_loop().create_future()
             fut.set_result(None)
             return fut

@@ -17,8 +17,8 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..procs import pid_alive
 from .fsutil import LEASE_S, StoreLockedError, WriterLease, WriterLock
@@ -72,7 +72,9 @@ def wait_for_previous_writer(part: Path, say: Callable[[str], None], timeout_s: 
         if cur is not None and cur.renewed_at != first:
             renewals, first = renewals + 1, cur.renewed_at
             if renewals >= 2:
-                raise StoreLockedError(f"{part.parent} is being written by another run ({cur.describe()}; lease renewed {time.time() - cur.renewed_at:.1f}s ago)")
+                raise StoreLockedError(
+                    f"{part.parent} is being written by another run ({cur.describe()}; lease renewed {time.time() - cur.renewed_at:.1f}s ago)"
+                )
         if time.monotonic() > deadline:
             raise StoreLockedError(f"{part}: its writer ({lease.describe()}) neither renews nor releases its lease after {timeout_s:.0f}s")
         time.sleep(_POLL_S)

@@ -25,9 +25,10 @@ import os
 import socket
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import zarr
@@ -69,7 +70,7 @@ class RecordRow:
     completion_tokens: int
 
     @classmethod
-    def from_record(cls, record: dict[str, Any]) -> "RecordRow":
+    def from_record(cls, record: dict[str, Any]) -> RecordRow:
         """The row of ``record``; text UTF-8 cannot encode is replaced and the record says
         so (``text_replaced``, see :mod:`.textsafe`), in the id column too."""
         err = record.get("error") or {}
@@ -84,9 +85,8 @@ class RecordRow:
             completion_tokens=int(usage.get("completion_tokens", 0)),
         )
 
-
     @classmethod
-    def bad_record(cls, row: "RecordRow", reason: str) -> "RecordRow":
+    def bad_record(cls, row: RecordRow, reason: str) -> RecordRow:
         """A failed record (``bad_record``) in place of ``row``, which the store cannot write."""
         rid = clean_text(str(row.id))[0]
         message = f"record {rid!r} cannot be written to the store: {reason}"

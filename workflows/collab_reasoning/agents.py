@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import re
 import string
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from matrix_hpc.agents import Agent, Task
 
@@ -38,7 +39,7 @@ def _check_row(row: dict[str, Any]) -> str | None:
         return "field 'choices' must be a list of 2 to 26 strings"
     gold = row.get("answer")
     if not isinstance(gold, str) or gold not in string.ascii_uppercase[: len(choices)]:
-        return f"field 'answer' must be one of {string.ascii_uppercase[:len(choices)]}, got {gold!r}"
+        return f"field 'answer' must be one of {string.ascii_uppercase[: len(choices)]}, got {gold!r}"
     return None
 
 

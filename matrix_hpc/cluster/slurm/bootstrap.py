@@ -46,8 +46,8 @@ from typing import Any
 from ...config import ConfigError, load_config
 from ...credentials import remove_secret, wait_secret
 from ...labels import NODE_IP_ENV, node_resources
-from ..auth import RayAuth, new_ray_token, ray_token_file
 from ...store.fsutil import atomic_write_json
+from ..auth import RayAuth, new_ray_token, ray_token_file
 from .jobs import job_dir, record_job
 from .lifeline import DriverLink, Lifeline
 from .nodecheck import SharedPathError, cleanup_temp_dirs, node_local_locks, probe_shared_path
@@ -166,7 +166,7 @@ class _Requeue:
     flight plus one commit, whatever the size of the store (it is logged).
     """
 
-    def __init__(self, node: "NodeEnv", max_requeues: int, signals: "_Signals", say: Any) -> None:
+    def __init__(self, node: NodeEnv, max_requeues: int, signals: _Signals, say: Any) -> None:
         self.node, self.max_requeues, self.signals, self.say = node, max_requeues, signals, say
         self.refused = False
 
@@ -325,7 +325,10 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
     )  # fmt: skip
     num_gpus = node_gpus(slurm.gpus_per_node) if "gpu" in kinds else None
     signals = _Signals()
-    say = lambda msg: print(f"[rank {node.rank} {node.hostname}] {msg}", file=sys.stderr, flush=True)
+
+    def say(msg: str) -> None:
+        print(f"[rank {node.rank} {node.hostname}] {msg}", file=sys.stderr, flush=True)
+
     output = Path(config.output.path).expanduser().resolve()
     probe: Path | None = None
     try:
@@ -345,10 +348,16 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
         new_ray_token(token_file, node.job_id)
         ray_node.start(num_gpus=num_gpus)
         ray_node.wait_head_ready()
-        published = {"address": ray_node.address, "host": node.hostname, **({"lifeline": lifeline.address, "lifeline_token": lifeline.token} if lifeline else {})}
+        published = {
+            "address": ray_node.address,
+            "host": node.hostname,
+            **({"lifeline": lifeline.address, "lifeline_token": lifeline.token} if lifeline else {}),
+        }
         head = rdv.exchange(published, slurm.join_timeout_s)
         nodes = _wait_for_nodes(ray_node.address, node.size, slurm.join_timeout_s)
-        atomic_write_json(jdir / f"cluster-{node.key}.json", {"address": ray_node.address, "via": head["via"], "nodes": nodes, "formed_in_s": time.time() - t0}, durable=False)
+        atomic_write_json(
+            jdir / f"cluster-{node.key}.json", {"address": ray_node.address, "via": head["via"], "nodes": nodes, "formed_in_s": time.time() - t0}, durable=False
+        )
         say(f"Ray cluster of {len(nodes)} node(s) at {ray_node.address} formed in {time.time() - t0:.1f}s (rendezvous by {head['via']})")
         config.cluster.address = ray_node.address
 
@@ -362,7 +371,9 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
             say(f"run failed: {exc}")
             return 1
         p = summary.progress
-        say(f"run {'finished' if p.finished else 'stopped'}: {p.ok} done, {p.failed} failed this run; store {summary.store['records']} records; output {summary.output}")
+        say(
+            f"run {'finished' if p.finished else 'stopped'}: {p.ok} done, {p.failed} failed this run; store {summary.store['records']} records; output {summary.output}"
+        )
         if p.finished:
             return 0
         if requeue.refused:

@@ -59,7 +59,9 @@ def job_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
         return {}
     out: dict[str, dict[str, str]] = {}
     if shutil.which("sacct"):
-        res = subprocess.run(["sacct", "-X", "-n", "-P", "-j", ",".join(job_ids), "-o", "JobID,State,Elapsed,NodeList,Partition"], capture_output=True, text=True)
+        res = subprocess.run(
+            ["sacct", "-X", "-n", "-P", "-j", ",".join(job_ids), "-o", "JobID,State,Elapsed,NodeList,Partition"], capture_output=True, text=True
+        )
         for line in res.stdout.splitlines():
             jid, state, elapsed, nodes, part = (line.split("|") + [""] * 5)[:5]
             out[jid] = {"state": state.split()[0] if state else "?", "elapsed": elapsed, "nodes": nodes, "partition": part}

@@ -112,7 +112,7 @@ class Lifeline:
         with self._lock:
             self._done = True
             peers = dict(self._peers)
-        for rank, conn in peers.items():
+        for conn in peers.values():
             try:
                 conn.sendall(_DONE)
             except OSError:

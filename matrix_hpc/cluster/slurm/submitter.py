@@ -66,7 +66,14 @@ def make_executor(config: JobConfig) -> Any:
         "slurm_additional_parameters": {"requeue": True, "no-kill": True, **s.extra_sbatch},
         "slurm_srun_args": ["--no-kill"],
     }
-    optional = {"slurm_partition": s.partition, "slurm_account": s.account, "slurm_qos": s.qos, "cpus_per_task": s.cpus_per_node, "mem_gb": s.mem_gb, "gpus_per_node": s.gpus_per_node or None}
+    optional = {
+        "slurm_partition": s.partition,
+        "slurm_account": s.account,
+        "slurm_qos": s.qos,
+        "cpus_per_task": s.cpus_per_node,
+        "mem_gb": s.mem_gb,
+        "gpus_per_node": s.gpus_per_node or None,
+    }
     params.update({k: v for k, v in optional.items() if v is not None})
     ex.update_parameters(**params)
     return ex

@@ -45,7 +45,7 @@ class LLMServer(abc.ABC):
     port: int = 0
     api_key: str | None = None
     """The key requests must carry (``Authorization: Bearer``); None: the server takes none."""
-    _proc: "subprocess.Popen[bytes] | None" = None
+    _proc: subprocess.Popen[bytes] | None = None
 
     @property
     def base_url(self) -> str:

@@ -104,6 +104,7 @@ class ChatClient:
         # One session (connection pool) per endpoint: dropping an endpoint closes its pool,
         # which ends the requests still waiting on it (a dead node never answers them).
         self._sessions: dict[str, aiohttp.ClientSession] = {}
+        self._closing: set[asyncio.Task[None]] = set()  # sessions of endpoints that left routing, closing
         self.set_endpoints(base_urls)
         if metric_tags is not None:
             metrics.add_collector(self._collect)
@@ -140,7 +141,10 @@ class ChatClient:
         for u in gone:
             if self.slots.outstanding.get(u):
                 log.info("cutting %d request(s) in flight to %s: it left routing", self.slots.outstanding[u], u)
-            loop.create_task(self._sessions.pop(u).close())
+            # Kept until done: the loop holds tasks weakly, and a closing session must not be collected half-way.
+            task = loop.create_task(self._sessions.pop(u).close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def _acquire(self, prefer: str | None, exclude: str | None, deadline: float) -> str:
         try:
@@ -157,9 +161,7 @@ class ChatClient:
             session = self._sessions[url] = aiohttp.ClientSession(connector=connector, timeout=self.timeout, headers=headers)
         return session
 
-    async def chat(
-        self, messages: list[Message], max_tokens: int = 256, temperature: float = 0.7, prefer: str | None = None, **extra: Any
-    ) -> ChatResult:
+    async def chat(self, messages: list[Message], max_tokens: int = 256, temperature: float = 0.7, prefer: str | None = None, **extra: Any) -> ChatResult:
         """One chat completion, retried on transient failures.
 
         ``prefer``: the endpoint to use if it can take the request (sticky routing).
@@ -210,7 +212,7 @@ class ChatClient:
                 if self.on_endpoint_error is not None:
                     self.on_endpoint_error(url)
                 continue
-            except asyncio.TimeoutError:  # not the builtin before Python 3.11
+            except TimeoutError:  # not the builtin before Python 3.11
                 last_error = f"timed out after {self.timeout.total}s waiting for {url}"
                 self._error(url, "timeout")
                 attempt += 1

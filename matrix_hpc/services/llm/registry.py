@@ -62,6 +62,8 @@ class CompletionPace:
     def slack_s(self) -> float:
         """Extra time to wait for the next completion: twice the usual gap, bounded."""
         return min(2 * (self.gap_s or 0.0), self.MAX_SLACK_S)
+
+
 """How often a client reports its completed requests per endpoint (only when it has some)."""
 
 
@@ -152,7 +154,9 @@ class EndpointRegistry:
             if isinstance(url, BaseException):
                 self.states[f"replica-{i}"] = await self._failed_start(i, url)
             else:
-                self.states[f"replica-{i}"] = EndpointStatus(self.model_key, url, i, last_ok_at=time.time(), served_model=self.model, api_key_file=self.api_key_file)
+                self.states[f"replica-{i}"] = EndpointStatus(
+                    self.model_key, url, i, last_ok_at=time.time(), served_model=self.model, api_key_file=self.api_key_file
+                )
         failed = [e for e in started if isinstance(e, BaseException)]
         if failed and not self._restarted and not self._routable():
             raise failed[0]  # nothing to serve at the run's start: say why (the driver stops the run)
@@ -168,7 +172,7 @@ class EndpointRegistry:
         log.error("model %s: replica %d did not start (%s); the model's other endpoints are served and its watch restarts it", self.model_key, i, why)
         try:  # the URL it was to serve (its port is chosen when it starts)
             url = (await asyncio.wait_for(self.replicas[i].info.remote(), 10.0))["url"] or ""
-        except (RayError, asyncio.TimeoutError):
+        except (TimeoutError, RayError):
             url = ""
         return EndpointStatus(
             self.model_key, url or f"(replica {i} not started)", i, state="down", failures=1, last_error=why, served_model=self.model, api_key_file=self.api_key_file,
@@ -189,8 +193,7 @@ class EndpointRegistry:
         except TimeoutError:
             gpus = self.specs[0].gpus if self.specs else 0
             raise RuntimeError(
-                f"model {self.model_key}: Ray placed no node for a replica needing {gpus} GPU(s) within {timeout_s:.0f}s "
-                "(too few free GPUs on the GPU nodes?)"
+                f"model {self.model_key}: Ray placed no node for a replica needing {gpus} GPU(s) within {timeout_s:.0f}s (too few free GPUs on the GPU nodes?)"
             ) from None
         return [i["host"] for i in infos]
 
@@ -208,7 +211,7 @@ class EndpointRegistry:
         if known_version == self.version and wait_s > 0:
             try:
                 await asyncio.wait_for(self._changed.wait(), wait_s)
-            except asyncio.TimeoutError:  # not the builtin before Python 3.11
+            except TimeoutError:  # not the builtin before Python 3.11
                 pass
         return self.version, self._routable()
 
@@ -262,7 +265,7 @@ class EndpointRegistry:
                     return f"HTTP {resp.status}", False
                 data = await resp.json(content_type=None)
                 return (None if isinstance(data, dict) and data.get("choices") else "no choices in the reply"), False
-        except asyncio.TimeoutError:  # not the builtin before Python 3.11
+        except TimeoutError:  # not the builtin before Python 3.11
             return f"no reply in {self.probe_timeout.total:.0f}s", True
         except (aiohttp.ClientError, ValueError) as exc:
             return f"{type(exc).__name__}: {exc}", False
@@ -281,7 +284,7 @@ class EndpointRegistry:
         while True:
             try:
                 await asyncio.wait_for(wake.wait(), self.interval)
-            except asyncio.TimeoutError:  # not the builtin before Python 3.11
+            except TimeoutError:  # not the builtin before Python 3.11
                 pass
             wake.clear()
             if st.state == "failed":
@@ -389,5 +392,5 @@ async def _report_completions(client: ChatClient, registry: Any, period_s: float
         sent = now
         try:
             await asyncio.wait_for(registry.report_completions.remote(delta), 10 * period_s)
-        except (RayError, asyncio.TimeoutError) as exc:  # restarting registry: this report is lost, the next one counts
+        except (TimeoutError, RayError) as exc:  # restarting registry: this report is lost, the next one counts
             log.debug("completions not reported: %s", exc)

@@ -93,7 +93,11 @@ class LLMServices:
         """
         tiers = sorted({svc.config.replica_gpus for svc in self.services.values() if svc.config.engine != "external"}, reverse=True)
         for gpus in tiers:
-            refs = {name: svc.registry.place.remote(timeout_s) for name, svc in self.services.items() if svc.config.engine != "external" and svc.config.replica_gpus == gpus}
+            refs = {
+                name: svc.registry.place.remote(timeout_s)
+                for name, svc in self.services.items()
+                if svc.config.engine != "external" and svc.config.replica_gpus == gpus
+            }
             for name, ref in refs.items():
                 try:
                     hosts = ray.get(ref)

@@ -56,7 +56,9 @@ def user_dir(root: Path, mode: int = 0o700) -> Path:
         ) from None
     st = os.lstat(mine)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid:
-        raise SandboxStartError(f"sandbox directory {mine}: expected a directory owned by uid {uid}, found {'one' if stat.S_ISDIR(st.st_mode) else 'something else'} owned by uid {st.st_uid}")
+        raise SandboxStartError(
+            f"sandbox directory {mine}: expected a directory owned by uid {uid}, found {'one' if stat.S_ISDIR(st.st_mode) else 'something else'} owned by uid {st.st_uid}"
+        )
     os.chmod(mine, mode)
     return mine
 

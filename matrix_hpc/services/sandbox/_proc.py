@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ...procs import pid_alive  # noqa: F401  (re-exported for the runtimes)
+from ...procs import pid_alive
 from .base import ExecResult, SandboxLimits, classify_exit
 
 __all__ = ["RawResult", "pid_alive", "run_argv"]

@@ -66,7 +66,7 @@ class SandboxSession:
         self.lease: str | None = None
         self.execs = 0
 
-    async def __aenter__(self) -> SandboxSession:  # noqa: PYI034 - typing.Self needs Python 3.11
+    async def __aenter__(self) -> SandboxSession:
         ctx = ray.get_runtime_context()
         holder = ctx.current_actor if ctx.get_actor_id() else None
         worker = holder_worker_id() if holder is not None else None

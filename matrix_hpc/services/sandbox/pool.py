@@ -375,7 +375,7 @@ async def _holder_state(handle: Any, worker: str | None) -> str | None:
         current = await asyncio.wait_for(handle.__ray_call__.remote(holder_worker_id), _PING_TIMEOUT_S)
     except ray.exceptions.ActorDiedError:
         return "died"
-    except (asyncio.TimeoutError, ray.exceptions.ActorUnavailableError):
+    except (TimeoutError, ray.exceptions.ActorUnavailableError):
         return None  # busy or restarting: decide at the next check (the TTL is the backstop)
     except ray.exceptions.RayError as exc:
         log.warning("liveness check of a sandbox holder failed: %s", exc)
@@ -383,4 +383,3 @@ async def _holder_state(handle: Any, worker: str | None) -> str | None:
     if worker is not None and current != worker:
         return "was restarted"
     return None
-
