@@ -98,7 +98,7 @@ class ModelConfig:
     """First backoff; doubles each retry (with jitter). An endpoint that answered 429/503 is
     avoided for as long."""
     max_connections: int | None = None
-    """Concurrent HTTP connections per agent actor and endpoint; default: the role's per-actor concurrency."""
+    """Concurrent HTTP connections per agent actor, over all its endpoints together; default: the role's per-actor concurrency."""
     max_outstanding_per_endpoint: int | None = None
     """Requests one agent actor keeps open against one endpoint; more wait for a free slot.
     Default: as many as its connections (a full server pushes back with 429/503)."""
