@@ -287,6 +287,27 @@ def test_search_is_answered_in_steps_that_add_up_to_the_whole_answer(synthetic_s
     assert _ids(page) == [r["id"] for r in SYNTH if "needle" in json.dumps(r).lower()]
 
 
+def test_a_big_store_is_indexed_in_steps_and_says_so_until_it_is_whole(synthetic_store: Path) -> None:
+    """The server indexes a store a step at a time (queries are answered in between): until
+    every committed row is indexed, the unfiltered total is commit.json's and a filtered
+    answer says it is not complete yet."""
+    from matrix_hpc.view.index import StoreIndex
+    from matrix_hpc.view.query import LazyCache, Query, run_query
+
+    ix = StoreIndex(synthetic_store)
+    cache = LazyCache()
+    assert ix.refresh(max_rows=40) == 40 and not ix.caught_up and ix.committed_total == len(SYNTH)
+    first = run_query(ix, Query(limit=20), cache)
+    assert first["complete"] and first["total"] == len(SYNTH) and _ids(first) == [r["id"] for r in SYNTH[:20]]
+    failed = run_query(ix, Query(status=("failed",)), cache)
+    assert not failed["complete"] and failed["loading"] and _ids(failed) == [r["id"] for r in SYNTH[:40] if r["status"] == "failed"]
+    while ix.refresh(max_rows=40):
+        pass
+    assert ix.caught_up and ix.n == len(SYNTH)
+    failed = run_query(ix, Query(status=("failed",)), cache)
+    assert failed["complete"] and _ids(failed) == [r["id"] for r in SYNTH if r["status"] == "failed"]
+
+
 def test_chunk_reader_reads_what_zarr_reads(synthetic_store: Path) -> None:
     import zarr
 

@@ -108,6 +108,8 @@ class Part:
     """Rows indexed (all committed when the last refresh read them)."""
     n_num: int = 0
     """Rows whose numeric columns are loaded too (see :meth:`StoreIndex.load_numeric`)."""
+    seen: int = 0
+    """Rows committed when the last refresh looked."""
     cols: dict[str, _Grow] = field(default_factory=dict)
     facets: FacetArrays = field(default_factory=FacetArrays)
     _columns: dict[str, Column] = field(default_factory=dict)
@@ -154,8 +156,10 @@ class StoreIndex:
         except (OSError, ValueError):
             return self._stamp
 
-    def refresh(self) -> int:
-        """Index rows committed since the last call; returns how many were added."""
+    def refresh(self, max_rows: int | None = None) -> int:
+        """Index rows committed since the last call, at most ``max_rows`` of them (the server
+        calls it in steps, so a query need not wait for a million rows); how many were added.
+        :attr:`caught_up` says whether every row committed at this call is indexed."""
         stamp = self._store_stamp()
         if self._stamp is not None and stamp != self._stamp:  # deleted and made again: nothing read holds
             log.warning("%s was made again (store.json changed); reading it from the start", self.root)
@@ -167,18 +171,33 @@ class StoreIndex:
                 self.parts.append(Part(d.name, d))
         self.parts.sort(key=lambda p: p.name)
         added = 0
+        budget = max_rows if max_rows is not None else 1 << 62
         for part in self.parts:
             rows = part.committed()
             if rows < part.n:  # the store was replaced under us: start this part again
                 log.warning("%s: %d committed rows, %d indexed: the part was rewritten; indexing it again", part.dir, rows, part.n)
                 self._reset()
-                return self.refresh()
-            if rows > part.n:
-                added += self._load(part, rows)
+                return self.refresh(max_rows)
+            part.seen = rows
+            take = min(rows, part.n + max(budget, 0))
+            if take > part.n:
+                n = self._load(part, take)
+                added += n
+                budget -= n
                 part.facets.reserve(part.n)
         if added:
             self.version += 1
         return added
+
+    @property
+    def caught_up(self) -> bool:
+        """Every row committed when :meth:`refresh` last looked is indexed."""
+        return all(p.n >= p.seen for p in self.parts)
+
+    @property
+    def committed_total(self) -> int:
+        """Rows committed when :meth:`refresh` last looked (indexed or not yet)."""
+        return sum(max(p.seen, p.n) for p in self.parts)
 
     def _reset(self) -> None:
         """Forget everything read (the store was replaced)."""
@@ -203,21 +222,24 @@ class StoreIndex:
     def numeric_ready(self) -> bool:
         return all(p.n_num >= p.n for p in self.parts)
 
-    def load_numeric(self) -> int:
-        """``finished_at`` and token counts of the rows :meth:`refresh` added (a second step, so
-        that a first page need not wait for them); how many rows were read."""
+    def load_numeric(self, max_rows: int | None = None) -> int:
+        """``finished_at`` and token counts of (up to ``max_rows`` of) the rows :meth:`refresh`
+        added: a second step, so that a first page need not wait for them; how many were read."""
         done = 0
+        budget = max_rows if max_rows is not None else 1 << 62
         for part in self.parts:
-            if part.n_num >= part.n:
+            if part.n_num >= part.n or budget <= 0:
                 continue
             step = part.column("finished_at").chunk_rows * _BLOCK_CHUNKS
             start = part.n_num
-            for lo in range(start, part.n, step):
-                hi = min(part.n, lo + step)
+            end = min(part.n, start + budget)
+            for lo in range(start, end, step):
+                hi = min(end, lo + step)
                 for name, dtype in _NUMERIC.items():
                     part.cols[name].extend(part.column(name).read(lo, hi).astype(dtype))
                 part.n_num = hi
-            done += part.n - start
+            done += end - start
+            budget -= end - start
         if done:
             self.version += 1
         return done

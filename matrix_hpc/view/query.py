@@ -249,11 +249,19 @@ def run_query(ix: StoreIndex, q: Query, cache: LazyCache, budget_s: float = 1.0,
         total = int(np.count_nonzero(st == 1))
         page = matched[q.offset : want]
         scanned = 1.0 - open_left / len(order) if len(order) else 1.0
+    loading = not ix.caught_up  # rows committed but not indexed yet (the first seconds of a big store)
+    if loading:
+        unfiltered = not (q.status or q.kind or q.role or q.model or q.search)
+        if unfiltered:
+            total = ix.committed_total
+        complete = unfiltered and q.sort == "order" and not q.desc and want <= n
+        scanned = min(scanned, n / max(ix.committed_total, 1))
     return {
         "rows": record_page(ix, page),
         "total": int(total),
         "complete": bool(complete),
-        "exact": bool(complete or (q.sort == "order" and len(page) == min(q.limit, max(total - q.offset, 0)))),
+        "exact": bool(complete or (q.sort == "order" and not (loading and q.desc) and len(page) == min(q.limit, max(total - q.offset, 0)))),
+        "loading": loading,
         "scanned": round(float(scanned), 4),
         "records": n,
         "offset": q.offset,

@@ -117,6 +117,7 @@ def run_summary(ix: StoreIndex, run_file: RunFile, metrics: WorkflowMetrics, cac
         "lives": lives,
         "counts": _counts(ix, arrays, numeric),
         "indexed": ix.n,
+        "committed": ix.committed_total,
         "faceted": ix.faceted,
         "usage": ix.aggregates.to_dict(),
         "replayed_calls": int(arrays["replayed"].sum()),

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
 _FILES = {"app.js": "application/javascript", "app.css": "text/css", "index.html": "text/html"}
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+_LOAD_STEP = 16384  # rows of small columns read per step (~20 ms)
 _FACET_STEP = 512  # records parsed per background step (~20-50 ms): a query waits at most one step
 _QUERY_BUDGET_S = 0.8
 _HEADERS = {
@@ -124,12 +125,18 @@ class Viewer:
         while True:
             deadline = time.monotonic() + self.refresh_s
             try:
-                generation = self.ix.generation
-                await self.call(self.ix.refresh)
-                self._loaded.set()
-                if self.ix.generation != generation:  # the store was made again: so are its metric windows
-                    metrics_loaded = False
-                await self.call(self.ix.load_numeric)
+                # In steps, so queries are answered in between: the first page of a million
+                # records does not wait for the million.
+                while True:
+                    generation = self.ix.generation
+                    await self.call(self.ix.refresh, _LOAD_STEP)
+                    self._loaded.set()
+                    if self.ix.generation != generation:  # the store was made again: so are its metric windows
+                        metrics_loaded = False
+                    if self.ix.caught_up:
+                        break
+                while await self.call(self.ix.load_numeric, _LOAD_STEP):
+                    pass
                 if not metrics_loaded:
                     await self.call(self._load_metrics)
                     metrics_loaded = True

@@ -178,6 +178,7 @@ function renderSummary(s) {
   const started = s.run.started_at ? `started ${when(s.run.started_at)}` : "";
   $("progress").textContent = total ? `${fmt(c.records)} of ${fmt(total)} input rows (${pct.toFixed(1)}%) · ${started}` : `${fmt(c.records)} records · ${started}`;
   const notes = [];
+  if (s.indexed < s.committed) notes.push(`reading the store: ${fmt(s.indexed)} of ${fmt(s.committed)} records`);
   if (s.faceted < s.indexed) notes.push(`reading records for roles, models, turns and latency: ${fmt(s.faceted)} of ${fmt(s.indexed)}`);
   if (s.last_replay && s.last_replay.calls) notes.push(`the last life replayed ${fmt(s.last_replay.calls)} LLM calls from the journal, saving ${secs(s.last_replay.saved_s)}`);
   if (s.index_error) notes.push(`reading the store: ${s.index_error}`);
@@ -274,7 +275,7 @@ function renderTable(r, p) {
   }
   if (!r.rows.length) body.append(el("tr", {}, el("td", { colspan: 10, class: "muted", text: r.complete ? "no records match" : "searching…" })));
   const off = Number(p.offset);
-  const more = r.complete ? "" : ` so far (searched ${(r.scanned * 100).toFixed(0)}%…)`;
+  const more = r.complete ? "" : ` so far (${r.loading ? "reading the store" : "searched"} ${(r.scanned * 100).toFixed(0)}%…)`;
   $("page-info").textContent = r.rows.length ? `${fmt(off + 1)}–${fmt(off + r.rows.length)} of ${fmt(r.total)}${more}` : `0 of ${fmt(r.total)}${more}`;
   $("page-info").dataset.total = r.complete ? String(r.total) : "";
   $("prev").disabled = off === 0;
