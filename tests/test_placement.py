@@ -8,7 +8,7 @@ its model instead of waiting forever. Only placement: no engine is started.
 
 from __future__ import annotations
 
-import os
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
+from matrix_hpc.cluster.auth import RayAuth
 from matrix_hpc.config import ModelConfig
 from matrix_hpc.labels import GPU_NODE
 from matrix_hpc.services.llm import ServerStartError
@@ -27,7 +28,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def gpu_nodes() -> Iterator[list[str]]:
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    # Token auth as a run has it, set through the run's own helper: it also makes this process's
+    # Ray read the mode again (an earlier in-process ray.init of the session left its own cached).
+    auth = RayAuth(token=secrets.token_hex(32))
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
     nodes = [cluster.add_node(num_cpus=1, num_gpus=2, resources={GPU_NODE: 10_000}) for _ in range(2)]
     ray.init(address=cluster.address, namespace="placement-test", log_to_driver=False)
@@ -37,6 +40,7 @@ def gpu_nodes() -> Iterator[list[str]]:
     finally:
         ray.shutdown()
         cluster.shutdown()
+        auth.restore()
 
 
 def _placed(services: LLMServices) -> list[dict[str, Any]]:
