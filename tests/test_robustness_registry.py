@@ -10,6 +10,7 @@ so when Ray restarts the crashed registry, replica 1's engine exits during start
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import pytest
 import ray
 from ray.exceptions import ActorUnavailableError
 
+from matrix_hpc.cluster.auth import RayAuth
 from matrix_hpc.config import EmbeddedEngineConfig
 from matrix_hpc.services.llm.embedded import default_model_path
 from matrix_hpc.services.llm.registry import EndpointRegistry, registry_name
@@ -32,12 +34,15 @@ NS = "registry-robustness"
 
 @pytest.fixture
 def local_ray() -> Iterator[None]:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Token auth as a run has it (RayAuth also makes this process's Ray read the mode again,
+    # whatever an earlier in-process cluster of the session left cached), restored after.
+    auth = RayAuth(token=secrets.token_hex(32))
     ray.init(address="local", num_cpus=2, namespace=NS, include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:
         ray.shutdown()
+        auth.restore()
 
 
 def _worker_logs_mentioning(text: str) -> int:
