@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 import ray
 
+from matrix_hpc.cluster.auth import RayAuth
 from matrix_hpc.services.sandbox import (
     LeaseNotFound,
     PoolStats,
@@ -41,10 +43,12 @@ from .test_sandbox import IMAGE, processes_with
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[None]:
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    # Token auth as a run has it; RayAuth also makes this process's Ray read the mode again.
+    auth = RayAuth(token=secrets.token_hex(32))
     ray.init(num_cpus=2, include_dashboard=False, namespace="sandbox-tests", log_to_driver=False)
     yield
     ray.shutdown()
+    auth.restore()
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -19,6 +20,7 @@ import pytest
 import ray
 
 from matrix_hpc.agents import AgentContext, Task
+from matrix_hpc.cluster.auth import RayAuth
 from matrix_hpc.config import Sampling
 from matrix_hpc.services.sandbox import pool_actor_name, pool_config
 from workflows.tool_use.agents import Assistant, Evaluator, UserSim, check_row, metrics, start_state
@@ -87,7 +89,8 @@ def test_rendering_for_text_mode_and_the_user_view() -> None:
 
 @pytest.fixture(scope="module")
 def pool_params() -> Iterator[dict[str, Any]]:
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    # Token auth as a run has it; RayAuth also makes this process's Ray read the mode again.
+    auth = RayAuth(token=secrets.token_hex(32))
     ray.init(num_cpus=2, include_dashboard=False, namespace="tool-use-tests", log_to_driver=False)
     root = tempfile.mkdtemp(prefix="mhs-tool-use-", dir="/tmp")
     os.chmod(root, 0o711)
@@ -98,6 +101,7 @@ def pool_params() -> Iterator[dict[str, Any]]:
         ray.get(pool.shutdown.remote())
         ray.kill(pool)
     ray.shutdown()
+    auth.restore()
     shutil.rmtree(root, ignore_errors=True)
 
 
