@@ -276,10 +276,18 @@ class SlurmCluster:
         """Back to an empty, idle cluster for the next test: cancel every job and boot
         again any node a test killed."""
         assert self.cancel_all(timeout=timeout), f"jobs still listed {timeout:.0f} s after scancel"
-        for n in self.nodes:
-            if not self._slurmd(n).alive():
-                self.restart_node(n)
+        booted = [n for n in self.nodes if not self._slurmd(n).alive()]
+        for n in booted:
+            self.restart_node(n)
         self.wait_idle(timeout=timeout)
+        # Idle in slurmctld's view is not yet launchable: a job step sent to a node booted again
+        # a moment ago failed with "Communication connection failure". One step on each first.
+        for n in booted:
+            end = time.monotonic() + timeout
+            while self.run(["srun", "-N1", "-w", n, "true"], check=False, timeout=timeout).returncode != 0:
+                if time.monotonic() > end:
+                    raise SlurmClusterError(f"node {n} takes no job step {timeout:.0f} s after it was booted again")
+                time.sleep(1.0)
 
     def cancel_all(self, timeout: float = 20) -> bool:
         """scancel every job and wait until squeue is empty; False if some are still listed."""
