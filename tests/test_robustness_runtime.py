@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from .conftest import REPO, committed_rows, store_records, wait_for, write_config, write_jsonl
+from .test_reliability import actor_pid, each_id_once
 
 pytestmark = pytest.mark.slow
 
@@ -43,20 +44,6 @@ def relay_config(tmp: Path, n: int, roles: dict[str, Any], entry: str = "a", **o
         "run": {"max_in_flight": 64, "progress": "log", "progress_interval_s": 1.0, "health_interval_s": 0.5, "batch_size": 16},
     }
     return write_config(tmp, cfg, overrides)
-
-
-def each_id_once(out: Path, n: int) -> list[dict[str, Any]]:
-    records = store_records(out)
-    counts = Counter(r["id"] for r in records)
-    assert not [i for i, c in counts.items() if c > 1], "duplicate ids in the store"
-    assert set(counts) == {f"t{i}" for i in range(n)}
-    return records
-
-
-def actor_pid(out: Path, suffix: str) -> int:
-    actors = json.loads((out / "run.json").read_text())["actors"]
-    (pid,) = [p for name, p in actors.items() if name.endswith(suffix)]
-    return pid
 
 
 def started(out: Path, rows: int) -> bool:

@@ -159,16 +159,7 @@ def _write_parquet(reader: StoreReader, to: Path, status: str | None) -> ExportR
         try:
             with pq.ParquetWriter(tmp, schema) as writer:
                 for batch in _batches(reader, status):
-                    cols = []
-                    for f in schema:
-                        values = [r.get(f.name) for r in batch]
-                        if f.name in json_cols:
-                            values = [None if v is None else json.dumps(v, ensure_ascii=False) for v in values]
-                        try:
-                            cols.append(pa.array(values, type=f.type))
-                        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
-                            raise _Misfit(f.name) from exc
-                    writer.write_table(pa.Table.from_arrays(cols, schema=schema))
+                    writer.write_table(arrow_table(batch, schema, json_cols))
                     n += len(batch)
         except _Misfit as exc:
             tmp.unlink(missing_ok=True)
@@ -184,3 +175,20 @@ class _Misfit(Exception):
     def __init__(self, column: str) -> None:
         super().__init__(column)
         self.column = column
+
+
+def arrow_table(batch: list[dict[str, Any]], schema: Any, json_cols: set[str] | frozenset[str]) -> Any:
+    """One batch of records as an Arrow table of ``schema``; ``json_cols`` are written as JSON
+    text. A value the column's type cannot hold raises :class:`_Misfit` naming the column."""
+    import pyarrow as pa
+
+    cols = []
+    for f in schema:
+        values = [r.get(f.name) for r in batch]
+        if f.name in json_cols:
+            values = [None if v is None else json.dumps(v, ensure_ascii=False) for v in values]
+        try:
+            cols.append(pa.array(values, type=f.type))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
+            raise _Misfit(f.name) from exc
+    return pa.Table.from_arrays(cols, schema=schema)

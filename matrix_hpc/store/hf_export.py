@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .export import ROW_GROUP, _batches, _infer_types, _Misfit
+from .export import ROW_GROUP, _batches, _infer_types, _Misfit, arrow_table
 from .messages import record_messages
 from .zarr_store import StoreReader
 
@@ -73,7 +73,6 @@ def export_hf(
     root: str | Path, to: str | Path, status: str | None = None, max_shard_bytes: int = MAX_SHARD_BYTES, row_group: int = ROW_GROUP
 ) -> HFExportResult:
     """Write the committed records (optionally only ``status``) as a Hugging Face dataset folder."""
-    import json
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -94,19 +93,10 @@ def export_hf(
         writer = None
         try:
             for batch in _batches(reader, status, extra, row_group):
-                cols = []
-                for f in schema:
-                    values = [r.get(f.name) for r in batch]
-                    if f.name in json_cols:
-                        values = [None if v is None else json.dumps(v, ensure_ascii=False) for v in values]
-                    try:
-                        cols.append(pa.array(values, type=f.type))
-                    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
-                        raise _Misfit(f.name) from exc
                 if writer is None:
                     shards.append(tmp / f"{len(shards)}.parquet")
                     writer = pq.ParquetWriter(shards[-1], schema)
-                writer.write_table(pa.Table.from_arrays(cols, schema=schema), row_group_size=row_group)
+                writer.write_table(arrow_table(batch, schema, json_cols), row_group_size=row_group)
                 for r in batch:
                     stats.add(r)
                 n += len(batch)
