@@ -18,12 +18,13 @@ __all__ = ["Listener", "descendants", "listeners", "loopback"]
 class Listener:
     pid: int
     name: str
-    """The process's command line (its first 100 characters)."""
+    """The process's whole command line (matched on: a cut one hid its script behind a long
+    checkout path); printed cut to 100 characters."""
     host: str
     port: int
 
     def __str__(self) -> str:
-        return f"{self.host}:{self.port} ({self.name.strip()} pid {self.pid})"
+        return f"{self.host}:{self.port} ({self.name.strip()[:100]} pid {self.pid})"
 
 
 def _addr(hexaddr: str) -> tuple[str, int]:
@@ -76,7 +77,7 @@ def listeners(pids: list[int]) -> list[Listener]:
         try:
             netns = os.readlink(f"/proc/{pid}/ns/net")
             table = tables.setdefault(netns, _listening(pid))
-            name = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")[:100]
+            name = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
             fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:  # exited meanwhile
             continue
