@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ def _print_summary(summary: Any) -> None:
     p, s = summary.progress, summary.store
     w = sys.stdout.write
     state = "finished" if p.finished else "INTERRUPTED (re-run the same command to resume)"
-    w(f"\nrun {state} in {p.elapsed_s:.1f}s\n")
+    w(f"\nrun {state} in {_timeline(p)}\n")
     resent = f", {p.resent} re-sent after crashes" if p.resent else ""
     w(f"  this run:  {p.ok} ok, {p.failed} failed, {p.skipped} skipped (already in the store){resent}\n")
     w(
@@ -52,6 +53,20 @@ def _print_summary(summary: Any) -> None:
     w(f"output: {summary.output}\n")
 
 
+def _timeline(p: Any) -> str:
+    """The run's time by the clock, this process's start to now, in its phases: start-up
+    (config, dataset scan, Ray, engines, actors), running tasks, shut-down (the final commit,
+    the agents' close, Ray and the engines stopping, the summary)."""
+    from .procs import process_age_s
+
+    now, age = time.monotonic(), process_age_s()
+    ended = p.ended_at or now
+    if age is None:
+        return f"{p.elapsed_s:.1f}s of running tasks"
+    born = now - age
+    return f"{age:.1f}s: start-up {max(0.0, p.started_at - born):.1f}s, running tasks {p.elapsed_s:.1f}s, shut-down {max(0.0, now - ended):.1f}s"
+
+
 def _print_usage(usage: Any, write: Any) -> None:
     """LLM accounting per role and per model (whole store): a :class:`UsageSummary`."""
     for section, label in (("by_role", "role"), ("by_model", "model")):
@@ -64,7 +79,10 @@ def _print_usage(usage: Any, write: Any) -> None:
 
 def _replay_line(r: Any) -> str:
     """What turn-level resume saved in a life (a :class:`ReplaySummary`)."""
-    return f"{r.calls} LLM calls from the journal, saving {r.saved_s:.1f}s of LLM time and {r.tokens} tokens"
+    return (
+        f"{r.calls} LLM calls from the journal instead of the engine: {r.tokens} tokens not generated again, "
+        f"{r.saved_s:.1f}s of call latency summed over those calls (they overlapped: the time saved on the clock is less)"
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:

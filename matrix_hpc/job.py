@@ -53,7 +53,7 @@ class RunSummary:
     progress: RunProgress
     store: dict[str, Any]
     metrics: dict[str, Any] = field(default_factory=dict)
-    """The workflow's metrics over the records this run committed."""
+    """The workflow's metrics over every record in the store (earlier lives' included)."""
     ray_logs: str | None = None
     usage: UsageSummary = field(default_factory=UsageSummary)
     """Tokens, calls, errors and latency ``by_role`` and ``by_model`` over every record in the store."""
@@ -300,12 +300,13 @@ def _finish(
     journal_costs: dict[str, float], started: float, log_dir: Path, prev: RunInfo, start_mark: dict[str, int],
 ) -> RunSummary:  # fmt: skip
     """Totals over the store, the final run.json, and the summary. Counts and usage add
-    the rows committed since the previous summary to it; metrics, failure samples and
-    replay figures are over this life's rows: the whole store is not read again."""
+    the rows committed since the previous summary to it; the workflow's metrics are over
+    the whole store (see matrix_hpc.summary); failure samples and replay figures are over
+    this life's rows."""
     entry = info.life
     if journal is not None and progress.finished:  # every task is committed: nothing left to replay
         shutil.rmtree(journal, ignore_errors=True)
-    summary = summarize(root, prev.summary_upto, prev.store, prev.usage, start_mark, metrics_fn)
+    summary = summarize(root, prev.summary_upto, prev.store, prev.usage, metrics_fn)
     counts, metrics, usage = summary.store, summary.metrics, summary.usage
     reader = StoreReader(root)
     new_rows = lambda: reader.iter_records(since=start_mark, upto=summary.upto)  # noqa: E731  (this life's rows)

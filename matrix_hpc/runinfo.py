@@ -84,7 +84,7 @@ class RunInfo:
     finished_at: float | None = None
     store: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
-    """The workflow's metrics over the records this life committed."""
+    """The workflow's metrics over every record in the store when this life ended."""
     usage: UsageSummary = field(default_factory=UsageSummary)
     """Tokens, calls, errors and latency per role and per model over every record in the store."""
     summary_upto: dict[str, int] = field(default_factory=dict)

@@ -4,7 +4,9 @@ A part's committed rows never change, so the store's counts and usage are added 
 incrementally: the previous life's totals (in run.json, with the row marks they
 cover) plus the rows committed since those marks. A life killed before it wrote its
 totals leaves the older totals and marks in place, so nothing is counted twice.
-The workflow's metrics (not additive in general) are over this life's new rows.
+The workflow's metrics are not additive in general (a rate, a mean): they are computed
+over every committed record, one scan of the store per life's end, so a number labelled
+``store:`` covers the whole store after a resume too (it once covered the last life only).
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ def summarize(
     prev_upto: dict[str, int] | None,
     prev_store: dict[str, Any],
     prev_usage: UsageSummary,
-    start_mark: dict[str, int],
     metrics_fn: Callable[..., dict[str, Any]] | None,
 ) -> StoreSummary:
     reader = StoreReader(root)
@@ -49,7 +50,7 @@ def summarize(
     if since is not None:
         counts = _add_counts(prev_store, counts)
         usage = _add_usage(prev_usage, usage)
-    metrics = metrics_fn(reader.iter_records(since=start_mark, upto=upto)) if metrics_fn else {}
+    metrics = metrics_fn(reader.iter_records(upto=upto)) if metrics_fn else {}
     return StoreSummary(upto=upto, store=counts, usage=usage, metrics=metrics)
 
 

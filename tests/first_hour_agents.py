@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Iterable
+from typing import Any
 
 from matrix_hpc.agents import Agent, Task
 
@@ -27,3 +29,12 @@ class Answerer(Agent):
             os._exit(1)
         await asyncio.sleep(float(self.params.get("sleep_s", 0)))
         task.finish({"answer": parse_answer(task.row["text"]), "meta": {"len": len(task.row["text"])}})
+
+
+def metrics(records: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """The user's workflow metrics: answered and broken rows."""
+    answered = broken = 0
+    for rec in records:
+        answered += rec["status"] == "ok"
+        broken += rec["status"] == "failed"
+    return {"answered": answered, "broken": broken}

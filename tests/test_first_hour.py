@@ -6,7 +6,9 @@ exit status and the exact line it printed (these all fail before Ray starts: fas
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -143,6 +145,7 @@ def user_job(tmp: Path, n: int = 60, sleep_s: float = 0.3) -> Path:
         "workflow": {
             "name": "mine",
             "entry": "answer",
+            "metrics": "tests.first_hour_agents:metrics",
             "python_path": [str(REPO)],
             "roles": {"answer": {"agent": "tests.first_hour_agents:Answerer", "params": {"sleep_s": sleep_s}}},
         },
@@ -199,6 +202,12 @@ def test_interrupt_resume_and_what_the_user_reads(tmp_path: Path, run_factory: A
     ok_line = next(line for line in lines if line.startswith("  this run:  ") and " ok, " in line)
     assert ok_line.endswith(f"{first} skipped (already in the store)"), lines
     assert "  store:     60 records (48 ok, 12 failed), 0 prompt + 0 completion tokens" in lines, lines
+    # The workflow's metrics are over the whole store too (they were over the last life's records).
+    assert "  store:     metrics answered=48, broken=12" in lines, lines
+    assert json.loads((out / "run.json").read_text())["metrics"] == {"answered": 48, "broken": 12}
+    # The run's time is the clock's, start-up and shut-down included, and its phases add up.
+    took = re.search(r"^run finished in ([\d.]+)s: start-up ([\d.]+)s, running tasks ([\d.]+)s, shut-down ([\d.]+)s$", run.output, re.M)
+    assert took and float(took[2]) > 0 and abs(float(took[1]) - sum(float(took[i]) for i in (2, 3, 4))) <= 0.25, run.output[-2000:]
     sample = next(line for line in lines if "failed agent_error" in line)
     assert sample.endswith(f", e.g. IndexError: list index out of range (role answer) at {AGENTS}:{BUG_LINE} in parse_answer"), sample
     assert f"  log:       agent tracebacks in {out}/logs/agents.log" in lines

@@ -68,11 +68,19 @@ def test_teacher_and_student_on_two_embedded_models(tmp_path: Path, run_factory:
         tmp_path, rows, {"teacher": {**engine, "max_tokens": 20}, "student": {**engine, "max_tokens": 12}},
         **{"workflow.roles.student.sampling": {"max_tokens": 8, "temperature": 0.2}},
     )  # fmt: skip
-    run = run_factory(cfg)
+    run = run_factory(cfg, "run.progress=log", "run.progress_interval_s=1")
     assert run.wait(400) == 0, run.output[-3000:]
     out = tmp_path / "out"
     records = store_records(out)
     assert sorted(r["id"] for r in records) == sorted(q["id"] for q in rows)
+    # The progress line moves with the LLM calls of tasks in flight, per role (the pings'
+    # counts), not only with finished tasks: multi-turn dialogues are not mistaken for a hang.
+    rates = [re.search(r"\| LLM ([\d.]+) calls/s (\d+) tok/s \(student ([\d.]+)/s (\d+) tok/s, teacher ([\d.]+)/s (\d+) tok/s\)", line)
+             for line in run.output.splitlines() if "| in flight " in line]  # fmt: skip
+    moving = [m for m in rates if m and all(float(g) > 0 for g in m.groups())]
+    assert moving, run.output[-3000:]
+    for m in moving:  # the roles add up to the total
+        assert abs(float(m[1]) - float(m[3]) - float(m[5])) <= 0.15 and abs(int(m[2]) - int(m[4]) - int(m[6])) <= 2, m[0]
     assert all(r["status"] == "ok" for r in records), [r["error"] for r in records if r["error"]]
 
     info = _run_info(out)

@@ -172,18 +172,18 @@ def test_summary_adds_only_new_rows_to_the_previous_totals(tmp_path: Path) -> No
     w = StoreWriter(tmp_path, chunk_rows=8)
     w.append(recs(0, 20))
     w.commit()
-    first = summarize(tmp_path, None, {}, UsageSummary(), {}, None)
+    first = summarize(tmp_path, None, {}, UsageSummary(), None)
     w.append(recs(20, 50))
     w.commit()
     w.close()
     # The next life starts from the first's totals; a store reader that read anything
     # before the marks would count rows 0-19 twice.
     seen: list[str] = []
-    second = summarize(tmp_path, first.upto, first.store, first.usage, {"part-000": 20}, lambda rs: {"n": len([seen.append(r["id"]) for r in rs])})
-    full = summarize(tmp_path, None, {}, UsageSummary(), {}, None)
+    second = summarize(tmp_path, first.upto, first.store, first.usage, lambda rs: {"n": len([seen.append(r["id"]) for r in rs])})
+    full = summarize(tmp_path, None, {}, UsageSummary(), None)
     assert second.store == full.store and second.store["records"] == 50 and second.store["failed_by_kind"] == {"x": 17}
     assert second.usage == full.usage and second.usage.by_role["a"].prompt_tokens == sum(range(50))
-    assert second.metrics == {"n": 30} and seen[0] == "r20"  # metrics: this life's rows only
+    assert second.metrics == {"n": 50} and seen == [f"r{i}" for i in range(50)]  # metrics: the whole store, each record once
     assert _json.dumps(second.upto) == '{"part-000": 50}'
 
 

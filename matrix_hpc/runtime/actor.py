@@ -362,7 +362,9 @@ class AgentActor:
         if self._leaving is not None and not self._told.is_set():
             warnings = (*warnings, self._leaving)
             self._told.set()
-        return ActorPing(self.incarnation, os.getpid(), socket.gethostname(), warnings, progress=self.steps)
+        calls = sum(sum(c.served.values()) for c in self._clients.values())
+        tokens = sum(c.completion_tokens for c in self._clients.values())
+        return ActorPing(self.incarnation, os.getpid(), socket.gethostname(), warnings, self.steps, calls, tokens)
 
     def held_ids(self) -> list[str]:
         ids = list(self._running)

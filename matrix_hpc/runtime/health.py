@@ -43,6 +43,11 @@ class ActorPing:
     """Warnings for the driver to print (loop stalls) since the previous ping."""
     progress: int = 0
     """Steps taken (an agent) or rows committed (the sink) so far: the driver's stall clock."""
+    llm_calls: int = 0
+    """LLM calls this incarnation completed (replayed ones not counted): movement a user can see
+    while multi-turn tasks are still in flight (the progress line)."""
+    llm_tokens: int = 0
+    """Their output tokens."""
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,12 @@ class RunProgress:
     first_dispatch_at: float | None = None
     """Wall-clock time the first task was sent."""
     failed_by_kind: dict[str, int] = field(default_factory=dict)
+    llm_by_role: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """(LLM calls, output tokens) per role so far, tasks in flight included (the actors' pings)."""
     started_at: float = field(default_factory=time.monotonic)
+    """When the first task could be sent (monotonic): start-up is over."""
+    ended_at: float | None = None
+    """When the last task was committed or the rest abandoned (monotonic): shut-down follows."""
     finished: bool = False
     interrupted: bool = False
 
@@ -94,7 +99,8 @@ class RunProgress:
 
     @property
     def elapsed_s(self) -> float:
-        return time.monotonic() - self.started_at
+        """Time spent running tasks: from the start (or re-start) of intake to its end."""
+        return (self.ended_at or time.monotonic()) - self.started_at
 
     @property
     def remaining(self) -> int | None:
@@ -317,6 +323,7 @@ async def drive(
                 next_health = time.monotonic() + health_interval_s
                 doing = "the actors' health check"
                 restarted, _ = await team.check()
+                progress.llm_by_role = team.llm_activity()
                 if len(team.dead) > dead_seen:  # what the dead held is nowhere now (dispatch may have found them first)
                     dead_seen, need_recovery = len(team.dead), True
                 steps = sum(team.steps.values())
@@ -354,6 +361,7 @@ async def drive(
                     f"{len(inflight)} in flight; committed work is kept, re-run to resume"
                 )
     finally:
+        progress.ended_at = progress.ended_at or time.monotonic()
         if not main.done():
             main.cancel()
             with contextlib.suppress(BaseException):

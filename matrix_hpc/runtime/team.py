@@ -75,6 +75,10 @@ class Team:
         self.hosts: dict[str, str] = {}
         self.steps: dict[str, int] = {}
         """Steps taken (agents) or rows committed (sink) at the last check: a stall check's clock."""
+        self._llm: dict[str, tuple[int, int]] = {}
+        """(LLM calls, output tokens) per actor at the last check, earlier incarnations' included."""
+        self._llm_before: dict[str, tuple[int, int]] = {}
+        """What earlier incarnations of each actor had counted (a restarted actor counts from 0)."""
         self._sending: dict[asyncio.Future[Any], tuple[str, list[Task]]] = {}
         """Entry batches the driver sent that their actor has not accepted yet (held by the driver)."""
         self.dead: set[str] = set()
@@ -111,10 +115,24 @@ class Team:
             raise TeamError(failed[0])
 
     def _note(self, name: str, reply: ActorPing) -> None:
+        if self.incarnations.get(name, reply.incarnation) != reply.incarnation:  # restarted: it counts from 0 again
+            self._llm_before[name] = self._llm.get(name, (0, 0))
+        before = self._llm_before.get(name, (0, 0))
+        self._llm[name] = (before[0] + reply.llm_calls, before[1] + reply.llm_tokens)
         self.incarnations[name] = reply.incarnation
         self.pids[name], self.hosts[name], self.steps[name] = reply.pid, reply.host, reply.progress
         for warning in reply.warnings:
             log.warning("%s", warning)
+
+    def llm_activity(self) -> dict[str, tuple[int, int]]:
+        """(LLM calls, output tokens) per role so far, as of the last check (finished tasks' and
+        those still in flight, dead actors' included)."""
+        out: dict[str, tuple[int, int]] = {}
+        for name, (calls, tokens) in self._llm.items():
+            if calls:
+                c, t = out.get(_role_of(name), (0, 0))
+                out[_role_of(name)] = (c + calls, t + tokens)
+        return out
 
     def _mark_dead(self, name: str) -> None:
         if name in self.dead:

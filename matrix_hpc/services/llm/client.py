@@ -101,6 +101,8 @@ class ChatClient:
         self.slots = Slots(max_outstanding_per_endpoint, total=max_connections)
         self.served: dict[str, int] = {}
         """Completed requests per endpoint (for reports)."""
+        self.completion_tokens = 0
+        """Output tokens of the completed requests (the progress line's live LLM rate)."""
         # One session (connection pool) per endpoint: dropping an endpoint closes its pool,
         # which ends the requests still waiting on it (a dead node never answers them).
         self._sessions: dict[str, aiohttp.ClientSession] = {}
@@ -221,6 +223,7 @@ class ChatClient:
                 self.slots.release(url)
             self.served[url] = self.served.get(url, 0) + 1
             result = self._parse(_load(raw, url), url, time.monotonic() - started, self.model)
+            self.completion_tokens += result.completion_tokens
             if self.metric_tags is not None:
                 role, model = self.metric_tags
                 metrics.inc("llm_requests", 1, role, model, url)
