@@ -1,7 +1,7 @@
 """``matrix-hpc``: run a workflow, inspect and export its output.
 
 The CLI owns everything printed; errors a user can fix print one line and exit
-non-zero (2 for a bad config, 1 otherwise).
+non-zero (2 for a bad config, 3 when every task of a run failed, 1 otherwise).
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ from typing import Any
 __all__ = ["main"]
 
 log = logging.getLogger(__name__)
+
+ALL_FAILED = 3
+"""Exit status of a run whose tasks all failed (stopped early by ``run.stop_after_failures``, or finished)."""
 
 
 def _print_summary(summary: Any) -> None:
@@ -117,7 +120,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = run_job(config, on_progress=display, on_event=display.event, stop=stop)
     display.close(summary.progress)
     _print_summary(summary)
-    return 0 if summary.progress.finished else 130
+    p = summary.progress
+    if p.finished and p.failed and not p.ok:  # a bug that fails every task: not a success for scripts
+        kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(p.failed_by_kind.items(), key=lambda kv: -kv[1]))
+        print(f"matrix-hpc: error: every task of this run failed ({p.failed}: {kinds}); fix the cause (the failures above say which)", file=sys.stderr)
+        return ALL_FAILED
+    return 0 if p.finished else 130
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -340,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
+    from .runtime.runner import AllFailing
     from .runtime.source import DatasetError
     from .runtime.team import TeamError
     from .services.llm import ServerStartError
@@ -353,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"matrix-hpc: config error: {exc}", file=sys.stderr)
         return 2
+    except AllFailing as exc:
+        print(f"matrix-hpc: error: {exc}", file=sys.stderr)
+        return ALL_FAILED
     except OutputPathError as exc:
         print(f"matrix-hpc: error: {exc}", file=sys.stderr)
         return 2

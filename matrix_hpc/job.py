@@ -27,7 +27,7 @@ from .metrics import prometheus_targets
 from .runinfo import LifeRecord, RunInfo
 from .runtime.loader import check_workflow_code, import_paths, load_object
 from .runtime.replay import JOURNAL_DIR
-from .runtime.runner import RunProgress, StopFlag, drive
+from .runtime.runner import AllFailing, RunProgress, StopFlag, drive
 from .runtime.source import DatasetError, SourceOptions, columns_option, iter_tasks, scan_dataset
 from .runtime.spec import team_spec
 from .runtime.team import Team, TeamError
@@ -233,11 +233,13 @@ def run_job(
                         stop,
                         run.stop_grace_s,
                         run.stall_timeout_s,
+                        run.stop_after_failures,
                     )
                 )
             except TeamError as exc:  # save what is finished, then say why in one line
                 aborted = exc
-                say(f"stopping: {exc}")
+                # The CLI prints the whole line last; this one only says why the run is stopping.
+                say(f"stopping early: {exc.count} tasks failed as {exc.kind}" if isinstance(exc, AllFailing) else f"stopping: {exc}")
             # The final commit first: after a TERM the KILL may come within seconds, and the
             # clean-up below (journal stats, the agents' close()) can take much longer.
             asyncio.run(_flush_sink(team))

@@ -188,6 +188,11 @@ class RunConfig:
     """When no task moves (no step, no commit) for this long, the driver logs who holds the
     tasks in flight and re-sends those nobody holds; after as long again it stops the run
     with one line. 0 turns it off. Keep it above the longest single LLM call with retries."""
+    stop_after_failures: int = 20
+    """When the first this many tasks of a run to finish all failed with the same kind (a
+    misspelt ``next_role``, a bug in a step), stop the run with one line naming the kind and a
+    sample, rather than pay for every task's LLM calls; tasks not started are left for a
+    re-run. 0 turns it off."""
     max_actor_restarts: int = 10
     """Times Ray restarts a crashed agent or sink actor. An agent past it is gone for good:
     its role's other instances take its tasks; a role with none left stops the run."""

@@ -132,5 +132,7 @@ def _validate(config: JobConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if config.run.stop_after_failures < 0:
+        raise ConfigError(f"run.stop_after_failures: must be >= 0 (0 turns it off), got {config.run.stop_after_failures}")
     if config.run.replay_compact_s <= 0:
         raise ConfigError(f"run.replay_compact_s: must be > 0, got {config.run.replay_compact_s}")

@@ -28,7 +28,8 @@ from ..credentials import read_secret
 from ..services.llm import ChatClient
 from ..services.llm.registry import follow_registry
 from ..store import RecordRow
-from .agent import Agent, AgentContext, run_step
+from .agent import Agent, AgentContext, errors_log, first_line, run_step
+from .awaitables import take_awaitable
 from .gcbudget import GcBudget
 from .health import ActorPing, LoopLagWatcher
 from .loader import load_object
@@ -55,8 +56,6 @@ def sink_name(run_id: str) -> str:
 def _log_agent_errors_to(path: str, who: str) -> None:
     """Send agent tracebacks to one file under the output (appends of whole lines from
     every actor), not to Ray's session folder under /tmp that the user never finds."""
-    from .agent import errors_log
-
     handler = logging.FileHandler(path, delay=True)
     handler.setFormatter(logging.Formatter(f"%(asctime)s {who} pid {os.getpid()}: %(message)s"))
     errors_log.handlers[:] = [handler]
@@ -176,12 +175,16 @@ class AgentActor:
         return self._handles[dest]
 
     def _unsendable(self, dest: str, message: Any, exc: Exception) -> None:
-        """A task that cannot be serialized fails alone (``bad_state``); its batch goes on."""
+        """A task that cannot be serialized fails alone (``bad_state``); its batch goes on.
+        Its record and the console get one line; Ray's report (many lines, with colour
+        codes: what it found unpicklable, and where) goes to ``agents.log``."""
         if dest == SINK:  # a RecordRow is plain strings and numbers: this is a bug, say so loudly
             log.error("a record for %s cannot be sent to the sink: %s", self._id(message), exc)
             return
         task: Task = message
-        task.fail("bad_state", f"task {task.id} cannot be sent to role {dest!r}: {type(exc).__name__}: {exc}", self.role)
+        errors_log.error("task %s cannot be sent to role %r (from role %r):\n%s: %s", task.id, dest, self.role, type(exc).__name__, exc)
+        where = f"; the full report is in {os.path.join(self.team.log_dir, 'agents.log')}" if self.team.log_dir else ""
+        task.fail("bad_state", f"task {task.id} cannot be sent to role {dest!r}: {type(exc).__name__}: {first_line(exc)}{where}", self.role)
         task.state, task.result = {}, None  # what made it unpicklable stays behind
         self._to_sink(task)
 
@@ -327,6 +330,8 @@ class AgentActor:
             finally:
                 self._running.pop(task.id, None)
             try:
+                if task.error is None and take_awaitable(task, role):  # before pickling fails on it, less clearly
+                    errors_log.error("%s", task.error.message)  # type: ignore[union-attr]
                 if task.done:
                     self._to_sink(task)
                 else:

@@ -7,11 +7,13 @@ agent never talks to a coordinator: it only edits the task.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
+import re
 import time
 import traceback
-from collections.abc import Container
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -22,7 +24,7 @@ from ..store.textsafe import clean
 from .replay import Replay, call_digest
 from .task import Task, Turn
 
-__all__ = ["MAX_HOPS", "Agent", "AgentContext", "run_step"]
+__all__ = ["MAX_HOPS", "Agent", "AgentContext", "errors_log", "first_line", "run_step"]
 
 log = logging.getLogger(__name__)
 errors_log = logging.getLogger("matrix_hpc.agent_errors")
@@ -178,6 +180,27 @@ def frames(exc: BaseException, n: int = TRACEBACK_FRAMES) -> list[str]:
     ]  # tb_next: not run_step itself
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of ``exc``'s message, without terminal colour codes, cut to ``limit``
+    characters: what a record's message and the console get (Ray's serialization errors
+    run to dozens of coloured lines)."""
+    text = _ANSI.sub("", str(exc)).strip()
+    line = text.splitlines()[0] if text else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _did_you_mean(name: object, roles: Container[str]) -> str:
+    """`` (did you mean 'critic'?)`` for a misspelt role, else the roles there are."""
+    known = sorted(roles) if isinstance(roles, Iterable) else []
+    close = difflib.get_close_matches(str(name), known, n=1) if isinstance(name, str) else []
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    return f" (roles: {', '.join(known)})" if known else ""
+
+
 async def run_step(agent: Agent, task: Task, role: str, roles: Container[str]) -> None:
     """Advance ``task`` one step through ``agent``: the contract every scheduler keeps.
 
@@ -199,6 +222,6 @@ async def run_step(agent: Agent, task: Task, role: str, roles: Container[str]) -
     if not task.routed:  # without this check the task would loop back into this role forever
         task.fail("routing", f"role {role!r} neither routed, finished nor failed the task (set task.next_role, or call task.finish() or task.fail())", role)
     elif task.next_role not in roles:
-        task.fail("routing", f"role {role!r} routed to unknown role {task.next_role!r}", role)
+        task.fail("routing", f"role {role!r} routed to unknown role {task.next_role!r}{_did_you_mean(task.next_role, roles)}", role)
     elif task.hops >= MAX_HOPS:
         task.fail("routing", f"still routed after {MAX_HOPS} steps (last role {role!r})", role)

@@ -30,6 +30,8 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError
 
+from .agent import first_line
+
 __all__ = ["PARKED_SHARE", "Outbox"]
 
 log = logging.getLogger(__name__)
@@ -147,7 +149,9 @@ class Outbox:
 
     def _send_one_by_one(self, dest: str, index: int, receiver: Any, batch: list[Any], first: Exception) -> None:
         """Find the messages that cannot be sent; send the others on their own."""
-        log.warning("a batch to %s could not be sent (%s: %s); sending its %d message(s) one by one", dest, type(first).__name__, first, len(batch))
+        # The first line only: Ray's serialization error runs to dozens of coloured lines (the
+        # message that cannot be sent puts the whole report in agents.log).
+        log.warning("a batch to %s could not be sent (%s: %s); sending its %d message(s) one by one", dest, type(first).__name__, first_line(first), len(batch))
         for message in batch:
             self.sends += 1
             try:

@@ -39,7 +39,7 @@ from .sink import SinkStats
 from .task import Task
 from .team import Team, TeamError
 
-__all__ = ["RunAborted", "RunProgress", "StopFlag", "drive"]
+__all__ = ["AllFailing", "RunAborted", "RunProgress", "StopFlag", "drive"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,19 @@ _WATCH_S = 1.0
 
 class RunAborted(TeamError):
     """The run cannot go on (stalled, a role or the sink gone, commits failing); one line says why."""
+
+
+class AllFailing(RunAborted):
+    """Every task finished so far failed with one kind (``run.stop_after_failures`` or more):
+    a bug that would fail every task, so the run stops before paying for the rest."""
+
+    def __init__(self, kind: str, count: int, sample: str | None, limit: int) -> None:
+        self.kind, self.count = kind, count
+        e_g = f", e.g. {sample}" if sample else ""
+        super().__init__(
+            f"stopped early: the first {count} finished tasks all failed as {kind} (run.stop_after_failures={limit}){e_g}; "
+            "tasks in flight were stopped; fix the cause and re-run: the rows not done yet run then"
+        )
 
 
 class StopFlag(Protocol):
@@ -119,12 +132,14 @@ async def drive(
     stop: StopFlag | None = None,
     stop_grace_s: float = 0.0,
     stall_timeout_s: float = 0.0,
+    stop_after_failures: int = 0,
 ) -> RunProgress:
     """Run every task to a committed record, or until ``stop`` is set and the tasks in
     flight are committed or ``stop_grace_s`` has passed (the rest are abandoned).
 
     Raises :class:`TeamError` (:class:`RunAborted` for what the driver finds) when the run cannot go on;
-    ``stall_timeout_s`` = 0 turns the stall check off."""
+    ``stall_timeout_s`` = 0 turns the stall check off. When the first ``stop_after_failures``
+    (0: off) tasks to finish all failed with one kind, raises :class:`AllFailing`."""
     inflight: dict[str, Task] = {}  # sent and not yet committed: what recovery re-sends
     active: set[str] = set()  # sent and not yet received by the sink: what backpressure counts
     received_off = committed_off = 0
@@ -302,6 +317,8 @@ async def drive(
                 moved_at, stall_resent = time.monotonic(), False
             if stats.gave_up:
                 raise RunAborted(stats.gave_up)
+            if stop_after_failures and not stats.ok and stats.failed >= stop_after_failures and len(stats.failed_by_kind) == 1:
+                raise AllFailing(next(iter(stats.failed_by_kind)), stats.failed, stats.first_failure, stop_after_failures)
             if stats.commit_error != commit_error:
                 commit_error = stats.commit_error
                 if commit_error:

@@ -16,6 +16,7 @@ An id is reported committed only after its rows are durable.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -58,6 +59,9 @@ class SinkStats:
     commit_failing_s: float = 0.0
     gave_up: str | None = None
     """Set when commits failed for longer than ``commit_retry_s``: the run must stop."""
+    first_failure: str | None = None
+    """``task ID: message`` of the first failed record this incarnation committed (the
+    driver's early stop quotes it)."""
 
     def plus(self, other: SinkStats) -> SinkStats:
         """The counts of both (e.g. an earlier incarnation's and this one's); the rest from ``other``."""
@@ -67,7 +71,17 @@ class SinkStats:
             other, ok=self.ok + other.ok, failed=self.failed + other.failed, failed_by_kind=dict(kinds),
             prompt_tokens=self.prompt_tokens + other.prompt_tokens, completion_tokens=self.completion_tokens + other.completion_tokens,
             duplicates_refused=self.duplicates_refused + other.duplicates_refused,
+            first_failure=self.first_failure or other.first_failure,
         )  # fmt: skip
+
+
+def _failure_line(row: RecordRow) -> str:
+    """``task ID: message`` of a failed row (read once per incarnation: the record is JSON text)."""
+    try:
+        message = (json.loads(row.record).get("error") or {}).get("message") or ""
+    except (ValueError, AttributeError):
+        message = ""
+    return f"task {row.id}: {message or row.error_kind}"
 
 
 class _IdLog:
@@ -205,6 +219,8 @@ class SinkActor:
                 self._status[r.status] += 1
                 if r.status == "failed":
                     self._failed_kinds[r.error_kind] += 1
+                    if self._stats.first_failure is None:
+                        self._stats.first_failure = _failure_line(r)
                 finished[(r.status, r.error_kind or "")] += 1
                 self._stats.prompt_tokens += r.prompt_tokens
                 self._stats.completion_tokens += r.completion_tokens
