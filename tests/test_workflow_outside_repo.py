@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from .conftest import REPO, store_records
+from .conftest import BIN, REPO, store_records
 
 AGENTS = '''
 """A workflow of four non-LLM roles that exercise the Agent contract."""
@@ -221,3 +222,66 @@ def test_submit_checks_the_workflow_code_before_submitting(tmp_path: Path) -> No
     rc, output, _ = run_without_pythonpath(config, tmp_path, command="submit")
     assert rc == 2, output
     assert output.strip().endswith("workflow.roles.router.agent: module 'contract_agents' has no attribute 'Ruoter' (did you mean 'Router'?)")
+
+
+EXPLAIN_AGENTS = """
+from matrix_hpc.agents import Agent, Task
+
+
+class Writer(Agent):
+    uses_llm = False
+
+    async def step(self, task: Task) -> None:
+        task.finish({"explained": task.row["q"].upper()})
+
+
+def metrics(records):
+    return {"explained": sum(r["status"] == "ok" for r in records)}
+"""
+
+
+def _matrix_hpc(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The installed command, as a user types it (not ``python -m``, which puts ``cwd`` on the path itself)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([str(BIN / "matrix-hpc"), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_copy_of_a_bundled_workflow_names_its_modules_as_they_do(tmp_path: Path) -> None:
+    """``explain_wf/config.yaml`` names ``explain_wf.agents:Writer``, as the bundled workflows
+    name theirs (``workflows.collab_reasoning.agents:Speaker``): it runs from the folder's
+    parent and from the folder itself (it failed: "No module named 'explain_wf'"); a package
+    in the current folder is found as ``python -m`` finds it."""
+    wf = tmp_path / "explain_wf"
+    wf.mkdir()
+    (wf / "agents.py").write_text(EXPLAIN_AGENTS)
+    (wf / "rows.jsonl").write_text("".join(json.dumps({"id": f"e{i}", "q": f"why {i}?"}) + "\n" for i in range(5)))
+    cfg = {
+        "workflow": {"name": "explain", "entry": "writer", "metrics": "explain_wf.agents:metrics", "roles": {"writer": {"agent": "explain_wf.agents:Writer"}}},
+        "dataset": {"path": "rows.jsonl"},
+        "llm": {"engine": "external", "base_urls": ["http://127.0.0.1:9/v1"]},  # no role calls it
+        "output": {"path": "out", "flush_interval_s": 0.2},
+        "run": {"progress": "off"},
+    }
+    (wf / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+    res = _matrix_hpc(tmp_path, "run", "explain_wf/config.yaml")  # from the parent: Ray's workers import it too
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    records = {r["id"]: r for r in store_records(wf / "out")}
+    assert {k: r["result"] for k, r in records.items()} == {f"e{i}": {"explained": f"WHY {i}?"} for i in range(5)}
+    assert "store:     metrics explained=5" in res.stdout, res.stdout
+
+    res = _matrix_hpc(wf, "run", "config.yaml")  # from its own folder: the code is checked, nothing is left to do
+    assert res.returncode == 0 and "nothing to do: every row of the dataset is already in" in res.stderr, res.stderr[-3000:]
+
+    # The current folder, as `python -m` has it: a project whose configs sit apart from its package.
+    project = tmp_path / "project"
+    (project / "configs").mkdir(parents=True)
+    (wf / "agents.py").rename(wf / "moved.py")
+    shutil.copytree(wf, project / "explain_wf")
+    (project / "configs" / "job.yaml").write_text(yaml.safe_dump({**cfg, "output": {"path": str(wf / "out")}, "dataset": {"path": str(wf / "rows.jsonl")}}))
+    (project / "explain_wf" / "moved.py").rename(project / "explain_wf" / "agents.py")
+    res = _matrix_hpc(project, "run", "configs/job.yaml")
+    assert res.returncode == 0 and "nothing to do" in res.stderr, res.stderr[-3000:]
+    res = _matrix_hpc(tmp_path, "run", "project/configs/job.yaml")  # from elsewhere it is not found, and the line says where it looked
+    assert res.returncode == 2 and "workflow.roles.writer.agent: cannot import module 'explain_wf.agents'" in res.stderr, res.stderr

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.machinery
 import inspect
 import os
 import sys
@@ -35,15 +36,55 @@ def load_object(path: str) -> Any:
 
 
 def import_paths(config: JobConfig) -> list[str]:
-    """``workflow.python_path`` as absolute folders (relative entries from the config file's folder)."""
-    base = Path(config.source_file).parent if config.source_file else Path.cwd()
+    """The folders a workflow's modules are imported from, on the driver and every worker:
+
+    1. ``workflow.python_path``, relative entries from the config file's folder (default: that folder);
+    2. for a module the config names (``pkg.agents:Writer``) whose top package is found in none
+       of those and is not installed: the config folder's parent when the folder itself is
+       named ``pkg`` (a copy of a bundled workflow, named as the bundled ones are), else the
+       current folder when ``pkg`` is there (as ``python -m`` has it).
+
+    Only a folder that holds a named package is added: each one may hide installed modules."""
+    base = Path(config.source_file).parent.resolve() if config.source_file else Path.cwd()
     out: list[str] = []
     for entry in config.workflow.python_path:
         p = Path(os.path.expanduser(entry))
         p = (p if p.is_absolute() else base / p).resolve()
         if str(p) not in out:
             out.append(str(p))
+    cwd = Path.cwd().resolve()
+    candidates = {str(base.parent), str(cwd)}  # on sys.path already after an earlier call: not "installed"
+    for top in _named_packages(config):
+        if any(_holds(Path(d), top) for d in out) or _installed(top, candidates):
+            continue
+        where = base.parent if base.name == top else cwd if _holds(cwd, top) else None
+        if where is not None and str(where) not in out:
+            out.append(str(where))
     return out
+
+
+def _named_packages(config: JobConfig) -> list[str]:
+    """Top-level package names of every ``module:attr`` the workflow names (agents, metrics)."""
+    wf = config.workflow
+    named = [rc.agent for rc in wf.roles.values()] + ([wf.metrics] if wf.metrics else [])
+    return list(dict.fromkeys(path.partition(":")[0].split(".")[0] for path in named if path))
+
+
+def _holds(folder: Path, top: str) -> bool:
+    return (folder / f"{top}.py").is_file() or (folder / top).is_dir()
+
+
+def _installed(top: str, exclude: set[str]) -> bool:
+    """Importable from this interpreter's path less ``exclude`` (the bundled ``workflows``, an
+    installed package); modules imported already do not count (``sys.modules`` is not read)."""
+    path = [p for p in sys.path if str(Path(p or ".").resolve()) not in exclude]
+    finders = [f for f in sys.meta_path if f is not importlib.machinery.PathFinder]  # editable installs' finders
+    try:
+        if importlib.machinery.PathFinder.find_spec(top, path) is not None:
+            return True
+        return any(getattr(f, "find_spec", None) and f.find_spec(top, None) is not None for f in finders)
+    except (ImportError, ValueError):
+        return False
 
 
 def add_import_paths(paths: list[str]) -> None:
