@@ -9,7 +9,8 @@ Recording only updates a local dict (a few hundred ns); a daemon thread pushes t
 totals to Ray once a second (:data:`FLUSH_S`), so the hop does not pay Ray's metric
 calls. Gauges that describe state (queue depth, requests outstanding) are read by
 *collectors* at flush time instead of being set on every change. Ray serves the
-series on each node's metrics export port, named ``ray_matrix_hpc_<name>``.
+series on each node's metrics export port, named ``ray_matrix_hpc_<name>``; every series
+carries the run's id (``run_id``), so runs that share nodes or a Prometheus stay apart.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class _Recorder:
         self.samples: dict[Key, list[float]] = {}
         self.collectors: list[Callable[[], None]] = []
         self.ray_metrics: dict[str, Any] = {}
+        self.run_id = ""
         self.thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -135,12 +137,14 @@ class _Recorder:
 
             d = METRICS[name]
             full = f"matrix_hpc_{name}" + ("_total" if d.kind == "counter" and not name.endswith("_total") else "")
+            keys = (*d.tags, "run_id")
             if d.kind == "counter":
-                m = rm.Counter(full, d.help, tag_keys=d.tags)
+                m = rm.Counter(full, d.help, tag_keys=keys)
             elif d.kind == "gauge":
-                m = rm.Gauge(full, d.help, tag_keys=d.tags)
+                m = rm.Gauge(full, d.help, tag_keys=keys)
             else:
-                m = rm.Histogram(full, d.help, boundaries=list(d.buckets), tag_keys=d.tags)
+                m = rm.Histogram(full, d.help, boundaries=list(d.buckets), tag_keys=keys)
+            m.set_default_tags({"run_id": self.run_id})
             self.ray_metrics[name] = m
         return m
 
@@ -148,9 +152,10 @@ class _Recorder:
 _rec = _Recorder()
 
 
-def configure(enabled: bool) -> None:
-    """Turn recording on or off in this process (``run.metrics``)."""
+def configure(enabled: bool, run_id: str = "") -> None:
+    """Turn recording on or off in this process (``run.metrics``), for run ``run_id`` (a tag of every series)."""
     _rec.enabled = enabled
+    _rec.run_id = run_id
 
 
 def enabled() -> bool:

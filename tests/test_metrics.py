@@ -89,6 +89,8 @@ def test_metrics_are_scraped_during_a_run_and_match_the_store(tmp_path: Path, mo
     records = store_records(out)
     assert len(records) == 31
     assert total(samples, "ray_matrix_hpc_tasks_finished_total") == len(records)
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+    assert {labels.get("run_id") for _, labels, _ in samples} == {run_id}  # every series names its run
     assert total(samples, "ray_matrix_hpc_tasks_finished_total", status="failed", kind="bad_input") == 1
     assert total(samples, "ray_matrix_hpc_store_rows_total") == len(records)
     turns = sum(len(r["turns"]) for r in records)

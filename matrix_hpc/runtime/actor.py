@@ -83,7 +83,7 @@ class AgentActor:
         self._restarted = ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
         self._leaving: str | None = None  # why this instance leaves routing (told to the driver by ping)
         self._told = asyncio.Event()  # the driver has read it
-        metrics.configure(team.metrics)
+        metrics.configure(team.metrics, team.run_id)
         spec = team.roles[role]
         self._clients: dict[str, ChatClient] = {}
         """One client per model this actor's roles call (an inline role shares its model's)."""

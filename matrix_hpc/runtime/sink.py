@@ -115,7 +115,7 @@ class SinkActor:
         commit_retry_s: float = 300.0, owner: WriterOwner | None = None,
     ) -> None:  # fmt: skip
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        metrics.configure(export_metrics)
+        metrics.configure(export_metrics, owner.run_id if owner is not None else "")
         self.writer = StoreWriter(root, part=0, chunk_rows=chunk_rows, fsync=fsync, owner=owner)
         self.incarnation = uuid.uuid4().hex
         self.flush_interval_s = flush_interval_s

@@ -95,6 +95,7 @@ class EndpointRegistry:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.run_id, self.namespace, self.specs, self.model = run_id, namespace, specs, model
         self.model_key = model_key
+        metrics.configure(metrics.enabled(), run_id)  # its series (restarts, removals) name the run too
         # The run's key for its managed servers (a file: see matrix_hpc.credentials), else an
         # external endpoint's from its environment variable. Kept in the session's headers only.
         self.api_key_file = api_key_file
