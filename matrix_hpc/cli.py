@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -54,6 +55,21 @@ def _print_summary(summary: Any) -> None:
     if summary.ray_logs and p.resent:
         w(f"  log:       crashed actors' output in {summary.ray_logs}\n")
     w(f"output: {summary.output}\n")
+    w(look_hint(summary.output))
+
+
+def look_hint(output: str) -> str:
+    """The lines that end a run: how to look at its output, with the real path (copy and paste)."""
+    o = shlex.quote(str(output))
+    rows = [
+        (f"matrix-hpc status {o}", "state, counts, failures by kind"),
+        (f"matrix-hpc sample {o} -n 5", "a few records and their ids (--status failed, --where 'result.FIELD==VALUE')"),
+        (f"matrix-hpc show {o} ID", "one record in full: each turn's text, the failure, the result"),
+        (f"matrix-hpc export {o} --to data.jsonl", "every record (--format parquet or hf)"),
+        (f"matrix-hpc view {o}", "browse the records in a web page"),
+    ]
+    width = max(len(cmd) for cmd, _ in rows)
+    return "".join(f"{'look at it:' if i == 0 else '':<12}{cmd:<{width}}  {what}\n" for i, (cmd, what) in enumerate(rows))
 
 
 def _timeline(p: Any) -> str:
@@ -306,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     vw.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
     vw.set_defaults(func=cmd_view)
 
+    from .terminal import add_parsers as add_terminal_parsers
+
+    add_terminal_parsers(sub)  # show, sample
+
     sb = sub.add_parser(
         "submit",
         help="submit a run to Slurm (submitit; cluster.slurm.* sets the allocation)",
@@ -347,6 +367,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI; output cut short by its reader (``matrix-hpc status OUT | head``) ends it
+    quietly with status 141, as a command killed by SIGPIPE in a shell pipeline."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # here, not at exit: a reader that left is seen inside the try
+    except BrokenPipeError:
+        if not (_closed(sys.stdout) or _closed(sys.stderr)):
+            raise  # another pipe (a bug): its traceback is wanted
+        # What CPython's docs on SIGPIPE advise: point stdout at devnull, so the flush at
+        # exit cannot raise again ("Exception ignored ... BrokenPipeError").
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            if _closed(stream):
+                os.dup2(devnull, stream.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def _closed(stream: Any) -> bool:
+    """Whether ``stream``'s reader has gone: a pipe's write end polls POLLERR once no reader is left."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(stream.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _main(argv: list[str] | None) -> int:
     from .config import ConfigError
     from .runtime.runner import AllFailing
     from .runtime.source import DatasetError
