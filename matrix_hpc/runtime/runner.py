@@ -55,8 +55,9 @@ class RunAborted(TeamError):
 
 
 class AllFailing(RunAborted):
-    """Every task finished so far failed with one kind (``run.stop_after_failures`` or more):
-    a bug that would fail every task, so the run stops before paying for the rest."""
+    """Every task finished so far failed with one kind (``run.stop_after_failures`` or more;
+    ``bad_input`` rows aside): a bug that would fail every task, so the run stops before
+    paying for the rest."""
 
     def __init__(self, kind: str, count: int, sample: str | None, limit: int) -> None:
         self.kind, self.count = kind, count
@@ -317,8 +318,10 @@ async def drive(
                 moved_at, stall_resent = time.monotonic(), False
             if stats.gave_up:
                 raise RunAborted(stats.gave_up)
-            if stop_after_failures and not stats.ok and stats.failed >= stop_after_failures and len(stats.failed_by_kind) == 1:
-                raise AllFailing(next(iter(stats.failed_by_kind)), stats.failed, stats.first_failure, stop_after_failures)
+            # Bad input rows are the data's, not the workflow's (and go to the sink first): not counted.
+            ran = {kind: n for kind, n in stats.failed_by_kind.items() if kind != "bad_input"}
+            if stop_after_failures and not stats.ok and len(ran) == 1 and sum(ran.values()) >= stop_after_failures and not (exhausted and not inflight):
+                raise AllFailing(*next(iter(ran.items())), stats.first_failure, stop_after_failures)  # not when the run ends anyway
             if stats.commit_error != commit_error:
                 commit_error = stats.commit_error
                 if commit_error:

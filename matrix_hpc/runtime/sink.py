@@ -60,8 +60,8 @@ class SinkStats:
     gave_up: str | None = None
     """Set when commits failed for longer than ``commit_retry_s``: the run must stop."""
     first_failure: str | None = None
-    """``task ID: message`` of the first failed record this incarnation committed (the
-    driver's early stop quotes it)."""
+    """``task ID: message`` of the first failed record this incarnation committed, bad input
+    rows aside (the driver's early stop quotes it)."""
 
     def plus(self, other: SinkStats) -> SinkStats:
         """The counts of both (e.g. an earlier incarnation's and this one's); the rest from ``other``."""
@@ -219,7 +219,7 @@ class SinkActor:
                 self._status[r.status] += 1
                 if r.status == "failed":
                     self._failed_kinds[r.error_kind] += 1
-                    if self._stats.first_failure is None:
+                    if self._stats.first_failure is None and r.error_kind != "bad_input":
                         self._stats.first_failure = _failure_line(r)
                 finished[(r.status, r.error_kind or "")] += 1
                 self._stats.prompt_tokens += r.prompt_tokens
