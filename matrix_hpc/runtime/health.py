@@ -23,14 +23,24 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["ActorPing", "LoopClock", "LoopLagWatcher", "StallShare"]
 
 log = logging.getLogger(__name__)
+
+
+def _machine_load() -> tuple[float, int]:
+    """(1-minute load average, cores this process may use)."""
+    try:
+        return os.getloadavg()[0], len(os.sched_getaffinity(0))
+    except (OSError, AttributeError):
+        return 0.0, os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -52,28 +62,31 @@ class ActorPing:
 
 @dataclass(frozen=True)
 class StallShare:
-    """Where one late probe interval went, in seconds (see :class:`LoopClock`)."""
+    """Where one late probe interval went, in seconds (see :class:`LoopClock`). The four
+    parts add up to the whole interval (``late_s`` + ``idle_s``, the probe's own sleep)."""
 
     late_s: float
     gc_s: float
+    """Garbage collection: on this thread's CPU time, or on another thread's while this one was off CPU."""
     cpu_wait_s: float | None
     """Runnable but not running (other processes had the CPUs); None where unknown."""
     on_cpu_s: float
     """The loop thread on a CPU, less garbage collection."""
     off_cpu_s: float
-    """Neither: sleeping, waiting on I/O or on a lock (the GIL included)."""
+    """Neither: sleeping (the probe's own ``idle_s`` included), waiting on I/O or on a lock (the GIL included)."""
+    idle_s: float = 0.0
 
     @property
     def cause(self) -> str:
-        shares = {"gc": self.gc_s, "cpu_wait": self.cpu_wait_s or 0.0, "on_cpu": self.on_cpu_s, "off_cpu": self.off_cpu_s}
+        shares = {"gc": self.gc_s, "cpu_wait": self.cpu_wait_s or 0.0, "on_cpu": self.on_cpu_s, "off_cpu": self.off_cpu_s - self.idle_s}
         return max(shares, key=lambda k: shares[k])
 
     def describe(self) -> str:
-        parts = [f"garbage collection {self.gc_s:.1f}s"]
+        parts = [f"garbage collection {self.gc_s:.2f}s"]
         if self.cpu_wait_s is not None:
-            parts.append(f"waiting for a CPU {self.cpu_wait_s:.1f}s")
-        parts += [f"on CPU {self.on_cpu_s:.1f}s", f"off CPU {self.off_cpu_s:.1f}s"]
-        return ", ".join(parts)
+            parts.append(f"waiting for a CPU {self.cpu_wait_s:.2f}s")
+        parts += [f"on CPU {self.on_cpu_s:.2f}s", f"off CPU {self.off_cpu_s:.2f}s"]
+        return f"of the {self.late_s + self.idle_s:.2f}s probe interval: " + ", ".join(parts)
 
 
 class LoopClock:
@@ -114,18 +127,33 @@ class LoopClock:
 
     @staticmethod
     def share(before: tuple[float, float, float | None, float], after: tuple[float, float, float | None, float], idle_s: float) -> StallShare:
-        """Split the interval between two samples; ``idle_s`` of it was the loop's own expected wait."""
+        """Split the interval between two samples into parts that add up to it; ``idle_s`` of it
+        was the loop's own expected wait.
+
+        A collection's wall time is not all collecting: on a busy machine much of it is the
+        thread waiting for a CPU, which the thread's own clocks already count. So collection
+        is charged to this thread's CPU time first, and the rest of it only to time this
+        thread was off CPU (another thread collecting, holding the GIL); the wait is the
+        scheduler's figure. (Charging all of it double-counted: parts summed past the stall,
+        and a busy machine's stall was blamed on the actor's heap.)"""
         wall, cpu, gc_s = after[0] - before[0], after[1] - before[1], after[3] - before[3]
         wait = after[2] - before[2] if after[2] is not None and before[2] is not None else None
-        on_cpu = max(0.0, cpu - gc_s)  # a collection on this thread is also CPU time of it
-        off_cpu = max(0.0, wall - idle_s - cpu - (wait or 0.0) - max(0.0, gc_s - cpu))
-        return StallShare(max(0.0, wall - idle_s), gc_s, wait, on_cpu, off_cpu)
+        cpu = min(cpu, wall)
+        waited = min(wait or 0.0, wall - cpu)
+        gc_here = min(gc_s, cpu)
+        gc_elsewhere = min(gc_s - gc_here, wall - cpu - waited)
+        off_cpu = wall - cpu - waited - gc_elsewhere
+        return StallShare(max(0.0, wall - idle_s), gc_here + gc_elsewhere, None if wait is None else waited, cpu - gc_here, max(0.0, off_cpu), idle_s)
 
 
 class LoopLagWatcher:
     """Measures event-loop lag with a timer; collects one warning per ``report_every_s`` at most."""
 
-    def __init__(self, label: str, threshold_s: float, probe_s: float = 0.1, report_every_s: float = 10.0) -> None:
+    def __init__(
+        self, label: str, threshold_s: float, probe_s: float = 0.1, report_every_s: float = 10.0, machine_load: Callable[[], tuple[float, int]] | None = None
+    ) -> None:
+        """``machine_load``: (1-minute load average, usable cores), read at each report."""
+        self.machine_load = machine_load or _machine_load
         self.label = label
         self.threshold_s = threshold_s
         self.probe_s = probe_s
@@ -183,21 +211,23 @@ class LoopLagWatcher:
 
     def _report(self, worst: StallShare, stalls: int, roles: set[str]) -> None:
         times = f" ({stalls} stalls since the last warning)" if stalls > 1 else ""
+        load, cores = self.machine_load()
+        # Said first when it holds: it may explain any cause below (other jobs take the CPUs).
+        busy = f"the machine is busy (load average {load:.1f} on {cores} cores: other processes compete for its CPUs); " if load > cores else ""
         if worst.cause == "gc":
-            msg = (
-                f"{self.label}: event loop late by {worst.late_s:.1f}s{times}, mostly in garbage collection ({worst.describe()}), "
-                "not in a step: many tasks in flight per actor; more instances of its roles split them"
+            body = (
+                f"event loop late by {worst.late_s:.1f}s{times}, mostly in garbage collection ({worst.describe()}), "
+                "not in a step: many live objects in the actor (tasks in flight and what they hold); more instances of its roles split them"
             )
         elif worst.cause == "cpu_wait":
-            msg = (
-                f"{self.label}: event loop late by {worst.late_s:.1f}s{times}, mostly waiting for a CPU ({worst.describe()}), "
-                "not in a step: the node's CPUs are overcommitted"
-            )
+            overcommitted = "the node's CPUs are overcommitted" if busy else "the node's CPUs are overcommitted (its own processes: fewer instances or threads)"
+            body = f"event loop late by {worst.late_s:.1f}s{times}, mostly waiting for a CPU ({worst.describe()}), not in a step: {overcommitted}"
         else:
-            msg = (
-                f"{self.label}: event loop blocked for {worst.late_s:.1f}s{times} while running: {', '.join(sorted(roles))} "
+            body = (
+                f"event loop blocked for {worst.late_s:.1f}s{times} while running: {', '.join(sorted(roles))} "
                 f"({worst.describe()}). Blocking code stalls every task of the actor: run it with `await asyncio.to_thread(fn, ...)`"
             )
+        msg = f"{self.label}: {busy}{body}"
         log.warning("%s", msg)
         self._pending.append(msg)
         del self._pending[:-20]  # a driver that stops pinging must not grow this forever
