@@ -264,19 +264,27 @@ def cmd_check_health(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .store import export_store
+    from .store.export import Selection
 
+    order = None
+    if args.dataset_order:
+        from .dataset_order import dataset_positions
+
+        order = dataset_positions(args.output)
+    sel = Selection(args.status, args.flatten_result, order)
+    in_order = " in dataset order" if order is not None else ""
     if args.format == "hf":
         from .store.hf_export import export_hf
 
-        hf = export_hf(args.output, args.to, args.status)
-        print(f"wrote {hf.records} records to {Path(args.to).resolve()} ({len(hf.shards)} Parquet shard(s) in data/, dataset card README.md)")
-        if hf.json_columns:
-            print(f"note: column(s) {', '.join(hf.json_columns)} written as JSON text: their values do not fit one Parquet type")
-        return 0
-    res = export_store(args.output, args.to, args.format, args.status)
-    print(f"wrote {res.records} records to {Path(args.to).resolve()}")
+        res = export_hf(args.output, args.to, sel=sel)
+        print(f"wrote {res.records} records{in_order} to {Path(args.to).resolve()} ({len(res.shards)} Parquet shard(s) in data/, dataset card README.md)")
+    else:
+        res = export_store(args.output, args.to, args.format, sel=sel)
+        print(f"wrote {res.records} records{in_order} to {Path(args.to).resolve()}")
     if res.json_columns:
         print(f"note: column(s) {', '.join(res.json_columns)} written as JSON text: their values do not fit one Parquet type")
+    if res.unplaced:
+        print(f"note: {res.unplaced} record(s) of the store have an id the dataset does not hold now: written after the others, in store order")
     return 0
 
 
@@ -311,6 +319,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--to", required=True, help="file to write (a folder for --format hf)")
     ex.add_argument("--status", choices=["ok", "failed"], help="only records with this status")
+    ex.add_argument(
+        "--flatten-result",
+        action="store_true",
+        help="write result's fields as columns of their own (result.revisions; nested objects joined with dots, lists kept as values) instead of one result column",
+    )
+    ex.add_argument(
+        "--dataset-order",
+        action="store_true",
+        help="write records in the order of the dataset's rows (read again from the run's dataset.path, which must still be there) instead of the order tasks finished in",
+    )
     ex.set_defaults(func=cmd_export)
 
     vw = sub.add_parser(

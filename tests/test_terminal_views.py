@@ -197,3 +197,94 @@ def test_output_into_a_closed_pipe_ends_quietly(done_run: dict[str, Any], comman
     finally:
         os.close(w)
     assert res.stderr == "" and res.returncode == 141, res.stderr
+
+
+# --- export options --------------------------------------------------------------------------
+
+
+def _flat(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
+    """The documented flattening, written out: nested objects joined with dots, the rest values."""
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            _flat(f"{prefix}.{k}", v, out)
+    else:
+        out[prefix] = value
+    return out
+
+
+def test_export_flatten_result_writes_each_result_field_as_a_column(done_run: dict[str, Any]) -> None:
+    import pyarrow.parquet as pq
+
+    out, records, tmp = str(done_run["out"]), done_run["records"], done_run["tmp"]
+    flat = {r["id"]: _flat("result", r["result"], {}) if r["result"] is not None else {} for r in records}
+    columns = {k for f in flat.values() for k in f}
+    assert {"result.turns", "result.agreed", "result.final.teacher", "result.answers.student"} <= columns
+
+    res = cli("export", out, "--format", "parquet", "--to", str(tmp / "flat.parquet"), "--flatten-result")
+    assert res.returncode == 0, res.stderr
+    table = pq.read_table(tmp / "flat.parquet")
+    assert "result" not in table.column_names and {c for c in table.column_names if c.startswith("result.")} == columns
+    assert str(table.schema.field("result.turns").type) == "int64" and str(table.schema.field("result.agreed").type) == "bool"
+    for row in table.to_pylist():
+        assert {k: row[k] for k in columns} == {k: flat[row["id"]].get(k) for k in columns}, row["id"]
+
+    res = cli("export", out, "--to", str(tmp / "flat.jsonl"), "--flatten-result")
+    assert res.returncode == 0, res.stderr
+    lines = [json.loads(line) for line in (tmp / "flat.jsonl").read_text().splitlines()]
+    assert len(lines) == len(records)
+    for line in lines:
+        assert "result" not in line and {k: v for k, v in line.items() if k.startswith("result.")} == flat[line["id"]]
+
+
+def test_export_in_dataset_order(done_run: dict[str, Any]) -> None:
+    import pyarrow.parquet as pq
+
+    out, records, tmp = done_run["out"], done_run["records"], done_run["tmp"]
+    dataset_ids = [r["id"] for r in done_run["rows"]]
+    assert [r["id"] for r in records] != dataset_ids  # tasks finished out of order (the failed ones first)
+    res = cli("export", str(out), "--to", str(tmp / "ordered.jsonl"), "--dataset-order")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"wrote {len(records)} records in dataset order to ")
+    assert [json.loads(line)["id"] for line in (tmp / "ordered.jsonl").read_text().splitlines()] == dataset_ids
+
+    res = cli("export", str(out), "--format", "hf", "--to", str(tmp / "ordered-hf"), "--dataset-order", "--status", "failed")
+    assert res.returncode == 0, res.stderr
+    (shard,) = (tmp / "ordered-hf" / "data").iterdir()
+    assert pq.read_table(shard).column("id").to_pylist() == [i for i in dataset_ids if i in ("boom1", "no-choices")]
+
+    # The dataset changed since the run: a copy of the output whose run.json names a dataset of
+    # the rows reversed, two left out. Those two records come last, in store order, and are named.
+    import shutil
+
+    copy = tmp / "out-copy"
+    shutil.copytree(out, copy)
+    info = json.loads((copy / "run.json").read_text())
+    kept = done_run["rows"][::-1][2:]
+    info["config"]["dataset"]["path"] = str(write_jsonl(tmp / "changed.jsonl", kept))
+    (copy / "run.json").write_text(json.dumps(info))
+    res = cli("export", str(copy), "--to", str(tmp / "changed.jsonl.out"), "--dataset-order")
+    assert res.returncode == 0, res.stderr
+    assert "note: 2 record(s) of the store have an id the dataset does not hold now: written after the others, in store order" in res.stdout.splitlines()
+    left_out = [r["id"] for r in records if r["id"] not in {k["id"] for k in kept}]
+    got = [json.loads(line)["id"] for line in (tmp / "changed.jsonl.out").read_text().splitlines()]
+    assert got == [k["id"] for k in kept] + left_out
+
+
+def test_parquet_columns_no_row_fills_keep_their_type(done_run: dict[str, Any]) -> None:
+    """Only ok records: ``error`` is null in every row, and so is every turn's ``error``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out, tmp = str(done_run["out"]), done_run["tmp"]
+    error_type = pa.struct([("kind", pa.string()), ("message", pa.string()), ("role", pa.string()), ("traceback", pa.list_(pa.string()))])
+    res = cli("export", out, "--format", "parquet", "--to", str(tmp / "ok.parquet"), "--status", "ok")
+    assert res.returncode == 0, res.stderr
+    res = cli("export", out, "--format", "hf", "--to", str(tmp / "ok-hf"), "--status", "ok")
+    assert res.returncode == 0, res.stderr
+    for path in (tmp / "ok.parquet", *(tmp / "ok-hf" / "data").iterdir()):
+        table = pq.read_table(path)
+        assert table.num_rows == sum(r["status"] == "ok" for r in done_run["records"])
+        assert table.column("error").null_count == table.num_rows and table.schema.field("error").type == error_type
+        assert table.schema.field("error_kind").type == pa.string()
+        turn = table.schema.field("turns").type.value_type
+        assert turn.field("error").type == pa.string() and turn.field("latency_s").type == pa.float64() and turn.field("replayed").type == pa.bool_()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .export import ROW_GROUP, _batches, _infer_types, _Misfit, arrow_table
+from .export import ROW_GROUP, Selection, _batches, _infer_types, _Misfit, arrow_table, unplaced
 from .messages import record_messages
 from .zarr_store import StoreReader
 
@@ -39,6 +39,8 @@ class HFExportResult:
     records: int
     shards: list[Path] = field(default_factory=list)
     json_columns: list[str] = field(default_factory=list)
+    unplaced: int = 0
+    """With ``Selection.order``: records whose id the dataset does not hold (written last)."""
 
 
 @dataclass
@@ -70,20 +72,27 @@ def _messages_type() -> Any:
 
 
 def export_hf(
-    root: str | Path, to: str | Path, status: str | None = None, max_shard_bytes: int = MAX_SHARD_BYTES, row_group: int = ROW_GROUP
+    root: str | Path,
+    to: str | Path,
+    status: str | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    row_group: int = ROW_GROUP,
+    sel: Selection | None = None,
 ) -> HFExportResult:
-    """Write the committed records (optionally only ``status``) as a Hugging Face dataset folder."""
+    """Write the committed records (optionally only ``status``; ``sel``: the other options) as a Hugging Face dataset folder."""
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     reader = StoreReader(root)
+    sel = sel or Selection(status)
+    status = sel.status
     to = Path(to)
     to.mkdir(parents=True, exist_ok=True)
     extra = lambda rec: {"messages": record_messages(rec)}  # noqa: E731
     json_cols: set[str] = set()
     while True:  # a column that fails to convert in the second pass is retried as JSON text
-        names, types = _infer_types(lambda: _batches(reader, status, extra, row_group), json_cols)
+        names, types = _infer_types(lambda: _batches(reader, sel, extra, row_group), json_cols)
         types["messages"] = _messages_type()
         schema = pa.schema([(n, pa.string() if n in json_cols else types.get(n, pa.null())) for n in names])
         tmp = Path(f"{to}/.partial-{os.getpid()}")
@@ -92,7 +101,7 @@ def export_hf(
         stats, shards, n = _Stats(), [], 0
         writer = None
         try:
-            for batch in _batches(reader, status, extra, row_group):
+            for batch in _batches(reader, sel, extra, row_group):
                 if writer is None:
                     shards.append(tmp / f"{len(shards)}.parquet")
                     writer = pq.ParquetWriter(shards[-1], schema)
@@ -126,7 +135,7 @@ def export_hf(
     (to / "README.md").write_text(dataset_card(reader.run_info(), stats, n, sorted(json_cols), len(final), status), encoding="utf-8")
     if json_cols:
         log.info("export: columns %s written as JSON text", sorted(json_cols))
-    return HFExportResult(n, final, sorted(json_cols))
+    return HFExportResult(n, final, sorted(json_cols), unplaced(reader, sel))
 
 
 def code_version() -> str:
