@@ -83,7 +83,7 @@ def one(n: int, extra: int, tmp: Path) -> dict[str, float]:
         f"#!/bin/sh\n{sys.executable} -c 'import json, sys, time; print(time.time(), json.load(open(sys.argv[1])).get(\"status\"))' {out / 'run.json'} >> {calls}\n"
     )
     shim.chmod(0o755)
-    env = {**os.environ, "PATH": f"{shim_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": f"bench{n}", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "RAY_AUTH_MODE": "disabled",
+    env = {**os.environ, "PATH": f"{shim_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": f"bench{n}", "SLURM_PROCID": "0", "SLURM_NTASKS": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}  # fmt: skip
     log = open(tmp / f"bootstrap-{n}.log", "wb")
     proc = subprocess.Popen(

@@ -23,6 +23,8 @@ from typing import Any
 
 import ray
 
+from matrix_hpc.cluster.auth import RayAuth
+from matrix_hpc.credentials import new_secret
 from matrix_hpc.services.sandbox import SandboxPool, SandboxSession
 
 
@@ -60,7 +62,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 128])
     args = ap.parse_args()
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    RayAuth(token=new_secret())  # a private cluster, as a run's (token auth)
     ray.init(include_dashboard=False, log_to_driver=False, namespace="bench-sandbox")
     root = tempfile.mkdtemp(prefix="mhs-bench-", dir="/tmp")
     os.chmod(root, 0o711)

@@ -90,7 +90,7 @@ def one(in_flight: int, rate: float, close_s: float, flush_s: float, settle_s: f
     }
     cfg_path = tmp / "job.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": os.pathsep.join(p for p in (str(repo), str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(repo), str(REPO), os.environ.get("PYTHONPATH")) if p)}
     log_path = tmp / "run.log"
     log = open(log_path, "wb")
     proc = subprocess.Popen(

@@ -19,7 +19,10 @@ many tasks as in flight (50,000 and 100,000 by default) against a bigger engine 
 that a cost growing with the number of waiting tasks shows as lost utilization, and the
 central loop shows what one process with no Ray reaches on the same machine.
 ``--replay compare`` runs ours with the call journal (``run.replay``) on and off
-("ours/noreplay") and prints the difference.
+("ours/noreplay") and prints the difference. ``--auth compare`` runs ours with Ray's token
+authentication (what every run has) and without it ("ours/noauth", an instrument: the
+run's cluster is started with ``RAY_AUTH_MODE=disabled``, which nothing else in the
+project does), and prints tokens/s and start-up time (``run_job`` to the first task) of both.
 """
 
 from __future__ import annotations
@@ -80,6 +83,8 @@ class Row:
     which lowers ``utilization`` but not this)."""
     cpu_by_kind: dict[str, float] = field(default_factory=dict)
     """CPU ms per hop by process kind (``--cpu-breakdown``)."""
+    startup_s: float = 0.0
+    """Ours: from ``run_job`` to the first task sent (Ray, the team, the agents' setup)."""
 
 
 class TreeSampler:
@@ -248,16 +253,43 @@ def count_backlog_warnings(logs: str | None) -> int:
     return n
 
 
-def run_ours(job: Path, exclude: set[int], extra: list[str]) -> tuple[float, float, int, int]:
+class _NoAuth:
+    """Instrument for ``ours/noauth``: stands in for ``matrix_hpc.cluster.auth.RayAuth`` while the
+    run's cluster starts, so it runs without token authentication (its cost, measured)."""
+
+    def __init__(self, token: str | None = None, token_path: str | None = None) -> None:
+        from matrix_hpc.cluster import auth
+
+        self._saved = {k: os.environ.pop(k, None) for k in auth.AUTH_ENV}
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        auth._refresh_ray()
+
+    def restore(self) -> None:
+        from matrix_hpc.cluster import auth
+
+        for k, v in self._saved.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
+        auth._refresh_ray()
+
+
+STARTUP: list[float] = []  # the last run's start-up seconds (ours)
+
+
+def run_ours(job: Path, exclude: set[int], extra: list[str], auth: bool = True) -> tuple[float, float, int, int]:
+    from matrix_hpc.cluster import local
     from matrix_hpc.job import run_job
 
     config = load_config(job, OURS_SET + extra)
     sampler = TreeSampler(exclude)
     started: dict[str, float] = {}
+    t_call = time.monotonic()
 
     def on_progress(p: Any) -> None:
         if not started:  # Ray and the team are up: start measuring here
             started["t"] = time.monotonic()
+            STARTUP[:] = [p.started_at - t_call]
             sampler.__enter__()
             ENGINE.start()
         if p.remaining == 0 and "end" not in started:  # all committed: the work ends here, not after shutdown
@@ -265,7 +297,12 @@ def run_ours(job: Path, exclude: set[int], extra: list[str]) -> tuple[float, flo
             sampler.__exit__(None, None, None)  # CPU too: team and Ray shutdown are not the run's work (baselines have none)
             ENGINE.stop()
 
-    summary = run_job(config, on_progress=on_progress)
+    real = local.RayAuth
+    local.RayAuth = real if auth else _NoAuth  # type: ignore[misc,assignment]
+    try:
+        summary = run_job(config, on_progress=on_progress)
+    finally:
+        local.RayAuth = real  # type: ignore[misc]
     elapsed = started.get("end", time.monotonic()) - summary.progress.started_at
     if "end" not in started:
         sampler.__exit__(None, None, None)
@@ -336,7 +373,7 @@ def _one_run(scheduler: str, workflow: str, concurrency: int, n: int, url: str, 
         warnings = 0
         if scheduler.startswith("ours"):
             extra = {"ours-nometrics": ["run.metrics=false"], "ours/noreplay": ["run.replay=false"]}.get(scheduler, [])
-            elapsed, cpu, rss, warnings = run_ours(job, exclude, extra)
+            elapsed, cpu, rss, warnings = run_ours(job, exclude, extra, auth=scheduler != "ours/noauth")
         else:
             config = load_config(job)
             opts = SourceOptions(path=data, entry_role=config.workflow.entry, required_fields=tuple(config.dataset.required_fields))
@@ -348,7 +385,10 @@ def _one_run(scheduler: str, workflow: str, concurrency: int, n: int, url: str, 
             else:
                 import ray
 
-                os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+                from matrix_hpc.cluster.auth import RayAuth
+                from matrix_hpc.credentials import new_secret
+
+                ray_auth = RayAuth(token=new_secret())  # token auth, as our runs have
                 ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
                 fn = lambda: run_ray_data(config, url, tasks, concurrency, PIPELINES[workflow])  # noqa: E731
             try:
@@ -356,9 +396,11 @@ def _one_run(scheduler: str, workflow: str, concurrency: int, n: int, url: str, 
             finally:
                 if scheduler == "ray_data":
                     ray.shutdown()
+                    ray_auth.restore()
         row = summarize(scheduler, workflow, concurrency, elapsed, cpu, rss, out, n, peak)
         row.ray_warnings = warnings
         if scheduler.startswith("ours"):
+            row.startup_s = STARTUP[0] if STARTUP else 0.0
             hops = row.cpu_ms_per_hop and cpu * 1000 / row.cpu_ms_per_hop
             row.cpu_by_kind = {k: 1000 * v / max(hops, 1) for k, v in LAST_BREAKDOWN.items()}
         return row
@@ -366,7 +408,19 @@ def _one_run(scheduler: str, workflow: str, concurrency: int, n: int, url: str, 
 
 def median_row(rows: list[Row]) -> Row:
     med = rows[0].__class__(**asdict(rows[0]))
-    for f in ("tasks_per_s", "tokens_per_s", "utilization", "p50_s", "p99_s", "cpu_ms_per_hop", "cpu_ms_per_llm_hop", "peak_rss_mb", "engine_fill", "load"):
+    for f in (
+        "tasks_per_s",
+        "tokens_per_s",
+        "utilization",
+        "p50_s",
+        "p99_s",
+        "cpu_ms_per_hop",
+        "cpu_ms_per_llm_hop",
+        "peak_rss_mb",
+        "engine_fill",
+        "load",
+        "startup_s",
+    ):
         setattr(med, f, statistics.median(getattr(r, f) for r in rows))
     med.complete = all(r.complete for r in rows)
     med.ray_warnings = max(r.ray_warnings for r in rows)
@@ -395,6 +449,11 @@ def print_table(rows: list[Row], peak: float, title: str = "medians of repeats")
             print(
                 f"  {wf} @ {conc}: metrics cost {r.cpu_ms_per_hop - off.cpu_ms_per_hop:+.3f} CPU ms/hop ({r.cpu_ms_per_hop:.3f} with, {off.cpu_ms_per_hop:.3f} without), utilization {r.utilization - off.utilization:+.1%}"
             )
+        noauth = by.get((wf, conc, "ours/noauth"))
+        if sched == "ours" and noauth is not None:
+            print(f"  {wf} @ {conc}: Ray token auth on / off = {r.tokens_per_s / max(noauth.tokens_per_s, 1e-9):.3f}x tokens/s "
+                  f"({r.tokens_per_s:.0f} vs {noauth.tokens_per_s:.0f}); start-up {r.startup_s:.1f}s vs {noauth.startup_s:.1f}s; "
+                  f"cpu per LLM hop {r.cpu_ms_per_llm_hop:.3f} vs {noauth.cpu_ms_per_llm_hop:.3f} ms")  # fmt: skip
         off = by.get((wf, conc, "ours/noreplay"))
         if sched == "ours" and off is not None:
             print(f"  {wf} @ {conc}: replay on / off = {r.tokens_per_s / max(off.tokens_per_s, 1e-9):.3f}x tokens/s, "
@@ -421,6 +480,7 @@ def main() -> None:
         help="CPU priority of the engine process: it stands in for a GPU, so the system under test must not slow it down (negative needs root)",
     )
     ap.add_argument("--replay", choices=["on", "off", "compare"], default="on", help="our runtime's call journal (run.replay); compare runs both")
+    ap.add_argument("--auth", choices=["on", "compare"], default="on", help="compare: also run ours without Ray's token authentication (ours/noauth)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for our runtime (repeatable)")
     ap.add_argument("--scale", default="50000,100000", help="scale rows: tasks (= tasks in flight) per run, one run each ('' to skip)")
     ap.add_argument("--scale-schedulers", default="ours,central", help="who runs the scale rows (comma-separated)")
@@ -435,6 +495,8 @@ def main() -> None:
     if "ours" in scheds and args.replay != "on":
         at = scheds.index("ours")
         scheds[at : at + 1] = ["ours", "ours/noreplay"] if args.replay == "compare" else ["ours/noreplay"]
+    if "ours" in scheds and args.auth == "compare":
+        scheds.insert(scheds.index("ours") + 1, "ours/noauth")
     if args.workflow not in PIPELINES and "ray_data" in scheds:
         print(f"ray_data: skipped for {args.workflow} (its roles loop; no fixed stage pipeline)", file=sys.stderr)
         scheds.remove("ray_data")

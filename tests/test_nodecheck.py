@@ -92,7 +92,10 @@ def test_a_server_advertises_the_node_address_on_a_multi_node_ray_cluster(monkey
     from matrix_hpc.labels import NODE_IP_ENV, node_host
 
     monkeypatch.delenv(NODE_IP_ENV, raising=False)
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    from matrix_hpc.cluster.auth import RayAuth
+    from matrix_hpc.credentials import new_secret
+
+    auth = RayAuth(token=new_secret())  # the cluster is token-authenticated, as a run's
     ip = "127.0.1.7"  # an address of this machine that is not 127.0.0.1 (which Ray rewrites)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": ip, "include_dashboard": False})
     try:
@@ -106,3 +109,4 @@ def test_a_server_advertises_the_node_address_on_a_multi_node_ray_cluster(monkey
     finally:
         ray.shutdown()
         cluster.shutdown()
+        auth.restore()
