@@ -109,3 +109,37 @@ def test_a_closed_coroutine_leaves_no_never_awaited_warning() -> None:
     future = asyncio.new_event_loop().create_future()
     assert "un-awaited Future" in (forgot_await(Task(id="e02", row={}, next_role=None, result={"f": future}), "critic") or "")
     assert future.cancelled()
+
+
+# --- typos in params: a config error before Ray starts ------------------------------
+
+
+def cli(*args: str) -> tuple[int, list[str]]:
+    import subprocess
+
+    from .conftest import BIN
+
+    res = subprocess.run([str(BIN / "matrix-hpc"), *args], capture_output=True, text=True, timeout=120, cwd=REPO)
+    return res.returncode, res.stderr.strip().splitlines()
+
+
+def test_params_typos_are_config_errors_with_a_did_you_mean(tmp_path: Path) -> None:
+    guide = str(REPO / "docs" / "examples" / "guide_workflow" / "config.yaml")
+    collab = str(REPO / "workflows" / "collab_reasoning" / "config.yaml")
+    out = f"output.path={tmp_path}/out"
+    assert cli("run", guide, out, "workflow.roles.checker.params.max_trys=3") == (
+        2,
+        ["matrix-hpc: config error: workflow.roles.checker.params.max_trys: role 'checker' (Checker) declares no such param (did you mean 'max_tries'?)"],
+    )
+    assert cli("run", guide, out, "workflow.roles.checker.params.min_chars=many") == (
+        2,
+        ["matrix-hpc: config error: workflow.roles.checker.params.min_chars: expected int, got 'many'"],
+    )
+    assert cli("run", collab, out, "workflow.params.max_turn=3") == (
+        2,
+        ["matrix-hpc: config error: workflow.params.max_turn: no role declares this param (did you mean 'max_turns'?)"],
+    )
+    assert cli("run", collab, out, "workflow.roles.teacher.params.judge=referee", "workflow.roles.teacher.params.colour=red")[1] == [
+        "matrix-hpc: config error: workflow.roles.teacher.params.colour: role 'teacher' (Speaker) declares no such param (its params: judge, partner, persona)"
+    ]
+    assert not (tmp_path / "out").exists()  # refused before anything started

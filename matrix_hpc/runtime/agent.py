@@ -21,6 +21,7 @@ from .. import metrics
 from ..config import PoolConfig, Sampling
 from ..services.llm import ChatClient, ChatResult, LLMError, Message
 from ..store.textsafe import clean
+from .params import build_params
 from .replay import Replay, call_digest
 from .task import Task, Turn
 
@@ -99,10 +100,16 @@ class Agent:
 
     uses_llm: ClassVar[bool] = True
 
+    Params: ClassVar[type | None] = None
+    """A dataclass of the params this agent takes, with their types and defaults. Declared, the
+    role's ``params`` are checked when the run starts, before Ray (a key it does not declare is
+    a config error with a "did you mean"), and ``self.params`` is an instance of it; undeclared,
+    ``self.params`` is the dict as written, unchecked."""
+
     def __init__(self, ctx: AgentContext) -> None:
         self.ctx = ctx
         self.role = ctx.role
-        self.params = ctx.params
+        self.params: Any = build_params(type(self), ctx.params, f"workflow.roles.{ctx.role}.params")
 
     async def setup(self) -> None:
         """Open per-actor resources; called once per actor before its first step."""

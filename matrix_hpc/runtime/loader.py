@@ -4,8 +4,9 @@ A workflow may live outside the repo (``my_wf/config.yaml`` next to ``my_wf/agen
 ``workflow.python_path`` (default ``["."]``: the config file's folder) is put on the import
 path of the driver here and of every Ray worker on every node (``start_ray`` sets it in
 the job's ``runtime_env``), so no ``PYTHONPATH`` is needed. :func:`check_workflow_code`
-imports the agent classes and the metrics function before Ray or an engine starts, so a
-typo fails in a second with the key that names it.
+imports the agent classes and the metrics function, and checks the roles' params against
+what their agents declare (:mod:`.params`), before Ray or an engine starts, so a typo
+fails in a second with the key that names it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 from ..config import ConfigError, JobConfig
 from .agent import Agent
+from .params import check_params
 
 __all__ = ["add_import_paths", "check_workflow_code", "import_paths", "load_object"]
 
@@ -141,11 +143,15 @@ def check_workflow_code(config: JobConfig) -> None:
     paths = import_paths(config)
     add_import_paths(paths)
     wf = config.workflow
+    classes: dict[str, tuple[Any, dict[str, Any]]] = {}
     for role, rc in wf.roles.items():
         key = f"workflow.roles.{role}.agent"
-        problem = role_problem(role, _load(rc.agent, key, paths), rc.agent, config.role_model(role) is not None, rc.inline, config.models)
+        cls = _load(rc.agent, key, paths)
+        problem = role_problem(role, cls, rc.agent, config.role_model(role) is not None, rc.inline, config.models)
         if problem:
             raise ConfigError(problem)
+        classes[role] = (cls, rc.params)
+    check_params(classes, wf.params)  # a typo in params: a config error now, not a setting silently ignored
     if wf.metrics:
         fn = _load(wf.metrics, "workflow.metrics", paths)
         if not callable(fn):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from matrix_hpc.agents import Agent, Task
@@ -50,7 +51,16 @@ def _format_question(row: dict[str, Any]) -> str:
 
 
 class Speaker(Agent):
-    """One side of the discussion. params: ``persona``, ``partner``, ``judge``."""
+    """One side of the discussion."""
+
+    @dataclass
+    class Params:
+        persona: str = ""
+        """Who this speaker is (default: the role's name)."""
+        partner: str = "partner"
+        """Who it talks with."""
+        judge: str = "judge"
+        """The role that reads each reply."""
 
     async def step(self, task: Task) -> None:
         if not task.turns:
@@ -58,8 +68,8 @@ class Speaker(Agent):
             if problem:
                 task.fail("bad_input", f"row {task.id}: {problem}", self.role)
                 return
-        persona = self.params.get("persona", self.role)
-        partner = self.params.get("partner", "partner")
+        persona = self.params.persona or self.role
+        partner = self.params.partner
         system = (
             f"You are a {persona} discussing a multiple-choice question with a {partner}. "
             "Reason briefly, respond to what was said, and end your reply with "
@@ -71,20 +81,24 @@ class Speaker(Agent):
             prompt += f"\n\nDiscussion so far:\n{dialogue}"
         prompt += f"\n\nYour turn ({self.role}). Reply in at most three sentences."
         await self.chat(task, [{"role": "system", "content": system}, {"role": "user", "content": prompt}])
-        task.next_role = self.params.get("judge", "judge")
+        task.next_role = self.params.judge
 
 
 class Judge(Agent):
-    """Extracts answers and decides: agreement, turn limit, or the other speaker's turn.
-
-    params: ``speakers`` (the two role names, first one opens), ``max_turns``.
-    """
+    """Extracts answers and decides: agreement, turn limit, or the other speaker's turn."""
 
     uses_llm = False
 
+    @dataclass
+    class Params:
+        speakers: list[str] = field(default_factory=lambda: ["teacher", "student"])
+        """The two speakers' role names; the first one opens."""
+        max_turns: int = 4
+        """Turns (both speakers') after which the dialogue ends without agreement."""
+
     async def step(self, task: Task) -> None:
-        speakers: list[str] = self.params.get("speakers", ["teacher", "student"])
-        max_turns = int(self.params.get("max_turns", 4))
+        speakers: list[str] = self.params.speakers
+        max_turns = self.params.max_turns
         last = task.turns[-1]
         answers: dict[str, list[str | None]] = task.state.setdefault("answers", {s: [] for s in speakers})
         answers.setdefault(last.role, []).append(extract_answer(last.text, len(task.row["choices"])))

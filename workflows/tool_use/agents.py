@@ -17,6 +17,7 @@ import contextlib
 import logging
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -64,17 +65,36 @@ def start_state(task: Task) -> None:
     task.state.update(messages=[{"role": "assistant", "content": GREETING}], user_turns=0, tool_execs=[], termination=None)
 
 
+@dataclass
+class _Params:
+    """What every role of the workflow takes (``workflow.params``)."""
+
+    db: str | None = None
+    """A JSON file of the starting database (default: the bundled one)."""
+    max_turns: int = 6
+    """Customer messages before the dialogue is cut."""
+    evaluator: str = "evaluator"
+    history_chars: int = 4000
+    """Latest dialogue sent to the model: what fits its context."""
+
+
 class _ToolUseAgent(Agent):
+    Params = _Params
+
     def __init__(self, ctx: AgentContext) -> None:
         super().__init__(ctx)
-        self.base_db = load_base_db(self.params.get("db"))
-        self.max_turns = int(self.params.get("max_turns", 6))
-        self.evaluator = self.params.get("evaluator", "evaluator")
-        self.history_chars = int(self.params.get("history_chars", 4000))  # what fits the model's context
+        self.base_db = load_base_db(self.params.db)
+        self.max_turns = self.params.max_turns
+        self.evaluator = self.params.evaluator
+        self.history_chars = self.params.history_chars
 
 
 class UserSim(_ToolUseAgent):
-    """The customer. params: ``max_turns`` (customer messages), ``history_chars``, ``evaluator``, ``assistant``."""
+    """The customer."""
+
+    @dataclass
+    class Params(_Params):
+        assistant: str = "assistant"
 
     async def step(self, task: Task) -> None:
         st = task.state
@@ -103,25 +123,34 @@ class UserSim(_ToolUseAgent):
             st["termination"] = "user_stop"
             task.next_role = self.evaluator
         else:
-            task.next_role = self.params.get("assistant", "assistant")
+            task.next_role = self.params.assistant
 
 
 class Assistant(_ToolUseAgent):
-    """The support agent. params: ``tool_calling`` (native|text), ``max_tool_rounds``,
-    ``sandbox_pool`` (pool name), ``acquire_wait_s``, ``user``; the pool's settings are the
-    job's ``sandbox`` section (``ctx.sandbox``)."""
+    """The support agent; the pool's settings are the job's ``sandbox`` section (``ctx.sandbox``)."""
+
+    @dataclass
+    class Params(_Params):
+        tool_calling: str = "native"
+        """``native`` (the server's tool calls) or ``text`` (JSON calls in the reply)."""
+        max_tool_rounds: int = 3
+        """Tool-call rounds within one reply."""
+        sandbox_pool: str = "tool-use-sandboxes"
+        """Ray actor name prefix of the per-node pool (created on first use)."""
+        acquire_wait_s: float = 60.0
+        user: str = "user"
 
     def __init__(self, ctx: AgentContext) -> None:
         super().__init__(ctx)
-        self.mode = self.params.get("tool_calling", "native")
+        self.mode = self.params.tool_calling
         if self.mode not in ("native", "text"):
             raise ValueError(f"workflow.params.tool_calling: expected native or text, got {self.mode!r}")
         self.known = set(tools.IMPLEMENTATIONS)
-        self.max_tool_rounds = int(self.params.get("max_tool_rounds", 3))
-        self.pool_name = str(self.params.get("sandbox_pool", "tool-use-sandboxes"))
+        self.max_tool_rounds = self.params.max_tool_rounds
+        self.pool_name = self.params.sandbox_pool
         self.pool_cfg = pool_config(ctx.sandbox)
         self.tool_limits: SandboxLimits = self.pool_cfg.limits
-        self.acquire_wait_s = float(self.params.get("acquire_wait_s", 60.0))
+        self.acquire_wait_s = self.params.acquire_wait_s
         self._pool: Any = None
         system = POLICY if self.mode == "native" else f"{POLICY}\n\n{tool_prompt(tools.SCHEMAS)}"
         self.system = {"role": "system", "content": system}
@@ -142,7 +171,7 @@ class Assistant(_ToolUseAgent):
             self._pool = None
             task.fail("sandbox_error", f"sandbox pool {self.pool_name} is gone: {exc}", self.role)
             return
-        task.next_role = self.evaluator if task.state.get("termination") else self.params.get("user", "user")
+        task.next_role = self.evaluator if task.state.get("termination") else self.params.user
 
     async def _respond(self, task: Task) -> None:
         st = task.state

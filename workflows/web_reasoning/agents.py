@@ -20,7 +20,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from matrix_hpc.agents import Agent, AgentContext, Task
@@ -193,11 +193,17 @@ class _Stage(Agent):
 
 
 class Filter(_Stage):
-    """Rules, then a yes/no question. params: ``rules`` (:class:`RuleLimits`), ``next``."""
+    """Rules, then a yes/no question."""
+
+    @dataclass
+    class Params:
+        rules: dict[str, Any] = field(default_factory=dict)
+        """:class:`RuleLimits` keys (checked when the agent is built)."""
+        next: str = "scorer"
 
     def __init__(self, ctx: AgentContext) -> None:
         super().__init__(ctx)
-        self.limits = RuleLimits.from_params(self.params.get("rules") or {})
+        self.limits = RuleLimits.from_params(self.params.rules)
 
     async def step(self, task: Task) -> None:
         text = task.row.get("text")
@@ -218,16 +224,23 @@ class Filter(_Stage):
         elif not verdict:
             self.reject(task, "llm_filter", "the model answered no")
         else:
-            task.next_role = self.params.get("next", "scorer")
+            task.next_role = self.params.next
 
 
 class Scorer(_Stage):
-    """JSON scores per criterion; a low mean rejects. params: ``criteria``, ``min_mean_score``, ``next``."""
+    """JSON scores per criterion; a low mean rejects."""
+
+    @dataclass
+    class Params:
+        criteria: dict[str, str] | None = None
+        """Name -> what it rates (default: ``DEFAULT_CRITERIA``)."""
+        min_mean_score: float = 3.0
+        next: str = "questioner"
 
     def __init__(self, ctx: AgentContext) -> None:
         super().__init__(ctx)
-        self.criteria: dict[str, str] = dict(self.params.get("criteria") or DEFAULT_CRITERIA)
-        self.min_mean = float(self.params.get("min_mean_score", 3.0))
+        self.criteria: dict[str, str] = dict(self.params.criteria or DEFAULT_CRITERIA)
+        self.min_mean = self.params.min_mean_score
 
     def prompt(self, document: str) -> str:
         listing = "\n".join(f"- {name}: {desc}" for name, desc in self.criteria.items())
@@ -252,7 +265,7 @@ class Scorer(_Stage):
         if mean < self.min_mean:
             self.reject(task, "score", f"mean score {mean:.2f} < min_mean_score {self.min_mean}")
         else:
-            task.next_role = self.params.get("next", "questioner")
+            task.next_role = self.params.next
 
 
 class Questioner(_Stage):

@@ -7,9 +7,10 @@ The checker sends a too-short explanation back to the writer, at most ``max_trie
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from matrix_hpc.agents import Agent, AgentContext, Task
+from matrix_hpc.agents import Agent, Task
 
 
 class Writer(Agent):
@@ -27,23 +28,23 @@ class Writer(Agent):
 
 
 class Checker(Agent):
-    """Rules only. params: ``min_chars``, ``max_tries``."""
+    """Rules only."""
 
     uses_llm = False
 
-    def __init__(self, ctx: AgentContext) -> None:
-        super().__init__(ctx)
-        self.min_chars = int(self.params.get("min_chars", 20))  # settings: shared by every task
-        self.max_tries = int(self.params.get("max_tries", 2))
+    @dataclass
+    class Params:  # the role's params, checked before the run starts: a typo is a config error
+        min_chars: int = 20
+        max_tries: int = 2
 
     async def step(self, task: Task) -> None:
-        st = task.state
-        if len(st["explanation"]) >= self.min_chars:
+        st, p = task.state, self.params  # self.params: settings shared by every task
+        if len(st["explanation"]) >= p.min_chars:
             task.next_role = "grader"
-        elif st["tries"] < self.max_tries:
+        elif st["tries"] < p.max_tries:
             task.next_role = "writer"  # try again
         else:
-            task.finish({**summary(task), "accepted": False, "reason": f"shorter than {self.min_chars} characters"})
+            task.finish({**summary(task), "accepted": False, "reason": f"shorter than {p.min_chars} characters"})
 
 
 class Grader(Agent):
