@@ -139,7 +139,7 @@ def test_sink_commits_the_rest_of_a_batch_around_a_bad_record(tmp_path: Path) ->
 
     from matrix_hpc.runtime.sink import SinkActor
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, namespace="hostile-sink-test")
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, namespace="hostile-sink-test")
     try:
         sink = SinkActor.remote(str(tmp_path / "out"), 64, 0.05, False, False, 5.0)
         rows = _rows([f"r{i}" for i in range(10)])

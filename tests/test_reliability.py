@@ -297,7 +297,7 @@ def test_sink_poll_with_offsets_of_an_earlier_incarnation_reports_every_id(tmp_p
     def rows(ids: list[str]) -> list[RecordRow]:
         return [RecordRow(i, "ok", "", json.dumps({"id": i}), 0.0, 1, 2) for i in ids]
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, namespace="sink-poll-test")
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, namespace="sink-poll-test")
     try:
         sink = SinkActor.remote(str(tmp_path / "out"), 64, 0.05, False, False)
         first = [f"a{i}" for i in range(100)]

@@ -9,10 +9,12 @@ failure; a lease whose holder actor is SIGKILLed comes back to the pool.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -45,7 +47,7 @@ from .test_sandbox import IMAGE, processes_with
 def ray_cluster() -> Iterator[None]:
     # Token auth as a run has it; RayAuth also makes this process's Ray read the mode again.
     auth = RayAuth(token=secrets.token_hex(32))
-    ray.init(num_cpus=2, include_dashboard=False, namespace="sandbox-tests", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="sandbox-tests", log_to_driver=False)
     yield
     ray.shutdown()
     auth.restore()
@@ -312,3 +314,44 @@ def test_two_users_pools_share_a_root_without_colliding(ray_cluster: None) -> No
         ray.get(pool.shutdown.remote())
         ray.kill(pool)
         shutil.rmtree(base, ignore_errors=True)
+
+
+_CONNECT = """
+import json, socket, sys
+out = {}
+for target in json.loads(sys.argv[1]):
+    host, port = target.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+        out[target] = "connected"
+    except OSError as exc:
+        out[target] = f"failed: {exc.errno}"
+print(json.dumps(out))
+"""
+
+
+def test_a_sandbox_reaches_none_of_the_runs_ports_unless_network_is_on(make_pool: Any, runtime_cfg: dict[str, Any]) -> None:
+    """What a tool call's code could attack from inside a sandbox: the run's Ray ports (GCS,
+    raylet, object manager, metrics export) and an LLM endpoint on loopback (the embedded
+    engine and a one-node vLLM listen there). With sandbox network off (the default) none
+    answers; with it on, all do (so the check can fail)."""
+    node = next(n for n in ray.nodes() if n["Alive"])
+    targets = [ray.get_runtime_context().gcs_address] + [
+        f"{node['NodeManagerAddress']}:{node[k]}" for k in ("NodeManagerPort", "ObjectManagerPort", "MetricsExportPort")
+    ]
+    with socket.create_server(("127.0.0.1", 0)) as llm:  # where a run's engine listens
+        targets.append(f"127.0.0.1:{llm.getsockname()[1]}")
+        reached = {}
+        for network in (False, True):
+            settings = {runtime_cfg["runtime"]: {**runtime_cfg.get(runtime_cfg["runtime"], {}), "network": network}}
+            pool = make_pool(size=1, **settings)
+
+            async def probe(pool: Any = pool) -> dict[str, str]:
+                async with SandboxSession(pool, f"probe-{network}", wait_s=60) as sb:
+                    res = await sb.exec(["python3", "-c", _CONNECT, json.dumps(targets)])
+                    assert res.exit_code == 0, res
+                    return json.loads(res.stdout)  # type: ignore[no-any-return]
+
+            reached[network] = asyncio.run(probe())
+    assert all(v.startswith("failed") for v in reached[False].values()), reached[False]
+    assert all(v == "connected" for v in reached[True].values()), reached[True]

@@ -15,7 +15,7 @@ INNER = """
 import ray
 
 def test_ray_in_process():
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     assert ray.get(ray.put(1)) == 1
     ray.shutdown()
 

@@ -91,7 +91,7 @@ def test_rendering_for_text_mode_and_the_user_view() -> None:
 def pool_params() -> Iterator[dict[str, Any]]:
     # Token auth as a run has it; RayAuth also makes this process's Ray read the mode again.
     auth = RayAuth(token=secrets.token_hex(32))
-    ray.init(num_cpus=2, include_dashboard=False, namespace="tool-use-tests", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="tool-use-tests", log_to_driver=False)
     root = tempfile.mkdtemp(prefix="mhs-tool-use-", dir="/tmp")
     os.chmod(root, 0o711)
     sandbox = {"size": 2, "root_dir": root, "idle_exit_s": None, "limits": {"wall_s": 10, "memory_mb": 512}}
