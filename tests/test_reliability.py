@@ -84,8 +84,8 @@ def test_runtime_error_fails_the_task_and_the_worker_goes_on(tmp_path: Path, run
         "a": {"agent": f"{AGENTS}:Slow", "concurrency": 2, "params": {"sleep_s": 0.01, "next": "j"}},
         "j": {"agent": f"{AGENTS}:BrokenInit", "inline": True, "params": {"marker": str(tmp_path / "j-built")}},
     }
-    run = run_factory(relay_config(tmp_path, n, roles))
-    assert run.wait(120) == 0, run.output
+    run = run_factory(relay_config(tmp_path, n, roles, **{"run.stop_after_failures": 0}))  # every task fails: all of them run
+    assert run.wait(120) == 3, run.output  # a run whose tasks all failed exits 3
     records = each_id_once(tmp_path / "out", n)
     assert {(r["error"]["kind"], r["error"]["role"]) for r in records} == {("runtime_error", "j")}
     assert "BrokenInit cannot be built" in records[0]["error"]["message"]
