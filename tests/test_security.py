@@ -45,7 +45,11 @@ def test_a_local_run_admits_no_one_else(tmp_path: Path, run_factory: Any) -> Non
     rows = questions(16)
     cfg = job_config(tmp_path, write_jsonl(tmp_path / "data.jsonl", rows), **{"run.max_in_flight": 4, "llm.embedded.n_parallel": 4})
     out = tmp_path / "out"
-    run = run_factory(cfg)
+    old_umask = os.umask(0o027)  # the user's: the run's files and folders take it (no more open than it allows)
+    try:
+        run = run_factory(cfg)
+    finally:
+        os.umask(old_umask)
     wait_for(lambda: _running(out) is not None, 240, "the run to start", run)
     # The driver is held while the outsider tries (its cluster and engine keep serving), so the
     # probes meet a live run however fast the machine finishes 16 rows.
@@ -67,6 +71,9 @@ def test_a_local_run_admits_no_one_else(tmp_path: Path, run_factory: Any) -> Non
     files = [p for folder in (out, ray_logs) for p in folder.rglob("*") if p.is_file()]
     leaked = [str(p) for p in files if token.encode() in p.read_bytes() or key.encode() in p.read_bytes()]
     assert len(files) > 10 and not leaked, leaked
+    # The store, the journal and the logs: nothing open to others under umask 027.
+    too_open = [f"{p} {oct(p.stat().st_mode & 0o777)}" for p in [out, *out.rglob("*")] if p.stat().st_mode & 0o007]
+    assert not too_open, too_open
     assert token not in run.output and key not in run.output
 
 
