@@ -95,7 +95,7 @@ class RoleConfig:
     that calls no LLM."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     """What every LLM call of this role sends (``max_tokens``, ``temperature``, ``top_p``, ``stop``,
-    ``seed``, ``extra``); unset keys take the model's defaults."""
+    ``seed``, ``response_format``, ``extra``); unset keys take the model's defaults."""
 
 
 @dataclass

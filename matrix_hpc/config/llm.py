@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .schemas import check_response_format, response_format_body, schema_text
+
 __all__ = [
     "EmbeddedEngineConfig",
     "LLMConfig",
@@ -157,6 +159,11 @@ class SamplingConfig:
     top_p: float | None = None
     stop: list[str] | None = None
     seed: int | None = None
+    response_format: Any = None
+    """A JSON schema (a mapping) every reply must match, or ``json`` (any JSON object). Sent as
+    OpenAI's ``response_format`` (vLLM: guided decoding; the embedded engine: a grammar);
+    each reply is checked when it arrives, and one that does not match is asked again (up to
+    the model's ``max_retries``), then fails its task as ``schema``."""
     extra: dict[str, Any] = field(default_factory=dict)
     """More request fields, e.g. ``{top_k: 20, repetition_penalty: 1.1}`` (server-specific)."""
 
@@ -168,6 +175,12 @@ class SamplingConfig:
             return f"{key}.temperature: must be >= 0, got {self.temperature}"
         if self.top_p is not None and not 0 < self.top_p <= 1:
             return f"{key}.top_p: must be in (0, 1], got {self.top_p}"
+        if "response_format" in self.extra:  # checked, and replies validated, only as a key of its own
+            return f"{key}.extra.response_format: use {key}.response_format (a JSON schema, or json)"
+        if self.response_format is not None:
+            problem = check_response_format(self.response_format)
+            if problem:
+                return f"{key}.response_format: {problem}"
         reserved = [k for k in self.extra if k in RESERVED_REQUEST_FIELDS]
         if reserved:
             return f"{key}.extra.{reserved[0]}: set by the runtime, not by sampling"
@@ -186,6 +199,8 @@ class Sampling:
     top_p: float | None = None
     stop: tuple[str, ...] | None = None
     seed: int | None = None
+    response_format: str | None = None
+    """``json``, or the schema's canonical JSON text (text keeps the object hashable)."""
     extra: tuple[tuple[str, Any], ...] = ()
     """Pass-through request fields, as pairs so the object stays hashable and immutable."""
 
@@ -198,6 +213,8 @@ class Sampling:
             body["stop"] = list(self.stop)
         if self.seed is not None:
             body["seed"] = self.seed
+        if self.response_format is not None:
+            body["response_format"] = response_format_body(self.response_format)
         body.update(dict(self.extra))
         return body
 
@@ -211,5 +228,6 @@ def resolve_sampling(model: ModelConfig | None, role: SamplingConfig) -> Samplin
         top_p=role.top_p,
         stop=tuple(role.stop) if role.stop is not None else None,
         seed=role.seed,
+        response_format=schema_text(role.response_format),
         extra=tuple(role.extra.items()),
     )

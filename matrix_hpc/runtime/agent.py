@@ -13,16 +13,18 @@ import logging
 import re
 import time
 import traceback
-from collections.abc import Container, Iterable
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .. import metrics
 from ..config import PoolConfig, Sampling
+from ..config.schemas import reply_schema
 from ..services.llm import ChatClient, ChatResult, LLMError, Message
 from ..store.textsafe import clean
 from .params import build_params
 from .replay import Replay, call_digest
+from .replies import excerpt, parse_reply
 from .task import Task, Turn
 
 __all__ = ["MAX_HOPS", "Agent", "AgentContext", "errors_log", "first_line", "run_step"]
@@ -124,13 +126,52 @@ class Agent:
         """Call the LLM and record the turn (text, usage, latency) on the task."""
         return (await self.chat_result(task, messages, **kwargs)).text
 
+    async def chat_json(self, task: Task, messages: list[Message], schema: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+        """Call the LLM (as :meth:`chat`) and return the JSON value of its reply: the whole reply,
+        else its first fenced ```json block, else the first ``{...}`` object in it.
+
+        It is checked against ``schema``, by default the role's ``sampling.response_format``
+        (which also makes the engine answer in JSON). A reply with no JSON raises
+        :class:`LLMError` ``bad_reply``, one that does not match ``schema``: ``schema``; either
+        fails the task (naming the role, the call and the start of the reply) unless caught.
+        """
+        text = await self.chat(task, messages, **kwargs)
+        if schema is None:
+            schema = reply_schema(kwargs.get("response_format", self.ctx.sampling.request_fields().get("response_format")))
+        value, kind, problem = parse_reply(text, schema)
+        if kind is not None:
+            raise LLMError(kind, f"role {self.role!r}, LLM call {task.llm_calls}: reply {problem}: {excerpt(text)}")
+        return value
+
     async def chat_result(self, task: Task, messages: list[Message], **kwargs: Any) -> ChatResult:
         """Like :meth:`chat`, but returns the whole :class:`ChatResult` (``tool_calls`` included).
 
         The recorded turn's text is the reply's text, or its tool calls as JSON when it has no text.
         With a journal (``ctx.replay``), a call this task already completed in an earlier life
         is answered from it (the turn is marked ``replayed``, with the original usage and latency).
+
+        With a ``response_format`` (the role's ``sampling.response_format``, or this call's), each
+        reply is checked against its schema; one that does not match is asked again, up to the
+        model's ``max_retries`` (its turn kept with error ``schema``), then :class:`LLMError`
+        ``schema`` names the first mismatch.
         """
+        schema = reply_schema(kwargs.get("response_format", self.ctx.sampling.request_fields().get("response_format")))
+        attempts = 1 + (getattr(self.ctx.llm, "max_retries", 0) if schema is not None else 0)
+        for attempt in range(1, attempts + 1):
+            res = await self._chat_once(task, messages, **kwargs)
+            if schema is None:
+                return res
+            _, kind, problem = parse_reply(res.text, schema)
+            if kind is None:
+                return res
+            task.turns[-1].error = "schema"  # kept (it was paid for), left out of the messages view
+            cut = f" (cut at max_tokens={task.turns[-1].max_tokens})" if res.finish_reason == "length" else ""
+            log.debug("role %s, task %s: reply %d of %d %s%s", self.role, task.id, attempt, attempts, problem, cut)
+        last = f"the last reply {problem}{cut}: {excerpt(res.text)}"
+        raise LLMError("schema", f"role {self.role!r}: {attempts} replies in a row did not match sampling.response_format; {last}")
+
+    async def _chat_once(self, task: Task, messages: list[Message], **kwargs: Any) -> ChatResult:
+        """One LLM call, recorded as one turn (see :meth:`chat_result`)."""
         if self.ctx.llm is None:
             raise RuntimeError(f"role {self.role!r} has no LLM client (uses_llm is False, or it names no model)")
         # The role's sampling, then what this call says: a bare chat() is what the config says.
