@@ -36,7 +36,7 @@ def _print_summary(summary: Any) -> None:
     resent = f", {p.resent} re-sent after crashes" if p.resent else ""
     w(f"  this run:  {p.ok} ok, {p.failed} failed, {p.skipped} skipped (already in the store){resent}\n")
     w(
-        f"  this run:  {summary.tasks_per_s:.2f} tasks/s, {summary.tokens_per_s:.0f} output tok/s, {p.prompt_tokens} prompt + {p.completion_tokens} completion tokens\n"
+        f"  this run:  {summary.tasks_per_s:.2f} tasks/s, {summary.tokens_per_s:.0f} output tok/s, {p.tokens.prompt_tokens} prompt + {p.tokens.completion_tokens} completion tokens\n"
     )
     for kind, n in sorted(p.failed_by_kind.items(), key=lambda kv: -kv[1]):
         sample = summary.failure_samples.get(kind)

@@ -74,7 +74,7 @@ class RunSummary:
 
     @property
     def tokens_per_s(self) -> float:
-        return self.progress.completion_tokens / max(self.progress.elapsed_s, 1e-9)
+        return self.progress.tokens.completion_tokens / max(self.progress.elapsed_s, 1e-9)
 
 
 def _source_options(config: JobConfig) -> SourceOptions:

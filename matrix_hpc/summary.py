@@ -12,11 +12,11 @@ over every committed record, one scan of the store per life's end, so a number l
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .runtime.usage import Usage, UsageSummary, usage_summary
+from .runtime.usage import UsageSummary, usage_summary
 from .store import StoreReader
 
 __all__ = ["StoreSummary", "summarize"]
@@ -49,7 +49,7 @@ def summarize(
     usage = usage_summary(reader.iter_records(since=since, upto=upto))
     if since is not None:
         counts = _add_counts(prev_store, counts)
-        usage = _add_usage(prev_usage, usage)
+        usage = prev_usage + usage
     metrics = metrics_fn(reader.iter_records(upto=upto)) if metrics_fn else {}
     return StoreSummary(upto=upto, store=counts, usage=usage, metrics=metrics)
 
@@ -60,14 +60,4 @@ def _add_counts(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     for kind, n in new["failed_by_kind"].items():
         kinds[kind] = kinds.get(kind, 0) + n
     out["failed_by_kind"] = dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
-    return out
-
-
-def _add_usage(base: UsageSummary, new: UsageSummary) -> UsageSummary:
-    out = UsageSummary()
-    for part in (base, new):
-        for section in ("by_role", "by_model"):
-            acc: dict[str, Usage] = getattr(out, section)
-            for name, u in getattr(part, section).items():
-                acc.setdefault(name, Usage()).add(asdict(u))
     return out

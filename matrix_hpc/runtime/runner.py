@@ -35,6 +35,7 @@ from typing import Any, Protocol
 from ray.exceptions import ActorDiedError, RayError
 
 from ..store import RecordRow
+from ..store.tokens import TokenUsage
 from .sink import SinkStats
 from .task import Task
 from .team import Team, TeamError
@@ -86,8 +87,8 @@ class RunProgress:
     ok: int = 0
     failed: int = 0
     in_flight: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    tokens: TokenUsage = field(default_factory=TokenUsage)
+    """Tokens of the records committed this life (the sink's count)."""
     resent: int = 0
     dispatched: int = 0
     """New tasks sent this run (resumed runs skip what the store has: this counts redone work)."""
@@ -312,7 +313,7 @@ async def drive(
                 active.discard(tid)
             progress.ok, progress.failed = stats.ok, stats.failed
             progress.failed_by_kind = stats.failed_by_kind
-            progress.prompt_tokens, progress.completion_tokens = stats.prompt_tokens, stats.completion_tokens
+            progress.tokens = stats.tokens
             progress.in_flight = len(active)
             if received or committed:
                 moved_at, stall_resent = time.monotonic(), False

@@ -31,6 +31,7 @@ import ray
 from .. import metrics
 from ..store import RecordRow, StoreError, StoreWriter
 from ..store.fsutil import LEASE_S
+from ..store.tokens import TokenUsage
 from ..store.zarr_store import WriterOwner
 from .health import ActorPing
 
@@ -49,8 +50,8 @@ class SinkStats:
     ok: int = 0
     failed: int = 0
     failed_by_kind: dict[str, int] = field(default_factory=dict)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    tokens: TokenUsage = field(default_factory=TokenUsage)
+    """Tokens of the committed records (the store's columns: token counts only)."""
     duplicates_refused: int = 0
     rows: int = 0
     """Committed rows of the part (all runs)."""
@@ -69,7 +70,7 @@ class SinkStats:
         kinds.update(other.failed_by_kind)
         return replace(
             other, ok=self.ok + other.ok, failed=self.failed + other.failed, failed_by_kind=dict(kinds),
-            prompt_tokens=self.prompt_tokens + other.prompt_tokens, completion_tokens=self.completion_tokens + other.completion_tokens,
+            tokens=self.tokens + other.tokens,
             duplicates_refused=self.duplicates_refused + other.duplicates_refused,
             first_failure=self.first_failure or other.first_failure,
         )  # fmt: skip
@@ -222,8 +223,7 @@ class SinkActor:
                     if self._stats.first_failure is None and r.error_kind != "bad_input":
                         self._stats.first_failure = _failure_line(r)
                 finished[(r.status, r.error_kind or "")] += 1
-                self._stats.prompt_tokens += r.prompt_tokens
-                self._stats.completion_tokens += r.completion_tokens
+                self._stats.tokens += TokenUsage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens)
             self._log.extend(r.id for r in rows)
             took = time.monotonic() - started
             log.debug("committed %d rows in %.3fs", len(rows), took)

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ..store.tokens import TokenUsage
+
 __all__ = ["Task", "TaskError", "Turn", "content_id"]
 
 
@@ -52,6 +54,11 @@ class Turn:
         # the slots dataclass's default state protocol, and a task carries all its turns at
         # every hop.
         return (Turn, tuple(getattr(self, n) for n in _TURN_FIELDS))
+
+    @property
+    def usage(self) -> TokenUsage:
+        """This step's LLM call (a step that called no LLM counts its tokens, if any, as one call)."""
+        return TokenUsage.of_call(self.prompt_tokens, self.completion_tokens, self.latency_s, self.error is not None)
 
     def as_dict(self) -> dict[str, Any]:
         """The turn as the record stores it (``dataclasses.asdict``, without its deep copy: every field is a scalar)."""
@@ -115,31 +122,32 @@ class Task:
         return self.next_role is None
 
     @property
-    def usage(self) -> tuple[int, int]:
-        return (
-            sum(t.prompt_tokens for t in self.turns),
-            sum(t.completion_tokens for t in self.turns),
-        )
+    def usage(self) -> TokenUsage:
+        """Every turn added up (steps that called no LLM included): the record's token totals."""
+        return self.usage_split()[0]
 
-    def usage_by(self, attr: str) -> dict[str, dict[str, Any]]:
-        """Tokens, calls, errors and latency per ``Turn.<attr>`` (``role`` or ``model``), LLM calls only."""
-        out: dict[str, dict[str, Any]] = {}
+    def usage_split(self) -> tuple[TokenUsage, dict[str, TokenUsage], dict[str, TokenUsage]]:
+        """:attr:`usage`, and the LLM calls' tokens, calls, errors and latency per role and per model (one pass)."""
+        total, by_role, by_model = TokenUsage(), {}, {}
         for t in self.turns:
+            u = t.usage
+            total += u
             if t.model is None and t.endpoint is None:  # a step that called no LLM
                 continue
-            key = str(getattr(t, attr) or "unknown")
-            acc = out.setdefault(key, {"prompt_tokens": 0, "completion_tokens": 0, "calls": 0, "errors": 0, "latency_s": 0.0})
-            acc["prompt_tokens"] += t.prompt_tokens
-            acc["completion_tokens"] += t.completion_tokens
-            acc["calls"] += 1
-            acc["errors"] += t.error is not None
-            acc["latency_s"] += t.latency_s
-        return out
+            for by, key in ((by_role, str(t.role or "unknown")), (by_model, str(t.model or "unknown"))):
+                had = by.get(key)
+                by[key] = u if had is None else had + u
+        return total, by_role, by_model
 
     def to_record(self, finished_at: float | None = None) -> dict[str, Any]:
         """The JSON-able record the store keeps for this task."""
-        prompt, completion = self.usage
-        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "by_role": self.usage_by("role"), "by_model": self.usage_by("model")}
+        # The record's totals are the token counts (the store's columns); per role and model, every counter.
+        total, by_role, by_model = self.usage_split()
+        usage = {
+            **total.token_counts(),
+            "by_role": {k: u.to_dict() for k, u in by_role.items()},
+            "by_model": {k: u.to_dict() for k, u in by_model.items()},
+        }
         return {
             "id": self.id,
             "status": "failed" if self.error else "ok",

@@ -24,6 +24,7 @@ from typing import Any
 
 from .export import ROW_GROUP, Selection, _batches, _infer_types, _Misfit, arrow_table, unplaced
 from .messages import record_messages
+from .tokens import TokenUsage
 from .zarr_store import StoreReader
 
 __all__ = ["HFExportResult", "MAX_SHARD_BYTES", "export_hf"]
@@ -47,9 +48,10 @@ class HFExportResult:
 class _Stats:
     by_status: Counter = field(default_factory=Counter)
     failed_by_kind: Counter = field(default_factory=Counter)
-    tokens: dict[tuple[str, str], dict[str, int]] = field(
-        default_factory=lambda: defaultdict(lambda: {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "max_completion_tokens": 0})
-    )
+    tokens: dict[tuple[str, str], TokenUsage] = field(default_factory=dict)
+    """Each (role, model)'s LLM calls."""
+    max_completion: Counter = field(default_factory=Counter)
+    """Each (role, model)'s longest completion."""
 
     def add(self, rec: dict[str, Any]) -> None:
         self.by_status[rec.get("status")] += 1
@@ -58,11 +60,9 @@ class _Stats:
         for t in rec.get("turns") or []:
             if not isinstance(t, dict) or t.get("model") is None:
                 continue  # a step that called no LLM
-            s = self.tokens[(str(t.get("role")), str(t.get("model")))]
-            s["calls"] += 1
-            s["prompt_tokens"] += int(t.get("prompt_tokens") or 0)
-            s["completion_tokens"] += int(t.get("completion_tokens") or 0)
-            s["max_completion_tokens"] = max(s["max_completion_tokens"], int(t.get("completion_tokens") or 0))
+            key, call = (str(t.get("role")), str(t.get("model"))), TokenUsage.of_turn(t)
+            self.tokens[key] = self.tokens.get(key, TokenUsage()) + call
+            self.max_completion[key] = max(self.max_completion[key], call.completion_tokens)
 
 
 def _messages_type() -> Any:
@@ -178,8 +178,11 @@ def dataset_card(run: dict[str, Any], stats: _Stats, n: int, json_cols: list[str
     config = run.get("config") or {}
     workflow = (config.get("workflow") or {}).get("name")
     tokens = defaultdict(dict)
-    for (role, model), s in sorted(stats.tokens.items()):
-        tokens[role][model] = {**s, "mean_completion_tokens": round(s["completion_tokens"] / s["calls"], 2) if s["calls"] else 0}
+    for (role, model), u in sorted(stats.tokens.items()):
+        tokens[role][model] = {
+            "calls": u.calls, **u.token_counts(), "max_completion_tokens": stats.max_completion[(role, model)],
+            "mean_completion_tokens": round(u.completion_tokens / u.calls, 2) if u.calls else 0,
+        }  # fmt: skip
     meta = {
         "configs": [{"config_name": "default", "data_files": [{"split": SPLIT, "path": f"data/{SPLIT}-*"}]}],
         "tags": ["synthetic", "matrix-hpc"] + ([workflow] if workflow else []),

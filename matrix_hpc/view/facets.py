@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from ..store.tokens import TokenUsage
+
 __all__ = ["Aggregates", "FacetArrays", "LATENCY_BINS", "Vocab", "record_names"]
 
 # Latency histogram bins: 10 per decade from 1 ms to 1000 s (values outside go to the ends).
@@ -69,20 +71,21 @@ def record_names(rec: dict[str, Any]) -> tuple[set[str], set[str]]:
 
 @dataclass
 class _Usage:
-    calls: int = 0
-    errors: int = 0
-    replayed: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    latency_s: float = 0.0
+    """One role's or model's calls: those made by the run (``live``) and those answered from
+    the call journal (``replayed``: counted, their latency not, as it is not this run's)."""
+
+    live: TokenUsage = TokenUsage()
+    replayed: TokenUsage = TokenUsage()
+
+    @property
+    def calls(self) -> int:
+        return self.live.calls + self.replayed.calls
 
     def to_dict(self) -> dict[str, Any]:
-        live = self.calls - self.replayed
-        return {
-            "calls": self.calls, "errors": self.errors, "replayed": self.replayed,
-            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-            "mean_latency_s": round(self.latency_s / live, 4) if live > 0 else None,
-        }  # fmt: skip
+        every = (self.live + self.replayed).to_dict()
+        del every["latency_s"]  # the API gives the live calls' mean instead
+        mean = round(self.live.mean_latency_s, 4) if self.live.calls else None
+        return {**every, "replayed": self.replayed.calls, "mean_latency_s": mean}
 
 
 @dataclass
@@ -90,8 +93,9 @@ class Aggregates:
     """LLM accounting over the records seen so far: per role, per model, and each model's
     latency histogram (replayed calls are counted, their latency is not: it is not this run's)."""
 
-    by_role: dict[str, _Usage] = field(default_factory=dict)
-    by_model: dict[str, _Usage] = field(default_factory=dict)
+    calls: dict[tuple[str, str, bool], TokenUsage] = field(default_factory=dict)
+    """The calls by (role, model, replayed): one sum per turn (the view adds up millions);
+    :attr:`by_role` and :attr:`by_model` fold these few keys."""
     latency_hist: dict[str, np.ndarray] = field(default_factory=dict)
 
     def add(self, rec: dict[str, Any]) -> tuple[int, float, int]:
@@ -99,28 +103,42 @@ class Aggregates:
         turns = rec.get("turns") or ()
         latency = 0.0
         replayed = 0
+        calls = self.calls
         for t in turns:
             if not isinstance(t, dict):
                 continue
-            role, model = str(t.get("role")), str(t.get("model") or "unknown")
-            lat = float(t.get("latency_s") or 0.0)
-            rep = bool(t.get("replayed"))
-            replayed += rep
-            for acc in (self.by_role.setdefault(role, _Usage()), self.by_model.setdefault(model, _Usage())):
-                acc.calls += 1
-                acc.errors += t.get("error") is not None
-                acc.replayed += rep
-                acc.prompt_tokens += int(t.get("prompt_tokens") or 0)
-                acc.completion_tokens += int(t.get("completion_tokens") or 0)
-                if not rep:
-                    acc.latency_s += lat
-            if not rep:
-                latency += lat
-                hist = self.latency_hist.get(model)
-                if hist is None:
-                    hist = self.latency_hist[model] = np.zeros(len(LATENCY_BINS) - 1, dtype=np.int64)
-                hist[_lat_bin(lat)] += 1
+            call = TokenUsage.of_turn(t)
+            model, rep = str(t.get("model") or "unknown"), bool(t.get("replayed"))
+            key = (str(t.get("role")), model, rep)
+            had = calls.get(key)
+            calls[key] = call if had is None else had + call
+            if rep:
+                replayed += 1
+                continue
+            latency += call.latency_s
+            hist = self.latency_hist.get(model)
+            if hist is None:
+                hist = self.latency_hist[model] = np.zeros(len(LATENCY_BINS) - 1, dtype=np.int64)
+            hist[_lat_bin(call.latency_s)] += 1
         return len(turns), latency, replayed
+
+    def _by(self, at: int) -> dict[str, _Usage]:
+        out: dict[str, _Usage] = {}
+        for key, u in self.calls.items():
+            acc = out.setdefault(key[at], _Usage())
+            if key[2]:
+                acc.replayed += u
+            else:
+                acc.live += u
+        return out
+
+    @property
+    def by_role(self) -> dict[str, _Usage]:
+        return self._by(0)
+
+    @property
+    def by_model(self) -> dict[str, _Usage]:
+        return self._by(1)
 
     def to_dict(self) -> dict[str, Any]:
         return {
