@@ -147,9 +147,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from .run_state import run_state
     from .runinfo import RunInfo
-    from .runtime.replay import JOURNAL_DIR
     from .store import StoreReader
     from .store.journal import journal_size
+    from .store.layout import RunLayout
 
     reader = StoreReader(args.output)
     counts = reader.counts()
@@ -185,7 +185,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if info.metrics:
             print("metrics:   " + ", ".join(f"{k}={v}" for k, v in info.metrics.items()))
         _print_llm(info, state)
-    files, size = journal_size(reader.root / JOURNAL_DIR)
+    files, size = journal_size(RunLayout(reader.root).journal)
     if files:
         print(f"journal:   {size} bytes in {files} file(s): completed LLM calls of unfinished tasks, replayed on resume")
     _print_slurm(reader.root)

@@ -3,8 +3,8 @@
 A run makes two kinds of secret: the Ray cluster's auth token (Slurm runs; a local run
 keeps its token in the environment of its own processes) and the API key of its
 managed LLM servers. Each is written to a ``0600`` file in a ``0700`` folder
-(``<output>/.secrets`` or ``<job dir>/.secrets``, on the shared filesystem every node
-of a run sees) and handed around by *path*, never by value: a path can be logged,
+(the run's or its job folder's secrets folder, named in store/layout.py, on the shared
+filesystem every node of a run sees) and handed around by *path*, never by value: a path can be logged,
 put in run.json or an actor's arguments; the value goes only into a request header
 or the environment of the run's own server processes. Standard library only.
 """
@@ -16,9 +16,7 @@ import secrets
 import time
 from pathlib import Path
 
-__all__ = ["SECRETS_DIR", "llm_key_file", "new_secret", "read_secret", "remove_secret", "secrets_dir", "wait_secret", "write_secret"]
-
-SECRETS_DIR = ".secrets"
+__all__ = ["new_secret", "new_secret_file", "private_dir", "read_secret", "remove_secret", "wait_secret", "write_secret"]
 
 
 def new_secret() -> str:
@@ -26,10 +24,10 @@ def new_secret() -> str:
     return secrets.token_hex(32)
 
 
-def secrets_dir(parent: str | os.PathLike[str]) -> Path:
-    """``parent/.secrets``, created ``0700`` (and made so if it exists: a group-readable
+def private_dir(folder: str | os.PathLike[str]) -> Path:
+    """``folder``, created ``0700`` (and made so if it exists: a group-readable
     project folder must not share what is in it)."""
-    folder = Path(parent) / SECRETS_DIR
+    folder = Path(folder)
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     if folder.stat().st_mode & 0o077:
         os.chmod(folder, 0o700)
@@ -79,7 +77,8 @@ def remove_secret(path: str | os.PathLike[str] | None) -> None:
         Path(path).unlink(missing_ok=True)
 
 
-def llm_key_file(output: str | os.PathLike[str], run_id: str) -> Path:
-    """A fresh API key for the managed LLM servers of run ``run_id``, in
-    ``OUTPUT/.secrets/llm-RUN.key`` (every node of a run sees its output folder)."""
-    return write_secret(secrets_dir(output) / f"llm-{run_id}.key", new_secret())
+def new_secret_file(path: str | os.PathLike[str]) -> Path:
+    """A fresh secret in ``path`` (e.g. ``RunLayout.llm_key``), its folder made ``0700``."""
+    path = Path(path)
+    private_dir(path.parent)
+    return write_secret(path, new_secret())

@@ -22,11 +22,10 @@ from typing import Any
 from .cluster import start_ray
 from .config import JobConfig, resolve_dataset_path
 from .config.checks import model_key
-from .credentials import llm_key_file, remove_secret
+from .credentials import new_secret_file, remove_secret
 from .metrics import prometheus_targets
 from .runinfo import LifeRecord, RunInfo
 from .runtime.loader import check_workflow_code, import_paths, load_object
-from .runtime.replay import JOURNAL_DIR
 from .runtime.runner import AllFailing, RunProgress, StopFlag, drive
 from .runtime.source import DatasetError, SourceOptions, columns_option, iter_tasks, scan_dataset
 from .runtime.spec import team_spec
@@ -37,6 +36,7 @@ from .services.llm.status import EndpointStatus
 from .store import StoreReader
 from .store.fsutil import atomic_write_json, read_json
 from .store.journal import compact_journal, journal_size
+from .store.layout import RunLayout
 from .store.writable import check_output_writable
 from .store.writer_check import wait_for_previous_writer
 from .store.zarr_store import WriterOwner, init_store
@@ -117,14 +117,15 @@ def _write_run_info(root: Path, info: RunInfo, claim: bool = False) -> None:
     """run.json is for people and ``status``: a full disk must not fail the run over it,
     and a later run's file is never overwritten by an earlier run that ends late
     (only a run's first write, ``claim``, replaces another run's file)."""
+    path = RunLayout(root).run_json
     try:
-        current = read_json(root / "run.json", {}) or {}
+        current = read_json(path, {}) or {}
         if not claim and current.get("run_id") not in (None, info.run_id):
             log.warning("run.json belongs to run %s now; not overwriting it with run %s", current.get("run_id"), info.run_id)
             return
-        atomic_write_json(root / "run.json", info.to_dict(), durable=False)
+        atomic_write_json(path, info.to_dict(), durable=False)
     except (OSError, ValueError) as exc:
-        log.warning("cannot write %s: %s", root / "run.json", exc)
+        log.warning("cannot write %s: %s", path, exc)
 
 
 def run_job(
@@ -148,8 +149,9 @@ def run_job(
     opts = _source_options(config)
     total = _check_dataset(opts, say)
     init_store(root, config.output.chunk_rows)
-    wait_for_previous_writer(root / "part-000", say)
-    prev = RunInfo.from_dict(read_json(root / "run.json", {}) or {})
+    layout = RunLayout(root)
+    wait_for_previous_writer(layout.part(0).dir, say)
+    prev = RunInfo.from_dict(read_json(layout.run_json, {}) or {})
     reader = StoreReader(root)
     done = reader.ids()  # read only once no other writer is left
     start_mark = reader.committed()
@@ -160,8 +162,8 @@ def run_job(
 
     run_id = uuid.uuid4().hex[:8]
     namespace = f"matrix-hpc-{run_id}"
-    journal = _prepare_journal(root / JOURNAL_DIR, done, run_id, say) if config.run.replay else None
-    log_dir = root / "logs"
+    journal = _prepare_journal(layout.journal, done, run_id, say) if config.run.replay else None
+    log_dir = layout.logs  # the engines' logs and agents.log
     log_dir.mkdir(exist_ok=True)
     slurm = _slurm_env()
     started = time.time()
@@ -182,7 +184,7 @@ def run_job(
         try:
             if on_saved is not None:
                 on_saved(progress)
-            return _finish(root, info, progress, metrics_fn, journal, {}, started, log_dir, prev, start_mark)
+            return _finish(root, info, progress, metrics_fn, journal, {}, started, prev, start_mark)
         except BaseException as exc:
             _record_abort(root, info, exc, stopping=_asked_to_stop(stop))
             raise
@@ -195,7 +197,7 @@ def run_job(
     key_file: Path | None = None
     try:  # any way out but a return records how this life ended (see _record_abort)
         try:
-            key_file = llm_key_file(root, run_id) if any(m.engine != "external" for m in config.models.values()) else None
+            key_file = new_secret_file(layout.llm_key(run_id)) if any(m.engine != "external" for m in config.models.values()) else None
             cluster = start_ray(config.cluster, namespace, import_paths(config))
             t0 = time.monotonic()
             keys = {name: model_key(config, name) for name in config.models}
@@ -204,7 +206,7 @@ def run_job(
             _say_endpoints(say, config, services.endpoints, time.monotonic() - t0)
             spec = team_spec(
                 config, run_id, namespace, services.client_endpoints(), str(journal) if journal else None, warn=lambda msg: say(f"warning: {msg}"),
-                log_dir=str(log_dir), api_key_file=str(key_file) if key_file else None,
+                agents_log=str(layout.agents_log), api_key_file=str(key_file) if key_file else None,
             )  # fmt: skip
             out, run = config.output, config.run
             owner = WriterOwner(run_id, socket.gethostname(), os.getpid())
@@ -214,7 +216,7 @@ def run_job(
             )  # fmt: skip
             asyncio.run(team.start())
             if config.run.metrics:  # for Prometheus' file_sd_configs (README: Watching a run)
-                atomic_write_json(root / "prometheus_targets.json", prometheus_targets({"job": "matrix-hpc", "run_id": run_id}), durable=False)
+                atomic_write_json(layout.prometheus_targets, prometheus_targets({"job": "matrix-hpc", "run_id": run_id}), durable=False)
             info.status, info.ray_address, info.ray_logs = "running", cluster.address, f"{cluster.session_dir}/logs"
             info.llm, info.llm_state_at, info.actors, info.actor_hosts = _safe_status(services), "start", team.pids, team.hosts
             _write_run_info(root, info)
@@ -259,7 +261,7 @@ def run_job(
             if cluster is not None:
                 cluster.shutdown()
             remove_secret(key_file)  # its servers are gone
-        summary = _finish(root, info, progress, metrics_fn, journal, journal_costs, started, log_dir, prev, start_mark)
+        summary = _finish(root, info, progress, metrics_fn, journal, journal_costs, started, prev, start_mark)
         if aborted is not None:
             raise aborted
         return summary
@@ -299,7 +301,7 @@ def _record_abort(root: Path, info: RunInfo, exc: BaseException, stopping: bool 
 
 def _finish(
     root: Path, info: RunInfo, progress: RunProgress, metrics_fn: Any, journal: Path | None,
-    journal_costs: dict[str, float], started: float, log_dir: Path, prev: RunInfo, start_mark: dict[str, int],
+    journal_costs: dict[str, float], started: float, prev: RunInfo, start_mark: dict[str, int],
 ) -> RunSummary:  # fmt: skip
     """Totals over the store, the final run.json, and the summary. Counts and usage add
     the rows committed since the previous summary to it; the workflow's metrics are over
@@ -313,7 +315,7 @@ def _finish(
     reader = StoreReader(root)
     new_rows = lambda: reader.iter_records(since=start_mark, upto=summary.upto)  # noqa: E731  (this life's rows)
     samples = failure_samples(new_rows()) if counts["failed"] else {}
-    agent_log = log_dir / "agents.log"
+    agent_log = RunLayout(root).agents_log
     replay = replay_summary(new_rows(), since=started) if journal else None
     entry.replayed, info.replay = (replay.calls if replay else None), replay
     entry.first_task_at, entry.finished_at, entry.dispatched = progress.first_dispatch_at, time.time(), progress.dispatched

@@ -19,10 +19,11 @@ from pathlib import Path
 from .cluster import start_ray
 from .config import load_config
 from .config.checks import model_key
-from .credentials import llm_key_file, remove_secret
+from .credentials import new_secret_file, remove_secret
 from .services.llm.service import LLMServices
 from .services.llm.status import EndpointStatus
 from .store.fsutil import atomic_write_json
+from .store.layout import RunLayout
 from .store.writable import check_output_writable
 
 __all__ = ["serve"]
@@ -40,19 +41,19 @@ def serve(config_path: str, overrides: list[str], until: threading.Event | None 
     if until is None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-    out = check_output_writable(config.output.path)  # services.json and logs go there
-    (out / "logs").mkdir(parents=True, exist_ok=True)
+    out = RunLayout(check_output_writable(config.output.path))  # services.json and logs go there
+    out.logs.mkdir(parents=True, exist_ok=True)
     run_id = f"serve-{uuid.uuid4().hex[:8]}"
     cluster = start_ray(config.cluster, f"matrix-hpc-{run_id}")
     services: LLMServices | None = None
     key_file = None
     try:
-        key_file = llm_key_file(out, run_id) if any(m.engine != "external" for m in config.models.values()) else None
+        key_file = new_secret_file(out.llm_key(run_id)) if any(m.engine != "external" for m in config.models.values()) else None
         keys = {n: model_key(config, n) for n in config.models}
-        services = LLMServices(config.models, run_id, cluster.namespace, out / "logs", keys, str(key_file) if key_file else None)
+        services = LLMServices(config.models, run_id, cluster.namespace, out.logs, keys, str(key_file) if key_file else None)
         t0 = time.monotonic()
         services.start()
-        status_file = out / "services.json"
+        status_file = out.services_json
         _write(status_file, services.endpoints)
         print(f"LLM services ready in {time.monotonic() - t0:.1f}s: models {', '.join(repr(n) for n in config.models)}")
         for e in services.endpoints:

@@ -16,12 +16,12 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from ..credentials import new_secret, secrets_dir, write_secret
+from ..credentials import new_secret_file
 
-__all__ = ["AUTH_ENV", "RayAuth", "loopback_only", "new_ray_token", "ray_token_file"]
+__all__ = ["AUTH_ENV", "RayAuth", "loopback_only", "new_ray_token"]
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +96,10 @@ def loopback_only() -> Iterator[None]:
             os.environ[var] = old_env
 
 
-def ray_token_file(folder: str | os.PathLike[str], key: str) -> Path:
-    """Where the Ray token of one life of a Slurm job is: ``<job dir>/.secrets/ray-JOB.RESTART.token``."""
-    return secrets_dir(folder) / f"ray-{key}.token"
-
-
-def new_ray_token(path: Path, job_id: str) -> Path:
-    """Write a fresh token to ``path`` (0600) and remove the tokens of the job's earlier lives
-    (a killed life leaves its own)."""
-    for old in path.parent.glob(f"ray-{job_id}.*.token"):
+def new_ray_token(path: Path, earlier: Iterable[Path]) -> Path:
+    """Write a fresh token to ``path`` (0600; ``JobLayout.ray_token``) and remove ``earlier``,
+    the tokens of the job's earlier lives (a killed life leaves its own)."""
+    for old in earlier:
         if old != path:
             old.unlink(missing_ok=True)
-    return write_secret(path, new_secret())
+    return new_secret_file(path)

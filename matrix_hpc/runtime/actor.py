@@ -73,8 +73,8 @@ def _get_actor(name: str, namespace: str) -> Any | None:
 class AgentActor:
     def __init__(self, team: TeamSpec, role: str, index: int) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        if team.log_dir:
-            _log_agent_errors_to(os.path.join(team.log_dir, "agents.log"), f"{role}/{index}")
+        if team.agents_log:
+            _log_agent_errors_to(team.agents_log, f"{role}/{index}")
         self.team = team
         self.role = role
         self.index = index
@@ -183,7 +183,7 @@ class AgentActor:
             return
         task: Task = message
         errors_log.error("task %s cannot be sent to role %r (from role %r):\n%s: %s", task.id, dest, self.role, type(exc).__name__, exc)
-        where = f"; the full report is in {os.path.join(self.team.log_dir, 'agents.log')}" if self.team.log_dir else ""
+        where = f"; the full report is in {self.team.agents_log}" if self.team.agents_log else ""
         task.fail("bad_state", f"task {task.id} cannot be sent to role {dest!r}: {type(exc).__name__}: {first_line(exc)}{where}", self.role)
         task.state, task.result = {}, None  # what made it unpicklable stays behind
         self._to_sink(task)

@@ -22,11 +22,9 @@ from typing import Any
 from ..services.llm import ChatResult
 from ..store.journal import JournalEntry, JournalIndex, JournalWriter
 
-__all__ = ["JOURNAL_DIR", "Replay", "call_digest"]
+__all__ = ["Replay", "call_digest"]
 
 log = logging.getLogger(__name__)
-
-JOURNAL_DIR = "journal"  # under the output folder
 
 
 def call_digest(task_id: str, seq: int, model: str, messages: list[Any], sampling: dict[str, Any]) -> str:

@@ -87,8 +87,8 @@ class TeamSpec:
     journal_fsync: bool = True
     journal_compact_s: float = 30.0
     """Seconds between compactions of an actor's journal (entries of committed tasks dropped)."""
-    log_dir: str | None = None
-    """Where agent exceptions' full tracebacks go (``agents.log``), next to the output."""
+    agents_log: str | None = None
+    """The file agent exceptions' full tracebacks go to (``RunLayout.agents_log``); None: the actor's log."""
 
 
 def _uses_llm(agent: str) -> bool:
@@ -106,7 +106,7 @@ def team_spec(
     endpoints: dict[str, tuple[list[str], str | None]],
     journal_dir: str | None = None,
     warn: Callable[[str], None] | None = None,
-    log_dir: str | None = None,
+    agents_log: str | None = None,
     api_key_file: str | None = None,
 ) -> TeamSpec:
     """The team of ``config``; ``endpoints``: per model key, its URLs at start and its registry's name;
@@ -140,5 +140,5 @@ def team_spec(
         agent_placement=config.run.agent_placement,
         loop_lag_warn_s=config.run.loop_lag_warn_s,
         journal_dir=journal_dir, journal_fsync=config.output.fsync, journal_compact_s=config.run.replay_compact_s,
-        log_dir=log_dir,
+        agents_log=agents_log,
     )  # fmt: skip

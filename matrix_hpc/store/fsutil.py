@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .layout import PartLayout
+
 __all__ = ["LEASE_S", "fsync_path", "atomic_write_json", "read_json", "WriterLease", "WriterLock", "StoreLockedError"]
 
 
@@ -131,7 +133,8 @@ class WriterLease:
 
     @staticmethod
     def path_for(lock: Path) -> Path:
-        return lock.with_name("writer.lease")
+        """The lease next to the part's lock."""
+        return PartLayout(lock.parent).lease
 
     @classmethod
     def read(cls, path: Path) -> WriterLease | None:

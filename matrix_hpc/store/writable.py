@@ -14,6 +14,8 @@ import logging
 import os
 from pathlib import Path
 
+from .layout import RunLayout
+
 __all__ = ["OutputPathError", "check_output_writable"]
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ def check_output_writable(path: str | os.PathLike[str], key: str = "output.path"
     except OSError as exc:
         raise OutputPathError(f"{key}: cannot create {root}: {_reason(exc)}") from None
     # A resumed store is written in its parts and run.json; probe the folders a run writes.
-    folders = [root, *sorted(p for p in root.glob("part-*") if p.is_dir())]
+    folders = [root, *(p.dir for p in RunLayout(root).parts())]
     for folder in folders:
         probe = folder / f".write-probe-{os.getpid()}"
         try:

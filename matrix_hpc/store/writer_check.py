@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..procs import pid_alive
 from .fsutil import LEASE_S, StoreLockedError, WriterLease, WriterLock
+from .layout import PartLayout
 
 __all__ = ["wait_for_previous_writer"]
 
@@ -41,8 +42,8 @@ def _gone(lock: Path, lease_path: Path) -> bool:
 
 def wait_for_previous_writer(part: Path, say: Callable[[str], None], timeout_s: float = 60.0, lease_s: float = LEASE_S) -> None:
     """Return once nobody writes ``part``; raise :class:`StoreLockedError` if a live run does."""
-    lock = part / "writer.lock"
-    lease_path = WriterLease.path_for(lock)
+    paths = PartLayout(part)
+    lock, lease_path = paths.lock, paths.lease
     if _gone(lock, lease_path):
         return
     lease = WriterLease.read(lease_path)

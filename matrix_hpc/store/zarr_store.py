@@ -1,13 +1,7 @@
 """Checkpointed, resumable output: records in zarr, committed exactly once.
 
-Layout of an output folder::
-
-    OUTPUT/store.json              format version and chunk size (written at creation)
-    OUTPUT/run.json                what produced it: config snapshot, input size
-    OUTPUT/part-000/data.zarr      1-D arrays, one element per record
-    OUTPUT/part-000/commit.json    {"rows": N}: rows [0, N) are committed
-    OUTPUT/part-000/writer.lock    flock held by the part's only writer
-    OUTPUT/part-000/writer.lease   who holds it (host, pid, run), renewed while it lives
+The store's files (``store.json``; per part ``data.zarr``, ``commit.json``, ``writer.lock``,
+``writer.lease``) are named in :mod:`matrix_hpc.store.layout`, with every other path of a run.
 
 Why it is exactly once (see DESIGN.md's zarr facts): each part has one writer
 (the lock); the writer keeps the last, partly filled chunk in memory and always
@@ -34,6 +28,7 @@ import numpy as np
 import zarr
 
 from .fsutil import LEASE_S, StoreLockedError, WriterLease, WriterLock, atomic_write_json, fsync_path, read_json
+from .layout import PartLayout, RunLayout
 from .textsafe import clean_text, record_json
 
 __all__ = ["RecordRow", "StoreWriter", "WriterOwner", "StoreReader", "StoreLockedError", "StoreError"]
@@ -112,14 +107,10 @@ class RecordRow:
         return None
 
 
-def _part_dir(root: Path, part: int) -> Path:
-    return root / f"part-{part:03d}"
-
-
 def init_store(root: Path, chunk_rows: int) -> dict[str, Any]:
     """Create the output folder (or check an existing one) and return store.json."""
     root.mkdir(parents=True, exist_ok=True)
-    meta_path = root / "store.json"
+    meta_path = RunLayout(root).store_json
     meta = read_json(meta_path)
     if meta is None:
         meta = {"format": "matrix-hpc", "version": FORMAT_VERSION, "chunk_rows": chunk_rows, "created_at": time.time()}
@@ -150,14 +141,15 @@ class StoreWriter:
         meta = init_store(self.root, chunk_rows)
         self.chunk_rows = int(meta["chunk_rows"])  # an existing store keeps its chunking
         self.fsync = fsync
-        self.dir = _part_dir(self.root, part)
+        self.paths = RunLayout(self.root).part(part)
+        self.dir = self.paths.dir
         self.dir.mkdir(exist_ok=True)
-        self._lock = WriterLock(self.dir / "writer.lock")
+        self._lock = WriterLock(self.paths.lock)
         self._lock.acquire()
         owner = owner or WriterOwner()
         now = time.time()
         self._lease = WriterLease(socket.gethostname(), os.getpid(), owner.run_id, owner.driver_host, owner.driver_pid, now, now + LEASE_S)
-        self.lease_path = WriterLease.path_for(self._lock.path)
+        self.lease_path = self.paths.lease
         try:
             try:
                 self._lease.write(self.lease_path)
@@ -183,8 +175,8 @@ class StoreWriter:
             raise StoreError(f"zarr {zarr.__version__} rewrites chunks in place (not atomically); matrix-hpc needs zarr >= {'.'.join(map(str, MIN_ZARR))}")
         for leftover in self.dir.rglob("*.partial"):  # a killed zarr write
             leftover.unlink(missing_ok=True)
-        path = self.dir / "data.zarr"
-        if (path / "zarr.json").exists():
+        path = self.paths.data
+        if self.paths.has_data:
             group = zarr.open_group(str(path), mode="r+")
         else:
             group = zarr.open_group(str(path), mode="w")
@@ -195,7 +187,7 @@ class StoreWriter:
                 group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
         self._arrays = {name: group[name] for name in (*_STR_COLUMNS, *_NUM_COLUMNS)}
         self._repair_resize()
-        self.rows = int(read_json(self.dir / "commit.json", {"rows": 0})["rows"])
+        self.rows = int(read_json(self.paths.commit, {"rows": 0})["rows"])
         ids = self._arrays["id"][: self.rows] if self.rows else np.array([], dtype=object)
         self.ids: set[str] = set(map(str, ids))
         if len(self.ids) != self.rows:
@@ -287,7 +279,7 @@ class StoreWriter:
             self._fsync_chunks(touched, resized=end > capacity)
         # commit.json first: if it cannot be written, rows and tail stay as they were and the
         # sink's retry rewrites the same chunk-aligned range instead of appending it again.
-        atomic_write_json(self.dir / "commit.json", {"rows": end, "updated_at": time.time()}, self.fsync)
+        atomic_write_json(self.paths.commit, {"rows": end, "updated_at": time.time()}, self.fsync)
         self.rows = end
         self._tail = rows[len(rows) - (end % self.chunk_rows) :] if end % self.chunk_rows else []
         return len(new)
@@ -311,7 +303,7 @@ class StoreWriter:
 
     def _fsync_chunks(self, chunks: range, resized: bool) -> None:
         for name in self._arrays:
-            cdir = self.dir / "data.zarr" / name / "c"
+            cdir = self.paths.data / name / "c"
             for k in chunks:
                 chunk = cdir / str(k)
                 if chunk.exists():
@@ -319,7 +311,7 @@ class StoreWriter:
             if cdir.exists():
                 fsync_path(cdir)
             if resized:
-                fsync_path(self.dir / "data.zarr" / name / "zarr.json")
+                fsync_path(self.paths.data / name / "zarr.json")
 
     def close(self, commit: bool = True) -> None:
         """Commit what is pending (unless ``commit`` is False), then give up the part:
@@ -344,13 +336,14 @@ class StoreReader:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        if not (self.root / "store.json").exists():
+        if not RunLayout(self.root).store_json.exists():
             raise StoreError(f"{self.root}: not a matrix-hpc output folder (no store.json)")
-        self.parts = sorted(p for p in self.root.glob("part-*") if (p / "data.zarr" / "zarr.json").exists())
+        self.parts = [p.dir for p in RunLayout(self.root).parts() if p.has_data]
 
     def _part(self, part: Path) -> tuple[zarr.Group, int]:
-        rows = int(read_json(part / "commit.json", {"rows": 0})["rows"])
-        group = zarr.open_group(str(part / "data.zarr"), mode="r")
+        paths = PartLayout(part)
+        rows = int(read_json(paths.commit, {"rows": 0})["rows"])
+        group = zarr.open_group(str(paths.data), mode="r")
         return group, rows
 
     def committed(self) -> dict[str, int]:
@@ -399,7 +392,7 @@ class StoreReader:
         }
 
     def writer_active(self) -> bool:
-        return any(WriterLock.is_held(p / "writer.lock") for p in self.parts)
+        return any(WriterLock.is_held(PartLayout(p).lock) for p in self.parts)
 
     def run_info(self) -> dict[str, Any]:
-        return read_json(self.root / "run.json", {}) or {}
+        return read_json(RunLayout(self.root).run_json, {}) or {}

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..store.fsutil import read_json
+from ..store.layout import PartLayout, RunLayout
 from .chunks import Column
 from .facets import Aggregates, FacetArrays, Vocab, record_names
 
@@ -117,12 +118,12 @@ class Part:
     def column(self, name: str) -> Column:
         col = self._columns.get(name)
         if col is None:
-            col = self._columns[name] = Column(self.dir / "data.zarr" / name)
+            col = self._columns[name] = Column(PartLayout(self.dir).data / name)
         return col
 
     def committed(self) -> int:
         try:
-            return int((read_json(self.dir / "commit.json", {"rows": 0}) or {}).get("rows", 0))
+            return int((read_json(PartLayout(self.dir).commit, {"rows": 0}) or {}).get("rows", 0))
         except (OSError, ValueError, TypeError):  # mid-replace on a file system without atomic rename: next time
             return self.n
 
@@ -152,7 +153,7 @@ class StoreIndex:
 
     def _store_stamp(self) -> Any:
         try:
-            return (read_json(self.root / "store.json", {}) or {}).get("created_at")
+            return (read_json(RunLayout(self.root).store_json, {}) or {}).get("created_at")
         except (OSError, ValueError):
             return self._stamp
 
@@ -166,9 +167,9 @@ class StoreIndex:
             self._reset()
         self._stamp = stamp
         known = {p.name for p in self.parts}
-        for d in sorted(self.root.glob("part-*")):
-            if d.name not in known and (d / "data.zarr" / "zarr.json").exists():
-                self.parts.append(Part(d.name, d))
+        for d in RunLayout(self.root).parts():
+            if d.name not in known and d.has_data:
+                self.parts.append(Part(d.name, d.dir))
         self.parts.sort(key=lambda p: p.name)
         added = 0
         budget = max_rows if max_rows is not None else 1 << 62

@@ -19,6 +19,7 @@ import numpy as np
 from ..run_state import process_running, run_state
 from ..runinfo import RunInfo
 from ..store.fsutil import WriterLease, read_json
+from ..store.layout import PartLayout, RunLayout
 from .index import StoreIndex
 from .workflow_metrics import WorkflowMetrics
 
@@ -31,7 +32,7 @@ class RunFile:
     """``run.json``, read again only when it changed."""
 
     def __init__(self, root: Path) -> None:
-        self.path = root / "run.json"
+        self.path = RunLayout(root).run_json
         self._stamp: tuple[int, int] | None = None
         self.raw: dict[str, Any] = {}
 
@@ -55,7 +56,7 @@ def writer_active(ix: StoreIndex) -> bool:
     """A part's writer lease is live (renewed, not released; on this host, its process runs)."""
     here = socket.gethostname()
     for part in ix.parts:
-        lease = WriterLease.read(part.dir / "writer.lease")
+        lease = WriterLease.read(PartLayout(part.dir).lease)
         if lease is not None and lease.live() and not (lease.host == here and not process_running(lease.pid)):
             return True
     return False

@@ -47,8 +47,8 @@ from ...config import ConfigError, load_config
 from ...credentials import remove_secret, wait_secret
 from ...labels import NODE_IP_ENV, node_resources
 from ...store.fsutil import atomic_write_json
-from ..auth import RayAuth, new_ray_token, ray_token_file
-from .jobs import job_dir, record_job
+from ..auth import RayAuth, new_ray_token
+from .jobs import job_layout, record_job
 from .lifeline import DriverLink, Lifeline
 from .nodecheck import SharedPathError, cleanup_temp_dirs, node_local_locks, probe_shared_path
 from .ports import pick_ports
@@ -309,19 +309,19 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
     check_workflow_code(config)  # on every node: a typo ends the job here, before any Ray node starts
     slurm = config.cluster.slurm
     node = NodeEnv.detect(slurm.rendezvous)
-    jdir = job_dir(config)
+    jobs = job_layout(config)
     # Ray's token for this life: a 0600 file in the job's directory, written by rank 0 before its
     # head starts; every node's Ray and this process (rank 0's driver) read it (cluster/auth.py).
-    token_file = ray_token_file(jdir, node.key)
+    token_file = jobs.ray_token(node.key)
     RayAuth(token_path=token_file)
-    rdv = Rendezvous(jdir / "rendezvous" / node.key, node.rank, node.size, slurm.rendezvous)
+    rdv = Rendezvous(jobs.rendezvous(node.key), node.rank, node.size, slurm.rendezvous)
     kinds = ({"gpu", "cpu"} if node_type == "both" else {node_type}) | ({"head"} if node.rank == 0 else set())
     cleanup_temp_dirs(node.job_id, node.restart, keep_current=True)
     # Rank 0's lifeline port is taken first, so the Ray worker ports picked next avoid it.
     lifeline = Lifeline(node.node_ip) if node.rank == 0 and node.size > 1 else None
     ray_node = RayNode(
         node.node_ip, pick_ports(node.node_ip, avoid={lifeline.port} if lifeline else set()), node_resources(kinds), f"/tmp/mhpc-{node.key}",
-        jdir / "logs" / f"ray-{node.key}-rank{node.rank}.log",
+        jobs.ray_log(node.key, node.rank),
     )  # fmt: skip
     num_gpus = node_gpus(slurm.gpus_per_node) if "gpu" in kinds else None
     signals = _Signals()
@@ -345,7 +345,7 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
         t0 = time.time()
         if "SLURM_JOB_ID" in os.environ:
             record_job(config, node.job_id, "sbatch")
-        new_ray_token(token_file, node.job_id)
+        new_ray_token(token_file, jobs.ray_tokens(node.job_id))
         ray_node.start(num_gpus=num_gpus)
         ray_node.wait_head_ready()
         published = {
@@ -356,7 +356,7 @@ def run_node(config_path: str, overrides: list[str], node_type: str = "both") ->
         head = rdv.exchange(published, slurm.join_timeout_s)
         nodes = _wait_for_nodes(ray_node.address, node.size, slurm.join_timeout_s)
         atomic_write_json(
-            jdir / f"cluster-{node.key}.json", {"address": ray_node.address, "via": head["via"], "nodes": nodes, "formed_in_s": time.time() - t0}, durable=False
+            jobs.cluster_file(node.key), {"address": ray_node.address, "via": head["via"], "nodes": nodes, "formed_in_s": time.time() - t0}, durable=False
         )
         say(f"Ray cluster of {len(nodes)} node(s) at {ray_node.address} formed in {time.time() - t0:.1f}s (rendezvous by {head['via']})")
         config.cluster.address = ray_node.address

@@ -15,24 +15,26 @@ from pathlib import Path
 from typing import Any
 
 from ...config import JobConfig
+from ...store.layout import JobLayout, RunLayout
 
-__all__ = ["cancel", "job_dir", "job_states", "record_job", "run_jobs"]
+__all__ = ["cancel", "job_dir", "job_layout", "job_states", "record_job", "run_jobs"]
 
 _FINAL = ("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE")
 
 
 def job_dir(config: JobConfig) -> Path:
     """Logs, submitit files and rendezvous of a run: ``cluster.slurm.job_dir`` or ``<output>/slurm``."""
-    return Path(config.cluster.slurm.job_dir or Path(config.output.path) / "slurm").expanduser().resolve()
+    return Path(config.cluster.slurm.job_dir or RunLayout(config.output.path).slurm).expanduser().resolve()
 
 
-def _jobs_file(config_or_dir: JobConfig | Path) -> Path:
-    return (job_dir(config_or_dir) if isinstance(config_or_dir, JobConfig) else config_or_dir) / "jobs.json"
+def job_layout(config: JobConfig) -> JobLayout:
+    """The paths in :func:`job_dir` (store/layout.py)."""
+    return JobLayout(job_dir(config))
 
 
 def record_job(config: JobConfig, job_id: str, via: str) -> None:
     """Add ``job_id`` to the run's job list (idempotent; safe with concurrent writers)."""
-    path = _jobs_file(config)
+    path = job_layout(config).jobs_json
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -47,7 +49,7 @@ def record_job(config: JobConfig, job_id: str, via: str) -> None:
 def run_jobs(output_or_jobdir: str | Path) -> list[dict[str, Any]]:
     """The jobs recorded for an output folder (``<output>/slurm/jobs.json``) or a job dir."""
     root = Path(output_or_jobdir)
-    for path in (root / "slurm" / "jobs.json", root / "jobs.json"):
+    for path in (RunLayout(root).job().jobs_json, JobLayout(root).jobs_json):
         if path.is_file():
             return list(json.loads(path.read_text()))
     return []

@@ -22,6 +22,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from ...store.layout import RunLayout
+
 __all__ = ["SharedPathError", "cleanup_temp_dirs", "node_local_locks", "probe_shared_path"]
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ def probe_shared_path(path: Path, key: str, rank: int, size: int, host: str, tim
     """Write ``<path>/.nodes/<key>/rank<R>-<host>``, read it back, and wait (up to ``timeout_s``)
     until rank 0 sees every rank's file and every other rank sees rank 0's; else raise
     :class:`SharedPathError` naming the node. Returns the probe folder (rank 0 removes it)."""
-    folder = path / ".nodes" / key
+    folder = RunLayout(path).node_probe(key)
     folder.mkdir(parents=True, exist_ok=True)
     mine = folder / f"rank{rank}-{host}"
     token = secrets.token_hex(8)

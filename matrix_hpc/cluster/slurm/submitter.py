@@ -13,7 +13,7 @@ from typing import Any
 
 from ...config import JobConfig, load_config
 from .bootstrap import run_node
-from .jobs import job_dir, record_job
+from .jobs import job_layout, record_job
 
 __all__ = ["MatrixJob", "make_executor", "node_results", "submit"]
 
@@ -54,8 +54,7 @@ def make_executor(config: JobConfig) -> Any:
     s = config.cluster.slurm
     if s.gpu_nodes and s.nodes:
         raise ValueError("cluster.slurm: a heterogeneous job (gpu_nodes and nodes) goes through sbatch/matrix_hpc_het.sbatch; submitit cannot build one")
-    folder = job_dir(config) / "submitit"
-    ex = submitit.AutoExecutor(folder=str(folder / "%j"), cluster="slurm")
+    ex = submitit.AutoExecutor(folder=str(job_layout(config).submitit), cluster="slurm")
     params: dict[str, Any] = {
         "name": f"matrix-hpc-{config.workflow.name}",
         "nodes": s.gpu_nodes or s.nodes,

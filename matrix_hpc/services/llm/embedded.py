@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ...store.layout import engine_log
 from .base import LLMServer
 
 __all__ = ["EmbeddedEngine", "default_model_path", "default_threads", "free_port"]
@@ -80,7 +81,7 @@ class EmbeddedEngine(LLMServer):
         if served_model_name:
             self.model = served_model_name
         self.port = port or free_port(host)
-        self.log_path = str(Path(log_dir or ".") / f"embedded-engine-{self.port}.log")
+        self.log_path = str(engine_log(log_dir or ".", "embedded-engine", self.port))
         self._proc: subprocess.Popen[bytes] | None = None
 
     def __repr__(self) -> str:

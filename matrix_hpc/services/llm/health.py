@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ...credentials import read_secret
+from ...store.layout import RunLayout
 from .base import probe_generation
 from .status import EndpointStatus
 
@@ -27,7 +28,8 @@ Endpoint = tuple[str, str, str | None]
 
 def _from_output(folder: Path) -> list[Endpoint]:
     """Endpoints recorded by ``run`` (run.json) or ``serve`` (services.json), newest file first."""
-    files = [f for f in (folder / "services.json", folder / "run.json") if f.is_file()]
+    layout = RunLayout(folder)
+    files = [f for f in (layout.services_json, layout.run_json) if f.is_file()]
     for f in sorted(files, key=lambda f: f.stat().st_mtime, reverse=True):
         data = json.loads(f.read_text())
         found = [EndpointStatus.from_dict(e) for e in data.get("llm") or []]

@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
+from ...store.layout import engine_log
 from .base import LLMServer
 from .embedded import _die_with_parent, free_port
 
@@ -113,7 +114,7 @@ class VLLMServer(LLMServer):
         self.api_key = api_key
         self.host = host
         self.port = port or free_port(host)
-        self.log_path = str(Path(log_dir or ".") / f"vllm-{self.port}.log")
+        self.log_path = str(engine_log(log_dir or ".", "vllm", self.port))
         self._proc: subprocess.Popen[bytes] | None = None
         self._pgid: int | None = None
         self._shm: set[str] = set()
