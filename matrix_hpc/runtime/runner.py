@@ -36,6 +36,7 @@ from ray.exceptions import ActorDiedError, RayError
 
 from ..store import RecordRow
 from ..store.tokens import TokenUsage
+from .ownership import Ledger, SinkFollower, StallClock
 from .sink import SinkStats
 from .task import Task
 from .team import Team, TeamError
@@ -142,244 +143,29 @@ async def drive(
     Raises :class:`TeamError` (:class:`RunAborted` for what the driver finds) when the run cannot go on;
     ``stall_timeout_s`` = 0 turns the stall check off. When the first ``stop_after_failures``
     (0: off) tasks to finish all failed with one kind, raises :class:`AllFailing`."""
-    inflight: dict[str, Task] = {}  # sent and not yet committed: what recovery re-sends
-    active: set[str] = set()  # sent and not yet received by the sink: what backpressure counts
-    received_off = committed_off = 0
-    last_poll = 0.0
-    incarnation: str | None = None
-    exhausted = False
-    need_recovery = False
-    next_health = time.monotonic() + health_interval_s
-    stop_started: float | None = None
-    grace = stop_grace_s
-    moved_at = time.monotonic()  # last time a task moved: the stall clock
-    steps_seen = -1
-    stall_resent = False  # the stall's first remedy (re-send what nobody holds) was tried
-    commit_error: str | None = None
-    dead_seen = 0
-    earlier = SinkStats()  # what earlier incarnations of the sink committed in this run
-    seen = SinkStats()  # the current incarnation's last stats
-    beat = time.monotonic()  # the loop's last round: the watchdog's clock
-    doing = "starting"  # what the loop awaits now (the watchdog names it)
-    sink_silent = False  # a poll went unanswered (said once per silence)
-
-    async def to_sink(call: Any, timeout_s: float = SINK_CALL_S) -> Any:
-        """Await a call to the sink for at most ``timeout_s`` (raises ``asyncio.TimeoutError``:
-        the call itself still reaches the sink); a sink whose restarts are used up stops the run."""
-        try:
-            return await asyncio.wait_for(call, timeout_s)
-        except ActorDiedError:
-            raise RunAborted("the sink is dead (restarts used up); committed work is kept, re-run to resume") from None
-
-    async def to_sink_or_go_on(call: Any, what: str) -> None:
-        """A call whose answer the loop need not wait for: past the bound, say so and go on."""
-        try:
-            await to_sink(call)
-        except TimeoutError:
-            log.warning("the sink did not answer %s within %.0fs; going on (Ray still delivers it)", what, SINK_CALL_S)
-
-    async def resend(lost: list[str]) -> None:
-        again, gave_up = [], []
-        for tid in lost:
-            old = inflight[tid]
-            if old.done:  # a row the source already failed (bad input): its record, not a new task
-                gave_up.append(RecordRow.from_record(old.to_record()))
-            elif old.attempt >= max_attempts:
-                t = Task(id=tid, row=old.row, next_role=None, attempt=old.attempt)
-                t.fail("lost", f"task {tid} was lost with a crashed actor {old.attempt} times", role="runner")
-                gave_up.append(RecordRow.from_record(t.to_record()))
-            else:
-                old.attempt += 1
-                again.append(Task(id=tid, row=old.row, next_role=team.entry, attempt=old.attempt))
-                active.add(tid)
-        progress.resent += len(again)
-        if again or gave_up:
-            log.warning("re-sending %d lost task(s); recording %d as failed (bad input, or lost %d times)", len(again), len(gave_up), max_attempts)
-        await team.dispatch(again, batch_size)
-        if gave_up:
-            await to_sink_or_go_on(team.sink.receive.remote(gave_up), "the failed records")
-
-    async def on_stall() -> None:
-        """Say where the tasks in flight are; re-send those nobody holds; then give up."""
-        nonlocal stall_resent, moved_at
-        silent: list[str] = []  # actors that did not answer (frozen, or restarting)
-        try:
-            held = await team.held_by(silent=silent)
-        except (TimeoutError, RayError) as exc:
-            held = {}
-            log.warning("stall: cannot ask the actors what they hold (%s)", exc.__class__.__name__)
-        where = {name: sum(1 for i in ids if i in inflight) for name, ids in held.items()}
-        holders = ", ".join(f"{name.split('/', 1)[-1]}: {n}" for name, n in sorted(where.items()) if n) or "nobody"
-        if silent:
-            holders += "; not answering: " + ", ".join(name.split("/", 1)[-1] for name in sorted(silent))
-        all_held = {i for ids in held.values() for i in ids}
-        nobody = [tid for tid in inflight if tid not in all_held] if held and not silent else []  # a silent actor may hold any
-        idle = time.monotonic() - moved_at
-        if stall_resent:
-            raise RunAborted(
-                f"stalled: no task moved for {idle:.0f}s (run.stall_timeout_s={stall_timeout_s:g}); {len(inflight)} in flight held by {holders}; "
-                "committed work is kept, re-run to resume"
-            )
-        log.warning("no task moved for %.0fs: %d in flight held by %s; re-sending %d held by nobody", idle, len(inflight), holders, len(nobody))
-        stall_resent = True
-        moved_at = time.monotonic()
-        if nobody:
-            await resend(nobody)
-
-    async def recover() -> bool:
-        """Re-send in-flight tasks that no actor holds; False if actors are not back yet."""
-        try:
-            held = await team.held_ids()
-            await asyncio.sleep(0.2)  # a second look covers tasks caught in a hand-over
-            held |= await team.held_ids()
-            committed = set(await to_sink(team.sink.committed.remote(list(inflight))))  # bounded: a TimeoutError postpones
-        except (TimeoutError, RayError) as exc:  # an actor still restarting
-            log.info("recovery postponed: %s", exc.__class__.__name__)
-            return False
-        for tid in committed:
-            inflight.pop(tid, None)
-            active.discard(tid)
-        lost = [tid for tid in inflight if tid not in held]
-        if lost:
-            await resend(lost)
-        return True
-
-    async def run_loop() -> RunProgress:
-        nonlocal received_off, committed_off, last_poll, incarnation, exhausted, need_recovery, next_health, stop_started
-        nonlocal grace, moved_at, steps_seen, stall_resent, commit_error, dead_seen, earlier, seen, beat, doing, sink_silent
-        while True:
-            beat = time.monotonic()
-            stopping = stop is not None and stop.is_set()
-            if stopping:
-                grace = min(stop_grace_s, getattr(stop, "grace_s", stop_grace_s))  # read each round: it may shrink
-                if stop_started is None:
-                    stop_started = time.monotonic()
-                    # INFO: whoever set the flag (the CLI, the Slurm bootstrap) already told the user.
-                    log.info("stopping: no new tasks; %d in flight get %.0fs to finish", len(inflight), grace)
-            # Intake, bounded by max_in_flight; already-failed rows go straight to the sink.
-            new_tasks: list[Task] = []
-            prefailed: list[RecordRow] = []
-            # While commits fail, the sink holds every received row: take no more in.
-            while not exhausted and not stopping and not commit_error and len(active) < max_in_flight:
-                try:
-                    task = next(tasks)
-                except StopIteration:
-                    exhausted = True
-                    break
-                inflight[task.id] = task
-                active.add(task.id)
-                if task.done:
-                    prefailed.append(RecordRow.from_record(task.to_record()))
-                else:
-                    new_tasks.append(Task(id=task.id, row=task.row, next_role=task.next_role))
-            if new_tasks or prefailed:
-                progress.dispatched += len(new_tasks) + len(prefailed)
-                if progress.first_dispatch_at is None:
-                    progress.first_dispatch_at = time.time()
-            if prefailed:
-                doing = "the sink (failed input rows)"
-                await to_sink_or_go_on(team.sink.receive.remote(prefailed), "the failed input rows")
-            doing = "the entry role (new tasks)"
-            await team.dispatch(new_tasks, batch_size)  # bounded: a batch not accepted in time stays held by the driver
-
-            # At most 20 polls a second: each is a Ray call, and news comes in batches anyway.
-            await asyncio.sleep(max(0.0, last_poll + 0.05 - time.monotonic()))
-            last_poll = time.monotonic()
-            doing = "the sink (poll)"
-            try:
-                inc, received, committed, now = await to_sink(team.sink.poll.remote(incarnation, received_off, committed_off, 0.25))
-            except TimeoutError:  # no news this round; the checks below still run
-                if not sink_silent:
-                    log.warning("the sink did not answer a poll within %.0fs; health and stall checks go on", SINK_CALL_S)
-                sink_silent = True
-                inc, received, committed, now = incarnation, [], [], seen
-            else:
-                if sink_silent:
-                    log.warning("the sink answers again")
-                sink_silent = False
-            if inc != incarnation:
-                if incarnation is not None:  # the sink restarted: its uncommitted rows are gone
-                    log.warning("the sink restarted; checking which tasks are committed")
-                    need_recovery = True
-                    earlier = earlier.plus(seen)  # the new one counts from 0 again
-                incarnation, received_off, committed_off = inc, 0, 0
-            seen = now
-            stats = earlier.plus(now)
-            received_off += len(received)
-            committed_off += len(committed)
-            active.difference_update(received)
-            for tid in committed:
-                inflight.pop(tid, None)
-                active.discard(tid)
-            progress.ok, progress.failed = stats.ok, stats.failed
-            progress.failed_by_kind = stats.failed_by_kind
-            progress.tokens = stats.tokens
-            progress.in_flight = len(active)
-            if received or committed:
-                moved_at, stall_resent = time.monotonic(), False
-            if stats.gave_up:
-                raise RunAborted(stats.gave_up)
-            # Bad input rows are the data's, not the workflow's (and go to the sink first): not counted.
-            ran = {kind: n for kind, n in stats.failed_by_kind.items() if kind != "bad_input"}
-            if stop_after_failures and not stats.ok and len(ran) == 1 and sum(ran.values()) >= stop_after_failures and not (exhausted and not inflight):
-                raise AllFailing(*next(iter(ran.items())), stats.first_failure, stop_after_failures)  # not when the run ends anyway
-            if stats.commit_error != commit_error:
-                commit_error = stats.commit_error
-                if commit_error:
-                    log.warning("commits to the store are failing (%s); the sink keeps the rows and retries", commit_error)
-                else:
-                    log.warning("commits to the store succeed again")
-            if on_progress:
-                on_progress(progress)
-
-            if (exhausted or stopping) and inflight and not active and not sink_silent:
-                doing = "the sink (flush)"
-                await to_sink_or_go_on(team.sink.flush.remote(), "a flush")  # the last tasks are in: no need to wait for the timer
-            if (exhausted and not inflight) or (stopping and (not inflight or time.monotonic() >= stop_started + grace)):  # type: ignore[operator]
-                progress.finished = exhausted and not inflight
-                progress.interrupted = stopping and not progress.finished
-                return progress
-
-            if time.monotonic() >= next_health:
-                next_health = time.monotonic() + health_interval_s
-                doing = "the actors' health check"
-                restarted, _ = await team.check()
-                progress.llm_by_role = team.llm_activity()
-                if len(team.dead) > dead_seen:  # what the dead held is nowhere now (dispatch may have found them first)
-                    dead_seen, need_recovery = len(team.dead), True
-                steps = sum(team.steps.values())
-                if steps != steps_seen or commit_error or not inflight:  # a failing disk has its own limit
-                    steps_seen, moved_at, stall_resent = steps, time.monotonic(), False
-                elif stall_timeout_s and not stopping and time.monotonic() - moved_at > stall_timeout_s:
-                    doing = "the actors (what they hold)"
-                    await on_stall()
-                if restarted:
-                    log.warning("actor(s) restarted after a crash: %s", ", ".join(restarted))
-                    need_recovery = True
-                if need_recovery:
-                    doing = "the actors (recovery)"
-                    need_recovery = not await recover()
-
+    d = _Driver(
+        team, tasks, progress, max_in_flight, batch_size, max_attempts, health_interval_s, on_progress, stop, stop_grace_s, stall_timeout_s, stop_after_failures
+    )
     # The watchdog: the loop's awaits are bounded, and this makes sure of it. It needs
     # nothing from the loop but its clock, so it runs whatever the loop waits on.
-    main = asyncio.ensure_future(run_loop())
+    main = asyncio.ensure_future(d.run())
     stop_seen: float | None = None
     try:
         while True:
             done, _ = await asyncio.wait({main}, timeout=_WATCH_S)
             if done:
                 return main.result()
-            now_ = time.monotonic()
+            now = time.monotonic()
             if stop is not None and stop.is_set():
-                stop_seen = stop_seen or now_
-                if now_ > stop_seen + min(stop_grace_s, getattr(stop, "grace_s", stop_grace_s)) + _STOP_SLACK_S:
-                    log.warning("stopping: the driver's loop is still waiting on %s; abandoning the tasks in flight", doing)
-                    progress.interrupted, progress.in_flight = True, len(active)
+                stop_seen = stop_seen or now
+                if now > stop_seen + min(stop_grace_s, getattr(stop, "grace_s", stop_grace_s)) + _STOP_SLACK_S:
+                    log.warning("stopping: the driver's loop is still waiting on %s; abandoning the tasks in flight", d.doing)
+                    progress.interrupted, progress.in_flight = True, len(d.ledger.active)
                     return progress
-            if stall_timeout_s and now_ - beat > max(2 * stall_timeout_s, _ROUND_S):
+            if stall_timeout_s and now - d.beat > max(2 * stall_timeout_s, _ROUND_S):
                 raise RunAborted(
-                    f"stalled: the driver waited {now_ - beat:.0f}s on {doing} (run.stall_timeout_s={stall_timeout_s:g}); "
-                    f"{len(inflight)} in flight; committed work is kept, re-run to resume"
+                    f"stalled: the driver waited {now - d.beat:.0f}s on {d.doing} (run.stall_timeout_s={stall_timeout_s:g}); "
+                    f"{len(d.ledger)} in flight; committed work is kept, re-run to resume"
                 )
     finally:
         progress.ended_at = progress.ended_at or time.monotonic()
@@ -387,3 +173,221 @@ async def drive(
             main.cancel()
             with contextlib.suppress(BaseException):
                 await main
+
+
+class _Driver:
+    """One run of :func:`drive`: the loop and what it does each round (the books it keeps
+    are :mod:`matrix_hpc.runtime.ownership`'s)."""
+
+    def __init__(
+        self, team: Team, tasks: Iterator[Task], progress: RunProgress, max_in_flight: int, batch_size: int, max_attempts: int,
+        health_interval_s: float, on_progress: Callable[[RunProgress], None] | None, stop: StopFlag | None, stop_grace_s: float,
+        stall_timeout_s: float, stop_after_failures: int,
+    ) -> None:  # fmt: skip
+        self.team, self.tasks, self.progress, self.on_progress, self.stop = team, tasks, progress, on_progress, stop
+        self.max_in_flight, self.batch_size, self.health_interval_s = max_in_flight, batch_size, health_interval_s
+        self.stop_grace_s, self.stop_after_failures = stop_grace_s, stop_after_failures
+        now = time.monotonic()
+        self.ledger = Ledger(max_attempts)
+        self.sink = SinkFollower()
+        self.clock = StallClock(stall_timeout_s, now)
+        self.exhausted = False  # the source has no more tasks
+        self.need_recovery = False
+        self.next_health = now + health_interval_s
+        self.last_poll = 0.0
+        self.stop_started: float | None = None
+        self.grace = stop_grace_s
+        self.commit_error: str | None = None
+        self.dead_seen = 0
+        self.sink_silent = False  # a poll went unanswered (said once per silence)
+        self.beat = now  # the loop's last round: the watchdog's clock
+        self.doing = "starting"  # what the loop awaits now (the watchdog names it)
+
+    async def run(self) -> RunProgress:
+        while True:
+            self.beat = time.monotonic()
+            stopping = self._stopping()
+            await self._intake(stopping)
+            stats = await self._poll()
+            self._account(stats)
+            if self.on_progress:
+                self.on_progress(self.progress)
+            inflight = len(self.ledger)
+            if (self.exhausted or stopping) and inflight and not self.ledger.active and not self.sink_silent:
+                self.doing = "the sink (flush)"
+                await self._to_sink_or_go_on(self.team.sink.flush.remote(), "a flush")  # the last tasks are in: no need to wait for the timer
+            over = stopping and time.monotonic() >= self.stop_started + self.grace  # type: ignore[operator]
+            if (self.exhausted and not inflight) or (stopping and (not inflight or over)):
+                self.progress.finished = self.exhausted and not inflight
+                self.progress.interrupted = stopping and not self.progress.finished
+                return self.progress
+            if time.monotonic() >= self.next_health:
+                self.next_health = time.monotonic() + self.health_interval_s
+                await self._health(stopping)
+
+    def _stopping(self) -> bool:
+        if self.stop is None or not self.stop.is_set():
+            return False
+        self.grace = min(self.stop_grace_s, getattr(self.stop, "grace_s", self.stop_grace_s))  # read each round: it may shrink
+        if self.stop_started is None:
+            self.stop_started = time.monotonic()
+            # INFO: whoever set the flag (the CLI, the Slurm bootstrap) already told the user.
+            log.info("stopping: no new tasks; %d in flight get %.0fs to finish", len(self.ledger), self.grace)
+        return True
+
+    async def _intake(self, stopping: bool) -> None:
+        """New tasks up to ``max_in_flight``; already-failed rows go straight to the sink.
+        While commits fail, the sink holds every received row: no more are taken in."""
+        new_tasks: list[Task] = []
+        prefailed: list[RecordRow] = []
+        while not self.exhausted and not stopping and not self.commit_error and len(self.ledger.active) < self.max_in_flight:
+            try:
+                task = next(self.tasks)
+            except StopIteration:
+                self.exhausted = True
+                break
+            self.ledger.take(task)
+            if task.done:
+                prefailed.append(RecordRow.from_record(task.to_record()))
+            else:
+                new_tasks.append(Task(id=task.id, row=task.row, next_role=task.next_role))
+        if new_tasks or prefailed:
+            self.progress.dispatched += len(new_tasks) + len(prefailed)
+            if self.progress.first_dispatch_at is None:
+                self.progress.first_dispatch_at = time.time()
+        if prefailed:
+            self.doing = "the sink (failed input rows)"
+            await self._to_sink_or_go_on(self.team.sink.receive.remote(prefailed), "the failed input rows")
+        self.doing = "the entry role (new tasks)"
+        await self.team.dispatch(new_tasks, self.batch_size)  # bounded: a batch not accepted in time stays held by the driver
+
+    async def _poll(self) -> SinkStats:
+        """What the sink received and committed since the last poll (at most 20 polls a second:
+        each is a Ray call, and news comes in batches anyway); the books follow it."""
+        await asyncio.sleep(max(0.0, self.last_poll + 0.05 - time.monotonic()))
+        self.last_poll = time.monotonic()
+        self.doing = "the sink (poll)"
+        sink = self.sink
+        try:
+            inc, received, committed, now = await self._to_sink(self.team.sink.poll.remote(sink.incarnation, sink.received_off, sink.committed_off, 0.25))
+        except TimeoutError:  # no news this round; the checks below still run
+            if not self.sink_silent:
+                log.warning("the sink did not answer a poll within %.0fs; health and stall checks go on", SINK_CALL_S)
+            self.sink_silent = True
+            return sink.stats
+        if self.sink_silent:
+            log.warning("the sink answers again")
+        self.sink_silent = False
+        if sink.update(inc, received, committed, now):  # a restarted sink lost what it had not committed
+            log.warning("the sink restarted; checking which tasks are committed")
+            self.need_recovery = True
+        self.ledger.received(received)
+        self.ledger.committed(committed)
+        if received or committed:
+            self.clock.moved(time.monotonic())
+        return sink.stats
+
+    def _account(self, stats: SinkStats) -> None:
+        """Progress from the sink's stats; the run stops when commits gave up or every task fails alike."""
+        p = self.progress
+        p.ok, p.failed, p.failed_by_kind = stats.ok, stats.failed, stats.failed_by_kind
+        p.tokens = stats.tokens
+        p.in_flight = len(self.ledger.active)
+        if stats.gave_up:
+            raise RunAborted(stats.gave_up)
+        # Bad input rows are the data's, not the workflow's (and go to the sink first): not counted.
+        ran = {kind: n for kind, n in stats.failed_by_kind.items() if kind != "bad_input"}
+        ending = self.exhausted and not self.ledger  # not when the run ends anyway
+        if self.stop_after_failures and not stats.ok and len(ran) == 1 and sum(ran.values()) >= self.stop_after_failures and not ending:
+            raise AllFailing(*next(iter(ran.items())), stats.first_failure, self.stop_after_failures)
+        if stats.commit_error != self.commit_error:
+            self.commit_error = stats.commit_error
+            if self.commit_error:
+                log.warning("commits to the store are failing (%s); the sink keeps the rows and retries", self.commit_error)
+            else:
+                log.warning("commits to the store succeed again")
+
+    async def _health(self, stopping: bool) -> None:
+        """Ping the actors: restarts and deaths call for a recovery; no step anywhere for
+        ``stall_timeout_s`` calls for the stall remedy."""
+        self.doing = "the actors' health check"
+        restarted, _ = await self.team.check()
+        self.progress.llm_by_role = self.team.llm_activity()
+        if len(self.team.dead) > self.dead_seen:  # what the dead held is nowhere now (dispatch may have found them first)
+            self.dead_seen, self.need_recovery = len(self.team.dead), True
+        exempt = bool(self.commit_error) or not self.ledger  # a failing disk has its own limit
+        if self.clock.check(sum(self.team.steps.values()), exempt, time.monotonic()) and not stopping:
+            self.doing = "the actors (what they hold)"
+            await self._on_stall()
+        if restarted:
+            log.warning("actor(s) restarted after a crash: %s", ", ".join(restarted))
+            self.need_recovery = True
+        if self.need_recovery:
+            self.doing = "the actors (recovery)"
+            self.need_recovery = not await self._recover()
+
+    async def _on_stall(self) -> None:
+        """Say where the tasks in flight are; re-send those nobody holds; then give up."""
+        silent: list[str] = []  # actors that did not answer (frozen, or restarting)
+        try:
+            held = await self.team.held_by(silent=silent)
+        except (TimeoutError, RayError) as exc:
+            held = {}
+            log.warning("stall: cannot ask the actors what they hold (%s)", exc.__class__.__name__)
+        where = self.ledger.holders(held)
+        holders = ", ".join(f"{name.split('/', 1)[-1]}: {n}" for name, n in sorted(where.items()) if n) or "nobody"
+        if silent:
+            holders += "; not answering: " + ", ".join(name.split("/", 1)[-1] for name in sorted(silent))
+        # A silent actor may hold any task: nothing is lost for sure then.
+        nobody = self.ledger.lost({i for ids in held.values() for i in ids}) if held and not silent else []
+        now = time.monotonic()
+        idle = self.clock.idle_s(now)
+        if self.clock.remedy_tried:
+            raise RunAborted(
+                f"stalled: no task moved for {idle:.0f}s (run.stall_timeout_s={self.clock.timeout_s:g}); {len(self.ledger)} in flight held by {holders}; "
+                "committed work is kept, re-run to resume"
+            )
+        log.warning("no task moved for %.0fs: %d in flight held by %s; re-sending %d held by nobody", idle, len(self.ledger), holders, len(nobody))
+        self.clock.remedy(now)
+        if nobody:
+            await self._resend(nobody)
+
+    async def _recover(self) -> bool:
+        """Re-send in-flight tasks that no actor holds; False if actors are not back yet."""
+        try:
+            held = await self.team.held_ids()
+            await asyncio.sleep(0.2)  # a second look covers tasks caught in a hand-over
+            held |= await self.team.held_ids()
+            committed = set(await self._to_sink(self.team.sink.committed.remote(list(self.ledger.inflight))))  # bounded: a TimeoutError postpones
+        except (TimeoutError, RayError) as exc:  # an actor still restarting
+            log.info("recovery postponed: %s", exc.__class__.__name__)
+            return False
+        self.ledger.committed(committed)
+        lost = self.ledger.lost(held)
+        if lost:
+            await self._resend(lost)
+        return True
+
+    async def _resend(self, lost: list[str]) -> None:
+        again, gave_up = self.ledger.plan_resend(lost, self.team.entry)
+        self.progress.resent += len(again)
+        if again or gave_up:
+            log.warning("re-sending %d lost task(s); recording %d as failed (bad input, or lost %d times)", len(again), len(gave_up), self.ledger.max_attempts)
+        await self.team.dispatch(again, self.batch_size)
+        if gave_up:
+            await self._to_sink_or_go_on(self.team.sink.receive.remote(gave_up), "the failed records")
+
+    async def _to_sink(self, call: Any, timeout_s: float = SINK_CALL_S) -> Any:
+        """Await a call to the sink for at most ``timeout_s`` (raises ``asyncio.TimeoutError``:
+        the call itself still reaches the sink); a sink whose restarts are used up stops the run."""
+        try:
+            return await asyncio.wait_for(call, timeout_s)
+        except ActorDiedError:
+            raise RunAborted("the sink is dead (restarts used up); committed work is kept, re-run to resume") from None
+
+    async def _to_sink_or_go_on(self, call: Any, what: str) -> None:
+        """A call whose answer the loop need not wait for: past the bound, say so and go on."""
+        try:
+            await self._to_sink(call)
+        except TimeoutError:
+            log.warning("the sink did not answer %s within %.0fs; going on (Ray still delivers it)", what, SINK_CALL_S)
