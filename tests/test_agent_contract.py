@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import sys
 import time
@@ -236,6 +237,35 @@ def test_closing_an_actor_with_many_idle_workers_costs_o1_per_worker() -> None:
 
     asyncio.run(main())
     assert CountingDeque.removes == 0, f"{CountingDeque.removes} waiters removed one by one"
+
+
+def test_closing_an_actor_closes_its_call_journal_after_flushing_it(tmp_path: Path) -> None:
+    """The actor's journal (run.replay) is flushed and its file closed when the actor closes
+    (Replay.close() was never called: its file and its readers' files stayed open)."""
+    from matrix_hpc.runtime.actor import AgentActor
+    from matrix_hpc.runtime.spec import ClientSpec, RoleSpec, TeamSpec
+    from matrix_hpc.services.llm.client import ChatResult
+
+    model = ClientSpec(name="m", served_name="m", urls=["http://127.0.0.1:9/v1"])  # never called
+    roles = {"teacher": RoleSpec("workflows.collab_reasoning.agents:Speaker", 1, 2, model="m")}
+    spec = TeamSpec("r", "ns", roles, models={"m": model}, metrics=False, loop_lag_warn_s=0, journal_dir=str(tmp_path))
+    actor = AgentActor.__ray_metadata__.modified_class(spec, "teacher", 0)
+
+    def open_journal_fds() -> list[str]:
+        links = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}")]
+        return [link for link in links if link.startswith(str(tmp_path))]
+
+    async def main() -> None:
+        assert await actor.setup() is None
+        assert actor._replay is not None and open_journal_fds()
+        res = ChatResult(text="hi", prompt_tokens=3, completion_tokens=1, latency_s=0.1, endpoint="http://e", model="m")
+        actor._replay.record("d" * 32, "t1", res, 1.0)  # queued, not yet flushed
+        await actor.close()
+
+    asyncio.run(main())
+    assert open_journal_fds() == []
+    (journal,) = [p for p in tmp_path.iterdir() if p.is_file()]
+    assert journal.stat().st_size > 0  # the queued entry was flushed before the file closed
 
 
 # --- the workflow's code is checked before Ray starts --------------------------------------

@@ -277,6 +277,11 @@ class AgentActor:
                 await agent.close()
             except Exception:  # user code; the run's results are already committed
                 log.exception("close() of role %s failed", role)
+        if self._replay is not None:  # last: an agent's close() may still call; the journal's queued tail is flushed
+            try:
+                await self._replay.close()
+            except Exception:  # its entries are fsynced in windows: at most the last window is lost
+                log.exception("closing the call journal failed")
 
     async def _compact_loop(self) -> None:
         """Keep this actor's journal to the calls of tasks not yet committed."""
