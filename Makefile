@@ -8,6 +8,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 ARGS   ?=
+# Two pytest-xdist workers: every Slurm and vLLM test on one of them, in file order
+# (tests/conftest.py), the rest on both. Most of the suite waits on start-ups; serially it
+# took 49 minutes on CI. XDIST= runs it serially.
+XDIST  ?= -n 2 --dist loadgroup
 # Debian packages the tests use: real sandboxes, a real 3-node Slurm cluster with accounting,
 # and a real browser for matrix-hpc view's page (driven through chromium-driver by selenium).
 DEB_TEST := bubblewrap slurmctld slurmd slurm-client munge slurmdbd mariadb-server chromium chromium-driver
@@ -61,7 +65,7 @@ demo: $(VENV)/.local-installed
 test: $(VENV)/.vllm-installed deb-test
 	$(BIN)/ruff format --check --quiet . || { echo 'make test: ruff format would change the files above (run: $(BIN)/ruff format .)'; exit 1; }
 	$(BIN)/ruff check --quiet .
-	$(BIN)/python -m pytest -ra --durations=25 $(ARGS)
+	$(BIN)/python -m pytest -ra --durations=25 $(XDIST) $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
