@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import dataclass
 
 from matrix_hpc.agents import Task
 from workflows.collab_reasoning.agents import Speaker
@@ -18,10 +19,15 @@ class GatedSpeaker(Speaker):
     ``"gate": true`` waits before its first turn until the file ``params.gate`` exists, so
     the run stays live, with the other rows committed, for as long as the test wants."""
 
+    @dataclass
+    class Params(Speaker.Params):
+        gate: str = ""
+        """The file whose existence lets the gated rows go."""
+
     async def step(self, task: Task) -> None:
         if not task.turns:
             if task.row.get("boom"):
                 raise RuntimeError(f"boom on row {task.id}")
-            while task.row.get("gate") and not os.path.exists(self.params["gate"]):
+            while task.row.get("gate") and not os.path.exists(self.params.gate):
                 await asyncio.sleep(0.1)
         await super().step(task)
