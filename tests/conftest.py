@@ -7,8 +7,10 @@ process-group id (never a broad pkill), Ray's helper processes included.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,9 +83,18 @@ def tmpfs(tmp: Path, size: str) -> Iterator[Path]:
 
 
 def fill(disk: Path) -> Path:
-    """Take every free byte of ``disk``; returns the filler file (delete it to free the space)."""
+    """Take every free byte of ``disk``; returns the filler file (delete it with
+    ``unlink(missing_ok=True)`` to free the space). A disk already full has no room even for
+    the file's entry: then there is no filler, and the disk stays as full as it was."""
     filler = disk / "filler"
-    with open(filler, "wb") as fh:
+    try:
+        fh = open(filler, "wb")
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        print(f"fill: {disk} is full already ({shutil.disk_usage(disk).used >> 20} MiB used)")
+        return filler
+    with fh:
         try:
             while True:
                 fh.write(b"\0" * 65536)

@@ -201,7 +201,7 @@ def test_many_sigkills_and_a_full_disk_lose_and_duplicate_nothing(tmp_path: Path
             elif what == "disk":
                 filler = fill(disk)
                 time.sleep(rng.uniform(2.0, 4.0))
-                filler.unlink()
+                filler.unlink(missing_ok=True)
             done[what] += 1
         print(f"faults injected: {dict(done)} ({sum(done.values())} in all) in {time.monotonic() - t0:.0f}s")
         rc = runs[-1].wait(LIFE_S * 2)
