@@ -47,6 +47,8 @@ class CountingLLM:
         self._thread = threading.Thread(target=self._main, daemon=True)
         self.url = ""
         self._lock = threading.Lock()
+        self._held: dict[int, str] = {}  # calls not answered yet: their last message's text
+        self._seq = 0
 
     # -- server ------------------------------------------------------------
     async def _chat(self, request: web.Request) -> web.Response:
@@ -56,9 +58,16 @@ class CountingLLM:
             return web.json_response({"model": "default", "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}], "usage": {}})
         with self._lock:
             self.received += 1
-        await asyncio.sleep(random.uniform(*self.delay_s))  # order varies; answers do not
-        while self._frozen.is_set():  # held: in flight until the client dies
-            await asyncio.sleep(0.05)
+            self._seq += 1
+            key = self._seq
+            self._held[key] = str(((body.get("messages") or [{}])[-1]).get("content", ""))
+        try:
+            await asyncio.sleep(random.uniform(*self.delay_s))  # order varies; answers do not
+            while self._frozen.is_set():  # held: in flight until the client dies
+                await asyncio.sleep(0.05)
+        finally:
+            with self._lock:
+                self._held.pop(key, None)
         text, n = answer(body)
         prompt_tokens = max(1, sum(len(str(m.get("content", ""))) for m in body.get("messages") or []) // 4)
         with self._lock:
@@ -105,6 +114,11 @@ class CountingLLM:
 
     def thaw(self) -> None:
         self._frozen.clear()
+
+    def held_prompts(self) -> list[str]:
+        """The last message of each call not answered yet."""
+        with self._lock:
+            return list(self._held.values())
 
     @property
     def in_flight(self) -> int:

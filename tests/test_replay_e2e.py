@@ -152,8 +152,18 @@ def test_a_killed_agent_actor_replays_the_calls_of_the_tasks_it_lost(tmp_path: P
     wait_for(lambda: committed_rows(out) >= kill_after and "actors" in json.loads((out / "run.json").read_text()), 240, f"{kill_after} commits", run)
     actors = json.loads((out / "run.json").read_text())["actors"]
     (teacher,) = [pid for name, pid in actors.items() if name.endswith("/teacher/0")]
-    server.freeze()
-    time.sleep(1.0)
+    # Kill while the teacher holds a task past its first turn (its earlier calls are in the
+    # journal): a moment when it holds only new tasks has nothing to replay, and chancing it
+    # failed a loaded fresh-clone run with "replayed 0".
+    for _ in range(200):
+        server.freeze()
+        time.sleep(0.5)
+        if any("Your turn (teacher)" in p and "Discussion so far" in p for p in server.held_prompts()):
+            break
+        server.thaw()
+        time.sleep(0.2)
+    else:
+        pytest.fail("the teacher never held a task past its first turn")
     os.kill(teacher, signal.SIGKILL)
     wait_for(lambda: not pid_alive(teacher), 60, "the teacher actor to exit")
     in_flight = server.in_flight  # the student's held calls are answered after the thaw, not redone
