@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from matrix_hpc.store import StoreReader
 
 from .conftest import BIN, REPO, Run, questions, write_jsonl
+from .view_agents import gated_collab_job
 
 pytestmark = pytest.mark.slow
 
@@ -36,18 +36,7 @@ def done_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     qs = questions(GOOD)
     rows = [*qs[:6], {**qs[0], "id": "boom1", "boom": True}, *qs[6:11], {"id": "no-choices", "question": "y?"}, *qs[11:]]
     dataset = write_jsonl(tmp / "rows.jsonl", rows)
-    cfg = yaml.safe_load((REPO / "workflows" / "collab_reasoning" / "config.yaml").read_text())
-    cfg["dataset"].update(path=str(dataset), limit=None)
-    cfg["output"] = {"path": str(tmp / "out"), "flush_interval_s": 0.2}
-    cfg["llm"]["max_tokens"] = 8
-    cfg["llm"]["embedded"]["n_parallel"] = 8
-    cfg["workflow"]["python_path"] = [str(REPO)]
-    cfg["workflow"]["params"]["max_turns"] = 2
-    for role in ("teacher", "student"):
-        cfg["workflow"]["roles"][role]["agent"] = "tests.view_agents:GatedSpeaker"
-    cfg["run"] = {"max_in_flight": 16, "progress": "log", "progress_interval_s": 2.0}
-    (tmp / "job.yaml").write_text(yaml.safe_dump(cfg))
-    run = Run(tmp / "job.yaml", log=tmp / "run.log")
+    run = Run(gated_collab_job(tmp, dataset), log=tmp / "run.log")
     assert run.wait(300) == 0, run.output
     out = tmp / "out"
     return {"tmp": tmp, "out": out, "log": run.output, "rows": rows, "records": list(StoreReader(out).iter_records())}

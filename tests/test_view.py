@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from matrix_hpc.store import RecordRow, StoreReader, StoreWriter
 
 from .conftest import BIN, REPO, Run, committed_rows, questions, wait_for, write_jsonl
+from .view_agents import gated_collab_job
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver") or "/usr/bin/chromedriver"
 needs_browser = pytest.mark.skipif(
@@ -422,19 +422,7 @@ def live_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Run, Pa
     rows += [{**q, "gate": True} for q in qs[GOOD:]]
     dataset = write_jsonl(tmp / "rows.jsonl", rows)
     gate = tmp / "gate"
-    cfg = yaml.safe_load((REPO / "workflows" / "collab_reasoning" / "config.yaml").read_text())
-    cfg["dataset"].update(path=str(dataset), limit=None)
-    cfg["output"] = {"path": str(tmp / "out"), "flush_interval_s": 0.2}
-    cfg["llm"]["max_tokens"] = 8
-    cfg["llm"]["embedded"]["n_parallel"] = 8
-    cfg["workflow"]["python_path"] = [str(REPO)]
-    cfg["workflow"]["params"]["max_turns"] = 2
-    for role in ("teacher", "student"):
-        cfg["workflow"]["roles"][role]["agent"] = "tests.view_agents:GatedSpeaker"
-        cfg["workflow"]["roles"][role]["params"]["gate"] = str(gate)
-    cfg["run"] = {"max_in_flight": 16, "progress": "log", "progress_interval_s": 2.0}
-    (tmp / "job.yaml").write_text(yaml.safe_dump(cfg))
-    run = Run(tmp / "job.yaml", log=tmp / "run.log")
+    run = Run(gated_collab_job(tmp, dataset, gate), log=tmp / "run.log")
     try:
         yield run, tmp / "out", gate
     finally:
