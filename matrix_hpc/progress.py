@@ -64,15 +64,14 @@ class ProgressDisplay:
         self.interval_s = interval_s if mode == "log" else 0.2
         self.stream = stream
         self._last = 0.0
-        self._rate = LLMRate()
-        self._started: float | None = None
+        self._rate: LLMRate | None = None
 
     def __call__(self, p: RunProgress) -> None:
         if self.mode == "off":
             return
         now = time.monotonic()
-        if self._started is None:  # the window starts at the run's start, with nothing counted
-            self._started = p.started_at
+        if self._rate is None:  # the window starts at the run's start, with nothing counted
+            self._rate = LLMRate()
             self._rate.update(p.started_at, {})
         if now - self._last < self.interval_s:
             return
