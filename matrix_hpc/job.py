@@ -10,7 +10,6 @@ import asyncio
 import itertools
 import logging
 import os
-import shutil
 import socket
 import time
 import uuid
@@ -26,6 +25,7 @@ from .credentials import new_secret_file, remove_secret
 from .metrics import prometheus_targets
 from .runinfo import LifeRecord, RunInfo
 from .runtime.loader import check_workflow_code, import_paths, load_object
+from .runtime.replay import ReplayStats
 from .runtime.runner import AllFailing, RunProgress, StopFlag, drive
 from .runtime.source import DatasetError, SourceOptions, columns_option, iter_tasks, scan_dataset
 from .runtime.spec import team_spec
@@ -34,8 +34,8 @@ from .runtime.usage import ReplaySummary, UsageSummary, replay_summary
 from .services.llm.service import LLMServices
 from .services.llm.status import EndpointStatus
 from .store import StoreReader
+from .store.call_journal import CallJournal
 from .store.fsutil import atomic_write_json, read_json
-from .store.journal import compact_journal, journal_size
 from .store.layout import RunLayout
 from .store.writable import check_output_writable
 from .store.writer_check import wait_for_previous_writer
@@ -61,7 +61,7 @@ class RunSummary:
     """Every model's LLM endpoints at the end of the run (state, restarts, pid, log, placement)."""
     replay: ReplaySummary | None = None
     """This life's calls answered from the call journal (None: ``run.replay`` off)."""
-    journal: dict[str, float] = field(default_factory=dict)
+    journal: ReplayStats = field(default_factory=ReplayStats)
     """The agent actors' journal counters, added up: entries, flushes, bytes, write_s (write + fsync), hits."""
     failure_samples: dict[str, str] = field(default_factory=dict)
     """One message per failure kind in the store (the newest), with where it was raised."""
@@ -162,7 +162,7 @@ def run_job(
 
     run_id = uuid.uuid4().hex[:8]
     namespace = f"matrix-hpc-{run_id}"
-    journal = _prepare_journal(layout.journal, done, run_id, say) if config.run.replay else None
+    journal = _start_journal(CallJournal(layout.journal, run_id, config.output.fsync), done, say) if config.run.replay else None
     log_dir = layout.logs  # the engines' logs and agents.log
     log_dir.mkdir(exist_ok=True)
     slurm = _slurm_env()
@@ -184,7 +184,7 @@ def run_job(
         try:
             if on_saved is not None:
                 on_saved(progress)
-            return _finish(root, info, progress, metrics_fn, journal, {}, started, prev, start_mark)
+            return _finish(root, info, progress, metrics_fn, journal, ReplayStats(), started, prev, start_mark)
         except BaseException as exc:
             _record_abort(root, info, exc, stopping=_asked_to_stop(stop))
             raise
@@ -205,7 +205,7 @@ def run_job(
             services.start()
             _say_endpoints(say, config, services.endpoints, time.monotonic() - t0)
             spec = team_spec(
-                config, run_id, namespace, services.client_endpoints(), str(journal) if journal else None, warn=lambda msg: say(f"warning: {msg}"),
+                config, run_id, namespace, services.client_endpoints(), str(journal.dir) if journal else None, warn=lambda msg: say(f"warning: {msg}"),
                 agents_log=str(layout.agents_log), api_key_file=str(key_file) if key_file else None,
             )  # fmt: skip
             out, run = config.output, config.run
@@ -245,7 +245,7 @@ def run_job(
             # The final commit first: after a TERM the KILL may come within seconds, and the
             # clean-up below (journal stats, the agents' close()) can take much longer.
             asyncio.run(_flush_sink(team))
-            journal_costs = asyncio.run(_journal_costs(team)) if journal else {}
+            journal_costs = asyncio.run(_journal_costs(team)) if journal else ReplayStats()
             asyncio.run(team.close())
             team.stop_agents()  # before the sink closes: nothing reaches it afterwards
             asyncio.run(_close_sink(team))
@@ -300,8 +300,8 @@ def _record_abort(root: Path, info: RunInfo, exc: BaseException, stopping: bool 
 
 
 def _finish(
-    root: Path, info: RunInfo, progress: RunProgress, metrics_fn: Any, journal: Path | None,
-    journal_costs: dict[str, float], started: float, prev: RunInfo, start_mark: dict[str, int],
+    root: Path, info: RunInfo, progress: RunProgress, metrics_fn: Any, journal: CallJournal | None,
+    journal_costs: ReplayStats, started: float, prev: RunInfo, start_mark: dict[str, int],
 ) -> RunSummary:  # fmt: skip
     """Totals over the store, the final run.json, and the summary. Counts and usage add
     the rows committed since the previous summary to it; the workflow's metrics are over
@@ -309,7 +309,7 @@ def _finish(
     this life's rows."""
     entry = info.life
     if journal is not None and progress.finished:  # every task is committed: nothing left to replay
-        shutil.rmtree(journal, ignore_errors=True)
+        journal.remove()
     summary = summarize(root, prev.summary_upto, prev.store, prev.usage, metrics_fn)
     counts, metrics, usage = summary.store, summary.metrics, summary.usage
     reader = StoreReader(root)
@@ -366,24 +366,17 @@ def _safe_status(services: LLMServices) -> list[EndpointStatus]:
         return services.endpoints
 
 
-def _prepare_journal(journal: Path, done: set[str], run_id: str, say: Callable[[str], None]) -> Path:
-    """Compact the call journal at a life's start: keep only calls of tasks not in the store."""
-    journal.mkdir(exist_ok=True)
-    files, before = journal_size(journal)
-    kept, size = compact_journal(journal, lambda task_id: task_id not in done, f"base-{run_id}.jnl")
-    if files:
-        say(f"replay: {kept} journaled LLM call(s) of unfinished tasks kept ({size / 1024:.0f} KiB of {before / 1024:.0f} KiB)")
+def _start_journal(journal: CallJournal, done: set[str], say: Callable[[str], None]) -> CallJournal:
+    """The call journal at a life's start: only calls of tasks not in the store are kept."""
+    start = journal.start_life(done)
+    if start.files:
+        say(f"replay: {start.kept} journaled LLM call(s) of unfinished tasks kept ({start.bytes_kept / 1024:.0f} KiB of {start.bytes_before / 1024:.0f} KiB)")
     return journal
 
 
-async def _journal_costs(team: Team) -> dict[str, float]:
+async def _journal_costs(team: Team) -> ReplayStats:
     """The actors' journal counters added up (entries, flushes, bytes, seconds in write + fsync, hits)."""
-    total: dict[str, float] = {}
-    for stats in await team.replay_stats():
-        for k, v in stats.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                total[k] = total.get(k, 0) + v
-    return total
+    return sum(await team.replay_stats(), ReplayStats())
 
 
 async def _flush_sink(team: Team, timeout_s: float = 120.0) -> None:

@@ -16,6 +16,7 @@ from matrix_hpc.agents import AgentContext, Task
 from matrix_hpc.config import Sampling
 from matrix_hpc.runtime.replay import Replay
 from matrix_hpc.services.llm import ChatClient
+from matrix_hpc.store.call_journal import CallJournal
 from workflows.collab_reasoning.agents import Speaker
 
 from .conftest import questions
@@ -34,7 +35,8 @@ def life(server: CountingLLM, journal: Path, name: str, turns: int, task_id: str
 
     async def main() -> Task:
         client = ChatClient([server.url], "m1")
-        replay = Replay(journal, f"{name}.jnl")
+        segment = CallJournal(journal, "r").open_segment(name, 0, "0")  # a new incarnation's file
+        replay = Replay(segment)
         speakers = [
             Speaker(AgentContext(role, {"persona": p}, client, Sampling(max_tokens=24, temperature=temperature), replay=replay))
             for role, p in (("teacher", persona), ("student", "curious student"))
@@ -42,7 +44,7 @@ def life(server: CountingLLM, journal: Path, name: str, turns: int, task_id: str
         task = Task(id=task_id, row=questions(1)[0], next_role="teacher")
         for i in range(turns):
             await speakers[i % 2].step(task)
-        await replay.close()
+        await segment.close()
         await client.close()
         return task
 

@@ -28,13 +28,14 @@ from ..credentials import read_secret
 from ..services.llm import ChatClient
 from ..services.llm.registry import follow_registry
 from ..store import RecordRow
-from .agent import Agent, AgentContext, errors_log, first_line, run_step
+from ..store.call_journal import CallJournal, JournalSegment
+from .agent import Agent, AgentContext, errors_log, first_line, run_step, uses_llm
 from .awaitables import take_awaitable
 from .gcbudget import GcBudget
 from .health import ActorPing, LoopLagWatcher
 from .loader import load_object
 from .outbox import Outbox
-from .replay import Replay
+from .replay import Replay, ReplayStats
 from .spec import ClientSpec, RoleSpec, TeamSpec
 from .task import Task
 
@@ -87,12 +88,12 @@ class AgentActor:
         spec = team.roles[role]
         self._clients: dict[str, ChatClient] = {}
         """One client per model this actor's roles call (an inline role shares its model's)."""
-        # One journal file per incarnation: a restarted actor never appends to a file
-        # a dead one may have torn; it reads it instead.
+        # One journal segment per incarnation (its lifecycle: store/call_journal.py).
+        self._journal: JournalSegment | None = None
         self._replay: Replay | None = None
-        if team.journal_dir is not None and spec.model is not None and getattr(load_object(spec.agent), "uses_llm", False):
-            name = f"{team.run_id}-{role}-{index}-{self.incarnation[:8]}.jnl"
-            self._replay = Replay(team.journal_dir, name, fsync=team.journal_fsync)
+        if team.journal_dir is not None and spec.model is not None and uses_llm(self._agent_class(role)):
+            self._journal = CallJournal(team.journal_dir, team.run_id, team.journal_fsync).open_segment(role, index, self.incarnation)
+            self._replay = Replay(self._journal)
         self._queue: asyncio.Queue[Task | None] | None = None  # None: a worker's signal to end
         self.agent: Agent = self._make_agent(role)
         # Agents of inline roles, built (and set up) once on first use, however many workers ask at once.
@@ -121,12 +122,17 @@ class AgentActor:
         metrics.set_gauge("tasks_in_flight", len(self._running) + queued, self.role)
         metrics.set_gauge("queue_depth", queued, self.role)
 
+    def _agent_class(self, role: str) -> type[Agent]:
+        agent = self.team.roles[role].agent
+        cls = load_object(agent)
+        if not (isinstance(cls, type) and issubclass(cls, Agent)):
+            raise TypeError(f"{agent} is not a matrix_hpc.agents.Agent subclass")
+        return cls
+
     def _make_agent(self, role: str) -> Agent:
         spec, team = self.team.roles[role], self.team
-        cls = load_object(spec.agent)
-        if not (isinstance(cls, type) and issubclass(cls, Agent)):
-            raise TypeError(f"{spec.agent} is not a matrix_hpc.agents.Agent subclass")
-        llm = self._client(team.models[spec.model]) if cls.uses_llm and spec.model is not None else None
+        cls = self._agent_class(role)
+        llm = self._client(team.models[spec.model]) if uses_llm(cls) and spec.model is not None else None
         sticky = team.models[spec.model].sticky if spec.model is not None else True
         return cls(AgentContext(role, spec.params, llm, spec.sampling, sticky, team.sandbox, spec.model, self._replay))
 
@@ -217,8 +223,8 @@ class AgentActor:
         self._loops.append(loop.create_task(self.gc.run()))
         for _ in range(self.concurrency):
             self._loops.append(loop.create_task(self._worker()))
-        if self._replay is not None:
-            self._loops.append(loop.create_task(self._compact_loop()))
+        if self._journal is not None:
+            self._loops.append(loop.create_task(self._journal.compact_every(self.team.journal_compact_s, self._committed)))
 
     async def _setup_agent(self, agent: Agent, role: str) -> None:
         self.lag.started(f"setup() of role {role!r}")
@@ -277,31 +283,22 @@ class AgentActor:
                 await agent.close()
             except Exception:  # user code; the run's results are already committed
                 log.exception("close() of role %s failed", role)
-        if self._replay is not None:  # last: an agent's close() may still call; the journal's queued tail is flushed
+        if self._journal is not None:  # last: an agent's close() may still call; the journal's queued tail is flushed
             try:
-                await self._replay.close()
+                await self._journal.close()
             except Exception:  # its entries are fsynced in windows: at most the last window is lost
                 log.exception("closing the call journal failed")
 
-    async def _compact_loop(self) -> None:
-        """Keep this actor's journal to the calls of tasks not yet committed."""
-        assert self._replay is not None
-        while True:
-            await asyncio.sleep(self.team.journal_compact_s)
-            try:
-                dropped = await self._replay.compact(self._resolve(SINK)[0])
-            except Exception as exc:  # a restarting sink: try again next round
-                log.info("journal compaction postponed: %s", exc)
-                continue
-            if dropped:
-                log.debug("journal: dropped %d entries of committed tasks", dropped)
+    async def _committed(self, ids: list[str]) -> list[str]:
+        """Which of ``ids`` the sink has committed (the journal's compaction asks; one Ray call)."""
+        return await self._resolve(SINK)[0].committed.remote(ids)
 
-    async def replay_stats(self) -> dict[str, Any] | None:
+    async def replay_stats(self) -> ReplayStats | None:
         """Flush this incarnation's journal and return its counters (hits, writes, bytes,
         write time), or None when off. The driver calls it before a graceful shutdown."""
-        if self._replay is None:
+        if self._journal is None or self._replay is None:
             return None
-        await self._replay.flush()
+        await self._journal.flush()
         return self._replay.stats()
 
     async def receive(self, tasks: list[Task]) -> None:

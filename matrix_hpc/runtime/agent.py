@@ -27,7 +27,7 @@ from .replay import Replay, call_digest
 from .replies import excerpt, parse_reply
 from .task import Task, Turn
 
-__all__ = ["MAX_HOPS", "Agent", "AgentContext", "errors_log", "first_line", "run_step"]
+__all__ = ["MAX_HOPS", "Agent", "AgentContext", "errors_log", "first_line", "run_step", "uses_llm"]
 
 log = logging.getLogger(__name__)
 errors_log = logging.getLogger("matrix_hpc.agent_errors")
@@ -101,6 +101,8 @@ class Agent:
     """
 
     uses_llm: ClassVar[bool] = True
+    """Whether the role calls an LLM (it then names a model, gets a client and a call journal,
+    and cannot run inline). Read it through :func:`uses_llm`, the one place that decides."""
 
     Params: ClassVar[type | None] = None
     """A dataclass of the params this agent takes, with their types and defaults. Declared, the
@@ -219,6 +221,16 @@ class Agent:
             )
         )
         return res
+
+
+def uses_llm(agent: object) -> bool:
+    """Whether agent class ``agent`` calls an LLM: its ``uses_llm``, and True when it has none
+    (the :class:`Agent` base's default: a subclass that does not say calls one; a class that is
+    not an Agent is refused by the config check and the actor anyway). The one place this is
+    decided: the config check (the role names a model; only a role that calls none runs
+    inline), the team spec (limits counted in LLM requests or in tasks) and the agent actor
+    (an LLM client and a call journal)."""
+    return bool(getattr(agent, "uses_llm", True))
 
 
 def frames(exc: BaseException, n: int = TRACEBACK_FRAMES) -> list[str]:

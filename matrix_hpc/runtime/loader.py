@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, JobConfig
-from .agent import Agent
+from .agent import Agent, uses_llm
 from .params import check_params
 
 __all__ = ["add_import_paths", "check_workflow_code", "import_paths", "load_object"]
@@ -130,9 +130,9 @@ def role_problem(role: str, cls: object, agent: str, has_model: bool, inline: bo
     and again by :class:`~matrix_hpc.runtime.team.Team` (from a team spec built by hand)."""
     if not (isinstance(cls, type) and issubclass(cls, Agent)):
         return f"workflow.roles.{role}.agent: {agent} is not a subclass of matrix_hpc.agents.Agent"
-    if cls.uses_llm and not has_model:
+    if uses_llm(cls) and not has_model:
         return f"workflow.roles.{role}.model: the role calls an LLM; name one of the models ({', '.join(models)})"
-    if inline and cls.uses_llm:
+    if inline and uses_llm(cls):
         return f"workflow.roles.{role}.inline: only roles that call no LLM (uses_llm = False) can run inline"
     return None
 

@@ -1,8 +1,10 @@
 """Turn-level resume: a completed LLM call is journaled and, in a later life, replayed.
 
-An agent actor incarnation owns one :class:`Replay`: it writes the calls its
-agents complete to its own journal file and looks calls up in the journal files
-that existed when it started (earlier lives, earlier incarnations) and in its own.
+An agent actor incarnation owns one :class:`Replay` over its journal segment: it writes
+the calls its agents complete to its own journal file and looks calls up in the journal
+files that existed when it started (earlier lives, earlier incarnations) and in its own.
+Which files exist when, and what a crash leaves, is the journal's lifecycle: its one
+owner is store/call_journal.py (:class:`~matrix_hpc.store.call_journal.CallJournal`).
 
 The key of a call is a digest of everything that decides its answer: the task id,
 the call's sequence number within the task (``Task.llm_calls``, which starts at 0
@@ -16,13 +18,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from pathlib import Path
+from dataclasses import dataclass, fields
 from typing import Any
 
 from ..services.llm import ChatResult
-from ..store.journal import JournalEntry, JournalIndex, JournalWriter
+from ..store.call_journal import JournalSegment
+from ..store.journal import JournalEntry
 
-__all__ = ["Replay", "call_digest"]
+__all__ = ["Replay", "ReplayStats", "call_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +46,45 @@ def _payload(res: ChatResult, started_at: float) -> dict[str, Any]:
     }  # fmt: skip
 
 
+@dataclass(frozen=True)
+class ReplayStats:
+    """One incarnation's replay and journal counters; ``+`` adds a team's (``disabled``: the first reason)."""
+
+    hits: int = 0
+    """Calls answered from the journal."""
+    misses: int = 0
+    saved_s: float = 0.0
+    """The original latency of the calls answered (summed: they overlapped)."""
+    saved_tokens: int = 0
+    entries: int = 0
+    """Calls journaled."""
+    flushes: int = 0
+    bytes: int = 0
+    """Bytes appended (before compaction)."""
+    write_s: float = 0.0
+    """Seconds in write + fsync."""
+    file_bytes: int = 0
+    """The segment's size now (after compaction)."""
+    disabled: str | None = None
+    """Why the segment stopped writing (an I/O error), or None."""
+
+    def __add__(self, other: ReplayStats) -> ReplayStats:
+        summed = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self) if f.name != "disabled"}
+        return ReplayStats(**summed, disabled=self.disabled or other.disabled)
+
+
 class Replay:
     """The journal as an agent actor sees it: ``lookup`` before a call, ``record`` after."""
 
-    def __init__(self, directory: str | Path, writer_name: str, fsync: bool = True, flush_interval_s: float = 0.01) -> None:
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.writer = JournalWriter(self.dir / writer_name, flush_interval_s=flush_interval_s, fsync=fsync)
-        self.index = JournalIndex(self.dir, exclude={writer_name})
+    def __init__(self, segment: JournalSegment) -> None:
+        self.segment = segment
         self.hits = self.misses = 0
         self.saved_s = 0.0
         self.saved_tokens = 0
-        log.info("replay: %d journaled call(s) found in %s", len(self.index), self.dir)
 
     def lookup(self, digest: str) -> tuple[ChatResult, float] | None:
         """The stored answer and its original start time, or None (call the LLM)."""
-        entry = self.index.get(digest) or self.writer.get(digest)
+        entry = self.segment.get(digest)
         if entry is None:
             self.misses += 1
             return None
@@ -76,27 +102,11 @@ class Replay:
     def record(self, digest: str, task_id: str, res: ChatResult, started_at: float) -> None:
         """Journal a completed call. It is durable within one flush window (~10 ms): the task
         does not wait for the fsync, so a kill loses at most the calls of that window."""
-        self.writer.append_nowait(JournalEntry(digest, task_id, _payload(res, started_at)))
+        self.segment.append(JournalEntry(digest, task_id, _payload(res, started_at)))
 
-    async def flush(self) -> None:
-        await self.writer.flush()
-
-    async def compact(self, sink: Any) -> int:
-        """Drop this writer's entries of tasks the sink has committed (one Ray call)."""
-        ids = self.writer.task_ids()
-        if not ids:
-            return 0
-        committed = set(await sink.committed.remote(ids))
-        return await self.writer.compact(committed)
-
-    def stats(self) -> dict[str, Any]:
-        w = self.writer
-        return {
-            "hits": self.hits, "misses": self.misses, "saved_s": self.saved_s, "saved_tokens": self.saved_tokens,
-            "entries": w.entries, "flushes": w.flushes, "bytes": w.bytes, "write_s": w.write_s, "file_bytes": w.size,
-            "disabled": w.disabled,
-        }  # fmt: skip
-
-    async def close(self) -> None:
-        await self.writer.close()
-        self.index.close()
+    def stats(self) -> ReplayStats:
+        w = self.segment.writer
+        return ReplayStats(
+            hits=self.hits, misses=self.misses, saved_s=self.saved_s, saved_tokens=self.saved_tokens,
+            entries=w.entries, flushes=w.flushes, bytes=w.bytes, write_s=w.write_s, file_bytes=w.size, disabled=w.disabled,
+        )  # fmt: skip

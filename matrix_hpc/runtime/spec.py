@@ -8,14 +8,15 @@ Built from the job config by :func:`team_spec`; nothing here is read back by key
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import JobConfig, ModelConfig, PoolConfig, Sampling, resolve_sampling
 from ..config.checks import model_key
+from .agent import uses_llm
 from .limits import role_limits
+from .loader import load_object
 
 __all__ = ["ClientSpec", "RoleSpec", "TeamSpec", "team_spec"]
 
@@ -92,10 +93,10 @@ class TeamSpec:
 
 
 def _uses_llm(agent: str) -> bool:
-    module, _, attr = agent.partition(":")
+    """:func:`~matrix_hpc.runtime.agent.uses_llm` of the class at path ``agent``; True when it does not load."""
     try:
-        return bool(getattr(getattr(importlib.import_module(module), attr), "uses_llm", True))
-    except (ImportError, AttributeError):  # Team reports it, naming the key
+        return uses_llm(load_object(agent))
+    except ImportError:  # Team reports it, naming the key
         return True
 
 

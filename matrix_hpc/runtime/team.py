@@ -15,6 +15,7 @@ from ..store.zarr_store import WriterOwner
 from .actor import AgentActor, actor_name, load_object, sink_name
 from .health import ActorPing
 from .loader import role_problem
+from .replay import ReplayStats
 from .sink import SinkActor
 from .spec import TeamSpec
 from .task import Task
@@ -203,14 +204,14 @@ class Team:
         """Ids some actor holds (queued, running, in an outbox, or pending commit)."""
         return {i for ids in (await self.held_by(timeout_s)).values() for i in ids}
 
-    async def replay_stats(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+    async def replay_stats(self, timeout_s: float = 10.0) -> list[ReplayStats]:
         """Each agent actor's journal counters, after it flushed its journal (actors with replay off are left out)."""
         handles = [h for hs in self.actors.values() for h in hs]
         try:
             stats = await asyncio.wait_for(asyncio.gather(*(h.replay_stats.remote() for h in handles), return_exceptions=True), timeout_s)
         except TimeoutError:
             return []
-        return [s for s in stats if isinstance(s, dict)]
+        return [s for s in stats if isinstance(s, ReplayStats)]
 
     async def dispatch(self, tasks: list[Task], batch_size: int, wait_s: float = DISPATCH_WAIT_S) -> None:
         """Send new tasks to the entry role's live actors, round-robin in batches, and wait
