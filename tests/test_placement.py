@@ -49,7 +49,7 @@ def _placed(services: LLMServices) -> list[dict[str, Any]]:
     for name, svc in services.services.items():
         for i in range(svc.config.replicas):
             info = ray.get(ray.get_actor(f"{svc.registry_name}/{i}", namespace="placement-test").info.remote())
-            out.append({"model": name, "node": info["node_id"], "gpus": info["gpus"], "gpu_ids": info["gpu_ids"]})
+            out.append({"model": name, "node": info.node_id, "gpus": info.gpus, "gpu_ids": info.gpu_ids})
     return out
 
 
@@ -90,7 +90,7 @@ def test_a_replica_that_fits_nowhere_fails_naming_its_model(gpu_nodes: list[str]
 
 
 def test_slurm_nodes_advertise_the_gpus_slurm_gave_them(monkeypatch: pytest.MonkeyPatch) -> None:
-    from matrix_hpc.cluster.slurm.bootstrap import node_gpus
+    from matrix_hpc.cluster.slurm.node import node_gpus
 
     monkeypatch.delenv("SLURM_GPUS_ON_NODE", raising=False)
     assert node_gpus(0) is None  # nothing said: Ray detects devices itself

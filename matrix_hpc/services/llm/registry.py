@@ -172,7 +172,7 @@ class EndpointRegistry:
         why = f"start failed: {_last_line(exc)}"
         log.error("model %s: replica %d did not start (%s); the model's other endpoints are served and its watch restarts it", self.model_key, i, why)
         try:  # the URL it was to serve (its port is chosen when it starts)
-            url = (await asyncio.wait_for(self.replicas[i].info.remote(), 10.0))["url"] or ""
+            url = (await asyncio.wait_for(self.replicas[i].info.remote(), 10.0)).url or ""
         except (TimeoutError, RayError):
             url = ""
         return EndpointStatus(
@@ -196,7 +196,7 @@ class EndpointRegistry:
             raise RuntimeError(
                 f"model {self.model_key}: Ray placed no node for a replica needing {gpus} GPU(s) within {timeout_s:.0f}s (too few free GPUs on the GPU nodes?)"
             ) from None
-        return [i["host"] for i in infos]
+        return [i.host for i in infos]
 
     def _routable(self) -> list[str]:
         return [s.url for s in self.states.values() if s.state == "up"]
@@ -247,10 +247,7 @@ class EndpointRegistry:
             row = EndpointStatus(**{**st.to_dict()})
             if st.replica is not None:
                 try:
-                    info = await self.replicas[st.replica].info.remote()
-                    for k, v in info.items():
-                        if k not in ("url", "index"):
-                            setattr(row, k, v)
+                    row = row.with_replica(await self.replicas[st.replica].info.remote())
                 except RayError as exc:
                     row.info_error = type(exc).__name__
             out.append(row)

@@ -24,6 +24,7 @@ from ...config import EmbeddedEngineConfig, VLLMConfig
 from ...credentials import read_secret
 from ...labels import GPU_NODE, node_host, placement
 from .base import LLMServer
+from .status import ReplicaInfo
 
 __all__ = ["LLMReplica", "ReplicaSpec", "make_server", "replica_options"]
 
@@ -126,23 +127,15 @@ class LLMReplica:
         # In a thread: VLLMServer.alive() may spend seconds clearing a dead server's orphans.
         return self.server is not None and await asyncio.to_thread(self.server.alive)
 
-    async def info(self) -> dict[str, Any]:
+    async def info(self) -> ReplicaInfo:
         srv = self.server
-        return {
-            "index": self.index,
-            "kind": self.spec.kind,
-            "url": srv.base_url if srv else None,
-            "pid": getattr(srv, "pid", None),
-            "log": getattr(srv, "log_path", None),
-            "starts": self.starts,
-            "alive": await self.alive(),
-            "node_ip": self.host,
-            "host": socket.gethostname(),
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "gpus": self.spec.gpus,
-            "gpu_ids": [str(g) for g in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])],
-            "actor_pid": os.getpid(),
-        }
+        ctx = ray.get_runtime_context()
+        return ReplicaInfo(
+            index=self.index, kind=self.spec.kind, url=srv.base_url if srv else None, pid=getattr(srv, "pid", None),
+            log=getattr(srv, "log_path", None), starts=self.starts, alive=await self.alive(), node_ip=self.host,
+            host=socket.gethostname(), node_id=ctx.get_node_id(), gpus=self.spec.gpus,
+            gpu_ids=[str(g) for g in ctx.get_accelerator_ids().get("GPU", [])], actor_pid=os.getpid(),
+        )  # fmt: skip
 
     async def stop(self) -> None:
         if self.server is not None:

@@ -6,7 +6,28 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["EndpointStatus"]
+__all__ = ["EndpointStatus", "ReplicaInfo"]
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    """A managed replica's own account of itself (``LLMReplica.info``): its server and its placement."""
+
+    index: int
+    kind: str
+    """The engine (``vllm``, ``embedded``)."""
+    url: str | None
+    """Its server's URL; None before the first start."""
+    pid: int | None
+    log: str | None
+    starts: int
+    alive: bool
+    node_ip: str
+    host: str
+    node_id: str
+    gpus: int
+    gpu_ids: list[str]
+    actor_pid: int
 
 
 @dataclass
@@ -52,6 +73,11 @@ class EndpointStatus:
     """The GPUs Ray gave the replica (``ray.get_runtime_context().get_accelerator_ids()``)."""
     actor_pid: int | None = None
     info_error: str | None = None
+
+    def with_replica(self, info: ReplicaInfo) -> EndpointStatus:
+        """This status with the replica's own account (its url and index are this status's already)."""
+        own = {f.name: getattr(info, f.name) for f in dataclasses.fields(ReplicaInfo) if f.name not in ("url", "index")}
+        return dataclasses.replace(self, **own)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
