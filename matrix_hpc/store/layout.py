@@ -31,7 +31,7 @@ No other module builds a path under a run's output or job folder: it asks this o
       .secrets/ray-JOB.RESTART.token  0700 folder: one life's Ray auth token; rank 0, removed at its end
 
 The files inside a protocol's own folder are named by that protocol's module: the journal's
-segments (store/journal.py), the rendezvous files (cluster/slurm/rendezvous.py), the probe's
+files (store/call_journal.py), the rendezvous files (cluster/slurm/rendezvous.py), the probe's
 rank files (cluster/slurm/nodecheck.py), zarr's arrays. Paths are joined, never resolved:
 a layout of a relative root stays relative. Standard library only: every layer may use it.
 """
