@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +13,9 @@ import ray
 from ..config import ClusterConfig
 from ..credentials import new_secret
 from ..labels import node_resources
+from ..stopsignals import handlers_kept
 from .auth import RayAuth, loopback_only
+from .ray_settings import RAY_SYSTEM_CONFIG
 
 __all__ = ["RayCluster", "start_ray"]
 
@@ -50,19 +51,14 @@ def start_ray(cfg: ClusterConfig, namespace: str, python_path: list[str] | None 
     # in a file), and every server on loopback. Joining ``cluster.address``: Ray reads the
     # cluster's token as it always does (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token).
     auth = RayAuth(token=new_secret()) if cfg.address is None else None
-    # ray.init installs its own SIGTERM handler (which exits at once); keep the
-    # caller's, so SIGTERM still means "stop intake and save finished work".
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        with loopback_only() if cfg.address is None else contextlib.nullcontext():
+        # ray.init installs its own SIGTERM handler (which exits at once): the caller's stay.
+        with handlers_kept(), loopback_only() if cfg.address is None else contextlib.nullcontext():
             ctx = _init(cfg, namespace, python_path)
     except BaseException:
         if auth is not None:
             auth.restore()
         raise
-    for sig, handler in handlers.items():
-        if handler is not None:
-            signal.signal(sig, handler)
     address = ctx.address_info.get("address") or ctx.address_info.get("gcs_address") or ""
     log.info("ray %s at %s (namespace %s)", "started" if cfg.address is None else "joined", address, namespace)
     session_dir = ctx.address_info.get("session_dir")
@@ -82,6 +78,7 @@ def _init(cfg: ClusterConfig, namespace: str, python_path: list[str] | None) -> 
         logging_level=logging.WARNING,
         configure_logging=True,
         runtime_env=_runtime_env(python_path or []),
+        _system_config=RAY_SYSTEM_CONFIG if cfg.address is None else None,
     )
 
 

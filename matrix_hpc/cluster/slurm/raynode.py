@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from ...labels import NODE_IP_ENV
+from ..ray_settings import RAY_SYSTEM_CONFIG
 from .ports import RayPorts
 
 __all__ = ["RayNode"]
@@ -39,6 +40,7 @@ class RayNode:
         cmd = [ray, "start", "--block", f"--node-ip-address={self.node_ip}", f"--resources={json.dumps(self.resources)}", "--disable-usage-stats"]
         if head_address is None:
             cmd += ["--head", "--include-dashboard=false", f"--temp-dir={self.temp_dir}", *self.ports.args(head=True)]
+            cmd.append(f"--system-config={json.dumps(RAY_SYSTEM_CONFIG)}")
         else:
             cmd += [f"--address={head_address}", *self.ports.args(head=False)]
         if num_cpus is not None:
