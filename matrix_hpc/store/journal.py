@@ -5,6 +5,9 @@ Layout (under the output folder, so on the shared FS a requeued job sees)::
     OUTPUT/journal/base-<run_id>.jnl          what a life start kept (unfinished tasks' calls)
     OUTPUT/journal/<run_id>-<writer>.jnl      one file per writer (an actor incarnation)
 
+The files' names and their lifecycle (a life's merge, compaction, flushing, removal) belong
+to store/call_journal.py; this module is the format and its reader and writer.
+
 A file is a sequence of framed entries ``MJ | length u32 | crc32 u32 | JSON``. Each
 file has exactly one writer, which appends whole batches with one ``write`` + ``fsync``
 (group commit: :meth:`JournalWriter.append` returns once its entry is durable;
