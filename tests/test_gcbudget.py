@@ -49,3 +49,24 @@ def test_a_cheap_pass_runs_often_and_install_turns_automatic_full_passes_off() -
     finally:
         budget.uninstall()
     assert gc.get_threshold() == before
+
+
+def test_install_freezes_what_start_up_left_so_full_passes_skip_it() -> None:
+    # An idle actor's heap is almost all start-up's (Ray's, zarr's, the agent's modules):
+    # without freezing it, every paced full pass walked ~80,000 objects, 3% of a core.
+    budget = GcBudget(collect=gc.collect)
+    start_up = [[i] for i in range(50_000)]  # tracked containers, alive before install
+    gc.collect()
+    assert len(gc.get_objects(generation=2)) >= 50_000
+    budget.install()
+    try:
+        assert gc.get_freeze_count() >= 50_000
+        walked = len(gc.get_objects(generation=2))  # what a full pass walks now
+        assert walked < 10_000, walked
+        later = [[i] for i in range(1_000)]  # the run's own objects are still collected
+        gc.collect()
+        assert len(gc.get_objects(generation=2)) >= len(later)
+    finally:
+        budget.uninstall()
+    assert gc.get_freeze_count() == 0
+    del start_up

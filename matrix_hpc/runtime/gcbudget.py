@@ -13,6 +13,11 @@ automatic, with a larger first threshold) and runs one itself when the last one'
 duration, divided by ``share``, has passed: full passes take at most ``share`` of the
 wall time, and garbage in reference cycles is still freed, later. Objects without
 cycles (nearly all of a task) are freed by reference counting as before.
+
+At install, every object alive then (the modules Ray, zarr and the agent imported, ~80,000
+objects) is moved to the permanent generation (``gc.freeze``): they live as long as the
+process, and walking them cost each idle actor a ~30 ms pass every second, 3% of a core
+whatever the load. Full passes then walk only what the run itself keeps.
 """
 
 from __future__ import annotations
@@ -55,14 +60,18 @@ class GcBudget:
         self._saved: tuple[int, int, int] | None = None
 
     def install(self) -> None:
-        """Take over full collections in this process (young ones stay automatic)."""
+        """Take over full collections in this process (young ones stay automatic), and
+        freeze what is alive now: start-up's objects are never walked again."""
         if self._saved is None:
             self._saved = gc.get_threshold()
             gc.set_threshold(self.young_threshold, self._saved[1], _NEVER)
+            self._collect(2)  # start-up's garbage is freed, not frozen
+            gc.freeze()
 
     def uninstall(self) -> None:
         if self._saved is not None:
             gc.set_threshold(*self._saved)
+            gc.unfreeze()
             self._saved = None
 
     def tick(self) -> bool:
