@@ -13,7 +13,6 @@ import os
 import shlex
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -108,31 +107,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .config import load_config
     from .job import run_job
     from .progress import ProgressDisplay
+    from .stopsignals import StopSignals
 
     config = load_config(args.config, args.overrides)
     if not sys.stderr.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray's "(raylet) ..." lines, without colour codes in logs
     display = ProgressDisplay(config.run.progress, config.run.progress_interval_s)
-    stop = threading.Event()
-    signals = 0
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        # A terminal's Ctrl-C reaches every process of the group; this handler runs once
-        # per signal this process gets, so the notice is printed on the first one only.
-        nonlocal signals
-        signals += 1
-        if signals == 1:
-            name = signal.Signals(signum).name
-            display.event(f"\n{name}: stopping intake; tasks in flight get up to {config.run.stop_grace_s:.0f}s, finished work is saved (again to abort)")
-            stop.set()
-        elif signals == 2:
-            # asyncio reports the futures an abort cancels as "never retrieved": noise here.
-            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-            raise KeyboardInterrupt
-        # Later signals: the abort is already under way (shutting Ray down); let it finish.
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    # INT, TERM and USR2 mean what matrix_hpc/stopsignals.py says (a second Ctrl-C aborts).
+    stop = StopSignals(notify=lambda msg: display.event("\n" + msg), grace_s=config.run.stop_grace_s)
     summary = run_job(config, on_progress=display, on_event=display.event, stop=stop)
     display.close(summary.progress)
     _print_summary(summary)
@@ -159,6 +141,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     state = run_state(info, reader.writer_active()) if info else None
     if args.json:
         run = {k: raw.get(k) for k in ("run_id", "status", "dataset", "started_at", "finished_at")}
+        run["interruptions"] = info.interruptions if info else {}  # lives told to stop, by why
         extra = {"usage": info.usage.to_dict(), "llm": [e.to_dict() for e in info.llm], "replay": raw.get("replay")} if info else {}
         print(
             json.dumps(
@@ -171,6 +154,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if info:
         print(f"run:       {info.run_id} ({state})")
         print(f"input:     {info.dataset} ({total} rows)")
+        print(f"lives:     {_lives_line(info)}")
     print(f"done:      {counts['ok']}")
     print(f"failed:    {counts['failed']}")
     for kind, n in counts["failed_by_kind"].items():
@@ -190,6 +174,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"journal:   {size} bytes in {files} file(s): completed LLM calls of unfinished tasks, replayed on resume")
     _print_slurm(reader.root)
     return 0
+
+
+def _lives_line(info: Any) -> str:
+    """How many lives the run had and, counted apart, why those told to stop were: its time
+    limit, a preemption, a requeue, a cancel (Slurm), or a signal (``SIGINT`` ...)."""
+    why = ", ".join(f"{n} {cause.replace('_', ' ')}" for cause, n in sorted(info.interruptions.items()))
+    return f"{len(info.history)}" + (f" (stopped by: {why})" if why else "")
 
 
 def _print_llm(info: Any, state: str | None) -> None:

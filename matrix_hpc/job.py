@@ -186,7 +186,7 @@ def run_job(
                 on_saved(progress)
             return _finish(root, info, progress, metrics_fn, journal, ReplayStats(), started, prev, start_mark)
         except BaseException as exc:
-            _record_abort(root, info, exc, stopping=_asked_to_stop(stop))
+            _record_abort(root, info, exc, stopping=_asked_to_stop(stop), stop=stop)
             raise
     tasks = itertools.chain([first], tasks)
 
@@ -245,6 +245,8 @@ def run_job(
             # The final commit first: after a TERM the KILL may come within seconds, and the
             # clean-up below (journal stats, the agents' close()) can take much longer.
             asyncio.run(_flush_sink(team))
+            if _note_stop(info, stop, progress):  # said now: the KILL may come before this life's end is written
+                _write_run_info(root, info)
             journal_costs = asyncio.run(_journal_costs(team)) if journal else ReplayStats()
             asyncio.run(team.close())
             team.stop_agents()  # before the sink closes: nothing reaches it afterwards
@@ -266,7 +268,7 @@ def run_job(
             raise aborted
         return summary
     except BaseException as exc:
-        _record_abort(root, info, exc, stopping=_asked_to_stop(stop))
+        _record_abort(root, info, exc, stopping=_asked_to_stop(stop), stop=stop)
         raise
 
 
@@ -287,13 +289,28 @@ def _asked_to_stop(stop: StopFlag | None, within_s: float | None = None) -> bool
     return stop.is_set()
 
 
-def _record_abort(root: Path, info: RunInfo, exc: BaseException, stopping: bool = False) -> None:
+def _note_stop(info: RunInfo, stop: StopFlag | None, progress: RunProgress | None = None) -> bool:
+    """Why this life was told to stop, in its history entry: ``stop_signal`` (the first signal)
+    and ``ended_by`` (the flag's ``cause`` where its owner knows it: ``time_limit``, ``preempted``,
+    ... on Slurm; else the signal). False (nothing noted) for a life not stopped, or finished."""
+    if stop is None or not stop.is_set() or (progress is not None and progress.finished):
+        return False
+    reason = getattr(stop, "reason", None)
+    settled = getattr(stop, "settled_cause", None)
+    info.life.stop_signal = reason
+    info.life.ended_by = (settled(3.0) if settled is not None else None) or reason
+    return True
+
+
+def _record_abort(root: Path, info: RunInfo, exc: BaseException, stopping: bool = False, stop: StopFlag | None = None) -> None:
     """Say how this life ended, so ``status`` does not report a dead run as running.
 
     A life asked to stop (USR2/TERM on Slurm: its peers' nodes are going away too, so its
     team may fall apart: a TeamError), before or just after it fails, was interrupted, not
     failed: its committed rows are durable either way, and the next life resumes from them."""
     ended = "interrupted" if stopping and not isinstance(exc, KeyboardInterrupt) else "aborted" if isinstance(exc, KeyboardInterrupt) else "failed"
+    if stopping:
+        _note_stop(info, stop)
     info.life.finished_at, info.life.status = time.time(), ended
     info.status, info.finished_at, info.error = ended, time.time(), f"{type(exc).__name__}: {exc}"[:500]
     _write_run_info(root, info)

@@ -8,6 +8,7 @@ CLI and tests read it back through :meth:`RunInfo.from_dict`, never by ad-hoc ke
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,11 @@ class LifeRecord:
     """Why a ``failed`` life stopped (stalled, a role gone, commits failing)."""
     replayed: int | None = None
     """LLM calls this life answered from the call journal (``run.replay``)."""
+    stop_signal: str | None = None
+    """The first stop signal this life got (``SIGINT``, ``SIGTERM``, ``SIGUSR2``; matrix_hpc/stopsignals.py)."""
+    ended_by: str | None = None
+    """Why it was told to stop: on Slurm ``time_limit``, ``preempted``, ``requeued`` or ``cancelled``
+    (cluster/slurm/stopcause.py), else the signal's name."""
 
     def to_dict(self) -> dict[str, Any]:
         # A life killed before it ended has no end fields at all (readers test for the key).
@@ -93,6 +99,11 @@ class RunInfo:
     """What the last life that ended replayed from the call journal (None: ``run.replay`` off)."""
 
     @property
+    def interruptions(self) -> dict[str, int]:
+        """Lives told to stop, counted by why (``time_limit``, ``preempted``, ...; see :class:`LifeRecord`)."""
+        return dict(Counter(h.ended_by for h in self.history if h.ended_by))
+
+    @property
     def life(self) -> LifeRecord:
         """This life's entry in the history."""
         return self.history[-1]
@@ -103,6 +114,7 @@ class RunInfo:
         data["llm"] = [e.to_dict() for e in self.llm]
         data["usage"] = self.usage.to_dict()
         data["replay"] = self.replay.to_dict() if self.replay else None
+        data["interruptions"] = self.interruptions  # derived from history, for people and scripts
         return data
 
     @classmethod

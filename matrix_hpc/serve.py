@@ -2,14 +2,13 @@
 
 Starts Ray and the run's endpoint registry with its replicas exactly as ``run``
 would, prints the endpoints, writes them to ``OUTPUT/services.json`` (what
-``check-health`` reads) and keeps them supervised until SIGINT/SIGTERM. Managed servers
+``check-health`` reads) and keeps them supervised until SIGINT/SIGTERM (USR2 leaves it serving: ``stopsignals.py``). Managed servers
 take a fresh API key: ``serve`` prints the path of its 0600 file, never the key.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 import threading
 import time
@@ -22,6 +21,7 @@ from .config.checks import model_key
 from .credentials import new_secret_file, remove_secret
 from .services.llm.service import LLMServices
 from .services.llm.status import EndpointStatus
+from .stopsignals import StopSignals
 from .store.fsutil import atomic_write_json
 from .store.layout import RunLayout
 from .store.writable import check_output_writable
@@ -37,10 +37,8 @@ def _write(path: Path, endpoints: list[EndpointStatus]) -> None:
 
 def serve(config_path: str, overrides: list[str], until: threading.Event | None = None) -> int:
     config = load_config(config_path, overrides)
-    stop = until or threading.Event()
-    if until is None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
+    # INT and TERM stop it, USR2 leaves it serving (matrix_hpc/stopsignals.py).
+    stop = until or StopSignals(notify=None, serving=True)
     out = RunLayout(check_output_writable(config.output.path))  # services.json and logs go there
     out.logs.mkdir(parents=True, exist_ok=True)
     run_id = f"serve-{uuid.uuid4().hex[:8]}"

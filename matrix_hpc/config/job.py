@@ -181,8 +181,8 @@ class RunConfig:
     """Warn (naming the role) when an agent actor's event loop stalls this long: a step
     is blocking it (``time.sleep``, synchronous I/O). 0 turns the watch off."""
     stop_grace_s: float = 10.0
-    """On a stop (Ctrl-C, SIGTERM; on Slurm only USR2, since a Slurm TERM means KILL is near):
-    how long tasks in flight may finish before the rest are abandoned (they are not in
+    """On a stop by Ctrl-C or USR2 (a TERM gives none, on Slurm or not: the KILL is near; see
+    matrix_hpc/stopsignals.py): how long tasks in flight may finish before the rest are abandoned (they are not in
     the store, so the resumed run does them again)."""
     stall_timeout_s: float = 600.0
     """When no task moves (no step, no commit) for this long, the driver logs who holds the

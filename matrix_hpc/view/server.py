@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import secrets
-import signal
 import socket
 import sys
 import time
@@ -30,6 +29,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..stopsignals import StopSignals
 from ..store import StoreReader
 from .index import StoreIndex
 from .query import LazyCache, Query, QueryError, run_query
@@ -263,11 +263,12 @@ async def _serve(root: Path, port: int, token: str, out: Any) -> int:
     out.flush()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    # INT and TERM stop it (matrix_hpc/stopsignals.py); the handler's thread wakes the loop.
+    signals = StopSignals(notify=None, serving=True, on_first=lambda _: loop.call_soon_threadsafe(stop.set))
     try:
         await stop.wait()
     finally:
+        signals.restore()
         await runner.cleanup()
         await viewer.close()
     return 0

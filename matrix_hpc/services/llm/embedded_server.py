@@ -1,7 +1,8 @@
 """Process entry point of the embedded CPU engine (xllamacpp's in-process llama.cpp server).
 
 Run by :class:`~matrix_hpc.services.llm.embedded.EmbeddedEngine`; serves the OpenAI
-API on 127.0.0.1 until it receives SIGTERM/SIGINT. With a key in ``MATRIX_HPC_ENGINE_API_KEY``
+API on 127.0.0.1 until it receives SIGTERM/SIGINT (a Slurm USR2 leaves it serving the
+run's last tasks: ``matrix_hpc/stopsignals.py``). With a key in ``MATRIX_HPC_ENGINE_API_KEY``
 every path but ``/health`` answers 401 to a request without it (llama.cpp's ``api_keys``).
 """
 
@@ -9,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
-import threading
+
+from ...stopsignals import StopSignals
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,12 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         params.cpuparams.n_threads = args.threads
         params.cpuparams_batch.n_threads = args.threads
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = StopSignals(notify=None, serving=True)  # INT/TERM stop it; USR2 (Slurm's warning) leaves it serving
     server = xllamacpp.Server(params)  # serves until the object is dropped
     print(f"embedded engine listening on {server.listening_address}", flush=True)
-    stop.wait()
+    try:
+        stop.wait()
+    except KeyboardInterrupt:  # a second Ctrl-C: stop all the same
+        pass
     del server
     return 0
 
