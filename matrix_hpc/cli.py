@@ -25,7 +25,7 @@ ALL_FAILED = 3
 """Exit status of a run whose tasks all failed (stopped early by ``run.stop_after_failures``, or finished)."""
 
 
-def _print_summary(summary: Any) -> None:
+def _print_summary(summary: Any, retry_hint: str = "") -> None:
     """One scope per line, labelled: ``this run`` (this life of the run) or ``store`` (every
     record in the output, earlier lives included)."""
     p, s = summary.progress, summary.store
@@ -53,6 +53,7 @@ def _print_summary(summary: Any) -> None:
         w(f"  log:       agent tracebacks in {summary.agent_log}\n")
     if summary.ray_logs and p.resent:
         w(f"  log:       crashed actors' output in {summary.ray_logs}\n")
+    w(retry_hint)
     w(f"output: {summary.output}\n")
     w(look_hint(summary.output))
 
@@ -109,7 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .progress import ProgressDisplay
     from .stopsignals import StopSignals
 
-    config = load_config(args.config, args.overrides)
+    config = load_config(args.config, _retry_overrides(args))
     if not sys.stderr.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray's "(raylet) ..." lines, without colour codes in logs
     display = ProgressDisplay(config.run.progress, config.run.progress_interval_s)
@@ -117,13 +118,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop = StopSignals(notify=lambda msg: display.event("\n" + msg), grace_s=config.run.stop_grace_s)
     summary = run_job(config, on_progress=display, on_event=display.event, stop=stop)
     display.close(summary.progress)
-    _print_summary(summary)
+    _print_summary(summary, _retry_hint(summary, args))
     p = summary.progress
     if p.finished and p.failed and not p.ok:  # a bug that fails every task: not a success for scripts
         kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(p.failed_by_kind.items(), key=lambda kv: -kv[1]))
         print(f"matrix-hpc: error: every task of this run failed ({p.failed}: {kinds}); fix the cause (the failures above say which)", file=sys.stderr)
         return ALL_FAILED
     return 0 if p.finished else 130
+
+
+def _retry_overrides(args: argparse.Namespace) -> list[str]:
+    """The overrides, with ``--retry-failed [KIND,...]`` as the key it sets (``run.retry_failed``):
+    the one mechanism, so ``submit``, the sbatch scripts and a config file get it too."""
+    overrides = list(args.overrides)
+    value = getattr(args, "retry_failed", None)
+    if value is not None:
+        if "=" in value:  # `--retry-failed key=value`: argparse took an override as the flag's value
+            overrides.append(value)
+            value = "all"
+        overrides.append(f"run.retry_failed={value}")
+    return overrides
+
+
+def _retry_hint(summary: Any, args: argparse.Namespace) -> str:
+    """How to run the store's failed records again: the command as given, plus the flag."""
+    failed = summary.store.get("failed", 0)
+    if not failed or not summary.progress.finished:
+        return ""
+    cmd = " ".join(shlex.quote(a) for a in ["matrix-hpc", "run", args.config, *args.overrides, "--retry-failed"])
+    return f"  retry:     {cmd}  runs the {failed} failed record(s) again (--retry-failed KIND[,KIND] for some kinds)\n"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -217,10 +240,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from .runtime.loader import check_workflow_code
     from .store.writable import check_output_writable
 
-    config = load_config(args.config, args.overrides)
+    overrides = _retry_overrides(args)
+    config = load_config(args.config, overrides)
     check_workflow_code(config)  # a typo costs a second here, not a wait in the queue
     output = check_output_writable(config.output.path)
-    job = submit(args.config, args.overrides)
+    job = submit(args.config, overrides)
     print(f"submitted Slurm job {job.job_id}; logs in {Path(job.paths.stdout).parent}")
     print(f"watch it: matrix-hpc status {output}   (re-submitting the same config resumes the run)")
     if not args.wait:
@@ -285,6 +309,12 @@ def cmd_view(args: argparse.Namespace) -> int:
     return serve_view(args.output, args.port)
 
 
+_RETRY_HELP = (
+    "run again the ids whose record in the store is failed (all, or only these failure kinds); each new record replaces "
+    "the failed one in counts and exports, the failed one stays in the store (show ID --history). Sets run.retry_failed"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="matrix-hpc", description="Multi-agent synthetic data generation on Ray and Slurm.")
     ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -293,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run (or resume) a workflow on this machine", description="Run a workflow; re-running the same command resumes it.")
     run.add_argument("config", help="job YAML, e.g. workflows/collab_reasoning/config.yaml")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. run.max_in_flight=500 output.path=/tmp/out")
+    run.add_argument("--retry-failed", nargs="?", const="all", metavar="KIND[,KIND]", help=_RETRY_HELP)
     run.set_defaults(func=cmd_run)
 
     st = sub.add_parser("status", help="a run's state (running now, finished, interrupted, aborted, crashed) and counts: done, failed by reason, remaining")
@@ -343,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("config", help="job YAML")
     sb.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. cluster.slurm.nodes=4 cluster.slurm.partition=gpu")
     sb.add_argument("--wait", action="store_true", help="wait for the job to end (through requeues); exit with node 0's status, the driver's")
+    sb.add_argument("--retry-failed", nargs="?", const="all", metavar="KIND[,KIND]", help=_RETRY_HELP)
     sb.set_defaults(func=cmd_submit)
 
     cc = sub.add_parser("cancel", help="scancel a run's Slurm jobs (finished work stays in the store)")
@@ -416,7 +448,12 @@ def _main(argv: list[str] | None) -> int:
     from .store import StoreError, StoreLockedError
     from .store.writable import OutputPathError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "overrides", None) is not None and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra  # key=value after an option (`--retry-failed KIND key=value`)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))

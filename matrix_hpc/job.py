@@ -23,6 +23,7 @@ from .config import JobConfig, resolve_dataset_path
 from .config.checks import model_key
 from .credentials import new_secret_file, remove_secret
 from .metrics import prometheus_targets
+from .resume import nothing_to_do, plan_resume
 from .runinfo import LifeRecord, RunInfo
 from .runtime.loader import check_workflow_code, import_paths, load_object
 from .runtime.replay import ReplayStats
@@ -153,7 +154,8 @@ def run_job(
     wait_for_previous_writer(layout.part(0).dir, say)
     prev = RunInfo.from_dict(read_json(layout.run_json, {}) or {})
     reader = StoreReader(root)
-    done = reader.ids()  # read only once no other writer is left
+    resume = plan_resume(config, reader, say)  # read only once no other writer is left
+    done = resume.skip  # ids whose current record stays; resume.retry: failed ones run again
     start_mark = reader.committed()
     metrics_fn = load_object(config.workflow.metrics) if config.workflow.metrics else None
     progress = RunProgress(total=total)
@@ -162,7 +164,7 @@ def run_job(
 
     run_id = uuid.uuid4().hex[:8]
     namespace = f"matrix-hpc-{run_id}"
-    journal = _start_journal(CallJournal(layout.journal, run_id, config.output.fsync), done, say) if config.run.replay else None
+    journal = _start_journal(CallJournal(layout.journal, run_id, config.output.fsync), done | resume.retry.keys(), say) if config.run.replay else None
     log_dir = layout.logs  # the engines' logs and agents.log
     log_dir.mkdir(exist_ok=True)
     slurm = _slurm_env()
@@ -176,10 +178,10 @@ def run_job(
     _write_run_info(root, info, claim=True)
     # The source is read up to its first task before anything starts: a re-run of a
     # finished job (every row in the store) ends here, without Ray or an engine (~40 s).
-    tasks = iter_tasks(opts, done, progress.source_counts)
+    tasks = iter_tasks(opts, done, progress.source_counts, resume.retry)
     first = next(tasks, None)
     if first is None:
-        say(f"nothing to do: every row of the dataset is already in {root}")
+        say(nothing_to_do(root, resume, config.run.retry_failed is not None))
         progress.finished = True
         try:
             if on_saved is not None:
@@ -209,7 +211,7 @@ def run_job(
                 agents_log=str(layout.agents_log), api_key_file=str(key_file) if key_file else None,
             )  # fmt: skip
             out, run = config.output, config.run
-            owner = WriterOwner(run_id, socket.gethostname(), os.getpid())
+            owner = WriterOwner(run_id, socket.gethostname(), os.getpid(), start_rows=start_mark.get(layout.part(0).dir.name, 0))
             team = Team(
                 spec, config.workflow.entry, str(root), out.chunk_rows, out.flush_interval_s, out.fsync,
                 run.max_actor_restarts, out.commit_retry_s, owner,

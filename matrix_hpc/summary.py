@@ -7,6 +7,8 @@ totals leaves the older totals and marks in place, so nothing is counted twice.
 The workflow's metrics are not additive in general (a rate, a mean): they are computed
 over every committed record, one scan of the store per life's end, so a number labelled
 ``store:`` covers the whole store after a resume too (it once covered the last life only).
+Every figure counts current records only (one per id: a retried record replaces its
+failed one, see :mod:`matrix_hpc.store.latest`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def summarize(
     since = prev_upto if prev_upto and prev_store else None
     if since is not None and any(upto.get(p, 0) < n for p, n in since.items()):
         since = None  # a store that shrank is not the one summarized: read it all once
+    if since is not None and reader.replaced_since(since, upto):
+        since = None  # retried records replaced some the totals counted: count current ones again
     counts = reader.counts(since)
     usage = usage_summary(reader.iter_records(since=since, upto=upto))
     if since is not None:

@@ -97,6 +97,9 @@ def render_record(rec: dict[str, Any], where: str = "", compact: bool = False) -
     lines.append(
         f"attempt {rec.get('attempt', '?')} · hops {rec.get('hops', '?')} · created {_when(rec.get('created_at'))} · finished {_when(rec.get('finished_at'))} · {tokens}"
     )
+    retry = rec.get("retry_of")
+    if isinstance(retry, dict):
+        lines.append(f"a retry (run --retry-failed): it replaces the failed record ({_safe(retry.get('error_kind'))}) at row {_safe(retry.get('row'))}")
     if rec.get("text_replaced"):
         lines.append(f"text replaced (not UTF-8): {_safe(_json(rec['text_replaced']))}")
     lines += ["", "row:", _indent(_safe(_json(rec.get("row"), 2)))]
@@ -141,13 +144,20 @@ def _not_found(ix: Any, output: str, rid: str) -> str:
 
 def cmd_show(args: argparse.Namespace) -> int:
     ix = _index(args.output)
-    at = ix.find_id(args.id)
-    if at is None:
+    hits = ix.find_all(args.id)  # every record of the id; the last is the current one (store.latest)
+    if not hits:
         print(f"matrix-hpc: error: {_not_found(ix, args.output, args.id)}", file=sys.stderr)
         return 2
-    pi, row = at
+    *earlier, (pi, row) = hits
+    if args.history:
+        for n, (epi, erow) in enumerate(earlier, 1):
+            old = json.loads(ix.record_text(epi, erow))
+            print(render_record(old, f"{ix.parts[epi].name} row {erow}, record {n} of {len(hits)} of this id, replaced by a retry") + "\n")
     rec = json.loads(ix.record_text(pi, row))
     print(render_record(rec, f"{ix.parts[pi].name} row {row}, record {ix.offsets()[pi] + row + 1} of {ix.n}"))
+    if earlier and not args.history:
+        kinds = ", ".join(str((json.loads(ix.record_text(epi, erow)).get("error") or {}).get("kind")) for epi, erow in earlier)
+        print(f"\nhistory: {len(earlier)} earlier record(s) of this id, failed ({kinds}) and replaced by retries; --history prints them")
     return 0
 
 
@@ -155,10 +165,11 @@ def _candidates(ix: Any, status: str | None, seed: int | None) -> Iterator[int]:
     """Global row numbers to read, in the order to read them."""
     import numpy as np
 
-    rows = np.arange(ix.n)
+    arrays = ix.arrays()
+    rows = np.flatnonzero(arrays["current"])  # records a retry replaced are history, not data
     if status is not None:
         code = ix.status.code(status)
-        rows = rows[ix.arrays()["status"] == code] if code is not None else rows[:0]
+        rows = rows[arrays["status"][rows] == code] if code is not None else rows[:0]
     if seed is not None:
         rows = np.random.default_rng(seed).permutation(rows)
     return (int(g) for g in rows)
@@ -208,6 +219,7 @@ def add_parsers(sub: Any) -> None:
     )
     sh.add_argument("output", help="output folder (output.path of the run)")
     sh.add_argument("id", help="the record's id (the dataset row's id field, as `sample` and `export` show it)")
+    sh.add_argument("--history", action="store_true", help="also print the id's earlier records: failed ones that retries (run --retry-failed) replaced")
     sh.set_defaults(func=cmd_show)
 
     sa = sub.add_parser(

@@ -201,6 +201,12 @@ class RunConfig:
     calls it already paid for instead of making them again (turn-level resume)."""
     replay_compact_s: float = 30.0
     """Seconds between compactions of the journal (entries of committed tasks dropped)."""
+    retry_failed: str | list[str] | None = None
+    """Run again the ids whose current record is failed: ``all``, or only these failure
+    kinds (``agent_error,schema`` or a list). Each new record replaces the failed one for
+    every reader; the failed one stays in the store (``matrix-hpc show OUT ID --history``).
+    ``matrix-hpc run CONFIG --retry-failed [KIND,...]`` sets it. null: failed records are
+    kept as they are, like every finished one."""
 
 
 @dataclass

@@ -84,12 +84,12 @@ class Ledger:
             if old.done:  # a row the source already failed (bad input): its record, not a new task
                 gave_up.append(RecordRow.from_record(old.to_record()))
             elif old.attempt >= self.max_attempts:
-                t = Task(id=tid, row=old.row, next_role=None, attempt=old.attempt)
+                t = Task(id=tid, row=old.row, next_role=None, attempt=old.attempt, retry_of=old.retry_of)
                 t.fail("lost", f"task {tid} was lost with a crashed actor {old.attempt} times", role="runner")
                 gave_up.append(RecordRow.from_record(t.to_record()))
             else:
                 old.attempt += 1
-                again.append(Task(id=tid, row=old.row, next_role=entry, attempt=old.attempt))
+                again.append(Task(id=tid, row=old.row, next_role=entry, attempt=old.attempt, retry_of=old.retry_of))
                 self.active.add(tid)
         return again, gave_up
 

@@ -250,7 +250,7 @@ class _Driver:
             if task.done:
                 prefailed.append(RecordRow.from_record(task.to_record()))
             else:
-                new_tasks.append(Task(id=task.id, row=task.row, next_role=task.next_role))
+                new_tasks.append(Task(id=task.id, row=task.row, next_role=task.next_role, retry_of=task.retry_of))
         if new_tasks or prefailed:
             self.progress.dispatched += len(new_tasks) + len(prefailed)
             if self.progress.first_dispatch_at is None:

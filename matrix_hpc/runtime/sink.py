@@ -296,9 +296,10 @@ class SinkActor:
         return s
 
     def committed(self, ids: list[str]) -> list[str]:
-        """Which of ``ids`` are durably in the store (after a sink restart)."""
+        """Which of ``ids`` are durably in the store for this life (after a sink restart): a
+        retried id once its new record is (its failed one does not count, see ``StoreWriter.holds``)."""
         pending = set(self.held_ids())
-        return [i for i in ids if i in self.writer.ids and i not in pending]
+        return [i for i in ids if self.writer.holds(i) and i not in pending]
 
     def ping(self) -> ActorPing:
         return ActorPing(self.incarnation, os.getpid(), socket.gethostname(), progress=self.writer.rows)

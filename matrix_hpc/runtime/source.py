@@ -479,11 +479,16 @@ class _SeenIds:
         self._keys, self._vals = keys, vals
 
 
-def iter_tasks(opts: SourceOptions, done: set[str] | None = None, counts: dict[str, int] | None = None) -> Iterator[Task]:
+def iter_tasks(
+    opts: SourceOptions, done: set[str] | None = None, counts: dict[str, int] | None = None, retry: dict[str, dict[str, Any]] | None = None
+) -> Iterator[Task]:
     """Tasks for every row not in ``done``; bad rows come out already failed.
 
-    ``counts["skipped"]`` is kept up to date with the rows skipped as done.
+    ``counts["skipped"]`` is kept up to date with the rows skipped as done. A task whose id
+    is in ``retry`` (failed records run again) carries its ``retry_of``: its record replaces
+    that failed one (see :mod:`matrix_hpc.store.latest`).
     """
+    retry = retry or {}
     done = done or set()
     counts = counts if counts is not None else {}
     counts.setdefault("skipped", 0)
@@ -518,4 +523,6 @@ def iter_tasks(opts: SourceOptions, done: set[str] | None = None, counts: dict[s
         if task.id in done:
             counts["skipped"] += 1
         else:
+            if task.id in retry:
+                task.retry_of = retry[task.id]
             yield task

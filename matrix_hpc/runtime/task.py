@@ -93,6 +93,9 @@ class Task:
     hops: int = 0
     llm_calls: int = 0
     """LLM calls started for this task in this attempt: the call sequence number that keys replay."""
+    retry_of: dict[str, Any] | None = None
+    """Set on a retry of a failed record (``run.retry_failed``): the row it replaces, its kind
+    and how many records the id has; kept in the record (see :mod:`matrix_hpc.store.latest`)."""
     routed: bool = field(default=False, init=False, repr=False, compare=False)
     """Set by any assignment to ``next_role``; the runtime clears it before each step."""
 
@@ -148,7 +151,7 @@ class Task:
             "by_role": {k: u.to_dict() for k, u in by_role.items()},
             "by_model": {k: u.to_dict() for k, u in by_model.items()},
         }
-        return {
+        record = {
             "id": self.id,
             "status": "failed" if self.error else "ok",
             "error": self.error.as_dict() if self.error else None,
@@ -161,6 +164,9 @@ class Task:
             "created_at": self.created_at,
             "finished_at": finished_at if finished_at is not None else time.time(),
         }
+        if self.retry_of is not None:
+            record["retry_of"] = self.retry_of
+        return record
 
 
 _TURN_FIELDS = tuple(f.name for f in fields(Turn))

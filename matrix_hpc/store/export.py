@@ -18,6 +18,9 @@ Options (:class:`Selection`): ``status`` keeps one status; ``flatten_result`` wr
 lists kept as values; a record without a result object has none of them);
 ``order`` writes the records in the dataset's order (see :mod:`matrix_hpc.dataset_order`),
 not in the store's (the order tasks finished).
+
+Only current records are written, one per id: a failed record that a retry replaced is not
+(:mod:`.latest`); the retry carries ``retry_of``.
 """
 
 from __future__ import annotations
@@ -99,13 +102,15 @@ def _locations(reader: StoreReader, order: Mapping[str, int]) -> tuple[list[Any]
     for pi, path in enumerate(reader.parts):
         group, n = reader._part(path)
         arrays.append((group["record"], n))
-        ids = group["id"][:n].tolist() if n else []
+        current = reader.current(path, group, n)  # a record a retry replaced is not exported
+        at = np.arange(n) if current is None else np.flatnonzero(current)
+        ids = group["id"][:n][at].tolist() if n else []
         key = np.fromiter((order.get(rid, -1) for rid in ids), np.int64, len(ids))
         missing = key < 0
         key[missing] = unknown + np.arange(int(missing.sum()))
         unknown += int(missing.sum())
         parts.append(np.full(len(ids), pi, np.int32))
-        rows.append(np.arange(len(ids)))
+        rows.append(at)
         keys.append(key)
     if not keys:
         return arrays, np.zeros((0, 2), np.int64), np.zeros(0, bool)
@@ -239,6 +244,7 @@ def known_types() -> dict[str, Any]:
         "usage": pa.struct([("prompt_tokens", i), ("completion_tokens", i)]),
         "attempt": i, "hops": i, "created_at": f, "finished_at": f,
         "text_replaced": pa.struct([("count", i), ("at", pa.list_(s))]),
+        "retry_of": pa.struct([("row", i), ("error_kind", s), ("records", i)]),
     }  # fmt: skip
 
 

@@ -8,7 +8,8 @@ Why it is exactly once (see DESIGN.md's zarr facts): each part has one writer
 writes whole chunks (zarr's chunk write is an atomic rename); it fsyncs the
 chunks *before* it atomically replaces ``commit.json``, the only thing readers
 trust. A crash between the two leaves uncommitted rows past ``rows`` that the
-next writer overwrites. The writer refuses an id it already holds.
+next writer overwrites. The writer refuses an id it already holds, except the retry of
+a failed record (:mod:`.latest`: the new row replaces it for every reader; both stay).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 import zarr
 
 from .fsutil import LEASE_S, StoreLockedError, WriterLease, WriterLock, atomic_write_json, fsync_path, read_json
+from .latest import REPLACES, ResumeState, current_mask, resume_state
 from .layout import PartLayout, RunLayout
 from .textsafe import clean_text, record_json
 
@@ -37,7 +39,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _STR_COLUMNS = ("id", "status", "error_kind", "record")
-_NUM_COLUMNS = {"finished_at": "float64", "prompt_tokens": "int64", "completion_tokens": "int64"}
+_NUM_COLUMNS = {"finished_at": "float64", "prompt_tokens": "int64", "completion_tokens": "int64", REPLACES: "int64"}
+_FILL = {REPLACES: -1}  # a store made before the column: its rows replace nothing
 _GROW_CHUNKS = 16  # capacity grows 16 chunks at a time: few metadata rewrites
 # The writer rewrites the tail chunk that already holds committed rows: that is safe only
 # if a chunk write is atomic, which zarr's LocalStore does since 3.1.3 (zarr-python #3412).
@@ -63,6 +66,8 @@ class RecordRow:
     finished_at: float
     prompt_tokens: int
     completion_tokens: int
+    replaces: int = -1
+    """The row of this part whose (failed) record this one replaces: a retry (see :mod:`.latest`)."""
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> RecordRow:
@@ -78,6 +83,7 @@ class RecordRow:
             finished_at=float(record.get("finished_at") or time.time()),
             prompt_tokens=int(usage.get("prompt_tokens", 0)),
             completion_tokens=int(usage.get("completion_tokens", 0)),
+            replaces=int((record.get("retry_of") or {}).get("row", -1)),
         )
 
     @classmethod
@@ -86,7 +92,9 @@ class RecordRow:
         rid = clean_text(str(row.id))[0]
         message = f"record {rid!r} cannot be written to the store: {reason}"
         record = {"id": rid, "status": "failed", "error": {"kind": "bad_record", "message": message}, "finished_at": time.time()}
-        return cls(rid, "failed", "bad_record", record_json(record), record["finished_at"], 0, 0)
+        if row.replaces >= 0:  # still the retry it was: it replaces the same record
+            record["retry_of"] = {"row": int(row.replaces)}
+        return cls(rid, "failed", "bad_record", record_json(record), record["finished_at"], 0, 0, int(row.replaces))
 
     def problem(self) -> str | None:
         """Why the store cannot write this row (None: it can): each column is converted as
@@ -127,6 +135,10 @@ class WriterOwner:
     run_id: str = ""
     driver_host: str = ""
     driver_pid: int = 0
+    start_rows: int | None = None
+    """Rows of the part committed when the run's life started (None: when the writer opens).
+    A failed record before it is one this life may retry: see :meth:`StoreWriter.holds`. A
+    restarted sink gets the same value, so its answer does not change with the restart."""
 
 
 class StoreWriter:
@@ -147,6 +159,7 @@ class StoreWriter:
         self._lock = WriterLock(self.paths.lock)
         self._lock.acquire()
         owner = owner or WriterOwner()
+        self._start_rows = owner.start_rows
         now = time.time()
         self._lease = WriterLease(socket.gethostname(), os.getpid(), owner.run_id, owner.driver_host, owner.driver_pid, now, now + LEASE_S)
         self.lease_path = self.paths.lease
@@ -184,19 +197,39 @@ class StoreWriter:
             for name in _STR_COLUMNS:
                 group.create_array(name, shape=shape, chunks=chunks, dtype=str)
             for name, dtype in _NUM_COLUMNS.items():
-                group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
+                group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=_FILL.get(name, 0))
+        if REPLACES not in group:  # a store made before retries: add the column (its fill: "replaces none")
+            cap = max(group[name].shape[0] for name in (*_STR_COLUMNS, *_NUM_COLUMNS) if name in group)
+            group.create_array(REPLACES, shape=(cap,), chunks=(self.chunk_rows,), dtype="int64", fill_value=-1)
         self._arrays = {name: group[name] for name in (*_STR_COLUMNS, *_NUM_COLUMNS)}
         self._repair_resize()
         self.rows = int(read_json(self.paths.commit, {"rows": 0})["rows"])
-        ids = self._arrays["id"][: self.rows] if self.rows else np.array([], dtype=object)
-        self.ids: set[str] = set(map(str, ids))
-        if len(self.ids) != self.rows:
-            raise StoreError(f"{self.dir}: committed rows hold duplicate ids")
+        self._load_ids()
         # The committed rows of the last, partly filled chunk: rewritten whole on the next commit.
         tail_start = self.rows - self.rows % self.chunk_rows
         self._tail = self._read_rows(tail_start, self.rows)
         self._pending: list[RecordRow] = []
         log.info("opened %s: %d committed rows", self.dir, self.rows)
+
+    def _load_ids(self) -> None:
+        """Every id of the committed rows, and which ids' current record is failed (and where)."""
+        n = self.rows
+        ids = list(map(str, self._arrays["id"][:n].tolist())) if n else []
+        status = self._arrays["status"][:n].tolist() if n else []
+        replaces = self._arrays[REPLACES][:n] if n else np.zeros(0, np.int64)
+        self.ids: set[str] = set(ids)
+        mask = current_mask(replaces)
+        current = n if mask is None else int(mask.sum())
+        for row, old in enumerate(replaces.tolist() if bool((replaces >= 0).any()) else ()):
+            if old >= 0 and (old >= row or ids[old] != ids[row] or status[old] != "failed"):
+                raise StoreError(f"{self.dir}: row {row} ({ids[row]!r}) replaces row {old}, which is not a failed record of that id")
+        if len(self.ids) != current:
+            raise StoreError(f"{self.dir}: committed rows hold duplicate ids")
+        # id -> row of its current record, for ids whose current record is failed (what a retry replaces)
+        self._failed: dict[str, int] = {ids[i]: i for i in range(n) if status[i] == "failed" and (mask is None or mask[i])}
+        start = n if self._start_rows is None else min(n, self._start_rows)
+        self._awaiting = {rid for rid, row in self._failed.items() if row < start}
+        self._accepted = n  # rows accepted so far: the row the next accepted one will have
 
     def _repair_resize(self) -> None:
         """Give every array the same length: a writer killed inside a multi-array
@@ -216,17 +249,34 @@ class StoreWriter:
         return [RecordRow(**{name: cols[name][i] for name in cols}) for i in range(hi - lo)]
 
     def append(self, rows: list[RecordRow]) -> list[str]:
-        """Buffer rows for the next commit; returns ids refused as duplicates."""
+        """Buffer rows for the next commit; returns ids refused as duplicates.
+
+        A row is accepted when its id has no record yet, or, for a retry (``replaces`` >= 0),
+        when the row it replaces is still its id's current record and failed: so a copy of a
+        task, a retry's included, is refused once one of them is accepted."""
         dup = []
         for row in rows:
-            if row.id in self.ids:
+            fresh = row.id not in self.ids if row.replaces < 0 else self._failed.get(row.id) == row.replaces
+            if not fresh:
                 dup.append(row.id)
                 continue
             self.ids.add(row.id)
+            self._awaiting.discard(row.id)
+            if row.status == "failed":
+                self._failed[row.id] = self._accepted
+            else:
+                self._failed.pop(row.id, None)
+            self._accepted += 1
             self._pending.append(row)
         if dup:
             log.warning("refused %d duplicate record(s), e.g. %s", len(dup), dup[0])
         return dup
+
+    def holds(self, rid: str) -> bool:
+        """Whether the part holds ``rid``'s record for this life (pending rows included): any
+        record, unless its current one is a failed record from before the life started
+        (``WriterOwner.start_rows``) that no row has replaced yet: a retry still to come."""
+        return rid in self.ids and rid not in self._awaiting
 
     @property
     def pending(self) -> int:
@@ -332,13 +382,17 @@ class StoreWriter:
 
 
 class StoreReader:
-    """Read-only view of committed records across all parts."""
+    """Read-only view of committed records across all parts.
+
+    Every read but :meth:`history` and :meth:`resume_state` sees current records only, one
+    per id: a record a retry replaced is left out (the rule: :mod:`.latest`)."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         if not RunLayout(self.root).store_json.exists():
             raise StoreError(f"{self.root}: not a matrix-hpc output folder (no store.json)")
         self.parts = [p.dir for p in RunLayout(self.root).parts() if p.has_data]
+        self._masks: dict[tuple[str, int], np.ndarray | None] = {}
 
     def _part(self, part: Path) -> tuple[zarr.Group, int]:
         paths = PartLayout(part)
@@ -346,36 +400,93 @@ class StoreReader:
         group = zarr.open_group(str(paths.data), mode="r")
         return group, rows
 
+    def current(self, part: Path, group: zarr.Group, rows: int) -> np.ndarray | None:
+        """Which of the part's first ``rows`` rows are current (None: all of them)."""
+        key = (part.name, rows)
+        if key not in self._masks:
+            self._masks[key] = current_mask(group[REPLACES][:rows]) if rows and REPLACES in group else None
+        return self._masks[key]
+
     def committed(self) -> dict[str, int]:
         """Committed rows per part (``{"part-000": N}``): a mark to read only newer rows from."""
         return {p.name: self._part(p)[1] for p in self.parts}
 
     def column(self, name: str, since: dict[str, int] | None = None) -> list[Any]:
-        """Column ``name`` of committed rows (only rows past ``since``'s marks, if given)."""
+        """Column ``name`` of current committed rows (only rows past ``since``'s marks, if given)."""
         out: list[Any] = []
         for part in self.parts:
             group, rows = self._part(part)
             lo = (since or {}).get(part.name, 0)
             if rows > lo:
-                out.extend(group[name][lo:rows].tolist())
+                values = group[name][lo:rows]
+                mask = self.current(part, group, rows)
+                out.extend((values if mask is None else values[mask[lo:rows]]).tolist())
         return out
 
     def ids(self) -> set[str]:
         return set(self.column("id"))
 
     def __len__(self) -> int:
-        return sum(self._part(p)[1] for p in self.parts)
+        """Current records (one per id)."""
+        total = 0
+        for part in self.parts:
+            group, rows = self._part(part)
+            mask = self.current(part, group, rows)
+            total += rows if mask is None else int(mask.sum())
+        return total
 
-    def iter_records(self, chunk: int = 4096, since: dict[str, int] | None = None, upto: dict[str, int] | None = None) -> Iterator[dict[str, Any]]:
-        """Committed records, optionally only those between the marks ``since`` and ``upto``."""
+    def replaced_since(self, since: dict[str, int], upto: dict[str, int] | None = None) -> bool:
+        """Whether a row past ``since`` (up to ``upto``) replaces an earlier record: totals kept
+        for the rows before ``since`` then count a record that is no longer current."""
+        for part in self.parts:
+            group, rows = self._part(part)
+            hi = min(rows, (upto or {}).get(part.name, rows))
+            lo = since.get(part.name, 0)
+            if hi > lo and REPLACES in group and bool((group[REPLACES][lo:hi] >= 0).any()):
+                return True
+        return False
+
+    def iter_records(
+        self, chunk: int = 4096, since: dict[str, int] | None = None, upto: dict[str, int] | None = None, history: bool = False
+    ) -> Iterator[dict[str, Any]]:
+        """Current committed records, optionally only those between the marks ``since`` and
+        ``upto`` (current as of ``upto``); ``history``: replaced records too, in store order."""
         for part in self.parts:
             group, rows = self._part(part)
             if upto is not None:
                 rows = min(rows, upto.get(part.name, 0))
+            mask = None if history else self.current(part, group, rows)
             arr = group["record"]
             for lo in range((since or {}).get(part.name, 0), rows, chunk):
-                for text in arr[lo : min(rows, lo + chunk)].tolist():
-                    yield json.loads(text)
+                hi = min(rows, lo + chunk)
+                texts = arr[lo:hi].tolist()
+                keep = mask[lo:hi].tolist() if mask is not None else None
+                for i, text in enumerate(texts):
+                    if keep is None or keep[i]:
+                        yield json.loads(text)
+
+    def history(self, rid: str) -> list[tuple[str, int, dict[str, Any]]]:
+        """Every record of ``rid``, replaced ones first, as (part, row, record): store order."""
+        out = []
+        for part in self.parts:
+            group, rows = self._part(part)
+            if not rows:
+                continue
+            hits = np.flatnonzero(group["id"][:rows] == rid)
+            for row in hits.tolist():
+                out.append((part.name, row, json.loads(group["record"][row : row + 1].tolist()[0])))
+        return out
+
+    def resume_state(self, kinds: frozenset[str] | None = None) -> ResumeState:
+        """The ids a run skips, and those it runs again with ``run.retry_failed`` (``kinds``)."""
+
+        def columns() -> Iterator[tuple[list[str], list[str], list[str], np.ndarray]]:
+            for part in self.parts:
+                group, rows = self._part(part)
+                rep = group[REPLACES][:rows] if rows and REPLACES in group else np.full(rows, -1, np.int64)
+                yield (list(map(str, group["id"][:rows].tolist())), group["status"][:rows].tolist(), group["error_kind"][:rows].tolist(), rep)
+
+        return resume_state(columns(), kinds)
 
     def counts(self, since: dict[str, int] | None = None) -> dict[str, Any]:
         """done / failed totals, failures by kind, tokens (of rows past ``since``, if given)."""

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..store.fsutil import read_json
+from ..store.latest import REPLACES
 from ..store.layout import PartLayout, RunLayout
 from .chunks import Column
 from .facets import Aggregates, FacetArrays, Vocab, record_names
@@ -209,13 +210,18 @@ class StoreIndex:
     def _load(self, part: Part, rows: int) -> int:
         """Status and failure kind of rows ``[part.n, rows)``: what counts and the first page need."""
         if not part.cols:
-            part.cols = {"status": _Grow(np.int8), "kind": _Grow(np.int16), **{k: _Grow(t) for k, t in _NUMERIC.items()}}
+            part.cols = {"status": _Grow(np.int8), "kind": _Grow(np.int16), "replaced": _Grow(np.bool_), **{k: _Grow(t) for k, t in _NUMERIC.items()}}
         step = part.column("status").chunk_rows * _BLOCK_CHUNKS
         start = part.n
+        retries = (PartLayout(part.dir).data / REPLACES).exists()  # a store older than retries has none
         for lo in range(start, rows, step):
             hi = min(rows, lo + step)
             part.cols["status"].extend(self.status.encode(part.column("status").read(lo, hi)))
             part.cols["kind"].extend(self.kind.encode(part.column("error_kind").read(lo, hi)))
+            part.cols["replaced"].extend(np.zeros(hi - lo, np.bool_))
+            if retries:  # a retry's row names the earlier row it replaces (store.latest's rule)
+                old = part.column(REPLACES).read(lo, hi).astype(np.int64)
+                part.cols["replaced"].buf[old[(old >= 0) & (old < hi)]] = True
             part.n = hi
         return rows - start
 
@@ -299,19 +305,25 @@ class StoreIndex:
         return next(self.record_texts(pi, row, row + 1))
 
     def find_id(self, rid: str, hint: tuple[int, int] | None = None) -> tuple[int, int] | None:
-        """Where the record ``rid`` is: the hint if it holds it, else a scan of the id columns by chunks."""
+        """Where the current record of ``rid`` is (store.latest's rule: not one a retry replaced):
+        the hint if it holds it, else a scan of the id columns by chunks."""
         if hint is not None:
             pi, row = hint
             if 0 <= pi < len(self.parts) and 0 <= row < self.parts[pi].n and self.parts[pi].column("id").read(row, row + 1).tolist() == [rid]:
-                return hint
+                if not (self.parts[pi].cols and self.parts[pi].cols["replaced"].values[row]):
+                    return hint
+        hits = self.find_all(rid)
+        return hits[-1] if hits else None
+
+    def find_all(self, rid: str) -> list[tuple[int, int]]:
+        """(part, row) of every record of ``rid``, in store order: replaced ones first, the current one last."""
+        out = []
         for pi, part in enumerate(self.parts):
             col = part.column("id")
             for k in range((part.n + col.chunk_rows - 1) // col.chunk_rows):
                 ids = col.chunk(k)[: part.n - k * col.chunk_rows]
-                hits = np.flatnonzero(ids == rid)
-                if len(hits):
-                    return pi, k * col.chunk_rows + int(hits[0])
-        return None
+                out += [(pi, k * col.chunk_rows + int(h)) for h in np.flatnonzero(ids == rid)]
+        return out
 
     # -- the whole store as one array per column --------------------------------
 
@@ -347,6 +359,7 @@ class StoreIndex:
         out: dict[str, np.ndarray] = {}
         for name in ("status", "kind"):
             out[name] = _join([p.cols[name].values if p.cols else np.zeros(0, np.int8) for p in self.parts])
+        out["current"] = ~_join([p.cols["replaced"].values if p.cols else np.zeros(0, np.bool_) for p in self.parts])
         for name, dtype in _NUMERIC.items():
             out[name] = _join([_padded(p.cols[name].values if p.cols else np.zeros(0, dtype), p.n) for p in self.parts])
         for name in ("turns", "latency", "replayed", "roles", "models"):

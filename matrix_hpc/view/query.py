@@ -199,7 +199,7 @@ def run_query(ix: StoreIndex, q: Query, cache: LazyCache, budget_s: float = 1.0,
         ix.load_numeric()  # the background loads them right after new rows: rarely left to do here
     arrays = ix.arrays()
     n = ix.n
-    mask = np.ones(n, bool)
+    mask = arrays["current"].copy()  # records a retry replaced are not shown (store.latest)
     for col, names, codes in (("status", q.status, ix.status), ("kind", q.kind, ix.kind)):
         if names:
             wanted = [c for c in (codes.code(s) for s in names) if c is not None]

@@ -72,6 +72,8 @@ def _timeline(finished: np.ndarray) -> list[list[float]]:
 
 
 def _counts(ix: StoreIndex, arrays: dict[str, np.ndarray], numeric: bool) -> dict[str, Any]:
+    cur = arrays["current"]  # current records only, as every reader counts (store.latest)
+    arrays = {k: arrays[k][cur] for k in ("status", "kind", "prompt_tokens", "completion_tokens")}
     status = (
         np.bincount(arrays["status"].astype(np.int64), minlength=len(ix.status.names)) if len(arrays["status"]) else np.zeros(len(ix.status.names), np.int64)
     )
