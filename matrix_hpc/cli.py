@@ -320,7 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run (or resume) a workflow on this machine", description="Run a workflow; re-running the same command resumes it.")
+    run = sub.add_parser(
+        "run",
+        help="run (or resume) a workflow on this machine",
+        description="Run a workflow; re-running the same command resumes it (ids already in the store, failed ones too, are skipped; --retry-failed runs the failed ones again).",
+    )
     run.add_argument("config", help="job YAML, e.g. workflows/collab_reasoning/config.yaml")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. run.max_in_flight=500 output.path=/tmp/out")
     run.add_argument("--retry-failed", nargs="?", const="all", metavar="KIND[,KIND]", help=_RETRY_HELP)
