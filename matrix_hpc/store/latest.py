@@ -77,20 +77,19 @@ def resume_state(parts: Iterable[tuple[list[str], list[str], list[str], np.ndarr
     skip and, with ``kinds`` (see :func:`retry_kinds`), the ids whose current record is failed
     with one of them (any kind when empty), to run again."""
     state = ResumeState(skip=set())
-    records: Counter[str] = Counter()
     for ids, status, kind, replaces in parts:
+        id_arr = np.asarray(ids, dtype=object)
+        failed = np.asarray(status, dtype=object) == "failed"
+        kind_arr = np.asarray(kind, dtype=object)
+        state.kinds_seen.update(kind_arr[failed].tolist())
         mask = current_mask(replaces)
-        for i, rid in enumerate(ids):
-            if status[i] == "failed":
-                state.kinds_seen.add(kind[i])
-            if mask is not None:
-                records[rid] += 1
-                if not mask[i]:
-                    continue
-            if status[i] == "failed":
-                state.failed_by_kind[kind[i]] += 1
-                if kinds is not None and (not kinds or kind[i] in kinds):
-                    state.retry[rid] = {"row": i, "error_kind": kind[i], "records": records.get(rid, 1)}
-                    continue
-            state.skip.add(rid)
+        current = np.ones(len(id_arr), bool) if mask is None else mask
+        earlier = Counter(id_arr[~current].tolist())  # replaced records per id (few: retries only)
+        for row in np.flatnonzero(failed & current).tolist():
+            rid, k = id_arr[row], kind_arr[row]
+            state.failed_by_kind[k] += 1
+            if kinds is not None and (not kinds or k in kinds):
+                state.retry[rid] = {"row": row, "error_kind": k, "records": 1 + earlier.get(rid, 0)}
+        state.skip.update(id_arr[current].tolist())
+    state.skip.difference_update(state.retry)
     return state
