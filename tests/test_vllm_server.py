@@ -154,6 +154,13 @@ def two_servers(hf_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
             assert _group(server.pid) == []  # type: ignore[arg-type]
 
 
+def test_token_ids_continue_exactly_across_turns(two_servers: tuple[VLLMServer, VLLMServer]) -> None:
+    """Issue 24: prompt and completion ids, logprobs, no retokenization drift (tests/test_token_ids.py)."""
+    from .test_token_ids import check_vllm_continuation
+
+    check_vllm_continuation(two_servers[0].base_url)
+
+
 def test_engine_core_death_fails_health_and_takes_the_server_down(two_servers: tuple[VLLMServer, VLLMServer]) -> None:
     server = two_servers[0]
     assert server.health()

@@ -26,6 +26,9 @@ __all__ = [
 
 RESERVED_REQUEST_FIELDS = ("model", "messages", "stream")
 """Request fields the runtime sets itself; ``sampling.extra`` may not override them."""
+TOKEN_REQUEST_FIELDS = ("logprobs", "top_logprobs", "return_token_ids", "return_tokens_as_token_ids", "kv_transfer_params")
+"""Request fields ``sampling.logprobs`` / ``sampling.return_token_ids`` set (``sampling.extra`` may not)."""
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass
@@ -164,6 +167,13 @@ class SamplingConfig:
     OpenAI's ``response_format`` (vLLM: guided decoding; the embedded engine: a grammar);
     each reply is checked when it arrives, and one that does not match is asked again (up to
     the model's ``max_retries``), then fails its task as ``schema``."""
+    logprobs: int | None = None
+    """Keep each turn's chosen tokens' logprobs and, with N > 0, the N likeliest tokens' ids and
+    logprobs at each step (0 to 20, OpenAI's ``top_logprobs`` range). Stored compactly with the turn
+    (``turns[].tokens``), exported as lists."""
+    return_token_ids: bool = False
+    """Keep each turn's prompt and completion token ids (and the chosen tokens' logprobs). On vLLM a
+    task's next call of the role continues the previous call's ids exactly (no retokenization)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """More request fields, e.g. ``{top_k: 20, repetition_penalty: 1.1}`` (server-specific)."""
 
@@ -175,6 +185,13 @@ class SamplingConfig:
             return f"{key}.temperature: must be >= 0, got {self.temperature}"
         if self.top_p is not None and not 0 < self.top_p <= 1:
             return f"{key}.top_p: must be in (0, 1], got {self.top_p}"
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            return f"{key}.logprobs: expected an int from 0 (the chosen tokens only) to {MAX_TOP_LOGPROBS}, got {self.logprobs!r}"
+        if not isinstance(self.return_token_ids, bool):
+            return f"{key}.return_token_ids: expected true or false, got {self.return_token_ids!r}"
+        tokens = [k for k in self.extra if k in TOKEN_REQUEST_FIELDS]
+        if tokens:
+            return f"{key}.extra.{tokens[0]}: set by the runtime: use {key}.logprobs or {key}.return_token_ids"
         if "response_format" in self.extra:  # checked, and replies validated, only as a key of its own
             return f"{key}.extra.response_format: use {key}.response_format (a JSON schema, or json)"
         if self.response_format is not None:
@@ -201,6 +218,8 @@ class Sampling:
     seed: int | None = None
     response_format: str | None = None
     """``json``, or the schema's canonical JSON text (text keeps the object hashable)."""
+    logprobs: int | None = None
+    return_token_ids: bool = False
     extra: tuple[tuple[str, Any], ...] = ()
     """Pass-through request fields, as pairs so the object stays hashable and immutable."""
 
@@ -215,6 +234,17 @@ class Sampling:
             body["seed"] = self.seed
         if self.response_format is not None:
             body["response_format"] = response_format_body(self.response_format)
+        if self.logprobs is not None or self.return_token_ids:
+            # The chosen tokens' logprobs come with the ids: the embedded engine (llama.cpp) gives
+            # a completion's ids only in them. vLLM names tokens by id ("token_id:N") with
+            # return_tokens_as_token_ids, and adds the prompt's and completion's ids with
+            # return_token_ids; llama.cpp ignores both.
+            body["logprobs"] = True
+            body["return_tokens_as_token_ids"] = True
+            if self.logprobs:
+                body["top_logprobs"] = self.logprobs
+        if self.return_token_ids:
+            body["return_token_ids"] = True
         body.update(dict(self.extra))
         return body
 
@@ -229,5 +259,7 @@ def resolve_sampling(model: ModelConfig | None, role: SamplingConfig) -> Samplin
         stop=tuple(role.stop) if role.stop is not None else None,
         seed=role.seed,
         response_format=schema_text(role.response_format),
+        logprobs=role.logprobs,
+        return_token_ids=role.return_token_ids,
         extra=tuple(role.extra.items()),
     )

@@ -26,6 +26,7 @@ from .params import build_params
 from .replay import Replay, call_digest
 from .replies import excerpt, parse_reply
 from .task import Task, Turn
+from .token_prefix import continued_prompt
 
 __all__ = ["MAX_HOPS", "Agent", "AgentContext", "errors_log", "first_line", "run_step", "uses_llm"]
 
@@ -195,6 +196,10 @@ class Agent:
             metrics.inc("replayed_calls", 1, self.role, model)
         else:
             started = time.time()
+            if request.get("return_token_ids"):  # the previous turn's ids, continued exactly (vLLM; see token_prefix)
+                ids = await continued_prompt(self.ctx.llm, messages, task.turns, model)
+                if ids is not None:
+                    request["kv_transfer_params"] = {"prompt_token_ids": ids}
             try:
                 res = await self.ctx.llm.chat(messages, **request)
             except LLMError as exc:  # recorded as a failed turn: errors are counted per model and role
@@ -218,6 +223,7 @@ class Agent:
                 max_tokens=request.get("max_tokens"),
                 temperature=request.get("temperature"),
                 replayed=hit is not None,
+                tokens=res.tokens,
             )
         )
         return res

@@ -24,6 +24,7 @@ from typing import Any
 from ..services.llm import ChatResult
 from ..store.call_journal import JournalSegment
 from ..store.journal import JournalEntry
+from ..store.token_trace import TokenTrace
 
 __all__ = ["Replay", "ReplayStats", "call_digest"]
 
@@ -43,6 +44,7 @@ def _payload(res: ChatResult, started_at: float) -> dict[str, Any]:
         "text": res.text, "tool_calls": res.tool_calls, "prompt_tokens": res.prompt_tokens,
         "completion_tokens": res.completion_tokens, "latency_s": res.latency_s, "endpoint": res.endpoint,
         "model": res.model, "finish_reason": res.finish_reason, "started_at": started_at,
+        "tokens": res.tokens.to_dict() if res.tokens is not None else None,
     }  # fmt: skip
 
 
@@ -89,10 +91,16 @@ class Replay:
             self.misses += 1
             return None
         p = entry.payload
+        try:
+            tokens = TokenTrace.from_dict(p["tokens"]) if p.get("tokens") is not None else None
+        except (ValueError, AttributeError) as exc:  # a miss, never a turn without what it asked for
+            log.warning("replay: journaled call %s: %s; calling the LLM again", digest[:12], exc)
+            self.misses += 1
+            return None
         res = ChatResult(
             text=p["text"], prompt_tokens=p["prompt_tokens"], completion_tokens=p["completion_tokens"],
             latency_s=p["latency_s"], endpoint=p["endpoint"], model=p["model"],
-            finish_reason=p.get("finish_reason"), tool_calls=p.get("tool_calls"),
+            finish_reason=p.get("finish_reason"), tool_calls=p.get("tool_calls"), tokens=tokens,
         )  # fmt: skip
         self.hits += 1
         self.saved_s += res.latency_s

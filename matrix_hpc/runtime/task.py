@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ..store.token_trace import TokenTrace
 from ..store.tokens import TokenUsage
 
 __all__ = ["Task", "TaskError", "Turn", "content_id"]
@@ -48,6 +49,9 @@ class Turn:
     """The error kind of a call that failed for good (the task then fails with it)."""
     replayed: bool = False
     """Answered from the call journal (paid for in an earlier life), not by the LLM."""
+    tokens: TokenTrace | None = None
+    """Prompt and completion token ids and logprobs, for a role that asks (``sampling.logprobs`` /
+    ``sampling.return_token_ids``); packed arrays, not a number per token (see store.token_trace)."""
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Every field positionally: a tuple pickles and unpickles several times faster than
@@ -61,8 +65,12 @@ class Turn:
         return TokenUsage.of_call(self.prompt_tokens, self.completion_tokens, self.latency_s, self.error is not None)
 
     def as_dict(self) -> dict[str, Any]:
-        """The turn as the record stores it (``dataclasses.asdict``, without its deep copy: every field is a scalar)."""
-        return {n: getattr(self, n) for n in _TURN_FIELDS}
+        """The turn as the record stores it (``dataclasses.asdict``, without its deep copy: every field but
+        ``tokens`` is a scalar; ``tokens`` is base64 text, see :meth:`TokenTrace.to_dict`)."""
+        d = {n: getattr(self, n) for n in _TURN_FIELDS}
+        if self.tokens is not None:
+            d["tokens"] = self.tokens.to_dict()
+        return d
 
 
 @dataclass(slots=True)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .textsafe import record_json
+from .token_trace import expand
 from .zarr_store import StoreReader
 
 __all__ = ["ExportResult", "Selection", "export_store", "flatten_result", "known_types"]
@@ -85,11 +86,22 @@ def export_store(
     raise ValueError(f"unknown export format {fmt!r} (expected jsonl or parquet)")
 
 
-def _records(reader: StoreReader, sel: Selection) -> Iterator[dict[str, Any]]:
+def _records(reader: StoreReader, sel: Selection, arrays: bool = False) -> Iterator[dict[str, Any]]:
+    """The selected records; turns' packed ``tokens`` decoded into lists (``arrays``: numpy arrays,
+    which keep their int32/float32 in Arrow)."""
     recs = reader.iter_records() if sel.order is None else _in_order(reader, sel.order)
     for rec in recs:
         if sel.status is None or rec["status"] == sel.status:
+            _expand_tokens(rec, arrays)
             yield flatten_result(rec) if sel.flatten_result else rec
+
+
+def _expand_tokens(rec: dict[str, Any], arrays: bool) -> None:
+    turns = rec.get("turns")
+    if isinstance(turns, list):
+        for t in turns:
+            if isinstance(t, dict) and t.get("tokens") is not None:
+                t["tokens"] = expand(t["tokens"], arrays)
 
 
 def _locations(reader: StoreReader, order: Mapping[str, int]) -> tuple[list[Any], Any, Any]:
@@ -187,7 +199,7 @@ def _batches(
 ) -> Iterator[list[dict[str, Any]]]:
     """Flat records in row groups; ``extra(record)``: more columns for each (the hf export's messages)."""
     batch: list[dict[str, Any]] = []
-    for rec in _records(reader, sel):
+    for rec in _records(reader, sel, arrays=True):
         flat = _flat(rec)
         if extra is not None:
             flat.update(extra(rec))
@@ -233,9 +245,11 @@ def known_types() -> dict[str, Any]:
     import pyarrow as pa
 
     s, i, f = pa.string(), pa.int64(), pa.float64()
+    ids, lps = pa.list_(pa.int32()), pa.list_(pa.float32())
+    tokens = pa.struct([("prompt_ids", ids), ("ids", ids), ("logprobs", lps), ("top_ids", pa.list_(ids)), ("top_logprobs", pa.list_(lps))])
     turn = pa.struct(
         [("role", s), ("text", s), ("prompt_tokens", i), ("completion_tokens", i), ("started_at", f), ("latency_s", f), ("endpoint", s),
-         ("model", s), ("served_model", s), ("max_tokens", i), ("temperature", f), ("error", s), ("replayed", pa.bool_())]
+         ("model", s), ("served_model", s), ("max_tokens", i), ("temperature", f), ("error", s), ("replayed", pa.bool_()), ("tokens", tokens)]
     )  # fmt: skip
     return {
         "id": s, "status": s, "error_kind": s, "prompt_tokens": i, "completion_tokens": i,

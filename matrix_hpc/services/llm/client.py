@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 
 from ... import metrics
+from ...store.token_trace import TokenTrace
 from .slots import NoSlot, Slots
 
 __all__ = ["ChatClient", "ChatResult", "LLMError", "Message"]
@@ -53,6 +54,8 @@ class ChatResult:
     finish_reason: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     """OpenAI-format calls (``{"id", "type": "function", "function": {"name", "arguments"}}``), if any."""
+    tokens: TokenTrace | None = None
+    """Token ids and logprobs, when the request asked for them (``sampling.logprobs`` / ``return_token_ids``)."""
 
 
 class ChatClient:
@@ -233,6 +236,35 @@ class ChatClient:
             return result
         raise LLMError("llm_unavailable", f"{last_error} (gave up after {self.max_retries + 1} attempts)")
 
+    async def tokenize(self, messages: list[Message], prefer: str | None = None, **fields: Any) -> list[int] | None:
+        """The prompt ids the server renders ``messages`` into (vLLM's ``/tokenize``, beside ``/v1``;
+        ``fields``: e.g. ``add_generation_prompt``), or None when the server cannot say."""
+        tokens = (await self._beside_v1("tokenize", {"messages": messages, **fields}, prefer) or {}).get("tokens")
+        return tokens if isinstance(tokens, list) and all(isinstance(t, int) for t in tokens) else None
+
+    async def detokenize(self, tokens: list[int], prefer: str | None = None) -> str | None:
+        """The text of ``tokens`` (vLLM's ``/detokenize``), or None when the server cannot say."""
+        text = (await self._beside_v1("detokenize", {"tokens": tokens}, prefer) or {}).get("prompt")
+        return text if isinstance(text, str) else None
+
+    async def _beside_v1(self, path: str, fields: dict[str, Any], prefer: str | None) -> dict[str, Any] | None:
+        """POST ``fields`` to ``/PATH`` beside ``/v1`` on ``prefer`` if it is routed, else the first
+        endpoint: a helper's answer, never a failure (None on any error)."""
+        if not self.base_urls:
+            return None
+        url = prefer if prefer in self.base_urls else self.base_urls[0]
+        body = json.dumps({"model": self.model, **fields}).encode()
+        try:
+            async with self._session_for(url).post(f"{url.removesuffix('/v1')}/{path}", data=body, headers=_JSON) as resp:
+                if resp.status != 200:
+                    log.info("%s on %s: HTTP %d", path, url, resp.status)
+                    return None
+                data = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            log.info("%s on %s: %s: %s", path, url, type(exc).__name__, exc)
+            return None
+        return data if isinstance(data, dict) else None
+
     @staticmethod
     def _parse(data: Any, url: str, latency: float, model: str) -> ChatResult:
         """The reply's text and usage. A reply with no choice to read, or content that is
@@ -248,6 +280,8 @@ class ChatClient:
             raise LLMError("llm_bad_response", f"unexpected response from {url}: {str(data)[:200]}") from None
         usage = data.get("usage")
         usage = usage if isinstance(usage, dict) else {}
+        # Only a request that asked for them gets any of these: no cost to the others.
+        tokens = _trace(data, choice, url) if (choice.get("logprobs") or "token_ids" in choice or "prompt_token_ids" in data) else None
         return ChatResult(
             text=text,
             prompt_tokens=_count(usage.get("prompt_tokens")),
@@ -257,6 +291,7 @@ class ChatClient:
             model=str(data.get("model") or model),
             finish_reason=choice.get("finish_reason") if isinstance(choice.get("finish_reason"), str) else None,
             tool_calls=[c for c in tool_calls if isinstance(c, dict)] if isinstance(tool_calls, list) else None,
+            tokens=tokens,
         )
 
     async def close(self) -> None:
@@ -280,6 +315,53 @@ def _load(raw: bytes, url: str) -> Any:
         raise LLMError("llm_bad_response", f"reply from {url} is not JSON ({exc}; {len(raw)} bytes): {raw[:200].decode('utf-8', 'replace')!r}") from None
     except RecursionError:
         raise LLMError("llm_bad_response", f"reply from {url} is nested too deeply to read ({len(raw)} bytes)") from None
+
+
+def _token_id(entry: dict[str, Any]) -> int | None:
+    """A logprobs entry's token id: llama.cpp's ``id``, or vLLM's ``token_id:N`` (return_tokens_as_token_ids)."""
+    tid = entry.get("id")
+    if isinstance(tid, int) and not isinstance(tid, bool):
+        return tid
+    tok = entry.get("token")
+    if isinstance(tok, str) and tok.startswith("token_id:"):
+        return int(tok[9:])
+    return None
+
+
+def _ids(value: Any, what: str) -> list[int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        raise ValueError(f"{what} is not a list of ints")
+    return value
+
+
+def _trace(data: dict[str, Any], choice: dict[str, Any], url: str) -> TokenTrace:
+    """The reply's token ids and logprobs (vLLM: ``prompt_token_ids``, the choice's ``token_ids``;
+    both engines: ``logprobs.content``, whose entries name their token's id). A field the reply
+    lacks stays None; one that is there but malformed makes the reply ``llm_bad_response``."""
+    try:
+        prompt_ids = _ids(data.get("prompt_token_ids"), "prompt_token_ids")
+        ids = _ids(choice.get("token_ids"), "choices[0].token_ids")
+        content = (choice.get("logprobs") or {}).get("content")
+        logprobs = top_ids = top_lps = None
+        if content is not None:
+            if not isinstance(content, list):
+                raise ValueError("choices[0].logprobs.content is not a list")
+            logprobs = [float(e["logprob"]) for e in content]
+            if ids is None:
+                got = [_token_id(e) for e in content]
+                ids = got if all(i is not None for i in got) else None  # type: ignore[assignment]
+            tops = [e.get("top_logprobs") or [] for e in content]
+            n = max((len(t) for t in tops), default=0)
+            if n:  # a step with fewer alternatives is padded: id -1, logprob -inf
+                top_ids = [[_token_id(a) if _token_id(a) is not None else -1 for a in t] + [-1] * (n - len(t)) for t in tops]
+                top_lps = [[float(a["logprob"]) for a in t] + [float("-inf")] * (n - len(t)) for t in tops]
+        if ids is not None and logprobs is not None and len(ids) != len(logprobs):
+            raise ValueError(f"{len(ids)} token ids but {len(logprobs)} logprobs")
+        return TokenTrace.of(prompt_ids, ids, logprobs, top_ids, top_lps)
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+        raise LLMError("llm_bad_response", f"token ids or logprobs from {url} unreadable: {type(exc).__name__}: {exc}") from None
 
 
 _MAX_COUNT = 1 << 40
