@@ -83,6 +83,8 @@ class Row:
     which lowers ``utilization`` but not this)."""
     cpu_by_kind: dict[str, float] = field(default_factory=dict)
     """CPU ms per hop by process kind (``--cpu-breakdown``)."""
+    rss_by_kind: dict[str, float] = field(default_factory=dict)
+    """MB of RSS by process kind at the run's peak (process count in the kind's name)."""
     startup_s: float = 0.0
     """Ours: from ``run_job`` to the first task sent (Ray, the team, the agents' setup)."""
 
@@ -94,6 +96,8 @@ class TreeSampler:
         self.exclude = exclude
         self.interval_s = interval_s
         self.peak_rss = 0
+        self.rss_at_peak: dict[str, int] = {}
+        """RSS bytes by process kind at the sample with the highest total (sums across kinds)."""
         self.own_cpu_s = 0.0
         """CPU this sampler's thread spent (the instrument's cost, not the run's)."""
         self._cpu: dict[int, float] = {}
@@ -113,16 +117,24 @@ class TreeSampler:
 
     def sample(self) -> None:
         rss = 0
+        by_kind: dict[str, int] = {}
+        count: dict[str, int] = {}
         for p in self._procs():
             try:
                 t = p.cpu_times()
                 self._cpu[p.pid] = t.user + t.system  # cumulative per process: keep the latest
                 if p.pid not in self._names:
                     self._names[p.pid] = _kind(p)
-                rss += p.memory_info().rss
+                r = p.memory_info().rss
             except psutil.NoSuchProcess:
-                pass
-        self.peak_rss = max(self.peak_rss, rss)
+                continue
+            rss += r
+            kind = self._names[p.pid]
+            by_kind[kind] = by_kind.get(kind, 0) + r
+            count[kind] = count.get(kind, 0) + 1
+        if rss > self.peak_rss:
+            self.peak_rss = rss
+            self.rss_at_peak = {(k if count[k] == 1 else f"{k} x{count[k]}"): v for k, v in by_kind.items()}
 
     def _loop(self) -> None:
         started = time.thread_time()
@@ -209,6 +221,7 @@ def make_dataset(workflow: str, n: int, path: Path) -> Path:
 
 OURS_SET: list[str] = []  # --set key=value overrides for our runtime
 LAST_BREAKDOWN: dict[str, float] = {}  # CPU seconds by process kind of the last run of ours
+LAST_RSS: dict[str, int] = {}  # RSS bytes by process kind at the last run of ours' peak
 
 
 def job_yaml(workflow: str, data: Path, out: Path, url: str, concurrency: int, tmp: Path) -> Path:
@@ -308,6 +321,8 @@ def run_ours(job: Path, exclude: set[int], extra: list[str], auth: bool = True) 
         sampler.__exit__(None, None, None)
     LAST_BREAKDOWN.clear()
     LAST_BREAKDOWN.update(sampler.by_kind())
+    LAST_RSS.clear()
+    LAST_RSS.update(sampler.rss_at_peak)
     return elapsed, sampler.cpu_s, sampler.peak_rss, count_backlog_warnings(summary.ray_logs)
 
 
@@ -403,6 +418,7 @@ def _one_run(scheduler: str, workflow: str, concurrency: int, n: int, url: str, 
             row.startup_s = STARTUP[0] if STARTUP else 0.0
             hops = row.cpu_ms_per_hop and cpu * 1000 / row.cpu_ms_per_hop
             row.cpu_by_kind = {k: 1000 * v / max(hops, 1) for k, v in LAST_BREAKDOWN.items()}
+            row.rss_by_kind = {k: v / 2**20 for k, v in LAST_RSS.items()}
         return row
 
 
@@ -426,6 +442,8 @@ def median_row(rows: list[Row]) -> Row:
     med.ray_warnings = max(r.ray_warnings for r in rows)
     kinds = {k for r in rows for k in r.cpu_by_kind}
     med.cpu_by_kind = {k: statistics.median(r.cpu_by_kind.get(k, 0.0) for r in rows) for k in kinds}
+    kinds = {k for r in rows for k in r.rss_by_kind}
+    med.rss_by_kind = {k: statistics.median(r.rss_by_kind.get(k, 0.0) for r in rows) for k in kinds}
     return med
 
 
@@ -442,6 +460,9 @@ def print_table(rows: list[Row], peak: float, title: str = "medians of repeats")
         if r.cpu_by_kind:
             parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r.cpu_by_kind.items(), key=lambda kv: -kv[1]) if v >= 0.005)
             print(f"  {r.scheduler} {r.workflow} @ {r.concurrency}: CPU ms/hop by process: {parts}")
+        if r.rss_by_kind:
+            parts = ", ".join(f"{k} {v:.0f}" for k, v in sorted(r.rss_by_kind.items(), key=lambda kv: -kv[1]) if v >= 1)
+            print(f"  {r.scheduler} {r.workflow} @ {r.concurrency}: RSS MB at peak by process: {parts}")
     by = {(r.workflow, r.concurrency, r.scheduler): r for r in rows}
     for (wf, conc, sched), r in sorted(by.items()):
         if sched == "ours" and (wf, conc, "ours-nometrics") in by:
@@ -561,6 +582,7 @@ def main() -> None:
             "peak_rss_mb",
             "complete",
             "cpu_by_kind",
+            "rss_by_kind",
         )
         args.json.write_text(json.dumps([{k: getattr(r, k) for k in keys} for r in rows], indent=1))
 
