@@ -246,6 +246,9 @@ def test_run_keeps_ids_and_logprobs_and_every_export_has_them(tmp_path: Path, ru
     import datasets
 
     check(list(datasets.load_dataset("parquet", data_dir=str(tmp_path / "export.hf"), split="train")))
+    roles = yaml.safe_load((tmp_path / "export.hf" / "README.md").read_text().split("---\n")[1])["matrix_hpc"]["roles"]
+    assert roles["talker"]["sampling"] == {"max_tokens": 8, "temperature": 0.0, "logprobs": 2, "return_token_ids": True}
+    assert roles["plain"]["sampling"] == {"max_tokens": 8, "temperature": 0.0}  # the card names only what a role asks
 
 
 # --- vLLM: run by tests/test_vllm_server.py on the server it has started ---------------------

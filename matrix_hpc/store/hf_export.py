@@ -163,7 +163,7 @@ def _roles(config: dict[str, Any]) -> dict[str, Any]:
         key = role.get("model") or (next(iter(models)) if len(models) == 1 else None)
         model = models.get(key) or {}
         sampling = {k: model.get(k) for k in ("max_tokens", "temperature") if model.get(k) is not None}
-        sampling.update({k: v for k, v in (role.get("sampling") or {}).items() if v not in (None, {}, [])})
+        sampling.update({k: v for k, v in (role.get("sampling") or {}).items() if v not in (None, {}, []) and v is not False})  # unset or off
         out[name] = (
             {"agent": role.get("agent"), "model": key, "engine": model.get("engine"), "served_model": model.get("model"), "sampling": sampling}
             if key
