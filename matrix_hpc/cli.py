@@ -158,6 +158,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     reader = StoreReader(args.output)
     counts = reader.counts()
+    counts["replaced"] = reader.replaced()  # failed records retries replaced: history, in no count
     raw = reader.run_info()
     info = RunInfo.from_dict(raw) if raw else None
     total = info.input_rows if info else None
@@ -182,6 +183,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"failed:    {counts['failed']}")
     for kind, n in counts["failed_by_kind"].items():
         print(f"  {kind}: {n}")
+    if counts["replaced"]:
+        print(f"history:   {counts['replaced']} failed record(s) replaced by retries (show OUTPUT ID --history), in no count here")
     if total is not None:
         print(f"remaining: {max(0, total - counts['records'])}")
     print(f"tokens:    {counts['prompt_tokens']} prompt + {counts['completion_tokens']} completion")

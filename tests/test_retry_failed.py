@@ -102,7 +102,9 @@ def test_failed_records_are_retried_by_kind_then_all_and_replace_the_failed_ones
     assert "store:     6 records (5 ok, 1 failed)" in by_kind.output, by_kind.output
     code, text = cli("status", str(out), "--json")
     status = json.loads(text)
-    assert (status["records"], status["ok"], status["failed"], status["failed_by_kind"]) == (6, 5, 1, {"too_short": 1}), status
+    assert (status["records"], status["ok"], status["failed"], status["failed_by_kind"], status["replaced"]) == (6, 5, 1, {"too_short": 1}, 2), status
+    code, text = cli("status", str(out))
+    assert code == 0 and "done:      5\nfailed:    1\n  too_short: 1\nhistory:   2 failed record(s) replaced by retries" in text, text
     assert len(raw_rows(out)) == 8  # the history: both failed agent_error records are still there
     current = {r["id"]: r for r in store_records(out)}
     assert len(current) == 6 and current["c1"]["status"] == "ok" and current["c1"]["retry_of"]["error_kind"] == "agent_error"

@@ -435,6 +435,10 @@ class StoreReader:
             total += rows if mask is None else int(mask.sum())
         return total
 
+    def replaced(self) -> int:
+        """Committed records a retry replaced: the history every other read leaves out."""
+        return sum(self._part(p)[1] for p in self.parts) - len(self)
+
     def replaced_since(self, since: dict[str, int], upto: dict[str, int] | None = None) -> bool:
         """Whether a row past ``since`` (up to ``upto``) replaces an earlier record: totals kept
         for the rows before ``since`` then count a record that is no longer current."""
