@@ -181,6 +181,43 @@ def test_a_retry_run_killed_midway_and_resumed_leaves_one_current_record_per_id(
     assert (json.loads(text)["records"], json.loads(text)["ok"]) == (n, n), text
 
 
+def test_a_sink_killed_during_a_retry_loses_no_retry(tmp_path: Path, run_factory: Any) -> None:
+    """The rows the killed sink had not committed are re-sent: a retried id does not count as
+    committed because its failed record is in the store (only its new record does)."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    n, out = 80, tmp_path / "out"
+    job = slow_buggy_job(tmp_path, n)
+    assert run_factory(job).wait(300) == 3
+    (tmp_path / "fixed").touch()
+    retry = run_factory(
+        job, "--retry-failed", "workflow.roles.worker.params.delay_s=1.0", "run.max_in_flight=8", "output.flush_interval_s=3", "run.max_attempts=10"
+    )
+
+    def sink_pid() -> int | None:
+        for p in psutil.Process(retry.proc.pid).children(recursive=True):
+            try:
+                if any(c.startswith("ray::SinkActor") for c in p.cmdline()):
+                    return p.pid
+            except psutil.Error:
+                continue
+        return None
+
+    wait_for(lambda: committed_rows(out) > n and sink_pid(), 240, "the first retries committed", retry)
+    time.sleep(1.5)  # where the kill lands: some retries received and not committed yet (any moment works)
+    os.kill(sink_pid(), signal.SIGKILL)  # type: ignore[arg-type]
+    assert retry.wait(300) == 0, retry.output[-3000:]
+    assert "the sink restarted" in retry.output, retry.output[-3000:]
+    current = store_records(out)
+    assert Counter(r["id"] for r in current) == Counter(f"t{i:02d}" for i in range(n))
+    assert Counter(r["status"] for r in current) == {"ok": n}, Counter((r["status"], (r["error"] or {}).get("kind")) for r in current)
+    assert set(Counter(r["id"] for r in raw_rows(out)).values()) == {2}  # no copy of a retry
+
+
 # -- the writer's rule, on a real zarr store ------------------------------------------------
 
 
