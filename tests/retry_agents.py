@@ -6,7 +6,9 @@ runs the buggy or the fixed code path without editing a config.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from matrix_hpc.agents import Agent, Task
 
@@ -36,3 +38,12 @@ class SlowBuggy(Agent):
         if not Path(self.params["fixed"]).exists():
             raise RuntimeError(f"bug in {task.id}")
         task.finish({"ok": True})
+
+
+def metrics(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """The workflow's metrics: how many records it was given, and how many of them are ok."""
+    seen = ok = 0
+    for rec in records:
+        seen += 1
+        ok += rec["status"] == "ok"
+    return {"seen": seen, "ok": ok}

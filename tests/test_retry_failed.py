@@ -44,6 +44,7 @@ def explain_job(tmp: Path) -> Path:
         "workflow": {
             "name": "explain",
             "entry": "explainer",
+            "metrics": f"{AGENTS}:metrics",
             "python_path": [str(REPO)],
             "roles": {"explainer": {"agent": f"{AGENTS}:Explainer", "params": {"fixed": str(tmp / "fixed")}}},
         },
@@ -100,6 +101,7 @@ def test_failed_records_are_retried_by_kind_then_all_and_replace_the_failed_ones
     assert "retrying 2 record(s) failed as agent_error: each new record replaces its failed one" in by_kind.output, by_kind.output
     assert "this run:  2 ok, 0 failed, 4 skipped" in by_kind.output, by_kind.output
     assert "store:     6 records (5 ok, 1 failed)" in by_kind.output, by_kind.output
+    assert "store:     metrics seen=6, ok=5" in by_kind.output, by_kind.output  # the workflow's metrics see current records
     code, text = cli("status", str(out), "--json")
     status = json.loads(text)
     assert (status["records"], status["ok"], status["failed"], status["failed_by_kind"], status["replaced"]) == (6, 5, 1, {"too_short": 1}, 2), status
@@ -121,6 +123,10 @@ def test_failed_records_are_retried_by_kind_then_all_and_replace_the_failed_ones
     table = pq.read_table(tmp_path / "x.parquet")
     assert table.column("id").to_pylist() == [f"c{i}" for i in range(6)]
     assert table.column("status").to_pylist() == ["ok", "ok", "failed", "ok", "ok", "ok"]
+    code, text = cli("export", str(out), "--format", "hf", "--to", str(tmp_path / "hf"))
+    assert code == 0 and "wrote 6 records" in text, text
+    card = yaml.safe_load((tmp_path / "hf" / "README.md").read_text().split("---\n")[1])["matrix_hpc"]
+    assert card["records"] == 6 and card["by_status"] == {"ok": 5, "failed": 1}, card
     code, text = cli("show", str(out), "c1")
     assert code == 0 and "record c1: ok" in text and "history: 1 earlier record(s) of this id, failed (agent_error) and replaced by retries" in text, text
     code, text = cli("show", str(out), "c1", "--history")
@@ -248,6 +254,17 @@ def test_writer_accepts_one_retry_per_failed_record_and_readers_see_the_current_
     assert [r["id"] for r in reader.iter_records()] == ["a", "b", "c", "d"]
     assert [r["id"] for r in reader.iter_records(history=True)] == ["a", "b", "c", "b", "c", "d"]
     assert [(row, rec["status"]) for _, row, rec in reader.history("c")] == [(2, "failed"), (4, "failed")]
+    # The viewer's index (and show, sample): the same rule.
+    from matrix_hpc.view.index import StoreIndex
+    from matrix_hpc.view.runpage import _counts
+
+    ix = StoreIndex(tmp_path)
+    ix.refresh()
+    assert ix.arrays()["current"].tolist() == [True, False, False, True, True, True]
+    assert ix.find_id("c") == (0, 4) and ix.find_all("b") == [(0, 1), (0, 3)]
+    ix.load_numeric()
+    counts = _counts(ix, ix.arrays(), True)
+    assert (counts["records"], counts["ok"], counts["failed"]) == (4, 3, 1), counts
     state = reader.resume_state(frozenset())
     assert state.skip == {"a", "b", "d"} and state.retry == {"c": {"row": 4, "error_kind": "agent_error", "records": 2}}
     # A restarted writer of that life (the same start) still counts c's retry as done.
