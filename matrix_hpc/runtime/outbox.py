@@ -41,7 +41,7 @@ _ERROR_PAUSE_S = 0.5  # after an unexpected error in the flush loop: no hot spin
 # ``receive`` only enqueues: a delivery unanswered this long is said once (the receiver is
 # frozen, or on a node Ray has not yet declared dead), never re-sent (see the module doc).
 _SLOW_SEND_S = 30.0
-PARKED_SHARE = 0.05  # tasks waiting in the outbox, as a share of the tasks the actor holds
+PARKED_SHARE = 0.10  # tasks waiting in the outbox, as a share of the tasks the actor holds
 _RATE_HALF_LIFE_S = 1.0  # smoothing of the message rate the window is sized from
 
 # Returns the receivers of a destination (actor handles, None for one that is gone
