@@ -371,7 +371,8 @@ class AgentActor:
             self._told.set()
         calls = sum(sum(c.served.values()) for c in self._clients.values())
         tokens = sum(c.completion_tokens for c in self._clients.values())
-        return ActorPing(self.incarnation, os.getpid(), socket.gethostname(), warnings, self.steps, calls, tokens)
+        sends = self._outbox.sends if self._outbox is not None else 0
+        return ActorPing(self.incarnation, os.getpid(), socket.gethostname(), warnings, self.steps, calls, tokens, sends)
 
     def held_ids(self) -> list[str]:
         ids = list(self._running)

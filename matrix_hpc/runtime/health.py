@@ -58,6 +58,8 @@ class ActorPing:
     while multi-turn tasks are still in flight (the progress line)."""
     llm_tokens: int = 0
     """Their output tokens."""
+    ray_calls: int = 0
+    """Batches this incarnation's outbox sent (one Ray call each): what batching saves."""
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,8 @@ class RunProgress:
     failed_by_kind: dict[str, int] = field(default_factory=dict)
     llm_by_role: dict[str, tuple[int, int]] = field(default_factory=dict)
     """(LLM calls, output tokens) per role so far, tasks in flight included (the actors' pings)."""
+    ray_calls: int = 0
+    """Batches the agents' outboxes sent so far (one Ray call each; the actors' pings)."""
     started_at: float = field(default_factory=time.monotonic)
     """When the first task could be sent (monotonic): start-up is over."""
     ended_at: float | None = None
@@ -220,6 +222,8 @@ class _Driver:
             if (self.exhausted and not inflight) or (stopping and (not inflight or over)):
                 self.progress.finished = self.exhausted and not inflight
                 self.progress.interrupted = stopping and not self.progress.finished
+                if self.progress.finished:  # the counters' last word: pings are a second apart
+                    await self._count()
                 return self.progress
             if time.monotonic() >= self.next_health:
                 self.next_health = time.monotonic() + self.health_interval_s
@@ -307,12 +311,23 @@ class _Driver:
             else:
                 log.warning("commits to the store succeed again")
 
+    async def _count(self) -> None:
+        """The actors' LLM calls and Ray calls as of now (one ping round; the run is over)."""
+        self.doing = "the actors' final count"
+        try:
+            await self.team.check()
+        except TeamError:  # a role is gone: keep the last check's counts
+            return
+        self.progress.llm_by_role = self.team.llm_activity()
+        self.progress.ray_calls = self.team.ray_calls()
+
     async def _health(self, stopping: bool) -> None:
         """Ping the actors: restarts and deaths call for a recovery; no step anywhere for
         ``stall_timeout_s`` calls for the stall remedy."""
         self.doing = "the actors' health check"
         restarted, _ = await self.team.check()
         self.progress.llm_by_role = self.team.llm_activity()
+        self.progress.ray_calls = self.team.ray_calls()
         if len(self.team.dead) > self.dead_seen:  # what the dead held is nowhere now (dispatch may have found them first)
             self.dead_seen, self.need_recovery = len(self.team.dead), True
         exempt = bool(self.commit_error) or not self.ledger  # a failing disk has its own limit

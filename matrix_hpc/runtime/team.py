@@ -80,6 +80,9 @@ class Team:
         """(LLM calls, output tokens) per actor at the last check, earlier incarnations' included."""
         self._llm_before: dict[str, tuple[int, int]] = {}
         """What earlier incarnations of each actor had counted (a restarted actor counts from 0)."""
+        self._calls: dict[str, int] = {}
+        self._calls_before: dict[str, int] = {}
+        """Ray calls of each actor's outbox (all incarnations), and what earlier ones had counted."""
         self._sending: dict[asyncio.Future[Any], tuple[str, list[Task]]] = {}
         """Entry batches the driver sent that their actor has not accepted yet (held by the driver)."""
         self.dead: set[str] = set()
@@ -118,12 +121,18 @@ class Team:
     def _note(self, name: str, reply: ActorPing) -> None:
         if self.incarnations.get(name, reply.incarnation) != reply.incarnation:  # restarted: it counts from 0 again
             self._llm_before[name] = self._llm.get(name, (0, 0))
+            self._calls_before[name] = self._calls.get(name, 0)
         before = self._llm_before.get(name, (0, 0))
         self._llm[name] = (before[0] + reply.llm_calls, before[1] + reply.llm_tokens)
+        self._calls[name] = self._calls_before.get(name, 0) + reply.ray_calls
         self.incarnations[name] = reply.incarnation
         self.pids[name], self.hosts[name], self.steps[name] = reply.pid, reply.host, reply.progress
         for warning in reply.warnings:
             log.warning("%s", warning)
+
+    def ray_calls(self) -> int:
+        """Batches the agents' outboxes have sent so far (one Ray call each), as of the last check."""
+        return sum(self._calls.values())
 
     def llm_activity(self) -> dict[str, tuple[int, int]]:
         """(LLM calls, output tokens) per role so far, as of the last check (finished tasks' and
