@@ -84,6 +84,8 @@ class Row:
     cpu_by_kind: dict[str, float] = field(default_factory=dict)
     """CPU ms per hop by process kind (``--cpu-breakdown``)."""
     rss_by_kind: dict[str, float] = field(default_factory=dict)
+    ray_calls_per_khop: float = 0.0
+    """Ours: batches the agents' outboxes sent (one Ray call each) per 1,000 hops."""
     """MB of RSS by process kind at the run's peak (process count in the kind's name)."""
     startup_s: float = 0.0
     """Ours: from ``run_job`` to the first task sent (Ray, the team, the agents' setup)."""
@@ -222,6 +224,7 @@ def make_dataset(workflow: str, n: int, path: Path) -> Path:
 OURS_SET: list[str] = []  # --set key=value overrides for our runtime
 LAST_BREAKDOWN: dict[str, float] = {}  # CPU seconds by process kind of the last run of ours
 LAST_RSS: dict[str, int] = {}  # RSS bytes by process kind at the last run of ours' peak
+LAST_RAY_CALLS: list[int] = []  # the agents' outbox Ray calls in the last run of ours
 
 
 def job_yaml(workflow: str, data: Path, out: Path, url: str, concurrency: int, tmp: Path) -> Path:
@@ -323,6 +326,7 @@ def run_ours(job: Path, exclude: set[int], extra: list[str], auth: bool = True) 
     LAST_BREAKDOWN.update(sampler.by_kind())
     LAST_RSS.clear()
     LAST_RSS.update(sampler.rss_at_peak)
+    LAST_RAY_CALLS[:] = [summary.progress.ray_calls]
     return elapsed, sampler.cpu_s, sampler.peak_rss, count_backlog_warnings(summary.ray_logs)
 
 
@@ -419,6 +423,7 @@ def _one_run(scheduler: str, workflow: str, concurrency: int, n: int, url: str, 
             hops = row.cpu_ms_per_hop and cpu * 1000 / row.cpu_ms_per_hop
             row.cpu_by_kind = {k: 1000 * v / max(hops, 1) for k, v in LAST_BREAKDOWN.items()}
             row.rss_by_kind = {k: v / 2**20 for k, v in LAST_RSS.items()}
+            row.ray_calls_per_khop = 1000 * LAST_RAY_CALLS[0] / max(hops, 1) if LAST_RAY_CALLS else 0.0
         return row
 
 
@@ -436,6 +441,7 @@ def median_row(rows: list[Row]) -> Row:
         "engine_fill",
         "load",
         "startup_s",
+        "ray_calls_per_khop",
     ):
         setattr(med, f, statistics.median(getattr(r, f) for r in rows))
     med.complete = all(r.complete for r in rows)
@@ -459,7 +465,7 @@ def print_table(rows: list[Row], peak: float, title: str = "medians of repeats")
     for r in rows:
         if r.cpu_by_kind:
             parts = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r.cpu_by_kind.items(), key=lambda kv: -kv[1]) if v >= 0.005)
-            print(f"  {r.scheduler} {r.workflow} @ {r.concurrency}: CPU ms/hop by process: {parts}")
+            print(f"  {r.scheduler} {r.workflow} @ {r.concurrency}: CPU ms/hop by process: {parts}; Ray calls per 1000 hops: {r.ray_calls_per_khop:.0f}")
         if r.rss_by_kind:
             parts = ", ".join(f"{k} {v:.0f}" for k, v in sorted(r.rss_by_kind.items(), key=lambda kv: -kv[1]) if v >= 1)
             print(f"  {r.scheduler} {r.workflow} @ {r.concurrency}: RSS MB at peak by process: {parts}")
@@ -583,6 +589,7 @@ def main() -> None:
             "complete",
             "cpu_by_kind",
             "rss_by_kind",
+            "ray_calls_per_khop",
         )
         args.json.write_text(json.dumps([{k: getattr(r, k) for k in keys} for r in rows], indent=1))
 
