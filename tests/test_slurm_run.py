@@ -128,9 +128,18 @@ def test_submit_cli_and_python_api(cluster: SlurmCluster, tmp_path: Path) -> Non
     assert len(cluster_info(cfg, job.job_id)["nodes"]) == 2  # type: ignore[attr-defined]
 
 
+def _seconds(run_time: str) -> int:
+    """Slurm's ``RunTime`` (``[D-]HH:MM:SS``) in seconds."""
+    days, _, hms = run_time.rpartition("-")
+    h, m, sec = (int(x) for x in hms.split(":"))
+    return int(days or 0) * 86400 + h * 3600 + m * 60 + sec
+
+
 def test_preempted_and_requeued_runs_resume_without_redoing_work(cluster: SlurmCluster, tmp_path: Path) -> None:
     """Long dialogues (8 turns, ~0.5 s a call, against a counting server) are interrupted by a
-    preemption and by ``scontrol requeue``; each life resumes from the store: every id once,
+    preemption, by ``scontrol requeue`` and by the job's time limit (brought near with
+    ``scontrol update``: the sbatch script's ``--signal=USR2@120`` comes); run.json and
+    ``status`` tell the three apart (``ended_by``). Each life resumes from the store: every id once,
     no stored id sent again, and with ``run.replay`` each interruption redoes at most the LLM
     calls in flight (<= max_in_flight = 8). Redone calls = requests the server saw - LLM turns
     in the final records; without replay every call of every dialogue cut short is paid for
@@ -141,12 +150,14 @@ def test_preempted_and_requeued_runs_resume_without_redoing_work(cluster: SlurmC
     try:
         # A 1 s grace (not 5 s): dialogues in flight at the signal are cut short, not finished.
         overrides = {"llm.engine": "external", "llm.base_urls": [server.url], "workflow.params.max_turns": 8, "run.stop_grace_s": 1.0}
-        cfg, rows = slurm_config(tmp_path, 24, "pre", **overrides)
+        cfg, rows = slurm_config(tmp_path, 32, "pre", **overrides)
         out = tmp_path / "pre-out"
         job = sbatch(cluster, cfg)
         log = lambda: job_log(cfg, job)  # noqa: E731
-        interruptions = ["preempt", "scontrol requeue"]
+        interruptions = ["preempt", "scontrol requeue", "time limit"]
         for i, how in enumerate(interruptions):
+            if how == "time limit":  # slower dialogues (~36 s each): the run is still going when the warning comes
+                server.delay_s = (4.0, 5.0)
             base = committed_rows(out)
             wait_until(lambda: committed_rows(out) >= base + 2, 300, f"progress before interruption {i}", log)
             t_int = time.time()
@@ -157,8 +168,16 @@ def test_preempted_and_requeued_runs_resume_without_redoing_work(cluster: SlurmC
                     check=True,
                     capture_output=True,
                 )
-            else:
+            elif how == "scontrol requeue":
                 subprocess.run(["scontrol", "requeue", job], env=env_for(cluster), check=True)
+            else:  # the time limit 60-120 s away: slurmctld's next check (every ~30 s) sends USR2
+                requeued = log().count("requeued job")
+                limit_min = -(-(_seconds(cluster.job(job)["RunTime"]) + 60) // 60)
+                cluster.run(["scontrol", "update", f"JobId={job}", f"TimeLimit={limit_min}"])
+                # Rank 0 reads the job's record as USR2 comes, then requeues: only then is the limit put back.
+                wait_until(lambda: log().count("requeued job") > requeued, 180, "USR2 before the time limit, then the requeue", log)
+                cluster.run(["scontrol", "update", f"JobId={job}", "TimeLimit=30"])  # the next life gets the whole limit
+                server.delay_s = (0.3, 0.7)
             wait_until(lambda: cluster.job(job).get("Restarts") == str(i + 1), 120, f"requeue {i}", log)
             hist = lambda: json.loads((out / "run.json").read_text()).get("history", [])  # noqa: E731
             wait_until(lambda: len(hist()) == i + 2 and hist()[-1].get("slurm_restart") == i + 1, 300, f"life {i + 1} started", log)
@@ -169,10 +188,22 @@ def test_preempted_and_requeued_runs_resume_without_redoing_work(cluster: SlurmC
     finally:
         server.stop()
 
-    history = json.loads((out / "run.json").read_text())["history"]
-    assert [h.get("slurm_restart") for h in history] == [0, 1, 2], history
+    run_json = json.loads((out / "run.json").read_text())
+    history = run_json["history"]
+    assert [h.get("slurm_restart") for h in history] == [0, 1, 2, 3], history
     assert history[-1]["status"] == "finished"
     assert "SIGUSR2: stopping intake" in log() and "SIGTERM: stopping intake" in log()
+    # Why each life stopped, read from the job's record as the first signal came (stopcause.py).
+    # A USR2 life writes it before it requeues; a TERM life may be KILLed (KillWait 5 s) first.
+    assert (history[0].get("stop_signal"), history[0].get("ended_by")) == ("SIGUSR2", "preempted"), (history[0], log()[-3000:])
+    assert history[1].get("ended_by", "requeued") == "requeued" and history[1].get("stop_signal", "SIGTERM") == "SIGTERM", history[1]
+    assert (history[2].get("stop_signal"), history[2].get("ended_by")) == ("SIGUSR2", "time_limit"), (history[2], log()[-3000:])
+    assert "ended_by" not in history[3]
+    assert {k: v for k, v in run_json["interruptions"].items() if k != "requeued"} == {"preempted": 1, "time_limit": 1}, run_json
+    assert "requeued job" in log() and "after SIGUSR2 (time limit)" in log()
+    st = subprocess.run([str(BIN / "matrix-hpc"), "status", str(out)], env=env_for(cluster), capture_output=True, text=True).stdout
+    lives = next(line for line in st.splitlines() if line.startswith("lives:"))
+    assert lives.startswith("lives:     4 (stopped by: 1 preempted, ") and lives.endswith("1 time limit)"), st
     for prev, nxt in zip(history, history[1:]):
         # A life killed before it could save has no end fields; its commits still count.
         assert prev.get("status", "interrupted") == "interrupted", prev

@@ -6,7 +6,7 @@ else the file at ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``. Every proc
 the cluster reads it from its environment, which Ray's daemons and workers inherit. A
 local run puts a fresh token in the driver's environment (so in no file); a Slurm run
 points ``RAY_AUTH_TOKEN_PATH`` at a ``0600`` file in the job's directory
-(``slurm/bootstrap.py``). Ray caches the mode and the token per process, so both are
+(``slurm/node.py``). Ray caches the mode and the token per process, so both are
 refreshed here whenever they change (a test process may start several clusters).
 """
 

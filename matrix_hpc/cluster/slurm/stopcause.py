@@ -40,8 +40,8 @@ SLACK_S = 90.0
 """Slurm may send ``--signal`` up to 60 s early, and checks time limits every ~30 s."""
 
 
-def job_record(job_id: str, timeout_s: float = 10.0) -> dict[str, str] | None:
-    """``scontrol -o show job JOB`` as a dict; None where it cannot be read."""
+def job_record(job_id: str, timeout_s: float = 8.0) -> dict[str, str] | None:
+    """``scontrol -o show job JOB`` as a dict; None where it cannot be read (said in the log)."""
     if not shutil.which("scontrol"):
         return None
     try:
@@ -49,6 +49,8 @@ def job_record(job_id: str, timeout_s: float = 10.0) -> dict[str, str] | None:
     except (OSError, subprocess.TimeoutExpired) as exc:
         log.warning("scontrol show job %s: %s", job_id, exc)
         return None
+    if res.returncode != 0:  # slurmctld busy or unreachable: why this life stops stays the signal's name
+        log.warning("scontrol show job %s: %s", job_id, res.stderr.strip())
     fields = dict(kv.split("=", 1) for kv in res.stdout.split() if "=" in kv)
     return fields or None
 
@@ -98,5 +100,6 @@ class StopCause:
         now = time.time()
         job = job_record(self.job_id) if self.job_id else None
         cause = classify(signal_name, job, self.restart, now, self.lead_s, self.end_at_start)
-        log.info("%s: this life ends by %s (job state %s)", signal_name, cause, (job or {}).get("JobState"))
+        seen = {k: (job or {}).get(k) for k in ("JobState", "EndTime", "PreemptTime", "Restarts")}
+        log.info("%s: this life ends by %s (restart %d, end at start %s, job %s)", signal_name, cause, self.restart, self.end_at_start, seen)
         return cause
