@@ -94,6 +94,9 @@ def test_failed_records_are_retried_by_kind_then_all_and_replace_the_failed_ones
         in text
     )
 
+    code, text = cli("run", str(job), "run.retry_failed=")
+    assert code == 2 and "matrix-hpc: config error: run.retry_failed: expected all, or failure kinds (agent_error,schema), got ''" in text, text
+
     # The user fixes the bug, then retries one kind (a key=value after the flag stays an override).
     (tmp_path / "fixed").touch()
     by_kind = run_factory(job, "--retry-failed", "agent_error", "run.progress_interval_s=2")
