@@ -13,7 +13,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from .runinfo import LifeRecord, RunInfo
 from .runtime.loader import check_workflow_code, import_paths, load_object
 from .runtime.replay import ReplayStats
 from .runtime.runner import AllFailing, RunProgress, StopFlag, drive
-from .runtime.source import DatasetError, SourceOptions, columns_option, iter_tasks, scan_dataset
+from .runtime.source import DatasetError, DatasetScan, SourceOptions, columns_option, iter_tasks, scan_dataset
 from .runtime.spec import team_spec
 from .runtime.team import Team, TeamError
 from .runtime.usage import ReplaySummary, UsageSummary, replay_summary
@@ -93,9 +93,9 @@ def _source_options(config: JobConfig) -> SourceOptions:
     )
 
 
-def _check_dataset(opts: SourceOptions, say: Callable[[str], None]) -> int:
-    """Rows to run; refuses an ``id_field`` no row has, warns once about rows lacking it."""
-    scan = scan_dataset(opts)  # also checks that the dataset exists
+def _check_dataset(opts: SourceOptions, say: Callable[[str], None]) -> DatasetScan:
+    """The scan (rows, each row's id hash); refuses an ``id_field`` no row has, warns once about rows lacking it."""
+    scan = scan_dataset(opts, ids=True)  # also checks that the dataset exists
     if opts.id_field is not None and scan.rows and scan.missing_id == scan.rows:
         raise DatasetError(
             f"dataset.id_field: no row of {opts.path} has a field {opts.id_field!r} "
@@ -103,7 +103,7 @@ def _check_dataset(opts: SourceOptions, say: Callable[[str], None]) -> int:
         )
     if opts.id_field is not None and scan.missing_id:
         say(f"warning: dataset.id_field: {scan.missing_id} of {scan.rows} rows have no field {opts.id_field!r}; they get content-hash ids")
-    return scan.rows
+    return scan
 
 
 def _slurm_env() -> dict[str, Any]:  # keys as in LifeRecord
@@ -148,13 +148,14 @@ def run_job(
     check_workflow_code(config)  # a typo in an agent's name fails here, before Ray or an engine starts
     root = check_output_writable(config.output.path)  # before anything starts: one clear line
     opts = _source_options(config)
-    total = _check_dataset(opts, say)
+    scan = _check_dataset(opts, say)
+    total = scan.rows
     init_store(root, config.output.chunk_rows)
     layout = RunLayout(root)
     wait_for_previous_writer(layout.part(0).dir, say)
     prev = RunInfo.from_dict(read_json(layout.run_json, {}) or {})
     reader = StoreReader(root)
-    resume = plan_resume(config, reader, say)  # read only once no other writer is left
+    resume = plan_resume(config, reader, say, scan)  # read only once no other writer is left
     done = resume.skip  # ids whose current record stays; resume.retry: failed ones run again
     start_mark = reader.committed()
     metrics_fn = load_object(config.workflow.metrics) if config.workflow.metrics else None
@@ -178,7 +179,7 @@ def run_job(
     _write_run_info(root, info, claim=True)
     # The source is read up to its first task before anything starts: a re-run of a
     # finished job (every row in the store) ends here, without Ray or an engine (~40 s).
-    tasks = iter_tasks(opts, done, progress.source_counts, resume.retry)
+    tasks = iter_tasks(opts, done, progress.source_counts, resume.retry, scan)
     first = next(tasks, None)
     if first is None:
         say(nothing_to_do(root, resume, config.run.retry_failed is not None))
@@ -387,7 +388,7 @@ def _safe_status(services: LLMServices) -> list[EndpointStatus]:
         return services.endpoints
 
 
-def _start_journal(journal: CallJournal, done: set[str], say: Callable[[str], None]) -> CallJournal:
+def _start_journal(journal: CallJournal, done: Container[str], say: Callable[[str], None]) -> CallJournal:
     """The call journal at a life's start: only calls of tasks not in the store are kept."""
     start = journal.start_life(done)
     if start.files:

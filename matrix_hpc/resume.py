@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .config import ConfigError, JobConfig
+from .runtime.source import DatasetScan
 from .store import StoreReader
 from .store.latest import ResumeState, retry_kinds
 
@@ -25,15 +26,16 @@ def _kinds_text(state: ResumeState) -> str:
     return ", ".join(f"{k} {n}" for k, n in state.failed_by_kind.most_common())
 
 
-def plan_resume(config: JobConfig, reader: StoreReader, say: Callable[[str], None]) -> ResumeState:
+def plan_resume(config: JobConfig, reader: StoreReader, say: Callable[[str], None], scan: DatasetScan | None = None) -> ResumeState:
     """The ids to skip and those to run again. A kind ``run.retry_failed`` names that no
     record of the store ever failed with is a config error (a typo), with a "did you mean";
-    one whose records were all retried already is not (re-running the same command resumes)."""
+    one whose records were all retried already is not (re-running the same command resumes).
+    ``scan`` (with ids): the id hashes two rows of the dataset share are compared as text."""
     try:
         kinds = retry_kinds(config.run.retry_failed)
     except ValueError as exc:
         raise ConfigError(f"run.retry_failed: {exc}") from None
-    state = reader.resume_state(kinds)
+    state = reader.resume_state(kinds, scan.ids.repeated if scan is not None and scan.ids is not None else ())
     unknown = sorted((kinds or frozenset()) - state.kinds_seen)
     if unknown and reader.parts:
         close = difflib.get_close_matches(unknown[0], sorted(state.kinds_seen), n=1, cutoff=0.6)

@@ -28,15 +28,18 @@ What a row may hold, as scrapers write it (README: Dataset rows):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterator
+from array import array
+from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from ..store.idhash import MARK, hash_ids, id_hash
 from .shards import DatasetError, Shard, resolve_shards
 from .task import Task, content_id
 
@@ -150,6 +153,29 @@ class DatasetScan:
     """Rows the source will yield (non-blank lines for JSONL), honouring ``limit``."""
     missing_id: int
     """Rows without ``id_field`` (they get a content hash as their id)."""
+    ids: RowIds | None = None
+    """Each row's id as a hash (``scan_dataset(opts, ids=True)``), for :func:`iter_tasks`."""
+
+
+@dataclass(frozen=True, eq=False)
+class RowIds:
+    """Every row's task id as its 64-bit hash (:func:`~matrix_hpc.store.idhash.id_hash`), in
+    the order the source yields the rows: 8 bytes a row, what lets :func:`iter_tasks` find a
+    repeated id without holding the ids it has seen."""
+
+    hashes: np.ndarray
+    """uint64, one per row."""
+    repeated: frozenset[int]
+    """Hashes more than one row has: a repeated id, or (odds n²/2⁶⁵) two ids with one hash.
+    Only rows with one of these are compared as text while streaming."""
+
+    @classmethod
+    def of(cls, hashes: np.ndarray) -> RowIds:
+        ordered = np.sort(hashes)  # a copy while this runs: with ``same``, 9 bytes a row on top of the hashes
+        same = ordered[1:] == ordered[:-1]
+        repeated = frozenset(np.unique(ordered[1:][same]).tolist())
+        del ordered
+        return cls(hashes, repeated)
 
 
 def _parquet(path: Path) -> Any:
@@ -161,34 +187,52 @@ def _parquet(path: Path) -> Any:
         raise DatasetError(f"dataset.path: cannot read {path} as Parquet ({type(exc).__name__}: {exc})") from None
 
 
-def scan_dataset(opts: SourceOptions) -> DatasetScan:
-    """Count the rows, and those that lack ``id_field``, in one pass before the run.
+def scan_dataset(opts: SourceOptions, ids: bool = False) -> DatasetScan:
+    """Count the rows, and those that lack ``id_field``, in one pass before the run; with
+    ``ids``, also every row's task id as a hash (:class:`RowIds`, 8 bytes a row).
 
     For JSONL a line lacks the field when its text does not contain ``"FIELD"`` (cheap,
     no JSON parsing; a nested key of that name can only make the count too low). A
     columnar shard reads its id column only (Parquet's row count is in its footer).
+
+    The ids: a columnar shard whose id column holds plain ids (non-empty strings, ints)
+    hashes that column; any other shard (JSONL, ids missing or of other types, an
+    unreadable id column) is read row by row as :func:`iter_tasks` reads it, so the hash
+    is of the id the task will have (for JSONL that parses every line once more).
     """
     limit = opts.limit if opts.limit is not None else float("inf")
     n = missing = 0
+    hashes: list[np.ndarray] = []
     for shard in opts.shards():
         if n >= limit:
             break
-        rows, miss = _scan_shard(opts, shard, limit - n)
+        rows, miss, got = _scan_shard(opts, shard, limit - n, ids)
         n += rows
         missing += miss
-    return DatasetScan(rows=int(n), missing_id=int(missing))
+        if got is not None:
+            hashes.append(got)
+        del got
+    row_ids = None
+    if ids:
+        every = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+        hashes.clear()  # the shards' arrays go before the sorted copy comes: 17 bytes a row at the peak
+        row_ids = RowIds.of(every)
+    return DatasetScan(rows=int(n), missing_id=int(missing), ids=row_ids)
 
 
-def _scan_shard(opts: SourceOptions, shard: Shard, limit: float) -> tuple[int, int]:
+def _scan_shard(opts: SourceOptions, shard: Shard, limit: float, ids: bool) -> tuple[int, int, np.ndarray | None]:
     n = missing = 0
     if shard.format == "jsonl":
         needle = json.dumps(opts.id_field).encode() if opts.id_field is not None else None
-        for _, line in _jsonl_lines(opts, shard.path):
+        got = array("Q")
+        for lineno, line in _jsonl_lines(opts, shard.path):
             if n >= limit:
                 break
             n += 1
             missing += needle is not None and (isinstance(line, _Unread) or needle not in line)
-        return n, missing
+            if ids:
+                got.append(id_hash(_to_task(opts, f"line {lineno}", line).id))
+        return n, missing, np.frombuffer(got, np.uint64) if ids else None
     if shard.format == "parquet":
         pf = _parquet(shard.path)
         names = pf.schema_arrow.names
@@ -201,20 +245,63 @@ def _scan_shard(opts: SourceOptions, shard: Shard, limit: float) -> tuple[int, i
         _read_columns(opts, names, shard)
         n = int(min(_arrow_rows(shard), limit))
         batches = lambda: (b.select([opts.id_field]) for b in _arrow_reader(shard))  # noqa: E731
-    if opts.id_field is not None and opts.id_field not in names:
-        return n, n
-    if opts.id_field is not None:
-        seen = 0
-        try:
-            for batch in batches():
-                col = batch.column(0)[: max(0, n - seen)]
-                missing += col.null_count
-                seen += len(col)
-                if seen >= n:
-                    break
-        except Exception as exc:  # an unreadable row group: its rows fail in the run, one by one
-            log.warning("%s: cannot read column %r past row %d (%s)", shard.path, opts.id_field, seen, exc)
-    return n, missing
+    if opts.id_field is None or opts.id_field not in names:
+        return n, n if opts.id_field is not None else 0, _hash_rows(opts, shard, n) if ids else None
+    seen = 0
+    got_ids: list[np.ndarray] | None = [] if ids else None
+    try:
+        for batch in batches():
+            col = batch.column(0)[: max(0, n - seen)]
+            missing += col.null_count
+            seen += len(col)
+            if got_ids is not None:
+                plain = _hash_plain_ids(col)
+                if plain is None:  # an id the column alone cannot give: read the rows
+                    got_ids = None
+                else:
+                    got_ids.append(plain)
+            if seen >= n:
+                break
+    except Exception as exc:  # an unreadable row group: its rows fail in the run, one by one
+        log.warning("%s: cannot read column %r past row %d (%s)", shard.path, opts.id_field, seen, exc)
+        got_ids = None
+    if not ids:
+        return n, missing, None
+    if got_ids is None or seen < n:
+        return n, missing, _hash_rows(opts, shard, n)
+    return n, missing, np.concatenate(got_ids) if got_ids else np.zeros(0, np.uint64)
+
+
+def _hash_plain_ids(col: Any) -> np.ndarray | None:
+    """The ids' hashes when every cell of the id column is one the row would take as is
+    (a non-empty valid UTF-8 string, an int); None otherwise."""
+    import pyarrow as pa
+
+    t = col.type
+    if col.null_count:
+        return None
+    if pa.types.is_integer(t):
+        return hash_ids(map(str, col.to_pylist()), len(col))
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+        return None
+    try:
+        col.validate(full=True)  # invalid UTF-8 (Parquet does not check it): the row path decodes it
+    except Exception:
+        return None
+    values = col.to_pylist()
+    if not all(values):
+        return None
+    return hash_ids(map(_safe_id, values), len(values))
+
+
+def _hash_rows(opts: SourceOptions, shard: Shard, n: int) -> np.ndarray:
+    """The hashes of the shard's first ``n`` task ids, read row by row as the run reads them."""
+    got = array("Q")
+    for i, (where, raw) in enumerate(_shard_rows(opts, shard)):
+        if i >= n:
+            break
+        got.append(id_hash(_to_task(opts, where, _project(opts, raw) if isinstance(raw, dict) else raw).id))
+    return np.frombuffer(got, np.uint64)
 
 
 def _arrow_reader(shard: Shard) -> Any:
@@ -341,7 +428,11 @@ def _safe_id(text: str) -> str:
 
 def _row_id(opts: SourceOptions, row: dict[str, Any]) -> str | None:
     """The row's own id, or None (it gets a content hash)."""
-    rid = row.get(opts.id_field) if opts.id_field is not None else None
+    return _id_value(row.get(opts.id_field) if opts.id_field is not None else None)
+
+
+def _id_value(rid: Any) -> str | None:
+    """An id cell's value as the id, or None (the row gets a content hash)."""
     if isinstance(rid, bool):
         return None
     if isinstance(rid, str):
@@ -410,92 +501,85 @@ def _to_task(opts: SourceOptions, where: str, raw: bytes | dict[str, Any] | _Unr
     return Task(id=tid, row=row, next_role=opts.entry_role)
 
 
-class _SeenIds:
-    """Every id seen so far -> where its first row is, in ~32 bytes a row: a 64-bit hash of
-    the id in an open-addressing numpy table, at most half full. (A dict of the ids took
-    ~170 bytes a row, 1.7 GB at 10M rows: benchmarks/dataset_scale.py.) Two ids with one
-    hash, odds ~n²/2⁶⁵ (3e-4 at 100M rows), read as a duplicate: the second row is still
-    recorded, failed, naming the first; nothing is dropped."""
+class _RepeatIndex:
+    """Which earlier row has a task's id, for :func:`iter_tasks`, without holding every id.
 
-    def __init__(self, capacity: int = 1 << 12) -> None:
-        import numpy as np
+    The scan gave each row's id hash (:class:`RowIds`). A row whose id hash no other row
+    has, and that the scan saw with that same hash, has an id no earlier row has: nothing
+    is kept for it. The ids kept as text (id -> where its first row is) are the few that
+    need it: those whose hash another row has (a repeated id), those holding ``#dup@`` (the
+    ids made for repeats below, which a row's own id may equal), and those of rows the run
+    read otherwise than the scan (a row group that failed only now; a file changed since).
+    """
 
-        self._np = np
-        self._keys = np.zeros(capacity, np.uint64)
-        self._vals = np.zeros(capacity, np.int64)
-        self._n = 0
+    def __init__(self, opts: SourceOptions, ids: RowIds) -> None:
+        self._opts, self._hashes, self._repeated = opts, ids.hashes, ids.repeated
+        self._held: dict[str, int] = {}
+        self._odd: set[int] = set()
+        """Hashes of ids of rows the run read otherwise than the scan."""
+        self._order: np.ndarray | None = None
+        """The scan's hashes in sorted order (argsort), made at the first such row."""
 
-    @staticmethod
-    def _hash(tid: str) -> int:
-        h = int.from_bytes(hashlib.blake2b(tid.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
-        return h or 1  # 0 marks an empty slot
+    def first(self, n: int, tid: str) -> int | str | None:
+        """Where an earlier row with id ``tid`` is (packed, or a ``where`` text), for row ``n``."""
+        h = id_hash(tid)
+        as_scanned = n < len(self._hashes) and self._hashes.item(n) == h
+        if as_scanned and h not in self._repeated and h not in self._odd and MARK not in tid:
+            return None
+        found = self._held.get(tid)
+        if found is None and not as_scanned:
+            return self._scanned_before(n, h)
+        return found
 
-    def _slot(self, h: int) -> int:
-        keys, mask = self._keys, len(self._keys) - 1
-        i = h & mask
-        while True:
-            k = keys.item(i)
-            if k == h or k == 0:
-                return i
-            i = (i + 1) & mask
+    def _scanned_before(self, n: int, h: int) -> str | None:
+        """The first row before ``n`` the scan saw with hash ``h`` (a row read otherwise only)."""
+        if self._order is None:
+            self._order = np.argsort(self._hashes, kind="stable")
+        ordered = self._hashes[self._order]
+        lo, hi = np.searchsorted(ordered, np.uint64(h), "left"), np.searchsorted(ordered, np.uint64(h), "right")
+        before = [int(j) for j in self._order[lo:hi] if j < n]
+        if not before:
+            return None
+        return next(where for j, (where, _) in enumerate(_raw_rows(self._opts)) if j == min(before))
 
-    def get(self, tid: str) -> int | None:
-        i = self._slot(self._hash(tid))
-        return self._vals.item(i) if self._keys.item(i) else None
+    def add(self, n: int, tid: str, where: int) -> None:
+        """Row ``n``'s task has ``tid`` (its own id, or one made for a repeat): keep it if needed."""
+        h = id_hash(tid)
+        as_scanned = n < len(self._hashes) and self._hashes.item(n) == h
+        if not as_scanned and MARK not in tid:
+            self._odd.add(h)
+        if not as_scanned or h in self._repeated or h in self._odd or MARK in tid:
+            self._held[tid] = where
 
     def __contains__(self, tid: str) -> bool:
-        return self.get(tid) is not None
-
-    def put(self, tid: str, where: int) -> None:
-        h = self._hash(tid)
-        i = self._slot(h)
-        if not self._keys.item(i):
-            self._n += 1
-        self._keys[i], self._vals[i] = h, where
-        if self._n * 2 > len(self._keys):
-            self._grow()
-
-    def _grow(self) -> None:
-        """Double the table, re-inserting in numpy rounds (a Python loop over millions of
-        entries would be slow and hold them all as Python ints): each round every entry
-        not placed yet takes its slot if free and no earlier one wants it, else moves on."""
-        np = self._np
-        full = self._keys != 0
-        old_k, old_v = self._keys[full], self._vals[full]
-        keys, vals = np.zeros(len(self._keys) * 2, np.uint64), np.zeros(len(self._keys) * 2, np.int64)
-        mask = np.uint64(len(keys) - 1)
-        pos = old_k & mask
-        pending = np.arange(len(old_k))
-        while pending.size:
-            p = pos[pending]
-            free = keys[p] == 0
-            _, first = np.unique(p[free], return_index=True)
-            won = pending[free][first]
-            keys[pos[won]], vals[pos[won]] = old_k[won], old_v[won]
-            placed = np.zeros(len(old_k), bool)
-            placed[won] = True
-            pending = pending[~placed[pending]]
-            pos[pending] = (pos[pending] + np.uint64(1)) & mask
-        self._keys, self._vals = keys, vals
+        """Whether an id made for a repeat is taken (every id holding ``#dup@`` is held)."""
+        return tid in self._held
 
 
 def iter_tasks(
-    opts: SourceOptions, done: set[str] | None = None, counts: dict[str, int] | None = None, retry: dict[str, dict[str, Any]] | None = None
+    opts: SourceOptions,
+    done: Container[str] | None = None,
+    counts: dict[str, int] | None = None,
+    retry: dict[str, dict[str, Any]] | None = None,
+    scan: DatasetScan | None = None,
 ) -> Iterator[Task]:
     """Tasks for every row not in ``done``; bad rows come out already failed.
 
     ``counts["skipped"]`` is kept up to date with the rows skipped as done. A task whose id
     is in ``retry`` (failed records run again) carries its ``retry_of``: its record replaces
-    that failed one (see :mod:`matrix_hpc.store.latest`).
+    that failed one (see :mod:`matrix_hpc.store.latest`). ``scan``: the start-up's
+    ``scan_dataset(opts, ids=True)`` (made here when not given): a repeated id is found from
+    its hashes, so the source holds no id per row.
     """
     retry = retry or {}
-    done = done or set()
+    done = done if done is not None else frozenset()
     counts = counts if counts is not None else {}
     counts.setdefault("skipped", 0)
-    # id -> number of its first row ("line 7" keeps 7), compactly: this map holds every id
-    # of the dataset for the whole run. With several shards the int also says which:
-    # (index of "SHARD line") << 40 | 7.
-    seen = _SeenIds()
+    ids = scan.ids if scan is not None and scan.ids is not None else scan_dataset(opts, ids=True).ids
+    assert ids is not None
+    seen = _RepeatIndex(opts, ids)
+    # Where a kept id's first row is ("line 7" keeps 7), as an int: with several shards
+    # the int also says which: (index of "SHARD line") << 40 | 7.
     heads: dict[str, int] = {}
     head_of: list[str] = []
     for n, (where, raw) in enumerate(_raw_rows(opts)):
@@ -506,9 +590,9 @@ def iter_tasks(
         if head not in heads:
             heads[head] = len(head_of)
             head_of.append(head)
-        first_at = seen.get(task.id)
+        first_at = seen.first(n, task.id)
         if first_at is not None:
-            first = f"{head_of[first_at >> 40]} {first_at & ((1 << 40) - 1)}"
+            first = first_at if isinstance(first_at, str) else f"{head_of[first_at >> 40]} {first_at & ((1 << 40) - 1)}"
             # Keep the row, under an id of its own, so nothing is silently dropped; a row
             # already failed keeps its own reason first.
             tid = f"{task.id}#dup@{where.replace(' ', '')}"
@@ -519,7 +603,7 @@ def iter_tasks(
                 task = _failed(tid, where, task.row, task.error.kind, f"{task.error.message.removeprefix(where + ': ')}; {note}")
             else:
                 task = _failed(tid, where, task.row, "bad_input", note)
-        seen.put(task.id, heads[head] << 40 | int(num))
+        seen.add(n, task.id, heads[head] << 40 | int(num))
         if task.id in done:
             counts["skipped"] += 1
         else:

@@ -20,11 +20,13 @@ import logging
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["REPLACES", "ResumeState", "current_mask", "resume_state", "retry_kinds"]
+from .idhash import IdHashes, hash_ids, undecided
+
+__all__ = ["REPLACES", "PartColumns", "ResumeState", "current_mask", "resume_state", "retry_kinds"]
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +62,8 @@ def retry_kinds(value: str | list[str] | None) -> frozenset[str] | None:
 class ResumeState:
     """What a run does with the ids already in the store."""
 
-    skip: set[str]
-    """Ids not to run: their current record stays as it is."""
+    skip: IdHashes
+    """Ids not to run: their current record stays as it is (hashes: 8 bytes an id)."""
     retry: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Ids to run again, each with the ``retry_of`` its new record carries (the row it replaces)."""
     failed_by_kind: Counter[str] = field(default_factory=Counter)
@@ -74,24 +76,57 @@ class ResumeState:
         return sum(self.failed_by_kind.values())
 
 
-def resume_state(parts: Iterable[tuple[list[str], list[str], list[str], np.ndarray]], kinds: frozenset[str] | None) -> ResumeState:
+class PartColumns(Protocol):
+    """One part's committed rows, read a slice at a time (a part may hold millions)."""
+
+    rows: int
+    replaces: np.ndarray
+    """The whole ``replaces`` column (8 bytes a row)."""
+
+    def read(self, lo: int, hi: int) -> tuple[list[str], list[str], list[str]]:
+        """Rows ``[lo, hi)``: (id, status, error_kind)."""
+        ...
+
+
+CHUNK_ROWS = 1 << 20
+"""Rows of a part read at once: the ids pass through Python a million at a time."""
+
+
+def resume_state(parts: Iterable[PartColumns], kinds: frozenset[str] | None, exact_hashes: Iterable[int] = ()) -> ResumeState:
     """From each part's committed ``(id, status, error_kind, replaces)`` columns: the ids to
     skip and, with ``kinds`` (see :func:`retry_kinds`), the ids whose current record is failed
-    with one of them (any kind when empty), to run again."""
-    state = ResumeState(skip=set())
-    for ids, status, kind, replaces in parts:
-        id_arr = np.asarray(ids, dtype=object)
-        failed = np.asarray(status, dtype=object) == "failed"
-        kind_arr = np.asarray(kind, dtype=object)
-        state.kinds_seen.update(kind_arr[failed].tolist())
-        mask = current_mask(replaces)
-        current = np.ones(len(id_arr), bool) if mask is None else mask
-        earlier = Counter(id_arr[~current].tolist())  # replaced records per id (few: retries only)
-        for row in np.flatnonzero(failed & current).tolist():
-            rid, k = id_arr[row], kind_arr[row]
-            state.failed_by_kind[k] += 1
-            if kinds is not None and (not kinds or k in kinds):
-                state.retry[rid] = {"row": row, "error_kind": k, "records": 1 + earlier.get(rid, 0)}
-        state.skip.update(id_arr[current].tolist())
-    state.skip.difference_update(state.retry)
+    with one of them (any kind when empty), to run again.
+
+    The ids to skip are kept as 64-bit hashes (:class:`~.idhash.IdHashes`): a million ids
+    are ~8 MB, not ~100 MB of Python strings. ``exact_hashes``: hashes that two ids of the
+    dataset share (the source's scan finds them); ids with one of them are kept as text."""
+    exact_hashes = frozenset(exact_hashes)
+    state = ResumeState(skip=IdHashes.of(()))
+    hashes: list[np.ndarray] = []
+    held: set[str] = set()
+    for part in parts:
+        mask = current_mask(part.replaces)
+        replaced_ids: Counter[str] = Counter()  # replaced records per id (few: retries only; a replaced row precedes its retry)
+        for lo in range(0, part.rows, CHUNK_ROWS):
+            ids, status, kind = part.read(lo, min(part.rows, lo + CHUNK_ROWS))
+            failed = np.asarray(status, dtype=object) == "failed"
+            kind_arr = np.asarray(kind, dtype=object)
+            state.kinds_seen.update(kind_arr[failed].tolist())
+            current = np.ones(len(ids), bool) if mask is None else mask[lo : lo + len(ids)]
+            replaced_ids.update(ids[i] for i in np.flatnonzero(~current).tolist())
+            skip = current.copy()
+            for i in np.flatnonzero(failed & current).tolist():
+                rid, k = ids[i], kind_arr[i]
+                state.failed_by_kind[k] += 1
+                if kinds is not None and (not kinds or k in kinds):
+                    state.retry[rid] = {"row": lo + i, "error_kind": k, "records": 1 + replaced_ids.get(rid, 0)}
+                    skip[i] = False
+            kept = [ids[i] for i in np.flatnonzero(skip).tolist()] if not skip.all() else ids
+            chunk = hash_ids(kept, len(kept))
+            hashes.append(chunk)
+            held.update(undecided(kept, chunk, exact_hashes))
+    skip = IdHashes(np.concatenate(hashes) if hashes else np.zeros(0, np.uint64), held, exact_hashes)
+    if state.retry:  # an id retried from one part and current in another is not skipped (as before: ids, not rows)
+        skip = skip.without(state.retry)
+    state.skip = skip
     return state

@@ -20,7 +20,7 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -381,6 +381,18 @@ class StoreWriter:
             self._lock.release()
 
 
+class _PartSlices:
+    """A part's committed columns for :func:`~.latest.resume_state`, read a slice at a time."""
+
+    def __init__(self, group: zarr.Group, rows: int) -> None:
+        self.group, self.rows = group, rows
+        self.replaces = group[REPLACES][:rows] if rows and REPLACES in group else np.full(rows, -1, np.int64)
+
+    def read(self, lo: int, hi: int) -> tuple[list[str], list[str], list[str]]:
+        g = self.group
+        return list(map(str, g["id"][lo:hi].tolist())), g["status"][lo:hi].tolist(), g["error_kind"][lo:hi].tolist()
+
+
 class StoreReader:
     """Read-only view of committed records across all parts.
 
@@ -481,16 +493,10 @@ class StoreReader:
                 out.append((part.name, row, json.loads(group["record"][row : row + 1].tolist()[0])))
         return out
 
-    def resume_state(self, kinds: frozenset[str] | None = None) -> ResumeState:
-        """The ids a run skips, and those it runs again with ``run.retry_failed`` (``kinds``)."""
-
-        def columns() -> Iterator[tuple[list[str], list[str], list[str], np.ndarray]]:
-            for part in self.parts:
-                group, rows = self._part(part)
-                rep = group[REPLACES][:rows] if rows and REPLACES in group else np.full(rows, -1, np.int64)
-                yield (list(map(str, group["id"][:rows].tolist())), group["status"][:rows].tolist(), group["error_kind"][:rows].tolist(), rep)
-
-        return resume_state(columns(), kinds)
+    def resume_state(self, kinds: frozenset[str] | None = None, exact_hashes: Iterable[int] = ()) -> ResumeState:
+        """The ids a run skips, and those it runs again with ``run.retry_failed`` (``kinds``);
+        ``exact_hashes``: see :func:`~.latest.resume_state`."""
+        return resume_state((_PartSlices(*self._part(part)) for part in self.parts), kinds, exact_hashes)
 
     def counts(self, since: dict[str, int] | None = None) -> dict[str, Any]:
         """done / failed totals, failures by kind, tokens (of rows past ``since``, if given)."""
