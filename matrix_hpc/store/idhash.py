@@ -77,6 +77,8 @@ class IdHashes:
 
     def __or__(self, ids: Iterable[str]) -> IdHashes:
         ids = list(ids)
+        if not ids:  # the usual case (no retry): no copy of the hashes
+            return self
         more = hash_ids(ids, len(ids))
         out = IdHashes(np.concatenate([self._hashes, more]), self._exact, self._exact_hashes)
         out._exact = self._exact | frozenset(undecided(ids, more, self._exact_hashes))
