@@ -330,3 +330,34 @@ def test_bad_workflow_code_names_the_key(tmp_path: Path, agent_path: str, overri
         check_workflow_code(config)
     assert str(err.value).startswith(message), str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_stall_of_another_kind_does_not_hold_back_a_blocking_step() -> None:
+    """On a busy machine the first stall reported is often not a step's (garbage collection, a
+    wait for a CPU); a step that then blocks the loop within the same interval is the one a
+    user can fix, and is reported at once, not held back (or hidden) until the next interval."""
+    import gc
+
+    watcher = LoopLagWatcher("actor mixed/0", threshold_s=0.1, probe_s=0.02, report_every_s=30.0, machine_load=lambda: (0.0, 2))
+    heap = [[i] for i in range(4_000_000)]  # a full pass over it stalls the loop (as gcbudget's does)
+
+    async def main() -> None:
+        watch = asyncio.create_task(watcher.run())
+        await asyncio.sleep(0.1)
+        watcher.started("role 'busy'")
+        try:
+            await asyncio.sleep(0.05)
+            gc.collect()  # stall 1: garbage collection (or, on a loaded machine, a wait for a CPU)
+            await asyncio.sleep(0.1)
+            time.sleep(1.5)  # stall 2, within report_every_s: a blocking step, off CPU whatever the load
+            await asyncio.sleep(0.1)
+        finally:
+            watcher.ended("role 'busy'")
+        watch.cancel()
+
+    asyncio.run(main())
+    del heap
+    warnings = watcher.take_warnings()
+    assert len(warnings) == 2, warnings
+    assert "event loop blocked for" not in warnings[0], warnings
+    assert "event loop blocked for 1." in warnings[1] and "role 'busy'" in warnings[1], warnings

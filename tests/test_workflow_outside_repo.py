@@ -215,7 +215,8 @@ def test_misspelled_agent_class_fails_before_ray_starts(tmp_path: Path) -> None:
     )
     assert not (tmp_path / "ray").exists(), "a Ray session was started"
     assert not (tmp_path / "out").exists(), "the output store was created"
-    assert elapsed < 15, f"took {elapsed:.1f}s"  # ~1-2 s on an idle machine: imports only
+    # No Ray session and no store: the check ran before either (its time, ~1-2 s on an idle
+    # machine, is not asserted: a busy one may take any time).
 
 
 def test_submit_checks_the_workflow_code_before_submitting(tmp_path: Path) -> None:

@@ -190,9 +190,13 @@ class LoopLagWatcher:
             self.clock.uninstall()
 
     async def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
-        last_report = float("-inf")
-        worst: StallShare | None = None
-        stalls, roles = 0, set()
+        # Each kind of stall (gc, cpu_wait, step) is reported at most once per report_every_s,
+        # with its worst instance: on a busy machine a wait for a CPU, reported first, must not
+        # hide or hold back a step that blocks the loop, the one the user can fix.
+        last_report: dict[str, float] = {}
+        worst: dict[str, StallShare] = {}
+        stalls: dict[str, int] = {}
+        roles: dict[str, set[str]] = {}
         while True:
             before = self.clock.sample()
             await asyncio.sleep(self.probe_s)
@@ -201,15 +205,16 @@ class LoopLagWatcher:
                 if not self._window:
                     log.debug("%s: event loop stalled %.1fs with no step running (%s)", self.label, share.late_s, share.describe())
                 else:
-                    worst = share if worst is None or share.late_s > worst.late_s else worst
-                    stalls += 1
-                    roles |= self._window
+                    kind = share.cause if share.cause in ("gc", "cpu_wait") else "step"
+                    if kind not in worst or share.late_s > worst[kind].late_s:
+                        worst[kind] = share
+                    stalls[kind] = stalls.get(kind, 0) + 1
+                    roles.setdefault(kind, set()).update(self._window)
                     self.worst_s = max(self.worst_s, share.late_s)
             self._window = {r for r, n in self._running.items() if n > 0}
-            if worst is not None and loop.time() - last_report >= self.report_every_s:
-                self._report(worst, stalls, roles)
-                last_report = loop.time()
-                worst, stalls, roles = None, 0, set()
+            for kind in [k for k in worst if loop.time() - last_report.get(k, float("-inf")) >= self.report_every_s]:
+                self._report(worst.pop(kind), stalls.pop(kind), roles.pop(kind))
+                last_report[kind] = loop.time()
 
     def _report(self, worst: StallShare, stalls: int, roles: set[str]) -> None:
         times = f" ({stalls} stalls since the last warning)" if stalls > 1 else ""
