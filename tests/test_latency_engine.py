@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -48,7 +49,7 @@ def test_output_lengths_are_capped_and_have_the_configured_mean() -> None:
 def test_live_engine_follows_the_model() -> None:
     model = LatencyModel(a=0.02, b=0.0, c=0.0, max_batch=4, out_mean=5, out_sigma=0.0)
 
-    async def main() -> tuple[float, list[int]]:
+    async def main() -> tuple[float, list[int], dict[str, Any]]:
         engine = LatencyEngine(model)
         runner = web.AppRunner(make_app(engine))
         await runner.setup()
@@ -61,8 +62,11 @@ def test_live_engine_follows_the_model() -> None:
         elapsed = time.monotonic() - t
         await client.close()
         await runner.cleanup()
-        return elapsed, [r.completion_tokens for r in res]
+        return elapsed, [r.completion_tokens for r in res], engine.stats()
 
-    elapsed, tokens = asyncio.run(main())
+    elapsed, tokens, stats = asyncio.run(main())
     assert tokens == [5] * 8
-    assert 0.19 <= elapsed < 0.35
+    # Two waves of 5 steps in the model's time; the wall clock can only be later (a busy
+    # machine steps late), never earlier: the engine paces itself to the model.
+    assert stats["steps"] == 10 and abs(stats["model_s"] - 0.2) < 1e-9, stats
+    assert elapsed >= 0.19
