@@ -386,7 +386,11 @@ class _PartSlices:
 
     def __init__(self, group: zarr.Group, rows: int) -> None:
         self.group, self.rows = group, rows
-        self.replaces = group[REPLACES][:rows] if rows and REPLACES in group else np.full(rows, -1, np.int64)
+
+    @property
+    def replaces(self) -> np.ndarray:  # read when the part's turn comes (8 bytes a row)
+        g, rows = self.group, self.rows
+        return g[REPLACES][:rows] if rows and REPLACES in g else np.full(rows, -1, np.int64)
 
     def read(self, lo: int, hi: int) -> tuple[list[str], list[str], list[str]]:
         g = self.group
