@@ -18,6 +18,8 @@ from matrix_hpc.runtime.source import SourceOptions, iter_tasks, scan_dataset
 from matrix_hpc.store.idhash import IdHashes
 from matrix_hpc.store.latest import resume_state
 
+from .conftest import write_jsonl
+
 ROWS = 1_000_000
 
 
@@ -86,3 +88,53 @@ def test_the_resume_state_keeps_8_bytes_an_id() -> None:
     assert isinstance(state.skip, IdHashes) and len(state.skip) == n and state.skip.nbytes() == 8 * n
     assert kept < 8 * n + (1 << 19), kept
     assert "q5" in state.skip and "q0#dup@row1" in state.skip and "q0" not in state.skip and f"q{n}" not in state.skip
+
+
+def _tasks(opts: SourceOptions, **kw: object) -> list[tuple[str, str | None]]:
+    return [(t.id, t.error.message if t.error else None) for t in iter_tasks(opts, **kw)]  # type: ignore[arg-type]
+
+
+def test_ids_with_one_hash_are_told_apart_as_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every id given one of two hashes (collisions everywhere): the source finds the same
+    repeated ids, and a resume skips the same rows, as with the real hash, because ids whose
+    hash two rows share are compared as text: a collision never drops or skips a row."""
+    import matrix_hpc.runtime.source as source
+    import matrix_hpc.store.idhash as idhash
+
+    lines = [{"id": i} for i in ["a", "b", "a", "a#dup@line3", "c", "b", "dd", "a#dup@line3"]] + ["{bad", {"q": 1}, {"q": 1}]
+    path = write_jsonl(tmp_path / "d.jsonl", lines)
+    opts = SourceOptions(path=path, entry_role="a")
+    real = _tasks(opts)
+    real_skip = _tasks(opts, done={"a", "dd", "a#dup@line3"})
+    assert [m for _, m in real if m and "duplicate" in m] == [
+        "line 3: duplicate id 'a' (first at line 1)",
+        "line 4: duplicate id 'a#dup@line3' (first at line 3)",
+        "line 6: duplicate id 'b' (first at line 2)",
+        "line 8: duplicate id 'a#dup@line3' (first at line 3)",
+        "line 11: duplicate id " + repr(real[9][0]) + " (first at line 10)",
+    ]
+    weak = lambda tid: 1 + len(tid) % 2  # noqa: E731
+    monkeypatch.setattr(idhash, "id_hash", weak)
+    monkeypatch.setattr(source, "id_hash", weak)
+    scan = scan_dataset(opts, ids=True)
+    assert scan.ids is not None and scan.ids.repeated == {2}  # "dd" alone has hash 1
+    assert _tasks(opts, scan=scan) == real
+    done = IdHashes.of(["a", "dd", "a#dup@line3"], exact_hashes=scan.ids.repeated)
+    assert "b" not in done and "c" not in done and "a" in done
+    assert _tasks(opts, done=done, scan=scan) == real_skip
+
+
+def test_a_file_changed_after_the_scan_still_has_its_repeats_found(tmp_path: Path) -> None:
+    """Rows the run reads otherwise than the scan did (a file rewritten in between, a row
+    group readable only in part) are compared as text and against the scan's hashes."""
+    path = write_jsonl(tmp_path / "d.jsonl", [{"id": "a"}, {"id": "b"}, {"id": "c"}, {"id": "d"}])
+    opts = SourceOptions(path=path, entry_role="a")
+    scan = scan_dataset(opts, ids=True)
+    write_jsonl(path, [{"id": "a"}, {"id": "b"}, {"id": "a"}, {"id": "e"}, {"id": "e"}])
+    assert _tasks(opts, scan=scan) == [
+        ("a", None),
+        ("b", None),
+        ("a#dup@line3", "line 3: duplicate id 'a' (first at line 1)"),
+        ("e", None),
+        ("e#dup@line5", "line 5: duplicate id 'e' (first at line 4)"),
+    ]
