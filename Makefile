@@ -10,8 +10,7 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 ARGS   ?=
 # Two pytest-xdist workers: every Slurm and vLLM test on one of them, in file order
 # (tests/conftest.py: pytest_xdist_make_scheduler), the rest on both. Most of the suite waits
-# on start-ups; serially it
-# took 49 minutes on CI. XDIST= runs it serially.
+# on start-ups; serially it took 49 minutes on CI. XDIST= runs it serially.
 XDIST  ?= -n 2
 # Debian packages the tests use: real sandboxes, a real 3-node Slurm cluster with accounting,
 # and a real browser for matrix-hpc view's page (driven through chromium-driver by selenium).
