@@ -278,3 +278,21 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(int(_SESSION[-1].exitstatus))
+
+
+def actor_pids(run: Run, cls: str) -> list[int]:
+    """Pids of the run's Ray actors of class ``cls`` (Ray titles them ``ray::Class...``)."""
+    import psutil
+
+    try:
+        procs = psutil.Process(run.proc.pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    out = []
+    for p in procs:
+        try:
+            if any(c.startswith(f"ray::{cls}") for c in p.cmdline()):
+                out.append(p.pid)
+        except psutil.Error:
+            continue
+    return sorted(out)

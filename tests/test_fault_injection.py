@@ -24,11 +24,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import yaml
 
-from .conftest import QUESTIONS, REPO, Run, committed_rows, fill, store_records, tmpfs, wait_for, write_jsonl
+from .conftest import QUESTIONS, REPO, Run, actor_pids, committed_rows, fill, store_records, tmpfs, wait_for, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -122,22 +121,6 @@ def live(run: Run, out: Path, run_id: str | None) -> dict[str, Any]:
     """Wait until a life other than ``run_id`` is running; its run.json."""
     wait_for(lambda: run_info(out).get("status") == "running" and run_info(out).get("run_id") != run_id, LIFE_S, "the run to be running", run)
     return run_info(out)
-
-
-def actor_pids(run: Run, cls: str) -> list[int]:
-    """Pids of the run's Ray actors of class ``cls`` (Ray titles them ``ray::Class...``)."""
-    try:
-        procs = psutil.Process(run.proc.pid).children(recursive=True)
-    except psutil.Error:
-        return []
-    out = []
-    for p in procs:
-        try:
-            if any(c.startswith(f"ray::{cls}") for c in p.cmdline()):
-                out.append(p.pid)
-        except psutil.Error:
-            continue
-    return sorted(out)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import REPO, committed_rows, fill, store_records, tmpfs, wait_for, write_config, write_jsonl
+from .conftest import REPO, actor_pids, committed_rows, fill, store_records, tmpfs, wait_for, write_config, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -318,7 +318,6 @@ def test_sink_killed_mid_run_keeps_counts_and_bad_rows_stay_bad_input(tmp_path: 
     """SIGKILL the sink twice while thousands of tasks (and bad input rows, which the driver
     sends straight to the sink) are in flight: every id once, every bad row recorded as
     ``bad_input`` (not re-run by agents as a task), and the run's counts survive."""
-    import psutil
 
     n, bad = 6000, 40  # past the sink's id-log trim (4096), so stale offsets would lose ids
     lines: list[Any] = [{"id": f"t{i}", "x": i} for i in range(n)]
@@ -331,13 +330,7 @@ def test_sink_killed_mid_run_keeps_counts_and_bad_rows_stay_bad_input(tmp_path: 
     run = run_factory(cfg)
 
     def sink_pid() -> int | None:
-        for p in psutil.Process(run.proc.pid).children(recursive=True):
-            try:
-                if any(c.startswith("ray::SinkActor") for c in p.cmdline()):
-                    return p.pid
-            except psutil.Error:
-                continue
-        return None
+        return next(iter(actor_pids(run, "SinkActor")), None)
 
     for mark in (n // 3, 2 * n // 3):
         wait_for(lambda: committed_rows(out) >= mark and sink_pid(), 180, f"{mark} rows committed", run)

@@ -21,7 +21,7 @@ import yaml
 from matrix_hpc.store import RecordRow, StoreReader, StoreWriter
 from matrix_hpc.store.zarr_store import WriterOwner
 
-from .conftest import BIN, REPO, committed_rows, store_records, wait_for, write_jsonl
+from .conftest import BIN, REPO, actor_pids, committed_rows, store_records, wait_for, write_jsonl
 
 AGENTS = "tests.retry_agents"
 UNUSED_URL = "http://127.0.0.1:9/v1"  # nothing listens on the discard port: no LLM is called
@@ -197,8 +197,6 @@ def test_a_sink_killed_during_a_retry_loses_no_retry(tmp_path: Path, run_factory
     import signal
     import time
 
-    import psutil
-
     n, out = 80, tmp_path / "out"
     job = slow_buggy_job(tmp_path, n)
     assert run_factory(job).wait(300) == 3
@@ -208,13 +206,7 @@ def test_a_sink_killed_during_a_retry_loses_no_retry(tmp_path: Path, run_factory
     )
 
     def sink_pid() -> int | None:
-        for p in psutil.Process(retry.proc.pid).children(recursive=True):
-            try:
-                if any(c.startswith("ray::SinkActor") for c in p.cmdline()):
-                    return p.pid
-            except psutil.Error:
-                continue
-        return None
+        return next(iter(actor_pids(retry, "SinkActor")), None)
 
     wait_for(lambda: committed_rows(out) > n and sink_pid(), 240, "the first retries committed", retry)
     time.sleep(1.5)  # where the kill lands: some retries received and not committed yet (any moment works)
