@@ -76,13 +76,11 @@ class Team:
         self.hosts: dict[str, str] = {}
         self.steps: dict[str, int] = {}
         """Steps taken (agents) or rows committed (sink) at the last check: a stall check's clock."""
-        self._llm: dict[str, tuple[int, int]] = {}
-        """(LLM calls, output tokens) per actor at the last check, earlier incarnations' included."""
-        self._llm_before: dict[str, tuple[int, int]] = {}
+        self._counts: dict[str, tuple[int, int, int]] = {}
+        """(LLM calls, output tokens, outbox Ray calls) per actor at the last check, earlier
+        incarnations' included."""
+        self._counts_before: dict[str, tuple[int, int, int]] = {}
         """What earlier incarnations of each actor had counted (a restarted actor counts from 0)."""
-        self._calls: dict[str, int] = {}
-        self._calls_before: dict[str, int] = {}
-        """Ray calls of each actor's outbox (all incarnations), and what earlier ones had counted."""
         self._sending: dict[asyncio.Future[Any], tuple[str, list[Task]]] = {}
         """Entry batches the driver sent that their actor has not accepted yet (held by the driver)."""
         self.dead: set[str] = set()
@@ -120,11 +118,9 @@ class Team:
 
     def _note(self, name: str, reply: ActorPing) -> None:
         if self.incarnations.get(name, reply.incarnation) != reply.incarnation:  # restarted: it counts from 0 again
-            self._llm_before[name] = self._llm.get(name, (0, 0))
-            self._calls_before[name] = self._calls.get(name, 0)
-        before = self._llm_before.get(name, (0, 0))
-        self._llm[name] = (before[0] + reply.llm_calls, before[1] + reply.llm_tokens)
-        self._calls[name] = self._calls_before.get(name, 0) + reply.ray_calls
+            self._counts_before[name] = self._counts.get(name, (0, 0, 0))
+        calls, tokens, sends = self._counts_before.get(name, (0, 0, 0))
+        self._counts[name] = (calls + reply.llm_calls, tokens + reply.llm_tokens, sends + reply.ray_calls)
         self.incarnations[name] = reply.incarnation
         self.pids[name], self.hosts[name], self.steps[name] = reply.pid, reply.host, reply.progress
         for warning in reply.warnings:
@@ -132,13 +128,13 @@ class Team:
 
     def ray_calls(self) -> int:
         """Batches the agents' outboxes have sent so far (one Ray call each), as of the last check."""
-        return sum(self._calls.values())
+        return sum(sends for _, _, sends in self._counts.values())
 
     def llm_activity(self) -> dict[str, tuple[int, int]]:
         """(LLM calls, output tokens) per role so far, as of the last check (finished tasks' and
         those still in flight, dead actors' included)."""
         out: dict[str, tuple[int, int]] = {}
-        for name, (calls, tokens) in self._llm.items():
+        for name, (calls, tokens, _) in self._counts.items():
             if calls:
                 c, t = out.get(_role_of(name), (0, 0))
                 out[_role_of(name)] = (c + calls, t + tokens)
