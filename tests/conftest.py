@@ -89,19 +89,22 @@ def fill(disk: Path) -> Path:
     the file's entry: then there is no filler, and the disk stays as full as it was."""
     filler = disk / "filler"
     try:
-        fh = open(filler, "wb")
+        # Unbuffered: a buffered file's close() flushes what the full disk refused and raises
+        # ENOSPC again (a CI run failed there).
+        fh = open(filler, "wb", buffering=0)
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
         print(f"fill: {disk} is full already ({shutil.disk_usage(disk).used >> 20} MiB used)")
         return filler
     with fh:
+        block = b"\0" * 65536
         try:
-            while True:
-                fh.write(b"\0" * 65536)
-                fh.flush()
-        except OSError:
-            pass
+            while fh.write(block):
+                pass
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
     return filler
 
 

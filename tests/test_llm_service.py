@@ -195,3 +195,10 @@ def test_completion_pace_widens_the_busy_window_boundedly() -> None:
     hung_after_slow.observe(1000.0)
     assert hung_after_slow.slack_s() == CompletionPace.MAX_SLACK_S
     assert CompletionPace().slack_s() == 0.0
+    # No completion yet (the first requests queue behind one slot): excused for the slowest
+    # pace's slack from when the endpoint came up, then not (a replica hung from its start).
+    first = CompletionPace(since=100.0)
+    assert first.busy(now=100.0 + CompletionPace.MAX_SLACK_S, probe_s=1.0)
+    assert not first.busy(now=102.0 + CompletionPace.MAX_SLACK_S, probe_s=1.0)
+    first.observe(130.0)  # then its pace decides
+    assert first.busy(now=133.0, probe_s=1.0) and not first.busy(now=140.0, probe_s=1.0)

@@ -46,14 +46,29 @@ def test_ledger_resends_a_lost_task_until_max_attempts_then_records_it_lost() ->
 
 def test_sink_follower_adds_up_a_restarted_sinks_counts_and_reads_its_logs_from_zero() -> None:
     sink = SinkFollower()
-    assert sink.update("inc1", ["t0", "t1"], ["t0"], SinkStats(ok=1)) is False
+    assert sink.update("inc1", ["t0", "t1"], ["t0"], SinkStats(ok=1, rows=1)) is False
     assert (sink.received_off, sink.committed_off, sink.stats.ok) == (2, 1, 1)
-    assert sink.update("inc1", ["t2"], ["t1", "t2"], SinkStats(ok=2, failed=1, failed_by_kind={"x": 1})) is False
+    assert sink.update("inc1", ["t2"], ["t1", "t2"], SinkStats(ok=2, failed=1, failed_by_kind={"x": 1}, rows=3)) is False
     assert (sink.received_off, sink.committed_off) == (3, 3)
     # A restarted sink counts from zero: the earlier incarnation's totals are kept, its offsets are not.
-    assert sink.update("inc2", ["t3"], [], SinkStats(ok=1)) is True
+    assert sink.update("inc2", ["t3"], [], SinkStats(ok=1, rows=3, start_rows=3)) is True
     assert (sink.received_off, sink.committed_off) == (1, 0)
     assert (sink.stats.ok, sink.stats.failed, sink.stats.failed_by_kind) == (3, 1, {"x": 1})
+    assert sink.untallied is None  # it had reported every row it committed
+
+
+def test_sink_follower_counts_rows_a_killed_sink_committed_after_its_last_poll() -> None:
+    # A CI run counted 3139 of 6040 committed tasks after two sink kills: what each dead sink
+    # committed between the driver's last poll and its death was in no poll's stats.
+    sink = SinkFollower()
+    sink.update("inc1", [], ["t0"], SinkStats(ok=10, rows=10, start_rows=0))
+    sink.update("inc2", [], [], SinkStats(ok=0, rows=25, start_rows=25))  # rows 10:25 went unreported
+    assert sink.untallied == (10, 25) and sink.stats.ok == 10
+    sink.update("inc3", [], [], SinkStats(rows=30, start_rows=30))  # killed again before the count came
+    assert sink.untallied == (10, 30)
+    sink.tallied(SinkStats(ok=18, failed=2, failed_by_kind={"agent_error": 2}))
+    sink.update("inc3", [], [], SinkStats(ok=4, rows=34, start_rows=30))
+    assert sink.untallied is None and (sink.stats.ok, sink.stats.failed, sink.stats.failed_by_kind) == (32, 2, {"agent_error": 2})
 
 
 def test_stall_clock_stalls_only_when_no_step_and_no_commit_for_the_timeout() -> None:

@@ -342,9 +342,9 @@ def test_sink_killed_mid_run_keeps_counts_and_bad_rows_stay_bad_input(tmp_path: 
     assert max(counts.values()) == 1 and len(counts) == n + bad
     failed = [r for r in records if r["status"] == "failed"]
     assert len(failed) == bad and all(r["error"]["kind"] == "bad_input" for r in failed), [r["error"] for r in failed][:3]
-    # The progress counts of both earlier sinks are kept: what a killed sink committed after
-    # the driver's last poll is missed, and that is at most what was in flight then (no new
-    # task is sent between polls: max_in_flight 1024, plus bad rows the driver hands the sink
-    # straight), whatever the load stretches the time between polls to.
+    # The progress counts of both earlier sinks are kept, and what a killed sink committed
+    # after the driver's last poll is counted by the next one from the store (a busy CI machine
+    # once lost 2,900 of 6,040 from the count: received tasks wait for the commit outside
+    # max_in_flight, so the gap is not bounded by it).
     committed = json.loads((out / "run.json").read_text())["history"][-1]["committed"]
-    assert n + bad - 2 * (1024 + bad) <= committed <= n + bad, committed
+    assert committed == n + bad, committed

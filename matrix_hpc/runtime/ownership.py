@@ -99,7 +99,10 @@ class SinkFollower:
     """What the sink has told the driver, across the sink's restarts: its incarnation, the
     offsets read in its received and committed id logs, and its stats added up over every
     incarnation of this run (a restarted sink counts from zero and lost what it had not
-    committed: the caller then checks what is committed, see ``recover``)."""
+    committed: the caller then checks what is committed, see ``recover``). What a dead
+    incarnation committed after its last poll is in no poll's stats: those rows are
+    ``untallied`` until the caller has the new sink count them (``SinkActor.tally``) and hands
+    the counts to :meth:`tallied`, so the run's counts add up to the store's."""
 
     incarnation: str | None = None
     received_off: int = 0
@@ -108,6 +111,8 @@ class SinkFollower:
     """Earlier incarnations' stats, added up."""
     seen: SinkStats = field(default_factory=SinkStats)
     """The current incarnation's last stats."""
+    untallied: tuple[int, int] | None = None
+    """Rows ``lo:hi`` of the part committed by earlier incarnations after their last poll."""
 
     def update(self, incarnation: str | None, received: list[str], committed: list[str], now: SinkStats) -> bool:
         """Take one poll's answer; True when it comes from a restarted sink."""
@@ -115,12 +120,19 @@ class SinkFollower:
         if incarnation != self.incarnation:
             if self.incarnation is not None:
                 restarted = True
+                lo = self.untallied[0] if self.untallied else self.seen.rows
+                if now.start_rows > lo:
+                    self.untallied = (lo, now.start_rows)
                 self.earlier = self.earlier.plus(self.seen)
             self.incarnation, self.received_off, self.committed_off = incarnation, 0, 0
         self.seen = now
         self.received_off += len(received)
         self.committed_off += len(committed)
         return restarted
+
+    def tallied(self, missed: SinkStats) -> None:
+        """The counts of the ``untallied`` rows: added once."""
+        self.earlier, self.untallied = self.earlier.plus(missed), None
 
     @property
     def stats(self) -> SinkStats:

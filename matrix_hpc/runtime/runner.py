@@ -285,6 +285,11 @@ class _Driver:
         if sink.update(inc, received, committed, now):  # a restarted sink lost what it had not committed
             log.warning("the sink restarted; checking which tasks are committed")
             self.need_recovery = True
+        if sink.untallied is not None:  # counted by the new sink; until it answers, the next poll asks again
+            try:
+                sink.tallied(await self._to_sink(self.team.sink.tally.remote(*sink.untallied)))
+            except (TimeoutError, RayError) as exc:
+                log.info("the sink's count of rows committed before its restart is postponed: %s", type(exc).__name__)
         self.ledger.received(received)
         self.ledger.committed(committed)
         if received or committed:

@@ -54,7 +54,10 @@ class SinkStats:
     """Tokens of the committed records (the store's columns: token counts only)."""
     duplicates_refused: int = 0
     rows: int = 0
-    """Committed rows of the part (all runs)."""
+    """Committed rows of the part (all runs), as of the counts above."""
+    start_rows: int = 0
+    """``rows`` when this incarnation opened the part: from an earlier incarnation's last
+    reported ``rows`` to here are rows it committed unreported (see ``SinkFollower``)."""
     commit_error: str | None = None
     """The last commit's error while commits fail (None once one succeeds)."""
     commit_failing_s: float = 0.0
@@ -124,7 +127,7 @@ class SinkActor:
         self._log = _IdLog()  # ids committed by this incarnation, in order
         self._received = _IdLog()  # ids accepted (not yet necessarily committed)
         self._committing: list[RecordRow] = []  # taken from the writer; kept until durable
-        self._stats = SinkStats(rows=self.writer.rows)
+        self._stats = SinkStats(rows=self.writer.rows, start_rows=self.writer.rows)
         self._status: Counter[str] = Counter()
         self._failed_kinds: Counter[str] = Counter()
         self._failing_since: float | None = None
@@ -224,6 +227,7 @@ class SinkActor:
                         self._stats.first_failure = _failure_line(r)
                 finished[(r.status, r.error_kind or "")] += 1
                 self._stats.tokens += TokenUsage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens)
+            self._stats.rows = self.writer.rows  # with the counts, so a poll sees both or neither
             self._log.extend(r.id for r in rows)
             took = time.monotonic() - started
             log.debug("committed %d rows in %.3fs", len(rows), took)
@@ -290,10 +294,17 @@ class SinkActor:
         s = self._stats
         s.ok, s.failed = self._status.get("ok", 0), self._status.get("failed", 0)
         s.failed_by_kind = dict(self._failed_kinds)
-        s.rows = self.writer.rows
         if self._failing_since is not None:
             s.commit_failing_s = time.monotonic() - self._failing_since
         return s
+
+    def tally(self, lo: int, hi: int) -> SinkStats:
+        """The counts of the part's committed rows ``lo:hi``: those an earlier incarnation
+        committed after the driver last heard from it (a poll's stats never had them)."""
+        cols = self.writer.columns(lo, min(hi, self.writer.rows), ("status", "error_kind", "prompt_tokens", "completion_tokens"))
+        status, kinds = Counter(cols["status"]), Counter(k for s, k in zip(cols["status"], cols["error_kind"]) if s == "failed")
+        tokens = TokenUsage(prompt_tokens=sum(cols["prompt_tokens"]), completion_tokens=sum(cols["completion_tokens"]))
+        return SinkStats(ok=status.get("ok", 0), failed=status.get("failed", 0), failed_by_kind=dict(kinds), tokens=tokens)
 
     def committed(self, ids: list[str]) -> list[str]:
         """Which of ``ids`` are durably in the store for this life (after a sink restart): a

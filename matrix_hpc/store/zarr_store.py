@@ -248,6 +248,10 @@ class StoreWriter:
         cols = {name: arr[lo:hi].tolist() for name, arr in self._arrays.items()}
         return [RecordRow(**{name: cols[name][i] for name in cols}) for i in range(hi - lo)]
 
+    def columns(self, lo: int, hi: int, names: Iterable[str]) -> dict[str, list[Any]]:
+        """Columns ``names`` of the committed rows ``lo:hi``."""
+        return {name: self._arrays[name][lo:hi].tolist() if hi > lo else [] for name in names}
+
     def append(self, rows: list[RecordRow]) -> list[str]:
         """Buffer rows for the next commit; returns ids refused as duplicates.
 

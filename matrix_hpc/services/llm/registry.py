@@ -45,11 +45,18 @@ class CompletionPace:
     loaded machine (one slot, a long queue, CPUs shared) may complete a request only every
     several seconds; its probes time out behind the queue, and a fixed window after the last
     completion then took it for dead and restarted it. The slack is bounded, so a server that
-    hangs after completing slowly is still restarted, later by at most ``MAX_SLACK_S``."""
+    hangs after completing slowly is still restarted, later by at most ``MAX_SLACK_S``.
+
+    Before its first completion an endpoint's pace is unknown: a probe queued behind its first
+    requests timed out before any completion could vouch for it, and two such probes restarted a
+    busy replica on a loaded CI machine. So from when it came up (``since``), it is given the
+    slack of the slowest pace; one that hangs before completing anything is restarted that much
+    later."""
 
     MAX_SLACK_S = 60.0
 
-    def __init__(self) -> None:
+    def __init__(self, since: float = 0.0) -> None:
+        self.since = since
         self.last: float | None = None
         self.gap_s: float | None = None
 
@@ -62,6 +69,14 @@ class CompletionPace:
     def slack_s(self) -> float:
         """Extra time to wait for the next completion: twice the usual gap, bounded."""
         return min(2 * (self.gap_s or 0.0), self.MAX_SLACK_S)
+
+    def busy(self, now: float, probe_s: float) -> bool:
+        """Whether a probe that timed out (after ``probe_s``) at ``now`` is excused: completions
+        were reported while it waited (allowing for the report period and this pace), or none
+        is known yet and the endpoint came up less than ``MAX_SLACK_S`` ago."""
+        if self.last is None:
+            return now - self.since <= probe_s + self.MAX_SLACK_S
+        return now - self.last <= probe_s + 2 * REPORT_S + self.slack_s()
 
 
 """How often a client reports its completed requests per endpoint (only when it has some)."""
@@ -161,7 +176,8 @@ class EndpointRegistry:
         failed = [e for e in started if isinstance(e, BaseException)]
         if failed and not self._restarted and not self._routable():
             raise failed[0]  # nothing to serve at the run's start: say why (the driver stops the run)
-        for key in self.states:
+        for key, st in self.states.items():
+            self._pace[st.url] = CompletionPace(time.time())
             self._wake[key] = asyncio.Event()
             asyncio.get_running_loop().create_task(self._watch(key))
         self._bump()
@@ -232,14 +248,12 @@ class EndpointRegistry:
             if n:
                 st.completed += n
                 st.last_completed_at = now
-                self._pace.setdefault(st.url, CompletionPace()).observe(now)
+                self._pace.setdefault(st.url, CompletionPace(now)).observe(now)
 
     def _busy(self, st: EndpointStatus) -> bool:
-        """Completions were reported while the probe waited (allowing for the report period
-        and for the endpoint's own pace between completions)."""
+        """A timed-out probe of ``st`` is excused by its pace (see :class:`CompletionPace`)."""
         pace = self._pace.get(st.url)
-        window = (self.probe_timeout.total or 0.0) + 2 * REPORT_S + (pace.slack_s() if pace else 0.0)
-        return st.last_completed_at is not None and time.time() - st.last_completed_at <= window
+        return pace is not None and pace.busy(time.time(), self.probe_timeout.total or 0.0)
 
     async def status(self) -> list[EndpointStatus]:
         out = []
@@ -330,7 +344,6 @@ class EndpointRegistry:
             return
         st.state, st.restarts = "restarting", st.restarts + 1
         st.last_completed_at = None  # the old process's completions do not vouch for the new one
-        self._pace.pop(st.url, None)
         metrics.inc("llm_replica_restarts", 1, self.model_key, st.url)
         log.warning("restarting replica %d (%s), restart %d", st.replica, st.url, st.restarts)
         try:
@@ -340,6 +353,7 @@ class EndpointRegistry:
             log.error("%s: restart failed: %s", st.url, exc)
             return
         st.url = url  # normally the same; another port if the old one was taken meanwhile
+        self._pace[url] = CompletionPace(time.time())  # the old process's pace says nothing of the new one
         st.state, st.failures, st.last_ok_at, st.restarted_at = "up", 0, time.time(), time.time()
         self._bump()
         log.info("replica %d is back at %s", st.replica, url)
