@@ -130,7 +130,7 @@ def test_resume_after_driver_sigkill(tmp_path: Path, run_factory: Any) -> None:
 
 
 def test_killed_agent_actor_is_restarted_and_its_tasks_resent(tmp_path: Path, run_factory: Any) -> None:
-    rows = questions(40)
+    rows = questions(24)
     cfg = job_config(tmp_path, write_jsonl(tmp_path / "data.jsonl", rows))
     out = tmp_path / "out"
     run = run_factory(cfg)
@@ -150,12 +150,12 @@ def test_killed_agent_actor_is_restarted_and_its_tasks_resent(tmp_path: Path, ru
 
     again = run_factory(cfg)
     assert again.wait(540) == 0
-    assert "0 ok, 0 failed, 40 skipped" in again.output
+    assert "0 ok, 0 failed, 24 skipped" in again.output
     assert_each_id_once(out, {q["id"] for q in rows})
 
 
 def test_killed_engine_is_restarted_and_no_task_is_lost(tmp_path: Path, run_factory: Any) -> None:
-    rows = questions(40)
+    rows = questions(24)
     cfg = job_config(
         tmp_path,
         write_jsonl(tmp_path / "data.jsonl", rows),
