@@ -446,15 +446,34 @@ def _closed(stream: Any) -> bool:
         return False
 
 
-def _main(argv: list[str] | None) -> int:
-    from .config import ConfigError
-    from .runtime.runner import AllFailing
-    from .runtime.source import DatasetError
-    from .runtime.team import TeamError
-    from .services.llm import ServerStartError
-    from .store import StoreError, StoreLockedError
-    from .store.writable import OutputPathError
+# The errors a command ends with in one line, and its exit status, by the module that defines
+# each. They are looked up in sys.modules: an error can only come from a module already
+# imported, and importing them all up front (Ray, aiohttp, the runtime) cost every command,
+# `status` and `--help` included, ~2.5 s of CPU.
+_ONE_LINE_ERRORS: tuple[tuple[str, str, str, int], ...] = (
+    ("matrix_hpc.config.build", "ConfigError", "config error: ", 2),
+    ("matrix_hpc.runtime.runner", "AllFailing", "error: ", ALL_FAILED),
+    ("matrix_hpc.store.writable", "OutputPathError", "error: ", 2),
+    ("matrix_hpc.runtime.shards", "DatasetError", "error: ", 1),
+    ("matrix_hpc.store.zarr_store", "StoreError", "error: ", 1),
+    ("matrix_hpc.store.fsutil", "StoreLockedError", "error: ", 1),
+    ("matrix_hpc.runtime.team", "TeamError", "error: ", 1),
+    ("matrix_hpc.services.llm.base", "ServerStartError", "error: ", 1),
+)
 
+
+def one_line_error(exc: BaseException) -> tuple[str, int] | None:
+    """``(prefix, exit status)`` when ``exc`` ends a command with one line; None: a bug, raise it."""
+    for module, name, prefix, status in _ONE_LINE_ERRORS:
+        mod = sys.modules.get(module)
+        if mod is not None and isinstance(exc, getattr(mod, name)):
+            return prefix, status
+    if isinstance(exc, (FileNotFoundError, ImportError)):
+        return "error: ", 1
+    return None
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and getattr(args, "overrides", None) is not None and all("=" in e and not e.startswith("-") for e in extra):
@@ -464,21 +483,15 @@ def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except ConfigError as exc:
-        print(f"matrix-hpc: config error: {exc}", file=sys.stderr)
-        return 2
-    except AllFailing as exc:
-        print(f"matrix-hpc: error: {exc}", file=sys.stderr)
-        return ALL_FAILED
-    except OutputPathError as exc:
-        print(f"matrix-hpc: error: {exc}", file=sys.stderr)
-        return 2
-    except (DatasetError, StoreError, StoreLockedError, TeamError, ServerStartError, FileNotFoundError, ImportError) as exc:
-        print(f"matrix-hpc: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("matrix-hpc: aborted; committed work is kept, re-run to resume", file=sys.stderr)
         return 130
+    except Exception as exc:
+        known = one_line_error(exc)
+        if known is None:
+            raise
+        print(f"matrix-hpc: {known[0]}{exc}", file=sys.stderr)
+        return known[1]
 
 
 if __name__ == "__main__":

@@ -6,6 +6,20 @@ small columns and per-record facets), :mod:`.query` (the records table), :mod:`.
 ``static/``). It imports the store and the status helpers; nothing lower imports it.
 """
 
-from .server import serve_view
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .server import serve_view
 
 __all__ = ["serve_view"]
+
+
+def __getattr__(name: str) -> Any:
+    """``serve_view`` on first use: ``show`` and ``sample`` read the index without aiohttp."""
+    if name != "serve_view":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from .server import serve_view
+
+    return serve_view
