@@ -11,7 +11,7 @@ import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
 from ..labels import CPU_NODE, on_driver_node, placement
-from ..store.zarr_store import WriterOwner
+from ..store.record_row import WriterOwner
 from .actor import AgentActor, actor_name, load_object, sink_name
 from .health import ActorPing
 from .loader import role_problem

@@ -12,14 +12,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .export import export_store
     from .fsutil import StoreLockedError
-    from .zarr_store import RecordRow, StoreError, StoreReader, StoreWriter
+    from .record_row import RecordRow
+    from .zarr_store import StoreError, StoreReader, StoreWriter
 
 __all__ = ["RecordRow", "StoreError", "StoreLockedError", "StoreReader", "StoreWriter", "export_store"]
 
 _HOME = {
     "export_store": ".export",
     "StoreLockedError": ".fsutil",
-    "RecordRow": ".zarr_store",
+    "RecordRow": ".record_row",
     "StoreError": ".zarr_store",
     "StoreReader": ".zarr_store",
     "StoreWriter": ".zarr_store",

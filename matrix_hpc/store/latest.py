@@ -25,12 +25,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from .idhash import IdHashes, hash_ids, undecided
+from .record_row import REPLACES
 
 __all__ = ["REPLACES", "PartColumns", "ResumeState", "current_mask", "resume_state", "retry_kinds"]
 
 log = logging.getLogger(__name__)
 
-REPLACES = "replaces"
 """The column: the row (of the same part) that a record replaces, -1 when it replaces none."""
 
 
