@@ -8,8 +8,9 @@ reads ``runtime.usage``) does not pay for the agent base's LLM client and aiohtt
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from .agent import Agent, AgentContext
@@ -20,10 +21,4 @@ __all__ = ["Agent", "AgentContext", "Task", "TaskError", "Turn"]
 _HOME = {"Agent": ".agent", "AgentContext": ".agent", "Task": ".task", "TaskError": ".task", "Turn": ".task"}
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOME.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(home, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _HOME, globals())
