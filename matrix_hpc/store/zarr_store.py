@@ -30,9 +30,7 @@ import zarr
 from .fsutil import LEASE_S, StoreLockedError, WriterLease, WriterLock, atomic_write_json, fsync_path, read_json
 from .latest import REPLACES, ResumeState, current_mask, resume_state
 from .layout import PartLayout, RunLayout
-from .record_row import NUM_COLUMNS as _NUM_COLUMNS
-from .record_row import STR_COLUMNS as _STR_COLUMNS
-from .record_row import RecordRow, WriterOwner
+from .record_row import NUM_COLUMNS, STR_COLUMNS, RecordRow, WriterOwner
 
 __all__ = ["RecordRow", "StoreWriter", "WriterOwner", "StoreReader", "StoreLockedError", "StoreError"]
 
@@ -120,14 +118,14 @@ class StoreWriter:
         else:
             group = zarr.open_group(str(path), mode="w")
             shape, chunks = (0,), (self.chunk_rows,)
-            for name in _STR_COLUMNS:
+            for name in STR_COLUMNS:
                 group.create_array(name, shape=shape, chunks=chunks, dtype=str)
-            for name, dtype in _NUM_COLUMNS.items():
+            for name, dtype in NUM_COLUMNS.items():
                 group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=_FILL.get(name, 0))
         if REPLACES not in group:  # a store made before retries: add the column (its fill: "replaces none")
-            cap = max(group[name].shape[0] for name in (*_STR_COLUMNS, *_NUM_COLUMNS) if name in group)
+            cap = max(group[name].shape[0] for name in (*STR_COLUMNS, *NUM_COLUMNS) if name in group)
             group.create_array(REPLACES, shape=(cap,), chunks=(self.chunk_rows,), dtype="int64", fill_value=-1)
-        self._arrays = {name: group[name] for name in (*_STR_COLUMNS, *_NUM_COLUMNS)}
+        self._arrays = {name: group[name] for name in (*STR_COLUMNS, *NUM_COLUMNS)}
         self._repair_resize()
         self.rows = int(read_json(self.paths.commit, {"rows": 0})["rows"])
         self._load_ids()
@@ -267,7 +265,7 @@ class StoreWriter:
     def _put(self, start: int, end: int, rows: list[RecordRow]) -> None:
         for name, arr in self._arrays.items():
             values = [getattr(r, name) for r in rows]
-            dtype = object if name in _STR_COLUMNS else _NUM_COLUMNS[name]
+            dtype = object if name in STR_COLUMNS else NUM_COLUMNS[name]
             arr[start:end] = np.array(values, dtype=dtype)
 
     def _replace_bad(self, new: list[RecordRow]) -> int:

@@ -8,18 +8,14 @@ small columns and per-record facets), :mod:`.query` (the records table), :mod:`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from .server import serve_view
 
 __all__ = ["serve_view"]
 
-
-def __getattr__(name: str) -> Any:
-    """``serve_view`` on first use: ``show`` and ``sample`` read the index without aiohttp."""
-    if name != "serve_view":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from .server import serve_view
-
-    return serve_view
+# ``serve_view`` on first use: ``show`` and ``sample`` read the index without aiohttp.
+__getattr__ = lazy_getattr(__name__, {"serve_view": ".server"}, globals())
