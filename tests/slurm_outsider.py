@@ -29,10 +29,13 @@ __all__ = ["probe_running_job"]
 
 OUTSIDER = [sys.executable, str(REPO / "tests" / "outsider.py")]
 
-UNBOUND_METRICS = ("ray::DashboardAgent", "ray/dashboard/dashboard.py", "ray/autoscaler/_private/monitor.py")
+UNBOUND_METRICS = ("ray::DashboardAgent", "ray/dashboard/dashboard.py")
 """Ray's Prometheus endpoints (each node's metrics export port; on the head, the dashboard's on
-44227 and the autoscaler's on 44217) listen on every interface when the node address is not
-loopback, and answer without a token: read-only metrics (docs/security.md names them)."""
+44227) listen on every interface when the node address is not loopback, and answer without a
+token: read-only metrics (docs/security.md names them). The autoscaler's (44217) is not started."""
+
+UNUSED_DAEMONS = ("ray/autoscaler/_private/monitor.py", "ray/_private/log_monitor.py")
+"""Ray daemons a run never uses (cluster/ray_settings.py HEAD_DAEMONS_OFF): no node runs them."""
 
 
 def _nspid(pid: int) -> int:
@@ -129,7 +132,9 @@ def _probe(cluster: SlurmCluster, info: dict[str, Any], cfg: Path, job_dir: Path
     # few Ray cannot bind (its metrics endpoints) listen everywhere.
     reachable: dict[str, Listener] = {}
     for node in nodes:
-        socks = listeners(_job_pids(cluster, node, cfg))
+        pids = _job_pids(cluster, node, cfg)
+        assert not [c for p in pids if any(d in (c := _cmdline(p)) for d in UNUSED_DAEMONS)], node
+        socks = listeners(pids)
         assert socks, node
         addr = cluster.node_addr[node]
         for s in socks:

@@ -21,16 +21,22 @@ def test_private_cluster_ignores_ray_address(monkeypatch: pytest.MonkeyPatch) ->
         cluster.shutdown()
 
 
-def test_no_idle_workers_are_prestarted() -> None:
+def test_local_head_runs_only_the_daemons_a_run_uses() -> None:
     # Ray prestarts one Python worker per CPU for the first driver (~80 MB each); a run's
-    # driver submits only actors, so those workers only ever sat idle.
+    # driver submits only actors, so those workers only ever sat idle. Its autoscaler monitor
+    # and log monitor (~80 MB each) serve nothing in a run (fixed nodes, log_to_driver=False).
     import time
+    from pathlib import Path
 
     import psutil
 
     cluster = start_ray(ClusterConfig(num_cpus=2), "test-prestart")
     try:
-        raylet = next(p for p in psutil.Process().children(recursive=True) if "raylet" in " ".join(p.cmdline()[:1]))
+        mine = psutil.Process().children(recursive=True)
+        raylet = next(p for p in mine if "raylet" in " ".join(p.cmdline()[:1]))
+        daemons = " ".join(" ".join(p.cmdline()[:3]) for p in mine)
+        assert "gcs_server" in daemons and "dashboard.py" in daemons, daemons  # the rest still starts
+        assert "monitor.py" not in daemons and "log_monitor" not in daemons, daemons
 
         def idle() -> list[str]:
             return [n for p in raylet.children() if (n := " ".join(p.cmdline()[:1])).startswith("ray::IDLE") or "default_worker.py" in n]
@@ -44,8 +50,15 @@ def test_no_idle_workers_are_prestarted() -> None:
         @ray.remote
         class Probe:
             def ping(self) -> int:
+                print("probe-output-marker", flush=True)
                 return 1
 
         assert ray.get(Probe.remote().ping.remote()) == 1  # actors still get their workers
+        # Without the log monitor an actor's output still lands in the session's logs.
+        logs = Path(cluster.session_dir or "") / "logs"
+        deadline = time.monotonic() + 30
+        while not any("probe-output-marker" in f.read_text(errors="replace") for f in logs.glob("worker-*.out")):
+            assert time.monotonic() < deadline, sorted(p.name for p in logs.iterdir())
+            time.sleep(0.25)
     finally:
         cluster.shutdown()

@@ -15,7 +15,7 @@ from ..credentials import new_secret
 from ..labels import node_resources
 from ..stopsignals import handlers_kept
 from .auth import RayAuth, loopback_only
-from .ray_settings import RAY_SYSTEM_CONFIG
+from .ray_settings import RAY_SYSTEM_CONFIG, lean_head
 
 __all__ = ["RayCluster", "start_ray"]
 
@@ -53,7 +53,11 @@ def start_ray(cfg: ClusterConfig, namespace: str, python_path: list[str] | None 
     auth = RayAuth(token=new_secret()) if cfg.address is None else None
     try:
         # ray.init installs its own SIGTERM handler (which exits at once): the caller's stay.
-        with handlers_kept(), loopback_only() if cfg.address is None else contextlib.nullcontext():
+        with (
+            handlers_kept(),
+            loopback_only() if cfg.address is None else contextlib.nullcontext(),
+            lean_head() if cfg.address is None else contextlib.nullcontext(),
+        ):
             ctx = _init(cfg, namespace, python_path)
     except BaseException:
         if auth is not None:

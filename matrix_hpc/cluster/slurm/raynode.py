@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from ...labels import NODE_IP_ENV
-from ..ray_settings import RAY_SYSTEM_CONFIG
+from ..ray_settings import RAY_SYSTEM_CONFIG, ray_start_daemon_flags
 from .ports import RayPorts
 
 __all__ = ["RayNode"]
@@ -38,6 +38,7 @@ class RayNode:
         """Head when ``head_address`` is None, else a worker joining it."""
         ray = str(Path(sys.executable).parent / "ray")
         cmd = [ray, "start", "--block", f"--node-ip-address={self.node_ip}", f"--resources={json.dumps(self.resources)}", "--disable-usage-stats"]
+        cmd += ray_start_daemon_flags(head=head_address is None)
         if head_address is None:
             cmd += ["--head", "--include-dashboard=false", f"--temp-dir={self.temp_dir}", *self.ports.args(head=True)]
             cmd.append(f"--system-config={json.dumps(RAY_SYSTEM_CONFIG)}")
