@@ -84,9 +84,12 @@ class Row:
     cpu_by_kind: dict[str, float] = field(default_factory=dict)
     """CPU ms per hop by process kind (``--cpu-breakdown``)."""
     rss_by_kind: dict[str, float] = field(default_factory=dict)
+    """MB of RSS by process kind at the run's peak (process count in the kind's name)."""
+    peak_pss_mb: float = 0.0
+    """Ours: the run's PSS at the RSS peak: shared pages (Python, Ray's libraries) split
+    between the processes that map them, so what the run takes from the machine."""
     ray_calls_per_khop: float = 0.0
     """Ours: batches the agents' outboxes sent (one Ray call each) per 1,000 hops."""
-    """MB of RSS by process kind at the run's peak (process count in the kind's name)."""
     startup_s: float = 0.0
     """Ours: from ``run_job`` to the first task sent (Ray, the team, the agents' setup)."""
 
@@ -100,6 +103,8 @@ class TreeSampler:
         self.peak_rss = 0
         self.rss_at_peak: dict[str, int] = {}
         """RSS bytes by process kind at the sample with the highest total (sums across kinds)."""
+        self.pss_at_peak = 0
+        """PSS bytes of all processes at that sample (read only then: it walks every mapping)."""
         self.own_cpu_s = 0.0
         """CPU this sampler's thread spent (the instrument's cost, not the run's)."""
         self._cpu: dict[int, float] = {}
@@ -121,7 +126,8 @@ class TreeSampler:
         rss = 0
         by_kind: dict[str, int] = {}
         count: dict[str, int] = {}
-        for p in self._procs():
+        procs = self._procs()
+        for p in procs:
             try:
                 t = p.cpu_times()
                 self._cpu[p.pid] = t.user + t.system  # cumulative per process: keep the latest
@@ -137,6 +143,7 @@ class TreeSampler:
         if rss > self.peak_rss:
             self.peak_rss = rss
             self.rss_at_peak = {(k if count[k] == 1 else f"{k} x{count[k]}"): v for k, v in by_kind.items()}
+            self.pss_at_peak = sum(_pss(p) for p in procs)
 
     def _loop(self) -> None:
         started = time.thread_time()
@@ -167,6 +174,13 @@ class TreeSampler:
             out[kind] = out.get(kind, 0.0) + v - self._start.get(pid, 0.0)
         out["driver"] = out.get("driver", 0.0) - self.own_cpu_s
         return out
+
+
+def _pss(p: psutil.Process) -> int:
+    try:
+        return int(getattr(p.memory_full_info(), "pss", 0))
+    except (psutil.Error, OSError):
+        return 0
 
 
 def _kind(p: psutil.Process) -> str:
@@ -224,6 +238,7 @@ def make_dataset(workflow: str, n: int, path: Path) -> Path:
 OURS_SET: list[str] = []  # --set key=value overrides for our runtime
 LAST_BREAKDOWN: dict[str, float] = {}  # CPU seconds by process kind of the last run of ours
 LAST_RSS: dict[str, int] = {}  # RSS bytes by process kind at the last run of ours' peak
+LAST_PSS: list[int] = []  # PSS bytes of all processes at that peak
 LAST_RAY_CALLS: list[int] = []  # the agents' outbox Ray calls in the last run of ours
 
 
@@ -326,6 +341,7 @@ def run_ours(job: Path, exclude: set[int], extra: list[str], auth: bool = True) 
     LAST_BREAKDOWN.update(sampler.by_kind())
     LAST_RSS.clear()
     LAST_RSS.update(sampler.rss_at_peak)
+    LAST_PSS[:] = [sampler.pss_at_peak]
     LAST_RAY_CALLS[:] = [summary.progress.ray_calls]
     return elapsed, sampler.cpu_s, sampler.peak_rss, count_backlog_warnings(summary.ray_logs)
 
@@ -423,6 +439,7 @@ def _one_run(scheduler: str, workflow: str, concurrency: int, n: int, url: str, 
             hops = row.cpu_ms_per_hop and cpu * 1000 / row.cpu_ms_per_hop
             row.cpu_by_kind = {k: 1000 * v / max(hops, 1) for k, v in LAST_BREAKDOWN.items()}
             row.rss_by_kind = {k: v / 2**20 for k, v in LAST_RSS.items()}
+            row.peak_pss_mb = LAST_PSS[0] / 2**20 if LAST_PSS else 0.0
             row.ray_calls_per_khop = 1000 * LAST_RAY_CALLS[0] / max(hops, 1) if LAST_RAY_CALLS else 0.0
         return row
 
@@ -442,6 +459,7 @@ def median_row(rows: list[Row]) -> Row:
         "load",
         "startup_s",
         "ray_calls_per_khop",
+        "peak_pss_mb",
     ):
         setattr(med, f, statistics.median(getattr(r, f) for r in rows))
     med.complete = all(r.complete for r in rows)
@@ -468,7 +486,7 @@ def print_table(rows: list[Row], peak: float, title: str = "medians of repeats")
             print(f"  {r.scheduler} {r.workflow} @ {r.concurrency}: CPU ms/hop by process: {parts}; Ray calls per 1000 hops: {r.ray_calls_per_khop:.0f}")
         if r.rss_by_kind:
             parts = ", ".join(f"{k} {v:.0f}" for k, v in sorted(r.rss_by_kind.items(), key=lambda kv: -kv[1]) if v >= 1)
-            print(f"  {r.scheduler} {r.workflow} @ {r.concurrency}: RSS MB at peak by process: {parts}")
+            print(f"  {r.scheduler} {r.workflow} @ {r.concurrency}: RSS MB at peak by process: {parts}; PSS of them all {r.peak_pss_mb:.0f} MB")
     by = {(r.workflow, r.concurrency, r.scheduler): r for r in rows}
     for (wf, conc, sched), r in sorted(by.items()):
         if sched == "ours" and (wf, conc, "ours-nometrics") in by:
@@ -589,6 +607,7 @@ def main() -> None:
             "complete",
             "cpu_by_kind",
             "rss_by_kind",
+            "peak_pss_mb",
             "ray_calls_per_khop",
         )
         args.json.write_text(json.dumps([{k: getattr(r, k) for k in keys} for r in rows], indent=1))
