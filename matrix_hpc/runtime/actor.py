@@ -19,14 +19,12 @@ import os
 import socket
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
 from .. import metrics
 from ..credentials import read_secret
-from ..services.llm import ChatClient
-from ..services.llm.registry import follow_registry
 from ..store import RecordRow
 from ..store.call_journal import CallJournal, JournalSegment
 from .agent import Agent, AgentContext, errors_log, first_line, run_step, uses_llm
@@ -38,6 +36,9 @@ from .outbox import Outbox
 from .replay import Replay, ReplayStats
 from .spec import ClientSpec, RoleSpec, TeamSpec
 from .task import Task
+
+if TYPE_CHECKING:
+    from ..services.llm.client import ChatClient
 
 __all__ = ["AgentActor", "RoleSpec", "TeamSpec", "actor_name", "load_object", "sink_name"]
 
@@ -139,6 +140,9 @@ class AgentActor:
     def _client(self, cs: ClientSpec) -> ChatClient:
         """The client of model ``cs`` in this actor: calls route over that model's endpoints only."""
         if cs.name not in self._clients:
+            # Imported here: an actor whose roles call no LLM never loads the client and aiohttp.
+            from ..services.llm.client import ChatClient
+
             own = self.team.roles[self.role]  # limits are per role: the actor's own (inline roles call no LLM)
             client = ChatClient(
                 cs.urls, cs.served_name, cs.api_key_env, cs.timeout_s, cs.max_retries, cs.retry_backoff_s,
@@ -170,6 +174,8 @@ class AgentActor:
     def _follow(self, cs: ClientSpec, client: ChatClient) -> None:
         registry = self._registry(cs)
         if registry is not None:
+            from ..services.llm.registry import follow_registry
+
             asyncio.get_running_loop().create_task(follow_registry(client, registry))
 
     def _resolve(self, dest: str) -> list[Any]:

@@ -7,7 +7,6 @@ agent never talks to a coordinator: it only edits the task.
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import re
@@ -15,18 +14,21 @@ import time
 import traceback
 from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .. import metrics
 from ..config import PoolConfig, Sampling
 from ..config.schemas import reply_schema
-from ..services.llm import ChatClient, ChatResult, LLMError, Message
+from ..services.llm.chat_types import ChatResult, LLMError, Message
 from ..store.textsafe import clean
 from .params import build_params
 from .replay import Replay, call_digest
 from .replies import excerpt, parse_reply
 from .task import Task, Turn
 from .token_prefix import continued_prompt
+
+if TYPE_CHECKING:  # the client (and aiohttp) only where a role calls an LLM: see AgentActor._client
+    from ..services.llm.client import ChatClient
 
 __all__ = ["MAX_HOPS", "Agent", "AgentContext", "errors_log", "first_line", "run_step", "uses_llm"]
 
@@ -260,6 +262,8 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
 
 def _did_you_mean(name: object, roles: Container[str]) -> str:
     """`` (did you mean 'critic'?)`` for a misspelt role, else the roles there are."""
+    import difflib  # here: an actor imports it only for a misspelt role
+
     known = sorted(roles) if isinstance(roles, Iterable) else []
     close = difflib.get_close_matches(str(name), known, n=1) if isinstance(name, str) else []
     if close:

@@ -11,7 +11,6 @@ fails in a second with the key that names it.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import importlib.machinery
 import inspect
@@ -111,6 +110,8 @@ def _describe(path: str, exc: BaseException, paths: list[str]) -> str:
         return f"cannot import module {module!r} ({cause}); workflow.python_path folders: {where}"
     if isinstance(cause, AttributeError) and module in sys.modules:
         names = [n for n, v in vars(sys.modules[module]).items() if inspect.isclass(v) or inspect.isfunction(v)]
+        import difflib  # here: an actor imports it only for a misspelt name
+
         close = difflib.get_close_matches(attr, names, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return f"module {module!r} has no attribute {attr!r}{hint}"

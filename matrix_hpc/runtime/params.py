@@ -12,7 +12,6 @@ take is a mistake too.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -33,6 +32,8 @@ def declared(cls: Any) -> tuple[str, ...] | None:
 
 
 def _hint(key: str, names: Iterable[str]) -> str:
+    import difflib  # here: an actor imports it only for a misspelt param
+
     names = sorted(names)
     close = difflib.get_close_matches(key, names, n=1)
     if close:

@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..services.llm import ChatResult
+from ..services.llm.chat_types import ChatResult
 from ..store.call_journal import JournalSegment
 from ..store.journal import JournalEntry
 from ..store.token_trace import TokenTrace

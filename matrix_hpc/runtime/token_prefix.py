@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..services.llm import ChatClient, Message
+from ..services.llm.chat_types import Message
 from .task import Turn
+
+if TYPE_CHECKING:
+    from ..services.llm.client import ChatClient
 
 __all__ = ["continued_prompt", "splice"]
 

@@ -12,14 +12,15 @@ from ...lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from .base import LLMServer, ServerStartError, probe_generation
-    from .client import ChatClient, ChatResult, LLMError, Message
+    from .chat_types import ChatResult, LLMError, Message
+    from .client import ChatClient
     from .embedded import EmbeddedEngine
 
 __all__ = ["ChatClient", "ChatResult", "EmbeddedEngine", "LLMError", "LLMServer", "Message", "ServerStartError", "probe_generation"]
 
 _HOME = {
     "LLMServer": ".base", "ServerStartError": ".base", "probe_generation": ".base",
-    "ChatClient": ".client", "ChatResult": ".client", "LLMError": ".client", "Message": ".client",
+    "ChatClient": ".client", "ChatResult": ".chat_types", "LLMError": ".chat_types", "Message": ".chat_types",
     "EmbeddedEngine": ".embedded",
 }  # fmt: skip
 

@@ -14,48 +14,22 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
 from ... import metrics
 from ...store.token_trace import TokenTrace
+from .chat_types import ChatResult, LLMError, Message
 from .slots import NoSlot, Slots
 
 __all__ = ["ChatClient", "ChatResult", "LLMError", "Message"]
 
 log = logging.getLogger(__name__)
 
-Message = dict[str, str]  # {"role": ..., "content": ...}, the OpenAI wire shape
-
 _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 _RECHECK_S = 2.0  # how long an unreachable endpoint stays out of routing unless listed again
 _JSON = {"Content-Type": "application/json"}
-
-
-class LLMError(RuntimeError):
-    """A chat call failed for good; ``kind`` is a short category for the record."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-@dataclass(slots=True)
-class ChatResult:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    latency_s: float
-    endpoint: str
-    model: str = "default"
-    """The model that answered, as the server names it (token accounting is kept per model)."""
-    finish_reason: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-    """OpenAI-format calls (``{"id", "type": "function", "function": {"name", "arguments"}}``), if any."""
-    tokens: TokenTrace | None = None
-    """Token ids and logprobs, when the request asked for them (``sampling.logprobs`` / ``return_token_ids``)."""
 
 
 class ChatClient:
