@@ -29,10 +29,9 @@ from dataclasses import dataclass, field, replace
 import ray
 
 from .. import metrics
-from ..store import RecordRow, StoreError, StoreWriter
 from ..store.fsutil import LEASE_S
+from ..store.record_row import RecordRow, WriterOwner
 from ..store.tokens import TokenUsage
-from ..store.zarr_store import WriterOwner
 from .health import ActorPing
 
 __all__ = ["SinkActor", "SinkStats"]
@@ -120,6 +119,10 @@ class SinkActor:
     ) -> None:  # fmt: skip
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         metrics.configure(export_metrics, owner.run_id if owner is not None else "")
+        # Imported here, not with the module: every agent actor that looks the sink up by name
+        # (ray.get_actor) unpickles this class, and so imports this module, but never writes.
+        from ..store.zarr_store import StoreWriter
+
         self.writer = StoreWriter(root, part=0, chunk_rows=chunk_rows, fsync=fsync, owner=owner)
         self.incarnation = uuid.uuid4().hex
         self.flush_interval_s = flush_interval_s
@@ -150,6 +153,8 @@ class SinkActor:
 
     async def receive(self, rows: list[RecordRow]) -> None:
         if self._closed:  # the sender keeps the rows: they are not ours to lose
+            from ..store.zarr_store import StoreError
+
             raise StoreError(f"{self.writer.dir}: the sink is closed; rows are refused")
         self._ensure_loop()
         refused = self.writer.append(rows)
