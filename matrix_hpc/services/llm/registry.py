@@ -21,7 +21,7 @@ import asyncio
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 import ray
@@ -29,11 +29,9 @@ from ray.exceptions import RayError
 
 from ... import metrics
 from ...credentials import read_secret
+from .client import ChatClient
 from .replica import LLMReplica, ReplicaSpec, replica_options
 from .status import EndpointStatus
-
-if TYPE_CHECKING:  # only follow_registry names it: the registry actor never loads the client
-    from .client import ChatClient
 
 __all__ = ["REPORT_S", "CompletionPace", "EndpointRegistry", "follow_registry", "registry_name"]
 
