@@ -69,7 +69,8 @@ class Slow(Agent):
 
 class SlowSetup(Agent):
     """Finishes tasks; its ``setup()`` takes a while (as opening a client would). Each
-    build and each close appends ``setup|close PID OBJECT-ID`` to the file ``log``."""
+    build and each close appends ``setup|close PID OBJECT-ID`` to the file ``log``;
+    with ``fail_setup`` its setup() raises."""
 
     uses_llm = False
 
@@ -79,6 +80,8 @@ class SlowSetup(Agent):
 
     async def setup(self) -> None:
         await asyncio.sleep(0.3)
+        if self.params.get("fail_setup"):
+            raise RuntimeError("cannot open the inline resource")
         self._note("setup")
 
     async def close(self) -> None:

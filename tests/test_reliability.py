@@ -79,16 +79,21 @@ def test_unpicklable_task_fails_alone_as_bad_state(tmp_path: Path, run_factory: 
 
 
 def test_runtime_error_fails_the_task_and_the_worker_goes_on(tmp_path: Path, run_factory: Any) -> None:
-    n = 20  # ten times the workers: a worker that died with its first task would hang the run
+    # a/0 builds the inline j at the run's start (BrokenInit lets the first build through);
+    # a/1 builds its own at its first task, and that build raises in the runtime's path.
+    n = 40  # ten times a/1's workers: a worker that died with its first task would hang the run
     roles = {
-        "a": {"agent": f"{AGENTS}:Slow", "concurrency": 2, "params": {"sleep_s": 0.01, "next": "j"}},
+        "a": {"agent": f"{AGENTS}:Slow", "instances": 2, "concurrency": 2, "params": {"sleep_s": 0.01, "next": "j"}},
         "j": {"agent": f"{AGENTS}:BrokenInit", "inline": True, "params": {"marker": str(tmp_path / "j-built")}},
     }
-    run = run_factory(relay_config(tmp_path, n, roles, **{"run.stop_after_failures": 0}))  # every task fails: all of them run
-    assert run.wait(120) == 3, run.output  # a run whose tasks all failed exits 3
+    cfg = relay_config(tmp_path, n, roles, **{"run.stop_after_failures": 0, "run.batch_size": 2})  # batches alternate a/0, a/1
+    run = run_factory(cfg)
+    assert run.wait(120) == 0, run.output
     records = each_id_once(tmp_path / "out", n)
-    assert {(r["error"]["kind"], r["error"]["role"]) for r in records} == {("runtime_error", "j")}
-    assert "BrokenInit cannot be built" in records[0]["error"]["message"]
+    failed = [r for r in records if r["status"] == "failed"]
+    assert failed and len(failed) < n, [r["status"] for r in records]
+    assert {(r["error"]["kind"], r["error"]["role"]) for r in failed} == {("runtime_error", "j")}
+    assert "BrokenInit cannot be built" in failed[0]["error"]["message"]
 
 
 # --- 2. a role instance gone for good ---------------------------------------------
@@ -164,10 +169,26 @@ def test_inline_agent_is_built_once_per_actor_and_closed_once(tmp_path: Path, ru
     assert run.wait(120) == 0, run.output
     records = each_id_once(tmp_path / "out", n)
     assert all(r["status"] == "ok" for r in records), [r["error"] for r in records if r["error"]][:3]
+    actors = json.loads((tmp_path / "out" / "run.json").read_text())["actors"]
+    assert not [a for a in actors if "/b/" in a], actors  # an inline role that is not the entry has no actor
     lines = [line.split() for line in log.read_text().splitlines()]
     setups = Counter(pid for what, pid, _ in lines if what == "setup")
-    assert set(setups.values()) == {1} and len(setups) == 3, lines  # b's own actor and each a actor's inline b
+    assert set(setups.values()) == {1} and len(setups) == 2, lines  # each a actor's inline b (a/0's at the start)
     assert sorted((pid, obj) for what, pid, obj in lines if what == "close") == sorted((pid, obj) for what, pid, obj in lines if what == "setup"), lines
+
+
+def test_an_inline_role_whose_setup_fails_stops_the_run_before_any_task(tmp_path: Path, run_factory: Any) -> None:
+    """An inline role has no actor of its own: the entry's first instance sets it up at the
+    start, so its failing setup() stops the run with the role's key, as any role's does."""
+    roles = {
+        "a": {"agent": f"{AGENTS}:Slow", "instances": 2, "params": {"sleep_s": 0.0, "next": "b"}},
+        "b": {"agent": f"{AGENTS}:SlowSetup", "inline": True, "params": {"log": str(tmp_path / "b.log"), "fail_setup": True}},
+    }
+    run = run_factory(relay_config(tmp_path, 20, roles))
+    assert run.wait(120) == 1, run.output
+    errors = [line for line in run.output.splitlines() if line.startswith("matrix-hpc: error:")]
+    assert errors == ["matrix-hpc: error: workflow.roles.b: setup() failed: RuntimeError: cannot open the inline resource"], run.output
+    assert store_records(tmp_path / "out") == []
 
 
 # --- 3. no silent stall ---------------------------------------------------------

@@ -89,7 +89,8 @@ class RoleConfig:
     """Free-form settings handed to the agent's constructor."""
     inline: bool = False
     """Run this role's steps inside the actor that hands it a task (no Ray hop):
-    for cheap roles that call no LLM, such as answer extraction."""
+    for cheap roles that call no LLM, such as answer extraction. Such a role gets no actor of
+    its own unless it is the entry (``instances`` is then unused)."""
     model: str | None = None
     """The key in ``models`` this role calls; optional when there is one model, none for a role
     that calls no LLM."""

@@ -222,7 +222,7 @@ class AgentActor:
         self._queue = asyncio.Queue()
         self._outbox = Outbox(self._resolve, self.team.batch_size, self.team.batch_wait_s, load=self._held, on_unsendable=self._unsendable)
         loop = asyncio.get_running_loop()
-        self._ready = loop.create_task(self._setup_agent(self.agent, self.role))
+        self._ready = loop.create_task(self._setup_all())
         for name, client in self._clients.items():
             self._follow(self.team.models[name], client)
         self._loops.append(loop.create_task(self.lag.run()))
@@ -231,6 +231,21 @@ class AgentActor:
             self._loops.append(loop.create_task(self._worker()))
         if self._journal is not None:
             self._loops.append(loop.create_task(self._journal.compact_every(self.team.journal_compact_s, self._committed)))
+
+    async def _setup_all(self) -> None:
+        """This role's agent; on the entry's first instance, every inline role's too (built
+        once, the agent its tasks then use): inline roles have no actor whose setup would
+        stop the run at its start when theirs fails (``TeamSpec.sets_up_inline_roles``)."""
+        await self._setup_agent(self.agent, self.role)
+        if not self.team.sets_up_inline_roles(self.role, self.index):
+            return
+        for role in [r for r, rs in self.team.roles.items() if rs.inline and r != self.role]:
+            built = self._inline[role] = asyncio.ensure_future(self._inline_agent(role))
+            try:
+                await asyncio.shield(built)
+            except Exception as exc:  # its constructor (user code): the run stops with the role's key
+                log.exception("building role %s failed", role)
+                await self._setup_failed(role, f"workflow.roles.{role}: {type(exc).__name__}: {exc}")
 
     async def _setup_agent(self, agent: Agent, role: str) -> None:
         self.lag.started(f"setup() of role {role!r}")
@@ -242,6 +257,9 @@ class AgentActor:
             why = f"workflow.roles.{role}: setup() failed: {type(exc).__name__}: {exc}"
         finally:
             self.lag.ended(f"setup() of role {role!r}")
+        await self._setup_failed(role, why)
+
+    async def _setup_failed(self, role: str, why: str) -> None:
         if not self._restarted:  # at the team's start: the run stops with this line
             self._setup_errors[role] = why
             return
@@ -270,7 +288,7 @@ class AgentActor:
         self._start()
         assert self._ready is not None
         await asyncio.shield(self._ready)
-        return self._setup_errors.get(self.role)
+        return next(iter(self._setup_errors.values()), None)  # this role's first, then inline roles
 
     async def close(self) -> None:
         """Stop taking steps and run every agent's ``close()`` (the run is over)."""

@@ -90,6 +90,19 @@ class TeamSpec:
     """Seconds between compactions of an actor's journal (entries of committed tasks dropped)."""
     agents_log: str | None = None
     """The file agent exceptions' full tracebacks go to (``RunLayout.agents_log``); None: the actor's log."""
+    entry: str = ""
+    """The role new tasks start in (``workflow.entry``)."""
+
+    def has_actors(self, role: str) -> bool:
+        """Whether ``role`` gets actors of its own: an inline role runs in the actors that hand
+        it a task and is never sent one, unless it is the entry (the driver sends it new tasks)."""
+        return role == self.entry or not self.roles[role].inline
+
+    def sets_up_inline_roles(self, role: str, index: int) -> bool:
+        """Whether this actor builds and sets up every inline role at the run's start: the
+        entry's first instance does, so a broken inline role stops the run before any task, as
+        the setup of any role's agent does; the others build theirs at first use."""
+        return index == 0 and role == self.entry
 
 
 def _uses_llm(agent: str) -> bool:
@@ -141,5 +154,5 @@ def team_spec(
         agent_placement=config.run.agent_placement,
         loop_lag_warn_s=config.run.loop_lag_warn_s,
         journal_dir=journal_dir, journal_fsync=config.output.fsync, journal_compact_s=config.run.replay_compact_s,
-        agents_log=agents_log,
+        agents_log=agents_log, entry=wf.entry,
     )  # fmt: skip

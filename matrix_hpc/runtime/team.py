@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 import ray
@@ -56,6 +57,8 @@ class Team:
             problem = role_problem(role, cls, rs.agent, rs.model is not None, rs.inline, spec.models)
             if problem:
                 raise TeamError(problem)
+        if spec.entry != entry:
+            spec = replace(spec, entry=entry)
         self.spec = spec
         self.entry = entry
         # Agents on CPU nodes when the cluster labels them, spread or packed; Ray re-creates a
@@ -66,9 +69,11 @@ class Team:
         self.sink = SinkActor.options(name=sink_name(spec.run_id), max_restarts=max_restarts, **on_driver_node()).remote(
             store_path, chunk_rows, flush_interval_s, fsync, spec.metrics, commit_retry_s, owner
         )
+        # An inline role gets no actor (it runs in the actors that hand it a task), unless it is the entry.
         self.actors: dict[str, list[Any]] = {
             role: [AgentActor.options(name=actor_name(spec.run_id, role, i), **agent_opts).remote(spec, role, i) for i in range(rs.instances)]
             for role, rs in spec.roles.items()
+            if spec.has_actors(role)
         }
         self._rr = 0
         self.incarnations: dict[str, str] = {}
