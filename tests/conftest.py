@@ -83,6 +83,20 @@ def tmpfs(tmp: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@contextlib.contextmanager
+def private_ray(namespace: str, num_cpus: int = 2) -> Iterator[Any]:
+    """A private local Ray for a test that drives actors from this process, started as a run
+    starts its own (``start_ray``: a fresh token, loopback only, the lean head), stopped after."""
+    from matrix_hpc.cluster import start_ray
+    from matrix_hpc.config import ClusterConfig
+
+    cluster = start_ray(ClusterConfig(num_cpus=num_cpus), namespace)
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
 def fill(disk: Path) -> Path:
     """Take every free byte of ``disk``; returns the filler file (delete it with
     ``unlink(missing_ok=True)`` to free the space). A disk already full has no room even for

@@ -12,7 +12,6 @@ a no-LLM actor to the sink, and each actor reports its own ``sys.modules``.
 from __future__ import annotations
 
 import os
-import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,13 +20,12 @@ from typing import Any
 import pytest
 import ray
 
-from matrix_hpc.cluster.auth import RayAuth
 from matrix_hpc.runtime.actor import AgentActor, actor_name, sink_name
 from matrix_hpc.runtime.sink import SinkActor
 from matrix_hpc.runtime.spec import ClientSpec, RoleSpec, TeamSpec
 from matrix_hpc.runtime.task import Task
 
-from .conftest import REPO
+from .conftest import REPO, private_ray
 
 NS = "actor-imports"
 LLM_ONLY = ["aiohttp", "matrix_hpc.services.llm.client", "matrix_hpc.services.llm.registry"]
@@ -40,13 +38,8 @@ NEVER = ["zarr", "difflib"]
 def local_ray(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     # Ray's workers import the test agents from the repository (they inherit this environment).
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
-    auth = RayAuth(token=secrets.token_hex(32))
-    ray.init(address="local", num_cpus=2, namespace=NS, include_dashboard=False, log_to_driver=False)
-    try:
+    with private_ray(NS):
         yield
-    finally:
-        ray.shutdown()
-        auth.restore()
 
 
 def _imported(actor: Any, names: list[str]) -> list[str]:

@@ -10,7 +10,6 @@ so when Ray restarts the crashed registry, replica 1's engine exits during start
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import time
 from collections.abc import Iterator
@@ -21,11 +20,12 @@ import pytest
 import ray
 from ray.exceptions import ActorUnavailableError
 
-from matrix_hpc.cluster.auth import RayAuth
 from matrix_hpc.config import EmbeddedEngineConfig
 from matrix_hpc.services.llm.embedded import default_model_path
 from matrix_hpc.services.llm.registry import EndpointRegistry, registry_name
 from matrix_hpc.services.llm.replica import ReplicaSpec
+
+from .conftest import private_ray
 
 pytestmark = pytest.mark.slow
 
@@ -34,15 +34,10 @@ NS = "registry-robustness"
 
 @pytest.fixture
 def local_ray() -> Iterator[None]:
-    # Token auth as a run has it (RayAuth also makes this process's Ray read the mode again,
-    # whatever an earlier in-process cluster of the session left cached), restored after.
-    auth = RayAuth(token=secrets.token_hex(32))
-    ray.init(address="local", num_cpus=2, namespace=NS, include_dashboard=False, log_to_driver=False)
-    try:
+    # Token auth as a run has it (start_ray's RayAuth also makes this process's Ray read the
+    # mode again, whatever an earlier in-process cluster of the session left cached).
+    with private_ray(NS):
         yield
-    finally:
-        ray.shutdown()
-        auth.restore()
 
 
 def _worker_logs_mentioning(text: str) -> int:
