@@ -65,14 +65,23 @@ def test_metrics_are_scraped_during_a_run_and_match_the_store(tmp_path: Path, mo
     seen: dict[str, Any] = {}
 
     def on_progress(p: Any) -> None:
-        # Everything is committed and the run is still up: scrape until the counter catches up.
+        # Everything is committed and the run is still up. Each process pushes its counters on
+        # its own clock (the sink's and each agent actor's metrics thread, then Ray's report
+        # interval), so scrape until every counter asserted below has caught up with the store,
+        # not only the sink's: on a busy machine the agents' requests lagged the sink's tasks.
         if "samples" in seen or p.total is None or p.done < p.total:
             return
+        records = store_records(out)
+        want = {
+            ("ray_matrix_hpc_tasks_finished_total", ()): len(records),
+            ("ray_matrix_hpc_llm_requests_total", ()): sum(len(r["turns"]) for r in records),
+            ("ray_matrix_hpc_llm_tokens_total", (("direction", "out"),)): sum(r["usage"]["completion_tokens"] for r in records),
+        }
         targets = [t for group in json.loads((out / "prometheus_targets.json").read_text()) for t in group["targets"]]
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while True:
             samples = scrape(targets)
-            if total(samples, "ray_matrix_hpc_tasks_finished_total") >= p.done or time.monotonic() > deadline:
+            if all(total(samples, name, **dict(match)) >= n for (name, match), n in want.items()) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         seen.update(samples=samples, done=p.done)
