@@ -50,6 +50,12 @@ SINK_CALL_S = 10.0
 _STOP_SLACK_S = 15.0  # after a stop's grace: how long the watchdog gives the loop to return
 _ROUND_S = 60.0  # above the longest a round's bounded awaits can add up to (a recovery: ~30 s)
 _WATCH_S = 1.0
+_REFILL_SHARE = 0.1
+"""The driver refills ``max_in_flight`` once this share of its slots is free (or a poll's
+0.25 s passed): like the outbox's window, it trades a wait of about half that share of a
+task's time in flight (Little's law) for that many fewer driver rounds, each a poll and a
+dispatch, Ray calls at three processes (issue 25: 20 rounds a second cost ~0.3 CPU ms per
+LLM hop on collab at 100 in flight)."""
 
 
 class RunAborted(TeamError):
@@ -266,14 +272,18 @@ class _Driver:
         await self.team.dispatch(new_tasks, self.batch_size)  # bounded: a batch not accepted in time stays held by the driver
 
     async def _poll(self) -> SinkStats:
-        """What the sink received and committed since the last poll (at most 20 polls a second:
-        each is a Ray call, and news comes in batches anyway); the books follow it."""
+        """What the sink received and committed since the last poll (at most 20 polls a second,
+        each waiting for a tenth of the slots to free while new tasks wait for them: each is a
+        Ray call, and news comes in batches anyway); the books follow it."""
         await asyncio.sleep(max(0.0, self.last_poll + 0.05 - time.monotonic()))
         self.last_poll = time.monotonic()
         self.doing = "the sink (poll)"
         sink = self.sink
+        refill = not (self.exhausted or self.stop_started is not None or self.commit_error)
+        min_received = max(1, int(self.max_in_flight * _REFILL_SHARE)) if refill else 1  # else: only the books wait
         try:
-            inc, received, committed, now = await self._to_sink(self.team.sink.poll.remote(sink.incarnation, sink.received_off, sink.committed_off, 0.25))
+            call = self.team.sink.poll.remote(sink.incarnation, sink.received_off, sink.committed_off, 0.25, min_received)
+            inc, received, committed, now = await self._to_sink(call)
         except TimeoutError:  # no news this round; the checks below still run
             if not self.sink_silent:
                 log.warning("the sink did not answer a poll within %.0fs; health and stall checks go on", SINK_CALL_S)

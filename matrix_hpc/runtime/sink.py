@@ -270,23 +270,29 @@ class SinkActor:
             log.error("%s", self._stats.gave_up, exc_info=exc)
 
     async def poll(
-        self, known_incarnation: str | None, received_from: int, committed_from: int, wait_s: float = 0.25
+        self, known_incarnation: str | None, received_from: int, committed_from: int, wait_s: float = 0.25, min_received: int = 1
     ) -> tuple[str, list[str], list[str], SinkStats]:
-        """Ids received and ids committed since the given offsets (waiting up to
-        ``wait_s`` for news), and stats. Received frees the driver's in-flight slot;
-        committed ends its responsibility for the task. Ids before the offsets are
-        forgotten: the driver has them. Offsets count in ``known_incarnation``; a
-        driver that last saw an earlier sink (this one restarted) reads from 0."""
+        """Ids received and ids committed since the given offsets, and stats. It answers
+        once ``min_received`` ids were received since ``received_from``, or any was
+        committed, or ``wait_s`` passed, whichever is first. Received frees the driver's
+        in-flight slot; committed ends its responsibility for the task. Ids before the
+        offsets are forgotten: the driver has them. Offsets count in ``known_incarnation``;
+        a driver that last saw an earlier sink (this one restarted) reads from 0."""
         self._ensure_loop()
         assert self._committed is not None
         if known_incarnation != self.incarnation:  # stale offsets would trim ids never reported
             received_from = committed_from = 0
-        if self._received.end <= received_from and self._log.end <= committed_from:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while self._received.end - received_from < min_received and self._log.end <= committed_from:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
             async with self._committed:
                 try:
-                    await asyncio.wait_for(self._committed.wait(), wait_s)
+                    await asyncio.wait_for(self._committed.wait(), left)
                 except TimeoutError:
-                    pass
+                    break
         return self.incarnation, self._received.since(received_from), self._log.since(committed_from), self.stats()
 
     async def flush(self) -> None:
