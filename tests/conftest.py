@@ -176,6 +176,13 @@ def wait_for(predicate: Any, timeout: float, what: str, run: Run | None = None) 
     raise AssertionError(f"timed out waiting for {what}" + (f":\n{run.output[-3000:]}" if run else ""))
 
 
+def ok_rows(ids: list[str]) -> list[Any]:
+    """Store rows of finished tasks (``RecordRow``), one per id, for tests that feed a writer or the sink."""
+    from matrix_hpc.store import RecordRow
+
+    return [RecordRow(i, "ok", "", json.dumps({"id": i, "status": "ok"}), 1.0, 1, 2) for i in ids]
+
+
 def store_records(out: Path) -> list[dict[str, Any]]:
     from matrix_hpc.store import StoreReader
 

@@ -19,9 +19,8 @@ import ray
 from matrix_hpc.config import load_config
 from matrix_hpc.job import run_job
 from matrix_hpc.runtime.sink import SinkActor
-from matrix_hpc.store import RecordRow
 
-from .conftest import private_ray
+from .conftest import ok_rows, private_ray
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS, HOPS = 150, 10
@@ -53,10 +52,6 @@ def test_ray_calls_per_hop_fall_as_tasks_in_flight_grow(tmp_path: Path) -> None:
     assert many <= few / 2, f"{many:.0f} Ray calls per 1000 hops with every task in flight, {few:.0f} with 4"
 
 
-def _rows(ids: list[str]) -> list[RecordRow]:
-    return [RecordRow(i, "ok", "", json.dumps({"id": i, "status": "ok"}), 1.0, 1, 2) for i in ids]
-
-
 def test_a_sink_poll_answers_once_a_share_of_the_slots_is_free_not_at_each_task(tmp_path: Path) -> None:
     """The driver asks for ``max_in_flight / 10`` received ids per poll (``runner._REFILL_SHARE``);
     the sink holds the poll until that many came, any id is committed, or the wait is over."""
@@ -64,10 +59,10 @@ def test_a_sink_poll_answers_once_a_share_of_the_slots_is_free_not_at_each_task(
         sink = SinkActor.remote(str(tmp_path / "out"), 64, 3600.0, False, False)  # no timed commit: only flush() commits
         inc = ray.get(sink.poll.remote(None, 0, 0, 0.0))[0]
         poll = sink.poll.remote(inc, 0, 0, 120.0, 5)
-        ray.get(sink.receive.remote(_rows(["a", "b", "c"])))
+        ray.get(sink.receive.remote(ok_rows(["a", "b", "c"])))
         ready, _ = ray.wait([poll], timeout=2.0)
         assert not ready, "a poll for 5 answered at 3 received ids"
-        ray.get(sink.receive.remote(_rows(["d", "e"])))
+        ray.get(sink.receive.remote(ok_rows(["d", "e"])))
         _, received, committed, _ = ray.get(poll, timeout=60)
         assert received == ["a", "b", "c", "d", "e"] and committed == []
         # A commit answers a poll that waits for received ids: the driver's books follow commits.
@@ -78,6 +73,6 @@ def test_a_sink_poll_answers_once_a_share_of_the_slots_is_free_not_at_each_task(
         # The wait is bounded, and one id answers a poll for one (the driver's last tasks).
         assert ray.get(sink.poll.remote(inc, 5, 5, 0.2, 5), timeout=60)[1:3] == ([], [])
         poll = sink.poll.remote(inc, 5, 5, 120.0, 1)
-        ray.get(sink.receive.remote(_rows(["f"])))
+        ray.get(sink.receive.remote(ok_rows(["f"])))
         assert ray.get(poll, timeout=60)[1] == ["f"]
         ray.get(sink.close.remote())

@@ -20,7 +20,7 @@ import pytest
 from matrix_hpc.store import RecordRow, StoreReader, StoreWriter, textsafe
 from matrix_hpc.store.journal import JournalEntry, JournalWriter, read_entries
 
-from .conftest import BIN, REPO, store_records, write_config
+from .conftest import BIN, REPO, ok_rows, store_records, write_config
 
 LONE = "\ud83d"  # half of U+1F600: what json.loads makes of the escape "\ud83d"
 ESCAPED = "\udcff"  # the byte 0xFF of an invalid UTF-8 line read with errors="surrogateescape"
@@ -105,17 +105,13 @@ def test_journal_entry_with_a_lone_surrogate_is_written_and_replays_the_same(tmp
 # --- a record the store cannot write fails alone ------------------------------------
 
 
-def _rows(ids: list[str]) -> list[RecordRow]:
-    return [RecordRow(i, "ok", "", json.dumps({"id": i, "status": "ok"}), 1.0, 1, 2) for i in ids]
-
-
 def test_unwritable_row_fails_alone_as_bad_record_and_its_batch_commits(tmp_path: Path) -> None:
     """Rows built past from_record's cleaning (a raw surrogate; a token count int64 cannot
     hold): each is stored as a ``bad_record`` failure naming its id, the others as they are."""
     w = StoreWriter(tmp_path, chunk_rows=4)
-    w.append(_rows(["a0", "a1"]))
+    w.append(ok_rows(["a0", "a1"]))
     w.commit()  # a committed tail, rewritten with the next batch
-    batch = _rows(["b0", "b1", "b2", "b3", "b4"])
+    batch = ok_rows(["b0", "b1", "b2", "b3", "b4"])
     batch[1] = RecordRow("b1", "ok", "", json.dumps({"id": "b1", "t": LONE}, ensure_ascii=False), 1.0, 1, 2)
     batch[3] = RecordRow("b3", "ok", "", json.dumps({"id": "b3"}), 1.0, 2**70, 2)
     w.append(batch)
@@ -142,7 +138,7 @@ def test_sink_commits_the_rest_of_a_batch_around_a_bad_record(tmp_path: Path) ->
     ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, namespace="hostile-sink-test")
     try:
         sink = SinkActor.remote(str(tmp_path / "out"), 64, 0.05, False, False, 5.0)
-        rows = _rows([f"r{i}" for i in range(10)])
+        rows = ok_rows([f"r{i}" for i in range(10)])
         rows[4] = RecordRow("r4", "ok", "", json.dumps({"id": "r4", "t": LONE}, ensure_ascii=False), 1.0, 1, 2)
         ray.get(sink.receive.remote(rows))
         ray.get(sink.flush.remote())

@@ -72,16 +72,16 @@ def test_metrics_are_scraped_during_a_run_and_match_the_store(tmp_path: Path, mo
         if "samples" in seen or p.total is None or p.done < p.total:
             return
         records = store_records(out)
-        want = {
-            ("ray_matrix_hpc_tasks_finished_total", ()): len(records),
-            ("ray_matrix_hpc_llm_requests_total", ()): sum(len(r["turns"]) for r in records),
-            ("ray_matrix_hpc_llm_tokens_total", (("direction", "out"),)): sum(r["usage"]["completion_tokens"] for r in records),
-        }
+        want = [
+            ("ray_matrix_hpc_tasks_finished_total", {}, len(records)),
+            ("ray_matrix_hpc_llm_requests_total", {}, sum(len(r["turns"]) for r in records)),
+            ("ray_matrix_hpc_llm_tokens_total", {"direction": "out"}, sum(r["usage"]["completion_tokens"] for r in records)),
+        ]
         targets = [t for group in json.loads((out / "prometheus_targets.json").read_text()) for t in group["targets"]]
         deadline = time.monotonic() + 60
         while True:
             samples = scrape(targets)
-            if all(total(samples, name, **dict(match)) >= n for (name, match), n in want.items()) or time.monotonic() > deadline:
+            if all(total(samples, name, **match) >= n for name, match, n in want) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         seen.update(samples=samples, done=p.done)
