@@ -1,10 +1,11 @@
-"""Where an agent actor's CPU goes, per LLM hop: an itemized py-spy profile.
+"""Where an agent actor's (or the sink's) CPU goes, per LLM hop: an itemized py-spy profile.
 
     python -m benchmarks.profile_hop [--workflow collab_reasoning] [--concurrency 100]
                                      [--tasks 3000] [--seconds 20] [--rate 100]
+                                     [--actor AgentActor|SinkActor]
 
 It starts ``benchmarks.throughput`` (ours only) in a subprocess, waits until the run is
-under way, then samples every ``ray::AgentActor`` process with py-spy (native frames
+under way, then samples every ``ray::AgentActor`` process (or those of ``--actor``) with py-spy (native frames
 included, idle stacks left out) and reads each thread's CPU from ``/proc``. Each sample is
 given to one part of the hop by its innermost frame that names one (see ``PARTS``), and
 the table prints each part's share of the actors' samples and its CPU ms per LLM hop
@@ -36,6 +37,8 @@ PARTS: list[tuple[str, re.Pattern[str]]] = [
     ("limits and slots", re.compile(r"runtime/limits\.py|services/llm/slots\.py")),
     ("loop-lag watcher", re.compile(r"runtime/health\.py")),
     ("building the record", re.compile(r"to_record|RecordRow|store/textsafe\.py|_to_sink")),
+    ("the store (zarr, numcodecs, numpy)", re.compile(r"zarr|numcodecs|numpy|store/zarr_store\.py|store/schema\.py")),
+    ("the sink's bookkeeping", re.compile(r"runtime/sink\.py|runtime/commit")),
     ("task pickling", re.compile(r"runtime/task\.py|__reduce__|_restore")),
     ("(de)serializing batches", re.compile(r"serialization\.py|_deserialize|_serialize|pickle|cloudpickle|msgpack")),
     ("Ray calls", re.compile(r"ray/actor\.py|_raylet|submit_actor_task|ray/_private/worker\.py|runtime/outbox\.py|core_worker|grpc|boost|ray::")),
@@ -45,7 +48,10 @@ PARTS: list[tuple[str, re.Pattern[str]]] = [
 ]
 """A sample goes to the first part (innermost frame first, then this order) that names it."""
 
-LLM_HOP = re.compile(r"ray::AgentActor (\d+\.\d+)")
+
+def llm_hop_pattern(actor: str) -> re.Pattern[str]:
+    """The benchmark's "CPU ms/hop by process" entry for these actors."""
+    return re.compile(rf"ray::{actor} (\d+\.\d+)")
 
 
 def part_of(stack: str) -> str:
@@ -107,6 +113,7 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=3000)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
+    ap.add_argument("--actor", default="AgentActor", help="which actors to sample: AgentActor, SinkActor, EndpointRegistry")
     args = ap.parse_args()
     bench = [sys.executable, "-m", "benchmarks.throughput", "--workflow", args.workflow, "--concurrency", str(args.concurrency)]
     bench += ["--tasks", str(args.tasks), "--repeats", "1", "--schedulers", "ours", "--scale", ""]
@@ -117,7 +124,7 @@ def main() -> None:
         with log.open("wb") as out:
             proc = subprocess.Popen(bench, stdout=out, stderr=subprocess.STDOUT)
         try:
-            actors = wait_for_actors(proc, timeout_s=300)
+            actors = wait_for_actors(proc, args.actor, timeout_s=300)
             before = {p: thread_cpu(p) for p in actors}
             raws = [Path(tmp) / f"{p}.txt" for p in actors]
             spies = [
@@ -160,7 +167,7 @@ def main() -> None:
             if proc.poll() is None:
                 proc.kill()
         text = log.read_text()
-    m = LLM_HOP.search(text)
+    m = llm_hop_pattern(args.actor).search(text)
     row = next((ln for ln in text.splitlines() if ln.startswith("ours ")), "")
     print(row)
     per_hop_ms = float(m.group(1)) if m else float("nan")
@@ -168,15 +175,15 @@ def main() -> None:
     llm_ratio = float(cols[12]) / float(cols[11]) if len(cols) > 12 else 2.0  # /LLM hop over /hop
     actor_llm_ms = per_hop_ms * llm_ratio
     total = sum(parts.values()) or 1.0
-    print(f"\nagent actors: {actor_llm_ms:.3f} CPU ms per LLM hop ({len(actors)} actors, {total:.1f} CPU s sampled over {args.seconds:.0f}s)")
+    print(f"\n{args.actor}: {actor_llm_ms:.3f} CPU ms per LLM hop ({len(actors)} actors, {total:.1f} CPU s sampled over {args.seconds:.0f}s)")
     print(f"{'part of the hop':44} {'share':>6} {'ms/LLM hop':>11}")
     for name, sec in parts.most_common():
         print(f"{name:44} {sec / total:6.1%} {actor_llm_ms * sec / total:11.3f}")
     print("\nthe actors' CPU by thread name:", ", ".join(f"{n} {sec / total:.0%}" for n, sec in names.most_common(8)))
 
 
-def wait_for_actors(proc: subprocess.Popen[bytes], timeout_s: float) -> list[int]:
-    """The run's agent actors, once tasks flow through them (they use a tenth of a core)."""
+def wait_for_actors(proc: subprocess.Popen[bytes], actor: str, timeout_s: float) -> list[int]:
+    """The run's ``actor`` processes, once tasks flow through them (a twentieth of a core each)."""
     deadline = time.monotonic() + timeout_s
     last: dict[int, float] = {}
     while time.monotonic() < deadline:
@@ -185,16 +192,16 @@ def wait_for_actors(proc: subprocess.Popen[bytes], timeout_s: float) -> list[int
         now: dict[int, float] = {}
         for p in psutil.Process(proc.pid).children(recursive=True):  # this run's Ray only
             try:
-                if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::AgentActor"):
+                if p.cmdline()[:1] and p.cmdline()[0].startswith(f"ray::{actor}"):
                     t = p.cpu_times()
                     now[p.pid] = t.user + t.system
             except psutil.Error:
                 continue
-        if now and last and sum(now.values()) - sum(last.get(p, now[p]) for p in now) >= 0.1 * len(now):
+        if now and last and sum(now.values()) - sum(last.get(p, now[p]) for p in now) >= 0.05 * len(now):
             return sorted(now)
         last = now
         time.sleep(1.0)
-    raise SystemExit("no agent actor got work")
+    raise SystemExit(f"no {actor} got work")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import pytest
 from matrix_hpc.store import RecordRow, StoreReader, StoreWriter, textsafe
 from matrix_hpc.store.journal import JournalEntry, JournalWriter, read_entries
 
-from .conftest import BIN, REPO, ok_rows, store_records, write_config
+from .conftest import BIN, REPO, ok_rows, private_ray, store_records, write_config
 
 LONE = "\ud83d"  # half of U+1F600: what json.loads makes of the escape "\ud83d"
 ESCAPED = "\udcff"  # the byte 0xFF of an invalid UTF-8 line read with errors="surrogateescape"
@@ -135,8 +135,7 @@ def test_sink_commits_the_rest_of_a_batch_around_a_bad_record(tmp_path: Path) ->
 
     from matrix_hpc.runtime.sink import SinkActor
 
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, namespace="hostile-sink-test")
-    try:
+    with private_ray("hostile-sink-test", num_cpus=1):
         sink = SinkActor.remote(str(tmp_path / "out"), 64, 0.05, False, False, 5.0)
         rows = ok_rows([f"r{i}" for i in range(10)])
         rows[4] = RecordRow("r4", "ok", "", json.dumps({"id": "r4", "t": LONE}, ensure_ascii=False), 1.0, 1, 2)
@@ -147,8 +146,6 @@ def test_sink_commits_the_rest_of_a_batch_around_a_bad_record(tmp_path: Path) ->
         assert stats.ok == 9 and stats.failed_by_kind == {"bad_record": 1}
         assert stats.commit_error is None and stats.gave_up is None
         ray.get(sink.close.remote())
-    finally:
-        ray.shutdown()
     assert {r["id"]: r["status"] for r in StoreReader(tmp_path / "out").iter_records()}["r4"] == "failed"
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import REPO, actor_pids, committed_rows, fill, store_records, tmpfs, wait_for, write_config, write_jsonl
+from .conftest import REPO, actor_pids, committed_rows, fill, private_ray, store_records, tmpfs, wait_for, write_config, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -318,8 +318,7 @@ def test_sink_poll_with_offsets_of_an_earlier_incarnation_reports_every_id(tmp_p
     def rows(ids: list[str]) -> list[RecordRow]:
         return [RecordRow(i, "ok", "", json.dumps({"id": i}), 0.0, 1, 2) for i in ids]
 
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, namespace="sink-poll-test")
-    try:
+    with private_ray("sink-poll-test", num_cpus=1):
         sink = SinkActor.remote(str(tmp_path / "out"), 64, 0.05, False, False)
         first = [f"a{i}" for i in range(100)]
         ray.get(sink.receive.remote(rows(first)))
@@ -331,8 +330,6 @@ def test_sink_poll_with_offsets_of_an_earlier_incarnation_reports_every_id(tmp_p
         ray.get(sink.receive.remote(rows(more)))
         ray.get(sink.flush.remote())
         assert ray.get(sink.poll.remote(inc, len(first), len(first), 0.0))[:3] == (inc, more, more)
-    finally:
-        ray.shutdown()
 
 
 def test_sink_killed_mid_run_keeps_counts_and_bad_rows_stay_bad_input(tmp_path: Path, run_factory: Any) -> None:

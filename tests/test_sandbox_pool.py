@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -27,7 +26,6 @@ from typing import Any
 import pytest
 import ray
 
-from matrix_hpc.cluster.auth import RayAuth
 from matrix_hpc.services.sandbox import (
     LeaseNotFound,
     PoolStats,
@@ -39,18 +37,14 @@ from matrix_hpc.services.sandbox import (
     get_or_create_pool,
 )
 
-from .conftest import REPO
+from .conftest import REPO, private_ray
 from .test_sandbox import IMAGE, processes_with
 
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[None]:
-    # Token auth as a run has it; RayAuth also makes this process's Ray read the mode again.
-    auth = RayAuth(token=secrets.token_hex(32))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="sandbox-tests", log_to_driver=False)
-    yield
-    ray.shutdown()
-    auth.restore()
+    with private_ray("sandbox-tests"):  # as a run starts its Ray: token auth, loopback, lean head
+        yield
 
 
 @pytest.fixture(scope="module")

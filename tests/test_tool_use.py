@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import tempfile
 import time
@@ -20,13 +19,14 @@ import pytest
 import ray
 
 from matrix_hpc.agents import AgentContext, Task
-from matrix_hpc.cluster.auth import RayAuth
 from matrix_hpc.config import Sampling
 from matrix_hpc.services.sandbox import pool_actor_name, pool_config
 from workflows.tool_use.agents import Assistant, Evaluator, UserSim, check_row, metrics, start_state
 from workflows.tool_use.env import tools
 from workflows.tool_use.environment import load_base_db
 from workflows.tool_use.protocol import ToolCall, from_openai, parse_text_calls, recent, render, user_view
+
+from .conftest import private_ray
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOW = REPO / "workflows" / "tool_use"
@@ -89,19 +89,15 @@ def test_rendering_for_text_mode_and_the_user_view() -> None:
 
 @pytest.fixture(scope="module")
 def pool_params() -> Iterator[dict[str, Any]]:
-    # Token auth as a run has it; RayAuth also makes this process's Ray read the mode again.
-    auth = RayAuth(token=secrets.token_hex(32))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="tool-use-tests", log_to_driver=False)
-    root = tempfile.mkdtemp(prefix="mhs-tool-use-", dir="/tmp")
-    os.chmod(root, 0o711)
-    sandbox = {"size": 2, "root_dir": root, "idle_exit_s": None, "limits": {"wall_s": 10, "memory_mb": 512}}
-    yield {"sandbox_pool": "tool-use-test-pool", "sandbox": sandbox, "tool_calling": "text", "max_turns": 3}
-    with contextlib.suppress(ValueError):
-        pool = ray.get_actor(pool_actor_name("tool-use-test-pool"))
-        ray.get(pool.shutdown.remote())
-        ray.kill(pool)
-    ray.shutdown()
-    auth.restore()
+    with private_ray("tool-use-tests"):  # as a run starts its Ray: token auth, loopback, lean head
+        root = tempfile.mkdtemp(prefix="mhs-tool-use-", dir="/tmp")
+        os.chmod(root, 0o711)
+        sandbox = {"size": 2, "root_dir": root, "idle_exit_s": None, "limits": {"wall_s": 10, "memory_mb": 512}}
+        yield {"sandbox_pool": "tool-use-test-pool", "sandbox": sandbox, "tool_calling": "text", "max_turns": 3}
+        with contextlib.suppress(ValueError):
+            pool = ray.get_actor(pool_actor_name("tool-use-test-pool"))
+            ray.get(pool.shutdown.remote())
+            ray.kill(pool)
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -7,19 +7,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import secrets
 import socket
 from pathlib import Path
 
 import ray
 
-from matrix_hpc.cluster.auth import RayAuth
 from matrix_hpc.config import EmbeddedEngineConfig
 from matrix_hpc.runtime.replay import Replay, ReplayStats
 from matrix_hpc.services.llm import ChatResult
 from matrix_hpc.services.llm.replica import LLMReplica, ReplicaSpec
 from matrix_hpc.services.llm.status import EndpointStatus, ReplicaInfo
 from matrix_hpc.store.call_journal import CallJournal
+
+from .conftest import private_ray
 
 
 def test_replay_stats_are_typed_and_add_up_across_incarnations(tmp_path: Path) -> None:
@@ -51,9 +51,7 @@ def test_every_replica_field_has_its_place_in_the_endpoint_status() -> None:
 
 
 def test_a_replica_reports_a_typed_info_that_the_endpoint_status_takes(tmp_path: Path) -> None:
-    auth = RayAuth(token=secrets.token_hex(32))
-    ray.init(address="local", num_cpus=1, namespace="typed-info", include_dashboard=False, log_to_driver=False)
-    try:
+    with private_ray("typed-info", num_cpus=1):
         spec = ReplicaSpec("embedded", "default", str(tmp_path / "logs"), EmbeddedEngineConfig(n_parallel=1, threads=1), 60.0, model_key="m")
         replica = LLMReplica.options(num_cpus=0).remote(spec, 3)
         info = ray.get(replica.info.remote(), timeout=120)  # not started: no server yet
@@ -66,6 +64,3 @@ def test_a_replica_reports_a_typed_info_that_the_endpoint_status_takes(tmp_path:
         )  # fmt: skip
         assert row.to_dict()["actor_pid"] == info.actor_pid  # run.json's form is flat, as before
         ray.kill(replica)
-    finally:
-        ray.shutdown()
-        auth.restore()

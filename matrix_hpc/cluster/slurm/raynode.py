@@ -50,7 +50,9 @@ class RayNode:
             cmd.append(f"--num-gpus={num_gpus}")
         # Servers started by actors on this node bind to this address (see labels.NODE_IP_ENV). Ray's
         # token (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH) comes with the environment: bootstrap sets it.
-        env = {**os.environ, NODE_IP_ENV: self.node_ip}
+        # Usage statistics off: the head's API server would otherwise report the cluster to
+        # Ray's servers from a compute node (the one module it loads with --include-dashboard=false).
+        env = {**os.environ, NODE_IP_ENV: self.node_ip, "RAY_USAGE_STATS_ENABLED": "0"}
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
