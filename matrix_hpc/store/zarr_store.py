@@ -14,6 +14,7 @@ a failed record (:mod:`.latest`: the new row replaces it for every reader; both 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync as zarr_sync
 
 from .fsutil import LEASE_S, StoreLockedError, WriterLease, WriterLock, atomic_write_json, fsync_path, read_json
 from .latest import REPLACES, ResumeState, current_mask, resume_state
@@ -263,10 +265,20 @@ class StoreWriter:
         return len(new)
 
     def _put(self, start: int, end: int, rows: list[RecordRow]) -> None:
+        # Whole chunks only: the last chunk is padded with the array's fill value (what it holds
+        # past the last row anyway; readers stop at commit.json's rows). A write that covers part
+        # of a chunk makes zarr read and decode the chunk's previous version to merge into it,
+        # and the tail chunk is rewritten at every commit: that was a quarter of a commit's CPU.
+        chunk_end = -(-end // self.chunk_rows) * self.chunk_rows
+        columns = []
         for name, arr in self._arrays.items():
+            stop = min(chunk_end, arr.shape[0])
             values = [getattr(r, name) for r in rows]
+            values.extend([arr.fill_value] * (stop - end))
             dtype = object if name in STR_COLUMNS else NUM_COLUMNS[name]
-            arr[start:end] = np.array(values, dtype=dtype)
+            columns.append((arr.async_array, slice(start, stop), np.array(values, dtype=dtype)))
+        # Every column in one trip to zarr's I/O loop, not one blocking round trip each.
+        zarr_sync(_set_all(columns))
 
     def _replace_bad(self, new: list[RecordRow]) -> int:
         """Replace each row of ``new`` the store cannot write by its ``bad_record``; how many."""
@@ -449,3 +461,11 @@ class StoreReader:
 
     def run_info(self) -> dict[str, Any]:
         return read_json(RunLayout(self.root).run_json, {}) or {}
+
+
+async def _set_all(columns: list[tuple[Any, slice, np.ndarray]]) -> None:
+    """Write every column; the first error is raised once all writes have ended (none is left running)."""
+    results = await asyncio.gather(*(arr.setitem(where, values) for arr, where, values in columns), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
