@@ -2,14 +2,16 @@
 
     python -m benchmarks.profile_hop [--workflow collab_reasoning] [--concurrency 100]
                                      [--tasks 3000] [--seconds 20] [--rate 100]
-                                     [--actor AgentActor|SinkActor]
+                                     [--actor AgentActor|SinkActor] [engine options]
 
-It starts ``benchmarks.throughput`` (ours only) in a subprocess, waits until the run is
-under way, then samples every ``ray::AgentActor`` process (or those of ``--actor``) with py-spy (native frames
-included, idle stacks left out) and reads each thread's CPU from ``/proc``. Each sample is
-given to one part of the hop by its innermost frame that names one (see ``PARTS``), and
-the table prints each part's share of the actors' samples and its CPU ms per LLM hop
-(the share times the actors' CPU per LLM hop that the benchmark itself measures).
+It starts ``benchmarks.throughput`` (ours only; options it does not know, such as the
+engine's ``--a 0.05`` or ``--max-batch 256 --out-mean 16``, go to it) in a subprocess,
+waits until the run is under way, then samples every ``ray::AgentActor`` process (or those
+of ``--actor``) with py-spy (native frames included, idle stacks left out) and reads each
+thread's CPU from ``/proc``. Each sample is given to one part of the hop by its innermost
+frame that names one (see ``PARTS``), and the table prints each part's share of the
+actors' samples and its CPU ms per LLM hop (the share times the actors' CPU per LLM hop
+that the benchmark itself measures).
 
 Native frames need py-spy to pause each actor for a moment per sample (``--nonblocking``
 cannot read them): the profiled run is a little slower than an unprofiled one, and the
@@ -114,9 +116,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     ap.add_argument("--actor", default="AgentActor", help="which actors to sample: AgentActor, SinkActor, EndpointRegistry")
-    args = ap.parse_args()
+    args, engine = ap.parse_known_args()  # the rest goes to benchmarks.throughput (--a 0.05, --max-batch 256, ...)
     bench = [sys.executable, "-m", "benchmarks.throughput", "--workflow", args.workflow, "--concurrency", str(args.concurrency)]
-    bench += ["--tasks", str(args.tasks), "--repeats", "1", "--schedulers", "ours", "--scale", ""]
+    bench += ["--tasks", str(args.tasks), "--repeats", "1", "--schedulers", "ours", "--scale", "", *engine]
     parts = Counter[str]()
     names = Counter[str]()
     with tempfile.TemporaryDirectory() as tmp:
